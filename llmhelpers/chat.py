@@ -1,0 +1,118 @@
+"""Chat rendering and tokenization: the exact text and features training and inference use.
+
+The R1 chat template deletes everything up to the last `</think>` of an assistant turn, so
+rendering a full conversation through it would throw the reasoning away. Instead the
+prompt is rendered by the tokenizer's own template with the generation prompt (exactly what
+inference sees) and the completion is built here, so that it is right under both template
+revisions: the original prompt ends with `<｜Assistant｜>` and the completion must open
+`<think>`; the current one already ends with `<｜Assistant｜><think>\\n`.
+"""
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .data import Example
+
+THINK = "<think>"
+END_THINK = "</think>"
+
+
+def prompt_messages(example: "Example") -> list[dict]:
+    # The model's authors recommend no system prompt: all instructions sit in the user turn.
+    return [{"role": "user", "content": example.question}]
+
+
+def render_prompt(example: "Example", tokenizer) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; load the R1 tokenizer (or build_tiny_r1) instead")
+    return tokenizer.apply_chat_template(prompt_messages(example), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """True for the current template revision, whose generation prompt ends with `<think>\\n`."""
+    return prompt.rstrip().endswith(THINK)
+
+
+def render(example: "Example", tokenizer) -> dict[str, str]:
+    """{"prompt", "completion"}: prompt from the template, completion = reasoning, answer, eos."""
+    prompt = render_prompt(example, tokenizer)
+    body = f"{example.reasoning.strip()}\n{END_THINK}\n\n{example.answer.strip()}{tokenizer.eos_token}"
+    completion = body if prompt_opens_think(prompt) else f"{THINK}\n{body}"
+    return {"prompt": prompt, "completion": completion}
+
+
+def encode(example: "Example", tokenizer) -> dict[str, list[int]]:
+    """Token ids and a mask that is 1 on the trained tokens (reasoning, answer, eos).
+
+    Prompt and completion are tokenized separately, with add_special_tokens=False: the
+    template already put the one bos at the start, and the prompt tokens are then exactly
+    those that generation starts from.
+    """
+    parts = render(example, tokenizer)
+    prompt_ids = tokenizer(parts["prompt"], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(parts["completion"], add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
+    }
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """Split a model output into (thinking, answer).
+
+    Works whether or not the output repeats the opening `<think>` (it does not under the
+    current template, whose prompt already holds it). With no `</think>` the model ran out
+    of budget while thinking: everything is thinking and the answer is empty.
+    """
+    head, sep, tail = text.rpartition(END_THINK)
+    if not sep:
+        head, tail = text, ""
+    head = head.strip()
+    if head.startswith(THINK):
+        head = head[len(THINK):]
+    return head.strip(), tail.strip()
+
+
+def mask_audit(features: dict[str, list[int]], tokenizer, html_output: bool | None = None, max_tokens: int = 400):
+    """Show one encoded example with trained tokens marked.
+
+    Returns an IPython HTML object inside Jupyter (trained tokens highlighted green), else
+    plain text with trained spans wrapped in [[ ]]. Counts are printed in both forms.
+    """
+    ids, mask = features["input_ids"], features["completion_mask"]
+    pieces = [(tokenizer.decode([i]), m) for i, m in zip(ids[:max_tokens], mask[:max_tokens])]
+    summary = (f"{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / max(len(ids), 1):.0%}), "
+               f"{len(ids) - sum(mask)} prompt tokens masked; bos count = {ids.count(tokenizer.bos_token_id)}")
+    if len(ids) > max_tokens:
+        summary += f"; showing the first {max_tokens}"
+    if html_output is None:
+        html_output = _in_notebook()
+    if html_output:
+        from IPython.display import HTML
+
+        spans = "".join(
+            f'<span style="background:{"#c8f7c5" if m else "#eee"}">{html.escape(p)}</span>' for p, m in pieces
+        )
+        return HTML(f"<p><b>{html.escape(summary)}</b> (green = trained, grey = masked)</p>"
+                    f'<pre style="white-space:pre-wrap">{spans}</pre>')
+    out, current = [], 0
+    for piece, m in pieces:
+        if m != current:
+            out.append("[[" if m else "]]")
+            current = m
+        out.append(piece)
+    if current:
+        out.append("]]")
+    return f"{summary} ([[ ]] = trained)\n" + "".join(out)
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+    except ImportError:
+        return False

@@ -1,0 +1,356 @@
+"""One frozen config object that feeds every builder: quantization, LoRA, trainer, data.
+
+Defaults are the seed plan's hyperparameters; the comments say why each is what it is.
+`make_config(profile, **overrides)` is the only way the notebook and the CLI build one,
+and an unknown key or an invalid value is an error that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tiny import TINY_MODEL_ID
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    # --- model -------------------------------------------------------------------------
+    model_id: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    model_revision: str | None = None  # pin a Hub commit for reproducible runs
+    trust_remote_code: bool = False  # Qwen2 is native to transformers; never run Hub code unasked
+    tiny_model_dir: str = "outputs/tiny-r1"  # where the smoke profile builds its local tiny model
+
+    # --- 4-bit quantization (QLoRA) -----------------------------------------------------
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"  # NF4 suits normally distributed weights (QLoRA paper)
+    bnb_4bit_use_double_quant: bool = True  # quantizes the quantization constants too: ~0.4 bit/param saved
+    bnb_4bit_compute_dtype: str = "bfloat16"  # matmuls run in bf16 after dequantization
+
+    # --- LoRA ---------------------------------------------------------------------------
+    lora_r: int = 16  # reasoning data benefits from more capacity than the usual r=8
+    lora_alpha: int = 32  # alpha = 2r keeps the update scale at 2
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"  # q,k,v,o,gate,up,down in every layer
+
+    # --- optimisation -------------------------------------------------------------------
+    learning_rate: float = 2e-4  # the usual QLoRA rate; lower it for longer runs
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03  # fraction of the steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 2
+    gradient_accumulation_steps: int = 8  # 2 x 8 = 16 sequences per optimizer step
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs (the smoke profile uses this)
+    max_length: int = 2048  # longer examples are dropped and counted, never truncated
+    optim: str = "paged_adamw_8bit"  # 8-bit states, paged to CPU under memory pressure
+    bf16: bool = True
+    gradient_checkpointing: bool = True  # non-reentrant: required with a frozen 4-bit base
+    group_by_length: bool = False  # seed plan: random order
+
+    # --- evaluation, checkpoints, logging -------------------------------------------------
+    eval_steps: int = 200
+    save_steps: int = 200  # must be a multiple of eval_steps to keep the best checkpoint
+    logging_steps: int = 10
+    save_total_limit: int = 3
+    load_best_model_at_end: bool = True  # keeps and restores the lowest eval_loss checkpoint
+    metric_for_best_model: str = "eval_loss"
+    report_to: str = "tensorboard"
+    seed: int = 42
+
+    # --- data -----------------------------------------------------------------------------
+    # A Hub id, a local .json/.jsonl file, or a folder of them.
+    math_dataset: str = "MathLLMs/MathCodeInstruct"
+    science_dataset: str = "xw27/scibench"
+    dataset_revision: str | None = None
+    math_samples: int = 15000  # of ~80k MathCodeInstruct rows
+    science_samples: int = 0  # 0 = all; SciBench has only 692 rows, 112 with a worked solution
+    eval_fraction: float = 0.1  # 90/10 train/eval split of the training pool
+    heldout_max: int = 0  # cap on the held-out accuracy set (0 = all)
+
+    # --- answer-accuracy evaluation ---------------------------------------------------------
+    eval_max_new_tokens: int = 2048  # per-answer budget; R1 models think long
+    eval_batch_size: int = 32
+    eval_do_sample: bool = False  # greedy by default for comparable numbers
+    eval_temperature: float = 0.6  # the model authors' recommendation when sampling
+    eval_top_p: float = 0.95
+    eval_limit: int = 200  # problems per evaluation run (0 = all)
+    accuracy_callback: bool = False  # accuracy on a small fixed subset at each save
+    accuracy_callback_size: int = 16
+
+    # --- outputs ----------------------------------------------------------------------------
+    output_dir: str = "outputs/deepseek-r1-math-science"
+    merge_after_training: bool = False  # needs ~3.5 GB disk and a bf16 copy of the base
+
+    # --- derived locations, all under output_dir ---------------------------------------------
+    @property
+    def run_id(self) -> str:
+        """A short hash of every setting that changes what is trained.
+
+        Checkpoints live under runs/<run_id>, so re-running training with the same settings
+        resumes, while `replace(cfg, learning_rate=1e-4)` starts its own run beside it.
+        """
+        import hashlib
+
+        relevant = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINING_KEYS}
+        return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.output_dir) / "runs" / self.run_id
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.output_dir) / "final"
+
+    @property
+    def merged_dir(self) -> Path:
+        return Path(self.output_dir) / "merged"
+
+    @property
+    def eval_dir(self) -> Path:
+        return Path(self.output_dir) / "eval"
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model_id == TINY_MODEL_ID
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_values(self)
+
+    # --- builders ------------------------------------------------------------------------------
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.bnb_4bit_compute_dtype)
+
+    def bnb_config(self):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=self.torch_dtype(),
+        )
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    def sft_config(self, **extra):
+        """The trl.SFTConfig for this run; `extra` passes trainer-only arguments through."""
+        from trl import SFTConfig
+
+        args = dict(
+            output_dir=str(self.checkpoints_dir),
+            learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=self.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            per_device_eval_batch_size=self.per_device_eval_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            max_length=self.max_length,
+            optim=self.optim,
+            bf16=self.bf16,
+            gradient_checkpointing=self.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            train_sampling_strategy="group_by_length" if self.group_by_length else "random",
+            eval_strategy="steps",
+            eval_steps=self.eval_steps,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            load_best_model_at_end=self.load_best_model_at_end,
+            metric_for_best_model=self.metric_for_best_model,
+            greater_is_better=False,
+            logging_steps=self.logging_steps,
+            report_to=[] if self.report_to == "none" else [self.report_to],
+            seed=self.seed,
+            data_seed=self.seed,
+            completion_only_loss=True,  # loss on reasoning + answer + eos only (our completion_mask)
+            packing=False,
+            dataset_num_proc=None,
+        )
+        args.update(extra)
+        return SFTConfig(**args)
+
+    # --- persistence -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FinetuneConfig":
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must hold a JSON object")
+        _reject_unknown(data)
+        return cls(**data)
+
+
+# Settings that do not change the trained weights: changing them keeps the same run (and its checkpoints).
+_NOT_TRAINING_KEYS = {
+    "output_dir", "tiny_model_dir", "merge_after_training", "report_to", "logging_steps", "save_total_limit",
+    "eval_max_new_tokens", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_top_p", "eval_limit",
+    "accuracy_callback", "accuracy_callback_size", "heldout_max", "per_device_eval_batch_size", "trust_remote_code",
+}
+
+PROFILES: dict[str, dict] = {
+    "full": {},
+    # CPU-friendly: tiny local model, bundled samples, a handful of steps. Still 4-bit NF4,
+    # so CI runs the real QLoRA path.
+    "smoke": dict(
+        model_id=TINY_MODEL_ID,
+        math_dataset="data/samples/mathcodeinstruct.jsonl",
+        science_dataset="data/samples/scibench.jsonl",
+        math_samples=0,
+        max_length=1024,
+        bf16=False,
+        bnb_4bit_compute_dtype="float32",
+        optim="adamw_torch",  # paged 8-bit optimizers need CUDA
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        eval_steps=4,
+        save_steps=4,
+        logging_steps=1,
+        eval_max_new_tokens=48,
+        eval_batch_size=8,
+        eval_limit=16,
+        accuracy_callback=True,
+        accuracy_callback_size=4,
+        output_dir="outputs/smoke",
+        tiny_model_dir="outputs/tiny-r1",
+        merge_after_training=True,
+    ),
+}
+
+
+def make_config(profile: str = "full", **overrides) -> FinetuneConfig:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    _reject_unknown(overrides)
+    return FinetuneConfig(**{**PROFILES[profile], **overrides})
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'key=value' from the command line, the value parsed to the field's type."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ValueError(f"override {text!r} must look like key=value")
+    _reject_unknown({key: None})
+    hint = _type_hints()[key]
+    base = _base_type(hint)
+    if raw.lower() in ("none", "null") and _optional(hint):
+        return key, None
+    try:
+        if base is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return key, raw.lower() in ("true", "1", "yes")
+        return key, base(raw)
+    except ValueError:
+        raise ValueError(f"{key}: cannot read {raw!r} as {base.__name__}") from None
+
+
+# --- validation ----------------------------------------------------------------------------------
+def _type_hints() -> dict:
+    return typing.get_type_hints(FinetuneConfig)
+
+
+def _optional(hint) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _reject_unknown(keys) -> None:
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for key in keys:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _check_types(cfg: FinetuneConfig) -> None:
+    for name, hint in _type_hints().items():
+        value = getattr(cfg, name)
+        if value is None and _optional(hint):
+            continue
+        base = _base_type(hint)
+        ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise TypeError(f"{name} must be {base.__name__}, got {type(value).__name__} {value!r}")
+
+
+_CHOICES = {
+    "bnb_4bit_quant_type": ("nf4", "fp4"),
+    "bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+    "report_to": ("tensorboard", "none"),
+    "metric_for_best_model": ("eval_loss",),
+}
+
+
+def _check_values(cfg: FinetuneConfig) -> None:
+    def need(ok: bool, key: str, rule: str):
+        if not ok:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is invalid: {rule}")
+
+    for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
+                "eval_max_new_tokens", "eval_batch_size", "accuracy_callback_size"):
+        need(getattr(cfg, key) > 0, key, "must be > 0")
+    for key in ("math_samples", "science_samples", "heldout_max", "eval_limit"):
+        need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 means all)")
+    need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(cfg.num_train_epochs > 0, "num_train_epochs", "must be > 0")
+    need(cfg.max_steps == -1 or cfg.max_steps > 0, "max_steps", "must be -1 (use epochs) or > 0")
+    need(cfg.max_length >= 64, "max_length", "must be >= 64 tokens")
+    need(0 < cfg.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
+    need(cfg.eval_temperature > 0, "eval_temperature", "must be > 0")
+    need(0 < cfg.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
+    need(cfg.save_steps % cfg.eval_steps == 0 or not cfg.load_best_model_at_end, "save_steps",
+         "must be a multiple of eval_steps when load_best_model_at_end is on")
+    for key in ("model_id", "output_dir", "math_dataset", "science_dataset", "optim", "lora_target_modules"):
+        need(getattr(cfg, key).strip() != "", key, "must not be empty")
+    for key, choices in _CHOICES.items():
+        need(getattr(cfg, key) in choices, key, f"must be one of {choices}")
+    out = Path(cfg.output_dir)
+    need(not out.is_file(), "output_dir", "is an existing file, not a directory")

@@ -1,0 +1,382 @@
+"""Dataset adapters (MathCodeInstruct, SciBench) and the honest training set builder.
+
+Every row becomes an `Example` or raises `BadRow` with a short reason. `build_datasets`
+counts every row it drops by reason, never trains on empty reasoning, drops (never
+truncates) over-long examples, and returns tokenized train/eval sets plus a held-out
+accuracy set of the SciBench problems that have no worked solution.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .answers import last_boxed
+from .chat import encode
+from .paths import resolve
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+MAX_ROW_CHARS = 200_000  # a row larger than this is malformed for our purposes (real rows are < 30k)
+
+SCIBENCH_FIELDS = ("problem_text", "answer_number", "unit", "source")
+# SciBench's own regex for a power of ten inside the unit, e.g. "$10^{-47} \mathrm{~kg}$".
+_UNIT_POWER = re.compile(r"[\$]?\ *10\^[{]?\ *(-?[0-9]+)\ *[}]?\ *[\$]?")
+
+
+class BadRow(ValueError):
+    """A row that cannot become an Example; `reason` is a short key used for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str  # the user turn, instruction included
+    reasoning: str  # goes inside <think>...</think>; "" when the source has none
+    answer: str  # the text after </think>, holding \boxed{gold}
+    gold: str  # the final answer alone, as the source gives it
+    source: str  # "mathcodeinstruct" or "scibench/<subject>"
+    unit: str = ""  # SciBench: unit with any power of ten removed (shown in the question)
+    unit_exponent: int = 0  # SciBench: the true value is float(gold) * 10**unit_exponent
+    id: str = ""
+
+    @property
+    def numeric(self) -> bool:
+        return self.source.startswith("scibench")
+
+    @property
+    def gold_value(self) -> float:
+        return float(self.gold) * 10.0 ** self.unit_exponent
+
+
+# --- MathCodeInstruct --------------------------------------------------------------------------------
+def _block_text(block: Any) -> tuple[str, str]:
+    if isinstance(block, str):
+        return "text", block
+    if not isinstance(block, dict):
+        raise BadRow("wrong_type", f"content block is {type(block).__name__}")
+    kind, content = block.get("type", "text"), block.get("content")
+    if not isinstance(content, str):
+        raise BadRow("non_string_content", f"{kind} block content is {type(content).__name__}")
+    if kind not in ("text", "code", "execution"):
+        raise BadRow("unknown_block_type", str(kind))
+    return kind, content.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _blocks(message: Any) -> list[tuple[str, str]]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRow("wrong_type", "message is not {role, content}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return [("text", content.replace("\r\n", "\n"))]
+    if not isinstance(content, list):
+        raise BadRow("non_string_content", f"content is {type(content).__name__}")
+    return [_block_text(b) for b in content]
+
+
+def _format_block(kind: str, text: str) -> str:
+    # Code and its output stay visible as fenced blocks: that tool use is what the data teaches.
+    if kind == "code":
+        return f"```python\n{text.strip(chr(10))}\n```"
+    if kind == "execution":
+        return f"```output\n{text.strip(chr(10))}\n```"
+    return text.strip()
+
+
+def from_mathcodeinstruct(row: Any) -> Example:
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type", f"row is {type(row).__name__}")
+    messages = row.get("messages")
+    if messages is None:
+        raise BadRow("missing_field", "messages")
+    if not isinstance(messages, list):
+        raise BadRow("wrong_type", "messages is not a list")
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if "user" not in roles:
+        raise BadRow("no_user_turn")
+    first_user = roles.index("user")
+    question = "\n\n".join(t.strip() for k, t in _blocks(messages[first_user]) if t.strip())
+    if not question:
+        raise BadRow("empty_question")
+    assistant_blocks = []
+    for message, role in zip(messages[first_user + 1:], roles[first_user + 1:]):
+        if role == "user":
+            break  # a follow-up turn: keep the first exchange only
+        if role == "assistant":
+            assistant_blocks.extend(_blocks(message))
+    if not assistant_blocks:
+        raise BadRow("no_assistant_turn")
+
+    boxed_at = [i for i, (k, t) in enumerate(assistant_blocks) if k == "text" and last_boxed(t) is not None]
+    if not boxed_at:
+        raise BadRow("no_final_answer", "no \\boxed{} in the assistant's text")
+    cut = boxed_at[-1]
+    reasoning = "\n\n".join(_format_block(k, t) for k, t in assistant_blocks[:cut] if t.strip())
+    answer = "\n\n".join(_format_block(k, t) for k, t in assistant_blocks[cut:] if t.strip())
+    if not reasoning:
+        # A single text block: the paragraphs before the one with the final box are the reasoning.
+        paragraphs = [p for p in answer.split("\n\n") if p.strip()]
+        last = max(i for i, p in enumerate(paragraphs) if last_boxed(p) is not None) if any(
+            last_boxed(p) is not None for p in paragraphs) else len(paragraphs) - 1
+        reasoning = "\n\n".join(paragraphs[:last]).strip()
+        answer = "\n\n".join(paragraphs[last:]).strip()
+    gold = last_boxed(answer)
+    if not gold:
+        raise BadRow("no_final_answer", "empty \\boxed{}")
+    if "\\boxed" not in question:
+        question = f"{question}\n\n{INSTRUCTION}"
+    return Example(question=question, reasoning=reasoning, answer=answer, gold=gold,
+                   source="mathcodeinstruct", id=str(row.get("id", "")))
+
+
+# --- SciBench ----------------------------------------------------------------------------------------
+def split_unit(unit: str) -> tuple[str, int]:
+    """('$10^{-47} \\mathrm{~kg}$') -> ('\\mathrm{~kg}', -47), as SciBench's own eval does."""
+    m = _UNIT_POWER.search(unit)
+    if not m:
+        return unit.strip().strip("$").strip(), 0
+    rest = unit[m.end():]
+    return rest.strip().strip("$").strip(), int(m.group(1))
+
+
+def is_answer_only(solution: str) -> bool:
+    """True for a 'solution' that is only the final value with its unit, e.g. '$3.00 \\mathrm{~cm}$'.
+
+    Worked solutions explain and calculate: they have several sentences or an '='. A short
+    string with neither is a value, not reasoning.
+    """
+    s = solution.strip()
+    return len(s.split()) < 12 and "=" not in s and "\n" not in s
+
+
+def from_scibench(row: Any) -> Example:
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type", f"row is {type(row).__name__}")
+    values = {}
+    for name in SCIBENCH_FIELDS:
+        if name not in row or row[name] is None:
+            if name == "unit":
+                values[name] = ""
+                continue
+            raise BadRow("missing_field", name)
+        if not isinstance(row[name], str):
+            raise BadRow("non_string_content", f"{name} is {type(row[name]).__name__}")
+        values[name] = row[name].strip()
+    if not values["problem_text"]:
+        raise BadRow("empty_question")
+    gold = values["answer_number"].replace(",", "")
+    try:
+        float(gold)
+    except ValueError:
+        raise BadRow("bad_answer_number", repr(values["answer_number"])) from None
+    unit, exponent = split_unit(values["unit"])
+    solution = row.get("solution")
+    if solution is not None and not isinstance(solution, str):
+        raise BadRow("non_string_content", f"solution is {type(solution).__name__}")
+    solution = (solution or "").strip()
+    reasoning = "" if not solution or is_answer_only(solution) else solution
+
+    question = values["problem_text"]
+    if unit:
+        question += f" The unit of the answer is {unit}."
+    question += f"\n\n{INSTRUCTION}"
+    value = gold if exponent == 0 else f"{gold} \\times 10^{{{exponent}}}"
+    answer = f"The answer is therefore $\\boxed{{{value}}}$" + (f" ${unit}$." if unit else ".")
+    subject = values["source"] or "unknown"
+    return Example(question=question, reasoning=reasoning, answer=answer, gold=gold, source=f"scibench/{subject}",
+                   unit=unit, unit_exponent=exponent, id=str(row.get("problemid", "")).strip())
+
+
+# --- reading rows ------------------------------------------------------------------------------------
+@dataclass
+class SourceCounts:
+    rows: int = 0
+    bad: Counter = field(default_factory=Counter)
+    empty_reasoning: int = 0
+    too_long: int = 0
+    train: int = 0
+    eval: int = 0
+    heldout: int = 0
+
+
+@dataclass
+class DataReport:
+    sources: dict[str, SourceCounts] = field(default_factory=lambda: defaultdict(SourceCounts))
+    lengths: list[int] = field(default_factory=list)  # token lengths of kept examples
+    notes: list[str] = field(default_factory=list)
+
+    def percentiles(self) -> dict[str, int]:
+        if not self.lengths:
+            return {}
+        xs = sorted(self.lengths)
+        pick = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+        return {"min": xs[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": xs[-1]}
+
+    def total(self, attr: str) -> int:
+        return sum(getattr(c, attr) for c in self.sources.values())
+
+    def __str__(self) -> str:
+        head = f"{'source':<18}{'rows':>7}{'bad':>6}{'no-reason':>10}{'too-long':>9}{'train':>7}{'eval':>6}{'heldout':>8}"
+        lines = [head, "-" * len(head)]
+        for name, c in sorted(self.sources.items()):
+            lines.append(f"{name:<18}{c.rows:>7}{sum(c.bad.values()):>6}{c.empty_reasoning:>10}{c.too_long:>9}"
+                         f"{c.train:>7}{c.eval:>6}{c.heldout:>8}")
+        for name, c in sorted(self.sources.items()):
+            for reason, n in sorted(c.bad.items()):
+                lines.append(f"  dropped from {name}: {n} x {reason}")
+        if self.lengths:
+            lines.append("token lengths of kept examples: " +
+                         ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"sources": {k: {**v.__dict__, "bad": dict(v.bad)} for k, v in self.sources.items()},
+                "length_percentiles": self.percentiles(), "notes": self.notes}
+
+
+def _rows_from_file(path: Path, counts: SourceCounts) -> Iterator[Any]:
+    """Rows of a .jsonl or .json file; unparseable lines and files are counted, not raised."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        counts.bad["unreadable_file"] += 1
+        return
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            counts.bad["not_json_file"] += 1
+            return
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
+        if not isinstance(data, list):
+            counts.bad["not_json_file"] += 1
+            return
+        yield from data
+        return
+    for line in (ln for ln in text.splitlines() if ln.strip()):
+        if len(line) > MAX_ROW_CHARS:
+            counts.rows += 1
+            counts.bad["row_too_large"] += 1
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            counts.rows += 1
+            counts.bad["invalid_json"] += 1
+
+
+def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> Iterator[Any]:
+    """Rows from a local .json/.jsonl file or folder of them, else from the Hugging Face Hub."""
+    path = resolve(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .json or .jsonl files")
+        for f in files:
+            yield from _rows_from_file(f, counts)
+    elif path.exists():
+        if path.suffix not in (".json", ".jsonl"):
+            counts.bad["not_json_file"] += 1
+            return
+        yield from _rows_from_file(path, counts)
+    elif spec.startswith((".", "/")) or spec.endswith((".json", ".jsonl")):
+        raise FileNotFoundError(f"data file {spec!r} does not exist")
+    else:
+        from datasets import load_dataset
+
+        yield from load_dataset(spec, split="train", revision=revision)
+
+
+def convert_rows(rows: Iterable[Any], convert: Callable[[Any], Example], counts: SourceCounts,
+                 limit: int = 0) -> list[Example]:
+    """Convert rows until `limit` good examples (0 = all), counting each bad row by reason."""
+    out = []
+    for row in rows:
+        counts.rows += 1
+        try:
+            if len(json.dumps(row, default=str)) > MAX_ROW_CHARS:
+                raise BadRow("row_too_large")
+            out.append(convert(row))
+        except BadRow as err:
+            counts.bad[err.reason] += 1
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+# --- the training set ----------------------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    train: Any  # datasets.Dataset with input_ids, completion_mask
+    eval: Any
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    heldout: list[Example]  # SciBench problems without a worked solution: accuracy only
+    report: DataReport
+
+
+def _shuffled(rows: Iterable[Any], seed: int) -> list[Any]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def build_datasets(cfg, tokenizer) -> DataBundle:
+    from datasets import Dataset
+
+    report = DataReport()
+    math_counts, sci_counts = report.sources["mathcodeinstruct"], report.sources["scibench"]
+    math = convert_rows(_shuffled(read_rows(cfg.math_dataset, math_counts, cfg.dataset_revision), cfg.seed),
+                        from_mathcodeinstruct, math_counts, cfg.math_samples)
+    sci = convert_rows(_shuffled(read_rows(cfg.science_dataset, sci_counts, cfg.dataset_revision), cfg.seed),
+                       from_scibench, sci_counts)
+
+    pool: list[tuple[Example, dict]] = []
+    heldout: list[Example] = []
+    for ex in math + sci:
+        counts = math_counts if ex.source == "mathcodeinstruct" else sci_counts
+        if not ex.reasoning.strip():
+            counts.empty_reasoning += 1
+            if ex.numeric:  # a SciBench problem without a worked solution: test it, don't train on it
+                heldout.append(ex)
+            continue
+        features = encode(ex, tokenizer)
+        if len(features["input_ids"]) > cfg.max_length:
+            counts.too_long += 1
+            continue
+        pool.append((ex, features))
+    sci_pool = [p for p in pool if p[0].numeric]
+    if cfg.science_samples and len(sci_pool) > cfg.science_samples:
+        drop = {id(p[0]) for p in sci_pool[cfg.science_samples:]}
+        pool = [p for p in pool if id(p[0]) not in drop]
+        report.notes.append(f"science_samples={cfg.science_samples}: {len(drop)} SciBench examples not used")
+    if cfg.heldout_max:
+        heldout = heldout[:cfg.heldout_max]
+
+    if len(pool) < 2:
+        raise ValueError(f"no usable training examples (need at least 2, got {len(pool)}):\n{report}")
+    random.Random(cfg.seed).shuffle(pool)
+    n_eval = max(1, round(len(pool) * cfg.eval_fraction))
+    eval_part, train_part = pool[:n_eval], pool[n_eval:]
+    for part, attr in ((train_part, "train"), (eval_part, "eval")):
+        for ex, _ in part:
+            counts = sci_counts if ex.numeric else math_counts
+            setattr(counts, attr, getattr(counts, attr) + 1)
+    sci_counts.heldout = len(heldout)
+    report.lengths = [len(f["input_ids"]) for _, f in pool]
+
+    def to_dataset(part):
+        return Dataset.from_dict({"input_ids": [f["input_ids"] for _, f in part],
+                                  "completion_mask": [f["completion_mask"] for _, f in part]})
+
+    return DataBundle(train=to_dataset(train_part), eval=to_dataset(eval_part),
+                      train_examples=[e for e, _ in train_part], eval_examples=[e for e, _ in eval_part],
+                      heldout=heldout, report=report)

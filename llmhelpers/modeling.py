@@ -1,0 +1,74 @@
+"""Loading the tokenizer and the 4-bit base model, and attaching LoRA adapters.
+
+Everything is loaded from safetensors; remote code runs only if the config says so.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .paths import resolve
+from .tiny import build_tiny_r1
+
+
+def model_path(cfg) -> str:
+    """The Hub id, or for the smoke profile the local tiny model (built on first use)."""
+    if cfg.is_tiny:
+        target = Path(cfg.tiny_model_dir)
+        return str(build_tiny_r1(target if target.is_absolute() else Path.cwd() / target))
+    local = resolve(cfg.model_id)
+    return str(local) if local.exists() else cfg.model_id
+
+
+def _hub_kwargs(cfg) -> dict:
+    return {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def load_tokenizer(cfg, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path or model_path(cfg), **_hub_kwargs(cfg))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # for batched generation; TRL's collator pads training batches itself
+    return tok
+
+
+def device_map() -> dict:
+    """One whole model per process: the local GPU under accelerate/torchrun, else GPU 0, else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def load_base_model(cfg, quantized: bool = True, attn_implementation: str | None = None, path: str | None = None):
+    """The base model: 4-bit NF4 (QLoRA) by default, or plain weights in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=cfg.torch_dtype(), device_map=device_map(), use_safetensors=True, **_hub_kwargs(cfg))
+    if quantized and cfg.load_in_4bit:
+        kwargs["quantization_config"] = cfg.bnb_config()
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg), **kwargs)
+    model.config.use_cache = True
+    return model
+
+
+def attach_lora(model, cfg):
+    """Prepare a 4-bit model for training (fp32 norms, input grads) and wrap it with LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    return get_peft_model(model, cfg.lora_config())
+
+
+def trainable_parameters(model) -> str:
+    trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at full size
+    return f"trainable params: {trainable:,} of {total:,} ({trainable / total:.3%})"

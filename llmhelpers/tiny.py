@@ -1,0 +1,130 @@
+"""A tiny, locally built stand-in for DeepSeek-R1-Distill-Qwen-1.5B.
+
+The smoke profile, the tests and the command line all use `build_tiny_r1` so that the
+real loading code (tokenizer from disk, 4-bit NF4 model from safetensors) runs without
+network. The tokenizer carries the R1 special tokens and an R1-style chat template in
+either published revision; the model is a randomly initialised Qwen2ForCausalLM with the
+same layer types (q/k/v/o, gate/up/down, untied lm_head) as the real one, only smaller.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK = "<think>"
+END_THINK = "</think>"
+
+# The R1 template's behaviour, reduced to what matters for SFT: bos first, a system
+# message as raw text, user turns after <｜User｜>, assistant turns after <｜Assistant｜>
+# ending in eos with everything up to the last </think> deleted, and a generation prompt
+# that differs between the two published revisions.
+_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '__GEN_PROMPT__' }}{% endif %}"
+)
+GENERATION_PROMPTS = {
+    "original": ASSISTANT,  # first published revision
+    "current": ASSISTANT + THINK + "\n",  # later revision forces the model to open <think>
+}
+
+TINY_MODEL_ID = "llmhelpers/tiny-r1"
+
+# Text the tiny BPE is trained on: enough to give it ordinary merges for the sample data.
+_EXTRA_CORPUS = [
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "The unit of the answer is",
+    "```python\nprint(x)\n```\n```output\n42\n```",
+    "0123456789 + - * / = ( ) [ ] { } \\frac \\sqrt \\times 10^{-3} \\mathrm{~m}",
+]
+
+
+def chat_template(revision: str = "current") -> str:
+    if revision not in GENERATION_PROMPTS:
+        raise ValueError(f"template revision must be one of {sorted(GENERATION_PROMPTS)}, got {revision!r}")
+    return _TEMPLATE.replace("__GEN_PROMPT__", GENERATION_PROMPTS[revision].replace("\n", "\\n"))
+
+
+def _corpus(samples_dir: Path | None) -> list[str]:
+    texts = list(_EXTRA_CORPUS)
+    if samples_dir is not None and samples_dir.is_dir():
+        for path in sorted(samples_dir.glob("*.jsonl")):
+            texts.extend(path.read_text(encoding="utf-8").splitlines())
+    return texts
+
+
+def build_tokenizer(revision: str = "current", vocab_size: int = 1024, samples_dir: Path | None = None):
+    """A byte-level BPE tokenizer with the R1 special tokens and chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .paths import samples_dir as default_samples_dir
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOS, BOS, USER, ASSISTANT],
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(samples_dir or default_samples_dir()), trainer=trainer)
+    # As in the real tokenizer, <think> and </think> are added but not "special": they
+    # survive skip_special_tokens=True when decoding.
+    tok.add_tokens([AddedToken(THINK, special=False, normalized=False), AddedToken(END_THINK, special=False, normalized=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        chat_template=chat_template(revision),
+        padding_side="left",
+    )
+
+
+def build_tiny_r1(path: str | Path, revision: str = "current", seed: int = 0, hidden_size: int = 64,
+                  num_layers: int = 2, force: bool = False) -> Path:
+    """Build (once) and save a tiny R1-style tokenizer and Qwen2 model at `path`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    stamp = path / "tiny_r1.json"
+    spec = {"revision": revision, "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers}
+    if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return path
+    tokenizer = build_tokenizer(revision)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in the real model (12 q heads, 2 kv heads)
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    stamp.write_text(json.dumps(spec))
+    return path

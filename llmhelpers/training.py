@@ -1,0 +1,134 @@
+"""The trainer, resume-or-start logic, and saving.
+
+Training consumes the features from `chat.encode` (input_ids + completion_mask): TRL sees
+a pre-tokenized dataset and only turns the mask into labels. Checkpoints live under
+`cfg.checkpoints_dir` (one folder per training-relevant config), so re-running the cell
+resumes the same run and a changed hyperparameter starts its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+CONFIG_NAME = "finetune_config.json"
+
+
+def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=cfg.sft_config(**sft_overrides),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+
+
+def _step(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without it was cut off mid-save."""
+    state = path / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return any((path / name).exists() for name in ("adapter_model.safetensors", "model.safetensors"))
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are renamed aside so nothing picks them up."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = None
+    for path in sorted(run_dir.glob("checkpoint-*"), key=_step):
+        if is_complete_checkpoint(path):
+            found = path
+        else:
+            aside = path.with_name(f"incomplete-{path.name}-{int(time.time())}")
+            path.rename(aside)
+            print(f"ignored an incomplete checkpoint (cut off mid-save): moved to {aside.name}")
+    return found
+
+
+def prepare_run(cfg, fresh: bool = False) -> Path | None:
+    """Decide between resuming and starting: returns the checkpoint to resume from, or None.
+
+    fresh=True moves this run's old checkpoints aside (never deletes them).
+    """
+    run_dir = cfg.checkpoints_dir
+    if fresh and run_dir.exists():
+        aside = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"fresh start: previous checkpoints moved to {aside}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_NAME)
+    resume = last_complete_checkpoint(run_dir)
+    if resume is not None:
+        state = json.loads((resume / "trainer_state.json").read_text())
+        print(f"resuming from {resume} (step {state.get('global_step')} of {state.get('max_steps')})")
+    else:
+        print(f"starting a new run in {run_dir}")
+    return resume
+
+
+def train(trainer, cfg, fresh: bool = False):
+    """Resume the run with this config if it has a checkpoint, else start it."""
+    resume = prepare_run(cfg, fresh=fresh)
+    return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def atomic_save(save_fn, target: Path) -> Path:
+    """Write into a temporary sibling folder, then rename: a cut-off save never looks complete."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_fn(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
+    """Adapters (safetensors), tokenizer and config JSON in one folder."""
+    def write(folder: Path):
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        cfg.save(folder / CONFIG_NAME)
+
+    return atomic_save(write, target or cfg.final_dir)
+
+
+def log_history(trainer_or_dir) -> dict[str, list]:
+    """{'step', 'loss', 'eval_step', 'eval_loss'} from a trainer or a checkpoint folder."""
+    if hasattr(trainer_or_dir, "state"):
+        history = trainer_or_dir.state.log_history
+    else:
+        history = json.loads((Path(trainer_or_dir) / "trainer_state.json").read_text())["log_history"]
+    out = {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
+    for row in history:
+        if "loss" in row:
+            out["step"].append(row["step"])
+            out["loss"].append(row["loss"])
+        if "eval_loss" in row:
+            out["eval_step"].append(row["step"])
+            out["eval_loss"].append(row["eval_loss"])
+    return out
