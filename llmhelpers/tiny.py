@@ -68,7 +68,7 @@ def _corpus(samples_dir: Path | None) -> list[str]:
 
 def build_tokenizer(revision: str = "current", vocab_size: int = 1024, samples_dir: Path | None = None):
     """A byte-level BPE tokenizer with the R1 special tokens and chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from .paths import samples_dir as default_samples_dir
@@ -86,6 +86,10 @@ def build_tokenizer(revision: str = "current", vocab_size: int = 1024, samples_d
     # As in the real tokenizer, <think> and </think> are added but not "special": they
     # survive skip_special_tokens=True when decoding.
     tok.add_tokens([AddedToken(THINK, special=False, normalized=False), AddedToken(END_THINK, special=False, normalized=False)])
+    # Like the real tokenizer, plain tokenization prepends bos: rendering with the template
+    # and then tokenizing with add_special_tokens=True gives a double bos.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
