@@ -54,7 +54,19 @@ def load_base_model(cfg, quantized: bool = True, attn_implementation: str | None
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg), **kwargs)
     model.config.use_cache = True
+    if model.device.type == "cpu":
+        _keep_cpu_4bit_layout(model)
     return model
+
+
+def _keep_cpu_4bit_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference at the first
+    eval-mode forward and keeps that layout; a later training step then fails ("a view of a leaf
+    Variable ... in-place"). Generating between training steps (the accuracy callback) needs the
+    training layout, so the repacking is switched off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model, cfg):

@@ -1,0 +1,72 @@
+"""What this machine can do, with advice: GPU and free VRAM, free disk, library versions."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "math-verify")
+# Measured sizes (see FINETUNING_GUIDE.md): the 1.5B base download is 3.55 GB of safetensors,
+# a checkpoint with 8-bit optimizer state is about 0.2 GB, the merged bf16 model 3.55 GB.
+MIN_FREE_DISK_GB = {"full": 8.0, "smoke": 0.2}
+
+
+@dataclass
+class EnvReport:
+    gpu: str | None
+    gpu_free_gb: float | None
+    gpu_total_gb: float | None
+    bf16_ok: bool
+    disk_free_gb: float
+    versions: dict[str, str]
+    advice: list[str] = field(default_factory=list)
+    ok_to_train: bool = True
+
+    def __str__(self) -> str:
+        gpu = (f"{self.gpu}: {self.gpu_free_gb:.1f} of {self.gpu_total_gb:.1f} GiB free" if self.gpu
+               else "no CUDA GPU")
+        lines = [f"GPU:   {gpu}", f"disk:  {self.disk_free_gb:.1f} GB free",
+                 "libs:  " + ", ".join(f"{k} {v}" for k, v in self.versions.items())]
+        lines += [f"-> {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+def version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def environment_report(profile: str, output_dir: str | Path = ".") -> EnvReport:
+    import torch
+
+    target = Path(output_dir)
+    while not target.exists():
+        target = target.parent if target.parent != target else Path(".")
+    disk_free = shutil.disk_usage(target).free / 1e9
+    gpu = free = total = None
+    bf16 = False
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+        f, t = torch.cuda.mem_get_info(0)
+        free, total = f / 2**30, t / 2**30
+        bf16 = torch.cuda.is_bf16_supported()
+    report = EnvReport(gpu, free, total, bf16, disk_free, {k: version(k) for k in LIBRARIES})
+    missing = [k for k, v in report.versions.items() if v == "missing"]
+    if missing:
+        report.advice.append(f"missing libraries: {', '.join(missing)}; run the install cell")
+        report.ok_to_train = False
+    if gpu is None and profile != "smoke":
+        report.advice.append("no GPU: the full profile needs one. Set LLM_PROFILE=smoke to run the pipeline on CPU.")
+        report.ok_to_train = False
+    if gpu is not None and not bf16 and profile != "smoke":
+        report.advice.append("this GPU lacks bf16: set OVERRIDES = {'bf16': False, 'bnb_4bit_compute_dtype': 'float16'}")
+    need = MIN_FREE_DISK_GB.get(profile, MIN_FREE_DISK_GB["full"])
+    if disk_free < need:
+        report.advice.append(f"only {disk_free:.1f} GB free disk, {need} GB needed: free space before training")
+        report.ok_to_train = False
+    if not report.advice:
+        report.advice.append("ready")
+    return report

@@ -1,0 +1,65 @@
+"""Batched generation from rendered prompts, with thinking and answer shown apart."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chat import render_prompt, split_thinking
+
+
+@dataclass
+class Generation:
+    text: str  # the new text, special tokens removed (<think> and </think> are kept)
+    new_tokens: int  # tokens generated up to and including eos
+    hit_budget: bool  # stopped by max_new_tokens rather than by eos
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 0.6, top_p: float = 0.95,
+             progress: bool = False) -> list[Generation]:
+    """Generate for every prompt; batches are formed from prompts of similar length to waste less on padding."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    was_training = model.training
+    model.eval()
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="generating", unit="batch")
+    tokenizer.padding_side = "left"
+    for batch in batches:
+        # The template already put bos in the text: add_special_tokens=False avoids a second one.
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row, i in zip(new.tolist(), batch):
+            if tokenizer.eos_token_id in row:
+                n, hit = row.index(tokenizer.eos_token_id) + 1, False
+            else:
+                n, hit = len(row), True
+            results[i] = Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n, hit)
+    if was_training:
+        model.train()
+    return results  # type: ignore[return-value]
+
+
+def answer_examples(model, tokenizer, examples, cfg, progress: bool = False) -> list[Generation]:
+    prompts = [render_prompt(ex, tokenizer) for ex in examples]
+    return generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
+                    cfg.eval_temperature, cfg.eval_top_p, progress=progress)
+
+
+def format_generation(question: str, text: str, width: int = 600) -> str:
+    """Question, thinking and answer as separate, trimmed sections."""
+    thinking, answer = split_thinking(text)
+    clip = lambda s: s if len(s) <= width else s[:width] + f" [... {len(s) - width} more chars]"
+    return (f"Q: {clip(question.splitlines()[0])}\n"
+            f"  thinking: {clip(thinking) or '(none)'}\n"
+            f"  answer:   {clip(answer) or '(no answer: thinking not finished)'}")

@@ -1,0 +1,52 @@
+"""Merge LoRA adapters into a full-precision (bf16) base and check the merge.
+
+Merging into 4-bit weights would bake quantization error into the result, so the base is
+reloaded in the compute dtype. The check compares logits of base+adapter (unmerged) with
+the merged weights in the same precision, on the same model object (one copy in memory).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .training import CONFIG_NAME, atomic_save
+
+# Mean |logit difference| allowed between base+adapter and merged weights. In fp32 the merge is
+# exact up to rounding; in bf16 W + BA is rounded once more to bf16 (8-bit mantissa).
+MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | Path | None = None,
+                   out_dir: str | Path | None = None) -> dict:
+    import torch
+    from peft import PeftModel
+
+    from .modeling import load_base_model
+
+    adapter_dir = Path(adapter_dir or cfg.final_dir)
+    base = load_base_model(cfg, quantized=False)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    enc = tokenizer(sample_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
+    with torch.inference_mode():
+        before = model(**enc).logits.float()
+        merged = model.merge_and_unload()
+        after = merged(**enc).logits.float()
+    mask = enc["attention_mask"].bool()
+    diff = (before - after).abs()[mask]
+    check = {
+        "dtype": cfg.bnb_4bit_compute_dtype,
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agreement": float((before.argmax(-1) == after.argmax(-1))[mask].float().mean()),
+        "tolerance": MERGE_TOLERANCE[cfg.bnb_4bit_compute_dtype],
+    }
+    check["ok"] = check["mean_abs_diff"] <= check["tolerance"] and check["top1_agreement"] >= 0.99
+
+    def write(folder: Path):
+        merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        cfg.save(folder / CONFIG_NAME)
+
+    check["path"] = str(atomic_save(write, Path(out_dir or cfg.merged_dir)))
+    del merged, model, base
+    return check

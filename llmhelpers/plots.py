@@ -1,0 +1,25 @@
+"""Matplotlib figures for the notebook: token lengths, loss curves, attention heatmaps."""
+from __future__ import annotations
+
+
+def length_histogram(lengths: list[int], max_length: int, ax=None):
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(7, 3))[1]
+    ax.hist(lengths, bins=40, color="#4c72b0")
+    ax.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    ax.set(xlabel="tokens per example", ylabel="examples", title=f"{len(lengths)} training examples")
+    ax.legend()
+    return ax.figure
+
+
+def loss_curve(history: dict[str, list], ax=None):
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(7, 3))[1]
+    ax.plot(history["step"], history["loss"], label="train loss")
+    if history["eval_step"]:
+        ax.plot(history["eval_step"], history["eval_loss"], "o-", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    ax.legend()
+    return ax.figure
