@@ -101,14 +101,15 @@ def build_tokenizer(revision: str = "current", vocab_size: int = 1024, samples_d
 
 
 def build_tiny_r1(path: str | Path, revision: str = "current", seed: int = 0, hidden_size: int = 64,
-                  num_layers: int = 2, force: bool = False) -> Path:
+                  num_layers: int = 2, init_std: float = 0.3, force: bool = False) -> Path:
     """Build (once) and save a tiny R1-style tokenizer and Qwen2 model at `path`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
     stamp = path / "tiny_r1.json"
-    spec = {"revision": revision, "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers}
+    spec = {"revision": revision, "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers,
+            "init_std": init_std}
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return path
     tokenizer = build_tokenizer(revision)
@@ -121,6 +122,9 @@ def build_tiny_r1(path: str | Path, revision: str = "current", seed: int = 0, hi
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as in the real model (12 q heads, 2 kv heads)
         max_position_embeddings=4096,
+        # Wider than the usual 0.02 so that LoRA, with the lm_head frozen as in QLoRA, can move
+        # the logits far enough for the loss to fall (at 0.02 they stay near-uniform).
+        initializer_range=init_std,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
