@@ -193,6 +193,22 @@ class FinetuneConfig:
         args.update(extra)
         return SFTConfig(**args)
 
+    def summary(self) -> str:
+        """The settings that differ from the full profile's defaults, then the key hyperparameters."""
+        default = FinetuneConfig()
+        changed = {k: v for k, v in self.to_dict().items() if getattr(default, k) != v}
+        eff = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        lines = [f"model {self.model_id}  |  run {self.run_id} -> {self.checkpoints_dir}",
+                 f"QLoRA: {'4-bit ' + self.bnb_4bit_quant_type if self.load_in_4bit else 'no quantization'}, "
+                 f"LoRA r={self.lora_r} alpha={self.lora_alpha} dropout={self.lora_dropout} on {self.lora_target_modules}",
+                 f"lr {self.learning_rate} ({self.lr_scheduler_type}), batch {self.per_device_train_batch_size} x "
+                 f"accumulation {self.gradient_accumulation_steps} = {eff} sequences/step, "
+                 f"{'max_steps ' + str(self.max_steps) if self.max_steps > 0 else str(self.num_train_epochs) + ' epochs'}, "
+                 f"max_length {self.max_length}, optim {self.optim}"]
+        if changed:
+            lines.append("changed from defaults: " + ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
+        return "\n".join(lines)
+
     # --- persistence -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,13 +248,13 @@ PROFILES: dict[str, dict] = {
         bf16=False,
         bnb_4bit_compute_dtype="float32",
         optim="adamw_torch",  # paged 8-bit optimizers need CUDA
-        learning_rate=1e-3,
+        learning_rate=3e-3,  # high, so that 30 steps on a tiny model show a clear fall in loss
         per_device_train_batch_size=2,
         per_device_eval_batch_size=4,
         gradient_accumulation_steps=2,
-        max_steps=8,
-        eval_steps=4,
-        save_steps=4,
+        max_steps=30,
+        eval_steps=10,
+        save_steps=10,
         logging_steps=1,
         eval_max_new_tokens=48,
         eval_batch_size=8,

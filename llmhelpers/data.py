@@ -380,3 +380,18 @@ def build_datasets(cfg, tokenizer) -> DataBundle:
     return DataBundle(train=to_dataset(train_part), eval=to_dataset(eval_part),
                       train_examples=[e for e, _ in train_part], eval_examples=[e for e, _ in eval_part],
                       heldout=heldout, report=report)
+
+
+def demo_examples() -> list[Example]:
+    """Three bundled problems for quick before/after looks: code-using math, a unit with a power
+    of ten, and a plain science question."""
+    from .paths import samples_dir
+
+    def rows(name):
+        return [json.loads(line) for line in (samples_dir() / name).read_text(encoding="utf-8").splitlines()]
+
+    math = from_mathcodeinstruct(rows("mathcodeinstruct.jsonl")[0])
+    sci = [from_scibench(r) for r in rows("scibench.jsonl")]
+    powered = next(e for e in sci if e.unit_exponent != 0)
+    plain = next(e for e in sci if e.unit_exponent == 0 and e.reasoning)
+    return [math, powered, plain]

@@ -70,9 +70,15 @@ def _keep_cpu_4bit_layout(model) -> None:
 
 
 def attach_lora(model, cfg):
-    """Prepare a 4-bit model for training (fp32 norms, input grads) and wrap it with LoRA."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """Prepare a 4-bit model for training (fp32 norms, input grads) and wrap it with fresh LoRA adapters.
 
+    Re-running on a model that already has adapters removes them first (without merging), so a
+    notebook cell can be re-run after a LoRA setting changed and always starts from a fresh adapter.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(model, PeftModel):
+        model = model.unload()
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
@@ -84,3 +90,12 @@ def attach_lora(model, cfg):
 def trainable_parameters(model) -> str:
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at full size
     return f"trainable params: {trainable:,} of {total:,} ({trainable / total:.3%})"
+
+
+def load_adapter_model(cfg, adapter_dir=None, attn_implementation: str | None = None):
+    """The 4-bit base with saved adapters on top, e.g. for eager-attention visualisation."""
+    from peft import PeftModel
+
+    base = load_base_model(cfg, attn_implementation=attn_implementation)
+    model = PeftModel.from_pretrained(base, str(adapter_dir or cfg.final_dir))
+    return model.eval()
