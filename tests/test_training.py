@@ -30,7 +30,7 @@ class StepRecorder(TrainerCallback):
 @pytest.fixture
 def cfg(tmp_path, tiny_model_dir):
     return make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir),
-                       accuracy_callback=False)
+                       accuracy_callback=False, max_steps=8, eval_steps=4, save_steps=4)
 
 
 def make_trainer(cfg):
