@@ -1,0 +1,66 @@
+"""Shared by the GPU benchmarks: the exact DeepSeek-R1-Distill-Qwen-1.5B architecture with random
+weights (no download), saved once as safetensors so the real from_pretrained + NF4 path loads it,
+and synthetic pre-tokenized training rows with realistic lengths."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+R1_15B = dict(  # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, bos_token_id=151646, eos_token_id=151643, hidden_act="silu",
+    sliding_window=None, use_sliding_window=False,
+)
+
+
+def random_r1_model(path: str | Path = "/tmp/r1-1.5b-random", seed: int = 0) -> Path:
+    """Build (once) and save the R1-1.5B architecture with random bf16 weights plus a tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llmhelpers.tiny import build_tokenizer
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    config = Qwen2Config(**R1_15B)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = build_tokenizer("current")  # ids differ from the real tokenizer; the benchmarks feed token ids directly
+    tok.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def synthetic_rows(n: int, seed: int = 0, median: int = 700, sigma: float = 0.6, cap: int = 2048,
+                   prompt: int = 64, vocab: int = 151000) -> dict[str, list]:
+    """Lognormal lengths (median 700, capped at 2048), the first `prompt` tokens masked."""
+    rng = random.Random(seed)
+    ids, masks = [], []
+    for _ in range(n):
+        length = min(cap, max(prompt + 8, int(math.exp(rng.gauss(math.log(median), sigma)))))
+        ids.append([rng.randrange(1000, vocab) for _ in range(length)])
+        masks.append([0] * prompt + [1] * (length - prompt))
+    return {"input_ids": ids, "completion_mask": masks}
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def peak_bf16_flops() -> float:
+    """Dense bf16 peak from NVIDIA's datasheets (H100/H200 SXM: 989 TFLOP/s)."""
+    name = gpu_name()
+    if "H100" in name or "H200" in name:
+        return 989e12
+    if "A100" in name:
+        return 312e12
+    return float(os.environ.get("PEAK_FLOPS", "nan"))

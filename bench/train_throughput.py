@@ -1,0 +1,195 @@
+"""Training throughput and memory: the seed plan's configuration against the project's default,
+in one process on whatever GPU is present, through the project's real path (NF4 base + LoRA via
+llmhelpers, TRL's SFTTrainer on pre-tokenized rows). Also checks that the optimised path's loss
+equals the seed path's on the same 16 sequences.
+
+    python bench/train_throughput.py                  # seed vs default (+ the intermediate steps)
+    python bench/train_throughput.py --configs seed,default --steps 6
+
+Useful tokens = non-pad tokens the model trains on. MFU counts the model FLOPs of a LoRA step
+without recomputation: forward 2N + input-gradient 2N per token (frozen base: no weight
+gradients), plus causal attention, against the GPU's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import R1_15B, gpu_name, peak_bf16_flops, random_r1_model, synthetic_rows  # noqa: E402
+
+CONFIGS = {
+    "seed": dict(profile="seed"),
+    "seed+grouped": dict(profile="seed", group_by_length=True),
+    "mb8x2+grouped+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2),
+    "mb16x1+grouped+liger": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
+    "default": dict(),
+}
+
+
+def matmul_params() -> int:
+    h, i, L, v = R1_15B["hidden_size"], R1_15B["intermediate_size"], R1_15B["num_hidden_layers"], R1_15B["vocab_size"]
+    kv = h // R1_15B["num_attention_heads"] * R1_15B["num_key_value_heads"]
+    return L * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+
+
+def model_flops(lengths: list[int]) -> float:
+    n = matmul_params()
+    h, L = R1_15B["hidden_size"], R1_15B["num_hidden_layers"]
+    per_seq = [4 * n * s + 2 * 2 * L * h * s * s for s in lengths]  # (fwd + input-grad) x (2N + causal attn)
+    return float(sum(per_seq))
+
+
+class CountingCollator:
+    def __init__(self, inner):
+        self.inner, self.tokens, self.lengths = inner, 0, []
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        labels = batch["labels"]
+        self.tokens += int((labels != -100).sum())
+        self.lengths += [len(f["input_ids"]) for f in features]
+        return batch
+
+
+def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from llmhelpers.config import make_config
+    from llmhelpers.data import DataBundle, DataReport
+    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import build_trainer
+
+    spec = dict(spec)
+    profile = spec.pop("profile", "full")
+    cfg = make_config(profile, model_id=str(model_dir), output_dir=f"/tmp/bench-train/{name}", max_steps=warmup + steps,
+                      save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_ratio=0.0, **spec)
+    tok = load_tokenizer(cfg)
+    ds = Dataset.from_dict(rows)
+    data = DataBundle(ds, ds.select(range(16)), [], [], [], DataReport())
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(cfg), cfg)
+    trainer = build_trainer(cfg, model, tok, data, eval_strategy="no", save_strategy="no",
+                            load_best_model_at_end=False, dataloader_num_workers=0)
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    marks = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                torch.cuda.synchronize()
+                marks["t0"], marks["tok0"], marks["n0"] = time.perf_counter(), counter.tokens, len(counter.lengths)
+                torch.cuda.reset_peak_memory_stats()
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - marks["t0"]
+    # The collator has already been called for the step after the last one when prefetching; count exactly
+    # the sequences of the measured steps.
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    lengths = counter.lengths[marks["n0"]:marks["n0"] + steps * per_step]
+    useful = sum(lengths) - 0  # all non-pad tokens; the first 64 of each are the masked prompt
+    trained = sum(l - 64 for l in lengths)
+    out = {
+        "config": name, "micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
+        "grouped": cfg.group_by_length, "liger": trainer.args.use_liger_kernel, "checkpointing": cfg.gradient_checkpointing,
+        "steps": steps, "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
+        "useful_tok_s": round(useful / elapsed), "trained_tok_s": round(trained / elapsed),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "mfu": round(model_flops(lengths) / elapsed / peak_bf16_flops(), 4),
+        "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
+    }
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def loss_equivalence(model_dir: Path, rows) -> dict:
+    """Loss of 16 sequences as the seed path computes it (8 micro-batches of 2, plain kernels) and as the
+    default path does (one micro-batch of 16, Liger kernels), on the same model, dropout off."""
+    import torch
+    from datasets import Dataset
+    from transformers.integrations.liger import apply_liger_kernel
+
+    from llmhelpers.config import make_config
+    from llmhelpers.data import DataBundle, DataReport
+    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import build_trainer
+
+    seed_cfg = make_config("seed", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none")
+    fast_cfg = make_config("full", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none")
+    tok = load_tokenizer(seed_cfg)
+    sub = {k: v[:16] for k, v in rows.items()}
+    ds = Dataset.from_dict(sub)
+    data = DataBundle(ds, ds, [], [], [], DataReport())
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(seed_cfg), seed_cfg)
+    with torch.no_grad():  # non-zero adapters, so that the check covers the LoRA path too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    trainer = build_trainer(seed_cfg, model, tok, data)
+    features = [trainer.train_dataset[i] for i in range(16)]
+    total = sum(sum(1 for l in f["labels"][1:] if l != -100) for f in features)
+    model.eval()
+
+    def loss_over(micro: int) -> float:
+        acc = 0.0
+        with torch.no_grad():
+            for i in range(0, 16, micro):
+                batch = trainer.data_collator(features[i:i + micro])
+                batch = {k: v.cuda() for k, v in batch.items()}
+                acc += float(trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(total).cuda()))
+        return acc
+
+    seed_loss = loss_over(seed_cfg.per_device_train_batch_size)
+    apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
+    fast_loss = loss_over(fast_cfg.per_device_train_batch_size * fast_cfg.gradient_accumulation_steps)
+    rel = abs(fast_loss - seed_loss) / seed_loss
+    return {"seed_loss": seed_loss, "default_loss": fast_loss, "relative_diff": rel, "tolerance": 1e-2,
+            "ok": rel <= 1e-2}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--no-loss-check", action="store_true")
+    parser.add_argument("--out", default=None, help="write results JSON here")
+    args = parser.parse_args()
+    model_dir = random_r1_model()
+    rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4)
+    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    if not args.no_loss_check:
+        results["loss_equivalence"] = loss_equivalence(model_dir, rows)
+        print(json.dumps(results["loss_equivalence"]), flush=True)
+    for name in args.configs.split(","):
+        r = run_config(name, CONFIGS[name], model_dir, rows, args.warmup, args.steps)
+        results["runs"].append(r)
+        print(json.dumps(r), flush=True)
+    base = next((r for r in results["runs"] if r["config"] == "seed"), None)
+    print(f"\n{results['gpu']}, {results['date']}")
+    print(f"{'config':<24}{'useful tok/s':>13}{'x seed':>8}{'alloc GiB':>10}{'reserved':>10}{'MFU':>7}{'tok/step':>10}")
+    for r in results["runs"]:
+        ratio = r["useful_tok_s"] / base["useful_tok_s"] if base else float("nan")
+        print(f"{r['config']:<24}{r['useful_tok_s']:>13,}{ratio:>8.2f}{r['peak_alloc_gib']:>10.2f}"
+              f"{r['peak_reserved_gib']:>10.2f}{r['mfu']:>7.1%}{r['tokens_per_step']:>10,}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
