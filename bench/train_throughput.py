@@ -27,6 +27,9 @@ from common import R1_15B, gpu_name, peak_bf16_flops, random_r1_model, synthetic
 CONFIGS = {
     "seed": dict(profile="seed"),
     "seed+grouped": dict(profile="seed", group_by_length=True),
+    "mb8x2+grouped+liger+fp32": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, upcast_to_fp32=True),
+    "mb16x1+grouped+liger+fp32": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                                      upcast_to_fp32=True),
     "mb8x2+grouped+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2),
     "mb16x1+grouped+liger": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
     "default": dict(),
@@ -129,34 +132,43 @@ def loss_equivalence(model_dir: Path, rows) -> dict:
     from llmhelpers.training import build_trainer
 
     seed_cfg = make_config("seed", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none")
-    fast_cfg = make_config("full", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none")
+    fast_cfg = make_config("full", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none",
+                           per_device_train_batch_size=16, gradient_accumulation_steps=1)
     tok = load_tokenizer(seed_cfg)
     sub = {k: v[:16] for k, v in rows.items()}
     ds = Dataset.from_dict(sub)
     data = DataBundle(ds, ds, [], [], [], DataReport())
-    torch.manual_seed(0)
-    model = attach_lora(load_base_model(seed_cfg), seed_cfg)
-    with torch.no_grad():  # non-zero adapters, so that the check covers the LoRA path too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    trainer = build_trainer(seed_cfg, model, tok, data)
-    features = [trainer.train_dataset[i] for i in range(16)]
-    total = sum(sum(1 for l in f["labels"][1:] if l != -100) for f in features)
-    model.eval()
 
-    def loss_over(micro: int) -> float:
+    def loss_over(cfg, lora_state=None, liger=False) -> tuple[float, dict]:
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(cfg), cfg)
+        with torch.no_grad():  # the same non-zero adapters in both paths, so the LoRA path is covered too
+            if lora_state is None:
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.01)
+            else:
+                model.load_state_dict(lora_state, strict=False)
+        state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        trainer = build_trainer(cfg, model, tok, data)
+        if liger:
+            apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
+        features = [trainer.train_dataset[i] for i in range(16)]
+        total = torch.tensor(sum(sum(1 for l in f["labels"][1:] if l != -100) for f in features)).cuda()
+        micro = cfg.per_device_train_batch_size
+        model.eval()
         acc = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             for i in range(0, 16, micro):
-                batch = trainer.data_collator(features[i:i + micro])
-                batch = {k: v.cuda() for k, v in batch.items()}
-                acc += float(trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(total).cuda()))
-        return acc
+                batch = {k: v.cuda() for k, v in trainer.data_collator(features[i:i + micro]).items()}
+                acc += float(trainer.compute_loss(model, batch, num_items_in_batch=total))
+        del trainer, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        return acc, state
 
-    seed_loss = loss_over(seed_cfg.per_device_train_batch_size)
-    apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
-    fast_loss = loss_over(fast_cfg.per_device_train_batch_size * fast_cfg.gradient_accumulation_steps)
+    seed_loss, lora_state = loss_over(seed_cfg)
+    fast_loss, _ = loss_over(fast_cfg, lora_state, liger=fast_cfg.use_liger_kernel)
     rel = abs(fast_loss - seed_loss) / seed_loss
     return {"seed_loss": seed_loss, "default_loss": fast_loss, "relative_diff": rel, "tolerance": 1e-2,
             "ok": rel <= 1e-2}

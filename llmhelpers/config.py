@@ -42,15 +42,21 @@ class FinetuneConfig:
     warmup_ratio: float = 0.03  # fraction of the steps spent warming up
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 2
-    per_device_eval_batch_size: int = 2
-    gradient_accumulation_steps: int = 8  # 2 x 8 = 16 sequences per optimizer step
+    # 16 sequences per optimizer step, as in the seed plan (2 x 8), but in one micro-batch: with length
+    # grouping and checkpointing this is 4x the seed's tokens/s on an H100 (BENCHMARKS.md).
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
     num_train_epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs (the smoke profile uses this)
     max_length: int = 2048  # longer examples are dropped and counted, never truncated
     optim: str = "paged_adamw_8bit"  # 8-bit states, paged to CPU under memory pressure
     bf16: bool = True
     gradient_checkpointing: bool = True  # non-reentrant: required with a frozen 4-bit base
+    # peft's prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, which makes the
+    # residual stream fp32 and doubles checkpointed activations. Keeping them bf16 halves that memory with the
+    # same loss (bench/train_throughput.py checks it); the seed profile keeps the upcast.
+    upcast_to_fp32: bool = False
     group_by_length: bool = True  # batches of similar lengths: far less padding (seed plan: random order)
     use_liger_kernel: bool = True  # fused RMSNorm/SwiGLU/RoPE Triton kernels; applied only on CUDA
 
@@ -241,8 +247,9 @@ PROFILES: dict[str, dict] = {
     "full": {},
     # The seed plan exactly as written (micro-batch 2 x accumulation 8, random order, no fused
     # kernels): kept for comparison; bench/train_throughput.py measures it against "full".
-    "seed": dict(per_device_train_batch_size=2, gradient_accumulation_steps=8, group_by_length=False,
-                 use_liger_kernel=False),
+    "seed": dict(per_device_train_batch_size=2, per_device_eval_batch_size=2, gradient_accumulation_steps=8,
+                 group_by_length=False,
+                 use_liger_kernel=False, upcast_to_fp32=True),
     # CPU-friendly: tiny local model, bundled samples, a handful of steps. Still 4-bit NF4,
     # so CI runs the real QLoRA path.
     "smoke": dict(

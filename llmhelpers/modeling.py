@@ -79,10 +79,16 @@ def attach_lora(model, cfg):
 
     if isinstance(model, PeftModel):
         model = model.unload()
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) and cfg.upcast_to_fp32:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return get_peft_model(model, cfg.lora_config())
 
