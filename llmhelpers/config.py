@@ -194,6 +194,8 @@ class FinetuneConfig:
             report_to=[] if self.report_to == "none" else [self.report_to],
             seed=self.seed,
             data_seed=self.seed,
+            use_cpu=not _cuda(),  # also makes several CPU processes (gloo) form one DDP group
+            ddp_find_unused_parameters=False,  # LoRA + checkpointing: every trainable parameter is used
             completion_only_loss=True,  # loss on reasoning + answer + eos only (our completion_mask)
             packing=False,
             dataset_num_proc=None,
@@ -279,6 +281,12 @@ PROFILES: dict[str, dict] = {
         merge_after_training=True,
     ),
 }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _liger_usable() -> bool:

@@ -41,8 +41,11 @@ def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) 
     if cfg.accuracy_callback:
         AccuracyCallback(evaluation_set(data, cfg), tokenizer, cfg).attach(trainer)
     output = train(trainer, cfg, fresh=fresh)
-    result = {"global_step": output.global_step, "train_loss": output.training_loss,
-              "world_size": trainer.args.world_size, "run_dir": str(cfg.checkpoints_dir)}
+    result = {"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
+              "global_step": output.global_step, "train_loss": output.training_loss,
+              "sequences_seen_by_this_rank": trainer.args.per_device_train_batch_size
+              * trainer.args.gradient_accumulation_steps * output.global_step,
+              "tokens_per_second": trainer.throughput.steady(), "run_dir": str(cfg.checkpoints_dir)}
     if main:
         result["adapter_dir"] = str(save_adapters(trainer.model, tokenizer, cfg))
         if evaluate_after:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     result = run(cfg, fresh=args.fresh, evaluate_after=args.evaluate)
-    print(json.dumps(result, indent=2))
+    print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 

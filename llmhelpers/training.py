@@ -13,13 +13,36 @@ import shutil
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 CONFIG_NAME = "finetune_config.json"
+
+
+class ThroughputMeter(TrainerCallback):
+    """Trained-sequence tokens per second between log events, from TRL's global `num_tokens` count."""
+
+    def __init__(self):
+        self.last: tuple[float, float] | None = None
+        self.samples: list[tuple[int, float]] = []  # (step, tokens/s)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "num_tokens" not in logs:
+            return
+        now, tokens = time.perf_counter(), float(logs["num_tokens"])
+        if self.last is not None and now > self.last[0] and tokens > self.last[1]:
+            self.samples.append((state.global_step, (tokens - self.last[1]) / (now - self.last[0])))
+        self.last = (now, tokens)
+
+    def steady(self, skip: int = 3) -> float | None:
+        """Median tokens/s, leaving out the first windows (kernel compilation, allocator warm-up)."""
+        xs = sorted(v for _, v in self.samples[skip:]) or sorted(v for _, v in self.samples)
+        return xs[len(xs) // 2] if xs else None
 
 
 def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
     from trl import SFTTrainer
 
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=cfg.sft_config(**sft_overrides),
         train_dataset=data.train,
@@ -27,6 +50,9 @@ def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    trainer.throughput = ThroughputMeter()
+    trainer.add_callback(trainer.throughput)
+    return trainer
 
 
 def _step(path: Path) -> int:
@@ -65,28 +91,42 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
 def prepare_run(cfg, fresh: bool = False) -> Path | None:
     """Decide between resuming and starting: returns the checkpoint to resume from, or None.
 
-    fresh=True moves this run's old checkpoints aside (never deletes them).
+    fresh=True moves this run's old checkpoints aside (never deletes them). Under several
+    processes only the main one touches the disk; the others wait, then read the same answer.
     """
+    from accelerate import PartialState
+
+    state = PartialState()
     run_dir = cfg.checkpoints_dir
-    if fresh and run_dir.exists():
-        aside = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"fresh start: previous checkpoints moved to {aside}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / CONFIG_NAME)
+    if state.is_main_process:
+        if fresh and run_dir.exists():
+            aside = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"fresh start: previous checkpoints moved to {aside}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / CONFIG_NAME)
+        last_complete_checkpoint(run_dir)  # renames incomplete checkpoints aside
+    state.wait_for_everyone()
     resume = last_complete_checkpoint(run_dir)
-    if resume is not None:
-        state = json.loads((resume / "trainer_state.json").read_text())
-        print(f"resuming from {resume} (step {state.get('global_step')} of {state.get('max_steps')})")
-    else:
-        print(f"starting a new run in {run_dir}")
+    if state.is_main_process:
+        if resume is not None:
+            info = json.loads((resume / "trainer_state.json").read_text())
+            print(f"resuming from {resume} (step {info.get('global_step')} of {info.get('max_steps')})")
+        else:
+            print(f"starting a new run in {run_dir}")
     return resume
 
 
 def train(trainer, cfg, fresh: bool = False):
-    """Resume the run with this config if it has a checkpoint, else start it."""
+    """Resume the run with this config if it has a checkpoint, else start it.
+
+    Afterwards the main process writes log_history.json (losses per step) into the run folder.
+    """
     resume = prepare_run(cfg, fresh=fresh)
-    return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.is_world_process_zero():
+        (cfg.checkpoints_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return output
 
 
 def atomic_save(save_fn, target: Path) -> Path:
