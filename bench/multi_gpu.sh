@@ -12,7 +12,9 @@ COMMON=(--set model_id=/tmp/r1-1.5b-random --set math_dataset=/tmp/synth_mci.jso
         --set science_dataset=data/samples/scibench.jsonl --set max_steps="$STEPS" --set eval_steps=1000
         --set save_steps=1000 --set logging_steps=1 --set accuracy_callback=false)
 accelerate launch --num_processes 1 --mixed_precision bf16 -m llmhelpers.train "${COMMON[@]}" \
-    --set output_dir=/tmp/mg1 --set per_device_train_batch_size=16 2>&1 | grep "RESULT"
+    --set output_dir=/tmp/mg1 --set per_device_train_batch_size=16 > /tmp/mg1.log 2>&1 || { tail -40 /tmp/mg1.log; exit 1; }
+grep RESULT /tmp/mg1.log
 accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes 2 -m llmhelpers.train "${COMMON[@]}" \
-    --set output_dir=/tmp/mg2 --set per_device_train_batch_size=8 2>&1 | grep "RESULT"
+    --set output_dir=/tmp/mg2 --set per_device_train_batch_size=8 > /tmp/mg2.log 2>&1 || { tail -40 /tmp/mg2.log; exit 1; }
+grep RESULT /tmp/mg2.log
 python bench/compare_losses.py /tmp/mg1 /tmp/mg2
