@@ -70,7 +70,9 @@ def run(name, spec, model_dir, new_tokens, prompt_len, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    # The static-cache + torch.compile configuration is left out by default: its compilation ran past
+    # four minutes on an H100 and was stopped; name it explicitly to try it.
+    parser.add_argument("--configs", default="nf4-b64,bf16-b64,bf16-b128,bf16-b256")
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=1)

@@ -94,6 +94,41 @@ def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path |
     return result
 
 
+def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_dir=None, save_dir=None):
+    """Grade the base model and the fine-tuned one on the same problems.
+
+    With cfg.eval_bf16 (default) the base is loaded once in the compute dtype, evaluated, then the saved
+    adapters are merged into it in memory and it is evaluated again: what a merged deployment runs, and
+    about 5x the speed of generating with the 4-bit training model (BENCHMARKS.md). Otherwise the
+    adapter of `model` (the 4-bit training model) is switched off and on in place: slower, no extra memory.
+    """
+    import gc
+
+    import torch
+
+    save_dir = save_dir or cfg.eval_dir
+    if not cfg.eval_bf16:
+        if model is None:
+            raise ValueError("eval_bf16=False evaluates the training model in place: pass model=")
+        with model.disable_adapter():
+            base = evaluate(model, tokenizer, examples, cfg, "base", save_dir)
+        return base, evaluate(model, tokenizer, examples, cfg, "finetuned", save_dir)
+
+    from peft import PeftModel
+
+    from .modeling import load_base_model
+
+    plain = load_base_model(cfg, quantized=False)
+    base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)
+    merged = PeftModel.from_pretrained(plain, str(adapter_dir or cfg.final_dir)).merge_and_unload()
+    tuned = evaluate(merged, tokenizer, examples, cfg, "finetuned", save_dir)
+    del plain, merged
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return base, tuned
+
+
 def comparison_table(results: list[EvalResult]) -> str:
     """Accuracy, out-of-budget shares and thinking length per source, one column block per run."""
     summaries = [(r.label, r.summary()) for r in results]

@@ -50,9 +50,32 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return results  # type: ignore[return-value]
 
 
+def auto_batch_size(model, max_tokens: int, cap: int = 256, share: float = 0.7) -> int:
+    """How many sequences of `max_tokens` fit their KV cache in `share` of the free GPU memory.
+
+    Measured on an H100 (BENCHMARKS.md): plain generate gets faster up to batch 256, so larger
+    batches are the cheapest evaluation speed-up; on CPU a small batch is used.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return 8
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dtype_bytes = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
+    kv_per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes * max_tokens
+    logits_per_seq = 2 * c.vocab_size * 4  # last-position logits in fp32 plus the sampling copy
+    free, _ = torch.cuda.mem_get_info()
+    return int(max(1, min(cap, share * free // (kv_per_seq + logits_per_seq))))
+
+
 def answer_examples(model, tokenizer, examples, cfg, progress: bool = False) -> list[Generation]:
     prompts = [render_prompt(ex, tokenizer) for ex in examples]
-    return generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
+    batch = cfg.eval_batch_size
+    if not batch:
+        longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+        batch = auto_batch_size(model, longest + cfg.eval_max_new_tokens)
+    return generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, batch, cfg.eval_do_sample,
                     cfg.eval_temperature, cfg.eval_top_p, progress=progress)
 
 

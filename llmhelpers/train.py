@@ -26,7 +26,7 @@ def build_config(args) -> FinetuneConfig:
 
 def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) -> dict:
     from .data import build_datasets
-    from .evaluation import AccuracyCallback, comparison_table, evaluate, evaluation_set
+    from .evaluation import AccuracyCallback, comparison_table, evaluate_base_and_finetuned, evaluation_set
     from .modeling import attach_lora, load_base_model, load_tokenizer, trainable_parameters
     from .training import build_trainer, save_adapters, train
 
@@ -50,9 +50,7 @@ def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) 
         result["adapter_dir"] = str(save_adapters(trainer.model, tokenizer, cfg))
         if evaluate_after:
             examples = evaluation_set(data, cfg)
-            with trainer.model.disable_adapter():
-                base = evaluate(trainer.model, tokenizer, examples, cfg, "base", cfg.eval_dir)
-            tuned = evaluate(trainer.model, tokenizer, examples, cfg, "finetuned", cfg.eval_dir)
+            base, tuned = evaluate_base_and_finetuned(cfg, tokenizer, examples, model=trainer.model)
             print(comparison_table([base, tuned]))
             result["accuracy"] = {"base": base.accuracy, "finetuned": tuned.accuracy}
     trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,63 @@
+"""The command-line entry point: overrides and errors, a JSON config, and two CPU processes (gloo)
+through `accelerate launch`, where both ranks train and exactly one adapter is written."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmhelpers.config import make_config
+from llmhelpers.train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_unknown_override_is_a_clean_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--profile", "smoke", "--set", "learning_rat=1e-4"])
+    assert err.value.code == 2 and "learning_rat" in capsys.readouterr().err
+
+
+def test_bad_value_is_a_clean_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--set", "lora_r=0"])
+    assert "lora_r" in capsys.readouterr().err
+
+
+def results(stdout: str) -> list[dict]:
+    return [json.loads(l.split("RESULT ", 1)[1]) for l in stdout.splitlines() if l.startswith("RESULT ")]
+
+
+def test_config_file_run(tmp_path, tiny_model_dir):
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), max_steps=4,
+                      eval_steps=2, save_steps=2, accuracy_callback=False)
+    path = cfg.save(tmp_path / "cfg.json")
+    proc = subprocess.run([sys.executable, "-m", "llmhelpers.train", "--config", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = results(proc.stdout)
+    assert res["global_step"] == 4 and res["world_size"] == 1
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "llmhelpers.train", "--profile", "smoke", "--set", f"output_dir={out}",
+           "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=4", "--set", "eval_steps=2",
+           "--set", "save_steps=2", "--set", "accuracy_callback=false"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = sorted(results(proc.stdout), key=lambda r: r["rank"])
+    assert [r["rank"] for r in res] == [0, 1] and all(r["world_size"] == 2 for r in res)
+    assert all(r["global_step"] == 4 and r["sequences_seen_by_this_rank"] == 16 for r in res)
+    assert "adapter_dir" in res[0] and "adapter_dir" not in res[1]  # only rank 0 writes
+    assert res[0]["train_loss"] == pytest.approx(res[1]["train_loss"])  # one DDP model, gradients averaged
+    assert len(list(out.rglob("final/adapter_model.safetensors"))) == 1
+    assert not list(out.rglob(".*tmp*"))
+    logs = list(out.rglob("log_history.json"))
+    assert len(logs) == 1
