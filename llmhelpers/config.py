@@ -394,6 +394,8 @@ def _check_values(cfg: FinetuneConfig) -> None:
     need(0 < cfg.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
     need(cfg.eval_temperature > 0, "eval_temperature", "must be > 0")
     need(0 < cfg.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
+    need(cfg.save_total_limit >= 2 or not cfg.load_best_model_at_end, "save_total_limit",
+         "must be >= 2 with load_best_model_at_end, so that both the best and the latest checkpoint (to resume) are kept")
     need(cfg.save_steps % cfg.eval_steps == 0 or not cfg.load_best_model_at_end, "save_steps",
          "must be a multiple of eval_steps when load_best_model_at_end is on")
     for key in ("model_id", "output_dir", "math_dataset", "science_dataset", "optim", "lora_target_modules"):

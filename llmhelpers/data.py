@@ -329,15 +329,46 @@ def _shuffled(rows: Iterable[Any], seed: int) -> list[Any]:
     return rows
 
 
-def build_datasets(cfg, tokenizer) -> DataBundle:
-    from datasets import Dataset
+@dataclass
+class LoadedExamples:
+    math: list[Example]
+    science: list[Example]
+    report: DataReport
+    key: tuple  # the settings they were loaded with
 
+
+def _source_key(cfg) -> tuple:
+    return (cfg.math_dataset, cfg.science_dataset, cfg.dataset_revision, cfg.math_samples, cfg.seed)
+
+
+def load_examples(cfg) -> LoadedExamples:
+    """Read and convert both sources, counting bad rows; no tokenizer or model needed.
+
+    Raises a clear error when no row at all is usable, so bad data fails before anything heavy loads.
+    """
     report = DataReport()
     math_counts, sci_counts = report.sources["mathcodeinstruct"], report.sources["scibench"]
     math = convert_rows(_shuffled(read_rows(cfg.math_dataset, math_counts, cfg.dataset_revision), cfg.seed),
                         from_mathcodeinstruct, math_counts, cfg.math_samples)
     sci = convert_rows(_shuffled(read_rows(cfg.science_dataset, sci_counts, cfg.dataset_revision), cfg.seed),
                        from_scibench, sci_counts)
+    if not any(ex.reasoning.strip() for ex in math + sci):
+        raise ValueError(f"no usable training examples: every row is bad or has no reasoning\n{report}")
+    return LoadedExamples(math, sci, report, _source_key(cfg))
+
+
+def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> DataBundle:
+    """Tokenized train/eval sets, the held-out set and the report. `loaded` (from load_examples) is
+    reused if it was loaded with the same data settings, else the sources are read again."""
+    import copy
+
+    from datasets import Dataset
+
+    if loaded is None or loaded.key != _source_key(cfg):
+        loaded = load_examples(cfg)
+    report = copy.deepcopy(loaded.report)
+    math_counts, sci_counts = report.sources["mathcodeinstruct"], report.sources["scibench"]
+    math, sci = loaded.math, loaded.science
 
     pool: list[tuple[Example, dict]] = []
     heldout: list[Example] = []

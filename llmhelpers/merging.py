@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .training import CONFIG_NAME, atomic_save
+from .training import CONFIG_NAME, atomic_save, ensure_free_space
 
 # Mean |logit difference| allowed between base+adapter and merged weights. In fp32 the merge is
 # exact up to rounding; in bf16 W + BA is rounded once more to bf16 (8-bit mantissa).
@@ -47,6 +47,9 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
         tokenizer.save_pretrained(folder)
         cfg.save(folder / CONFIG_NAME)
 
-    check["path"] = str(atomic_save(write, Path(out_dir or cfg.merged_dir)))
+    target = Path(out_dir or cfg.merged_dir)
+    weights = sum(p.numel() * p.element_size() for p in merged.parameters())
+    ensure_free_space(target.parent, int(weights * 1.1), "the merged model")
+    check["path"] = str(atomic_save(write, target))
     del merged, model, base
     return check

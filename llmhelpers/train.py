@@ -25,13 +25,14 @@ def build_config(args) -> FinetuneConfig:
 
 
 def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) -> dict:
-    from .data import build_datasets
+    from .data import build_datasets, load_examples
     from .evaluation import AccuracyCallback, comparison_table, evaluate_base_and_finetuned, evaluation_set
     from .modeling import attach_lora, load_base_model, load_tokenizer, trainable_parameters
     from .training import build_trainer, save_adapters, train
 
+    loaded = load_examples(cfg)  # bad data fails here, before the tokenizer and model are loaded
     tokenizer = load_tokenizer(cfg)
-    data = build_datasets(cfg, tokenizer)  # bad data fails here, before the model is loaded
+    data = build_datasets(cfg, tokenizer, loaded)
     model = attach_lora(load_base_model(cfg), cfg)
     trainer = build_trainer(cfg, model, tokenizer, data)
     main = trainer.is_world_process_zero()
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     result = run(cfg, fresh=args.fresh, evaluate_after=args.evaluate)
-    print("RESULT " + json.dumps(result), flush=True)
+    # One write per line: with several processes on one pipe, print's separate newline can interleave.
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
     return 0
 
 

@@ -18,6 +18,43 @@ from transformers import TrainerCallback
 CONFIG_NAME = "finetune_config.json"
 
 
+class DiskSpaceError(RuntimeError):
+    """Not enough free disk for the next write; raised before writing, so nothing is half-written."""
+
+
+def free_bytes(path: Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(model, cfg) -> int:
+    """Expected size of one checkpoint: adapters (fp32), optimizer state, tokenizer and small files."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = 2 if "8bit" in cfg.optim else 8  # two Adam moments, 1 or 4 bytes each
+    return trainable * (4 + optimizer) + 30 * 2**20
+
+
+def ensure_free_space(path: Path, need: int, what: str) -> None:
+    free = free_bytes(path)
+    if free < need:
+        raise DiskSpaceError(f"{what} needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
+                             f"{path}. Free some space (old runs under outputs/*/runs) or set output_dir elsewhere.")
+
+
+class DiskGuard(TrainerCallback):
+    """Before each checkpoint save, checks that one more checkpoint fits (with 50% margin); if not,
+    stops with a clear error while the previous checkpoint is still complete."""
+
+    def __init__(self, cfg, model):
+        self.cfg, self.need = cfg, int(checkpoint_bytes(model, cfg) * 1.5)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.is_world_process_zero:
+            ensure_free_space(self.cfg.checkpoints_dir, self.need, f"checkpoint {state.global_step}")
+
+
 class ThroughputMeter(TrainerCallback):
     """Trained-sequence tokens per second between log events, from TRL's global `num_tokens` count."""
 
@@ -52,6 +89,7 @@ def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
     )
     trainer.throughput = ThroughputMeter()
     trainer.add_callback(trainer.throughput)
+    trainer.add_callback(DiskGuard(cfg, model))
     return trainer
 
 
@@ -123,6 +161,7 @@ def train(trainer, cfg, fresh: bool = False):
     Afterwards the main process writes log_history.json (losses per step) into the run folder.
     """
     resume = prepare_run(cfg, fresh=fresh)
+    ensure_free_space(cfg.checkpoints_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.is_world_process_zero():
         (cfg.checkpoints_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -154,7 +193,9 @@ def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
         tokenizer.save_pretrained(folder)
         cfg.save(folder / CONFIG_NAME)
 
-    return atomic_save(write, target or cfg.final_dir)
+    target = Path(target or cfg.final_dir)
+    ensure_free_space(target.parent, checkpoint_bytes(model, cfg), "saving the adapters")
+    return atomic_save(write, target)
 
 
 def log_history(trainer_or_dir) -> dict[str, list]:

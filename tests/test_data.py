@@ -231,3 +231,23 @@ def test_json_array_files_load(tmp_path, tok_current):
 def test_missing_local_file_is_a_clear_error(tok_current):
     with pytest.raises(FileNotFoundError, match="does_not_exist.jsonl"):
         build_datasets(make_config("smoke", math_dataset="does_not_exist.jsonl"), tok_current)
+
+
+def test_load_examples_fails_fast_without_a_tokenizer():
+    from llmhelpers.data import load_examples
+
+    cfg = make_config("smoke", math_dataset=str(samples_dir() / "malformed_mathcodeinstruct.jsonl"),
+                      science_dataset=str(samples_dir() / "malformed_scibench.jsonl"))
+    with pytest.raises(ValueError, match="every row is bad"):
+        load_examples(cfg)
+
+
+def test_loaded_examples_are_reused_only_for_the_same_sources(tok_current):
+    from llmhelpers.data import load_examples
+
+    loaded = load_examples(make_config("smoke"))
+    same = build_datasets(make_config("smoke", max_length=200), tok_current, loaded)
+    assert same.report.sources["mathcodeinstruct"].rows == loaded.report.sources["mathcodeinstruct"].rows
+    other = build_datasets(make_config("smoke", math_samples=5), tok_current, loaded)  # settings changed: re-read
+    m = other.report.sources["mathcodeinstruct"]
+    assert m.train + m.eval == 5
