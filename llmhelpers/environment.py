@@ -7,8 +7,8 @@ from importlib import metadata
 from pathlib import Path
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "math-verify")
-# Measured sizes (see FINETUNING_GUIDE.md): the 1.5B base download is 3.55 GB of safetensors,
-# a checkpoint with 8-bit optimizer state is about 0.2 GB, the merged bf16 model 3.55 GB.
+# Estimates (FINETUNING_GUIDE.md): 3.55 GB of bf16 base weights in the Hub cache, the same again for an
+# optional merged model, plus checkpoints (~0.14 GB each, estimated) and logs.
 MIN_FREE_DISK_GB = {"full": 8.0, "smoke": 0.2}
 
 
