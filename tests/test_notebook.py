@@ -26,12 +26,19 @@ def test_committed_notebook_has_no_outputs_and_short_cells():
     assert len(params) == 1 and "LLM_PROFILE" in params[0].source and "OVERRIDES" in params[0].source
 
 
+RERUN = "cfg = replace(cfg, learning_rate=1e-4, max_steps=10)"
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The notebook top to bottom, then, in the same kernel, a changed hyperparameter and every cell from
+    the data section on re-run: what a user tweaking the config does."""
     from nbclient import NotebookClient
 
     workdir = tmp_path_factory.mktemp("notebook")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    data_section = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## 4. Data"))
+    nb.cells += [nbformat.v4.new_code_cell(RERUN)] + [nbformat.from_dict(dict(c)) for c in nb.cells[data_section:]]
     env_before = os.environ.get("LLM_PROFILE")
     os.environ["LLM_PROFILE"] = "smoke"  # the kernel inherits it, as with `LLM_PROFILE=smoke jupyter execute`
     try:
@@ -58,8 +65,9 @@ def test_smoke_notebook_logs_a_falling_loss_to_tensorboard(smoke_run):
     out, _ = smoke_run
     events = list((out / "runs").rglob("events.out.tfevents.*"))
     assert events
+    first_run = [e for e in events if e.parent.parent.parent.name == first_run_id(out)]
     series = {}
-    for e in events:
+    for e in first_run:
         acc = EventAccumulator(str(e))
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
@@ -68,6 +76,24 @@ def test_smoke_notebook_logs_a_falling_loss_to_tensorboard(smoke_run):
     assert len(loss) == 30
     assert sum(loss[-5:]) / 5 < 0.9 * sum(loss[:5]) / 5, loss  # 30 steps on a tiny model: at least 10% lower
     assert "eval/loss" in series and "eval/accuracy" in series  # the accuracy callback ran at each save
+
+
+def first_run_id(out):
+    from llmhelpers.config import make_config
+
+    return make_config("smoke").run_id
+
+
+def test_rerun_after_changing_a_hyperparameter_trains_a_new_run(smoke_run):
+    out, nb = smoke_run
+    runs = sorted(p.name for p in (out / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 2 and first_run_id(out) in runs
+    (second,) = [r for r in runs if r != first_run_id(out)]
+    saved = json.loads((out / "runs" / second / "finetune_config.json").read_text())
+    assert saved["learning_rate"] == 1e-4 and saved["max_steps"] == 10
+    assert (out / "runs" / second / "checkpoint-10").exists()
+    final = json.loads((out / "final" / "finetune_config.json").read_text())
+    assert final["learning_rate"] == 1e-4  # the saved adapters are the re-run's
 
 
 def test_smoke_notebook_evaluates_merges_and_plots(smoke_run):
