@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .chat import END_THINK, split_thinking
+from .chat import END_THINK
 from .generation import answer_examples
 from .grading import final_answer, is_correct
 
@@ -81,12 +81,11 @@ def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path |
     gens = answer_examples(model, tokenizer, examples, cfg, progress=progress)
     rows = []
     for ex, g in zip(examples, gens):
-        thinking, _ = split_thinking(g.text)
         rows.append(EvalRow(
             id=ex.id, source=ex.source, question=ex.question, gold=ex.gold, output=g.text,
             correct=is_correct(g.text, ex), finished_thinking=END_THINK in g.text,
             answered=final_answer(g.text) is not None,
-            thinking_tokens=len(tokenizer(thinking, add_special_tokens=False)["input_ids"]) if thinking else 0,
+            thinking_tokens=g.thinking_tokens,
             new_tokens=g.new_tokens, hit_budget=g.hit_budget))
     result = EvalResult(label, rows)
     if save_dir is not None:

@@ -11,6 +11,7 @@ class Generation:
     text: str  # the new text, special tokens removed (<think> and </think> are kept)
     new_tokens: int  # tokens generated up to and including eos
     hit_budget: bool  # stopped by max_new_tokens rather than by eos
+    thinking_tokens: int = 0  # tokens before </think>, or all of them if it never came
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
@@ -31,6 +32,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
         batches = tqdm(batches, desc="generating", unit="batch")
     tokenizer.padding_side = "left"
+    end_think = tokenizer.convert_tokens_to_ids("</think>")
     for batch in batches:
         # The template already put bos in the text: add_special_tokens=False avoids a second one.
         enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
@@ -44,7 +46,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                 n, hit = row.index(tokenizer.eos_token_id) + 1, False
             else:
                 n, hit = len(row), True
-            results[i] = Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n, hit)
+            think = row.index(end_think) if end_think in row[:n] else n
+            results[i] = Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n, hit, think)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
