@@ -55,7 +55,7 @@ def test_evaluate_on_tiny_model(tiny_model_dir, tmp_path):
     exs = [Example(question=f"What is {i} plus 1?", reasoning="", answer="", gold=str(i + 1), source="scibench/x")
            for i in range(3)]
     res = evaluate(model, tok, exs, cfg, "tiny", save_dir=tmp_path, progress=False)
-    assert len(res.rows) == 3 and all(r.new_tokens <= 8 for r in res.rows)
+    assert len(res.rows) == 3 and all(r.thinking_tokens <= r.new_tokens <= 8 for r in res.rows)
     assert (tmp_path / "tiny.jsonl").exists()
     # A random model never closes its thinking in 8 tokens: counted as out of budget, not as an answer.
     assert all(not r.correct for r in res.rows if not r.finished_thinking)
