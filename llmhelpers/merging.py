@@ -13,6 +13,7 @@ from .training import CONFIG_NAME, atomic_save, ensure_free_space
 # Mean |logit difference| allowed between base+adapter and merged weights. In fp32 the merge is
 # exact up to rounding; in bf16 W + BA is rounded once more to bf16 (8-bit mantissa).
 MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+CONFIDENT_MARGIN = 0.5  # logits; several times the largest bf16 merge difference measured on an H100 (0.2)
 
 
 def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | Path | None = None,
@@ -33,14 +34,21 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
         after = merged(**enc).logits.float()
     mask = enc["attention_mask"].bool()
     diff = (before - after).abs()[mask]
+    same_top1 = (before.argmax(-1) == after.argmax(-1))[mask]
+    # Where the two best tokens are nearly tied, rounding alone can swap them; that is not a merge error.
+    # Top-1 agreement is required only where the unmerged model's margin exceeds CONFIDENT_MARGIN.
+    top2 = before.topk(2, dim=-1).values
+    confident = ((top2[..., 0] - top2[..., 1]) > CONFIDENT_MARGIN)[mask]
     check = {
         "dtype": cfg.bnb_4bit_compute_dtype,
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
-        "top1_agreement": float((before.argmax(-1) == after.argmax(-1))[mask].float().mean()),
+        "top1_agreement": float(same_top1.float().mean()),
+        "confident_positions": int(confident.sum()),
+        "top1_agreement_confident": float(same_top1[confident].float().mean()) if confident.any() else 1.0,
         "tolerance": MERGE_TOLERANCE[cfg.bnb_4bit_compute_dtype],
     }
-    check["ok"] = check["mean_abs_diff"] <= check["tolerance"] and check["top1_agreement"] >= 0.99
+    check["ok"] = check["mean_abs_diff"] <= check["tolerance"] and check["top1_agreement_confident"] >= 0.99
 
     def write(folder: Path):
         merged.save_pretrained(folder, safe_serialization=True)
