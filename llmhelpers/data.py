@@ -273,26 +273,25 @@ def _rows_from_file(path: Path, counts: SourceCounts) -> Iterator[Any]:
             counts.bad["invalid_json"] += 1
 
 
-def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> Iterator[Any]:
-    """Rows from a local .json/.jsonl file or folder of them, else from the Hugging Face Hub."""
+def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> Iterable[Any]:
+    """Rows from a local .json/.jsonl file or folder of them, else the `train` split from the Hugging Face Hub
+    (returned as a datasets.Dataset, so that sampling 15k of 80k rows never materialises them all)."""
     path = resolve(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
             raise FileNotFoundError(f"{path} holds no .json or .jsonl files")
-        for f in files:
-            yield from _rows_from_file(f, counts)
-    elif path.exists():
+        return (row for f in files for row in _rows_from_file(f, counts))
+    if path.exists():
         if path.suffix not in (".json", ".jsonl"):
             counts.bad["not_json_file"] += 1
-            return
-        yield from _rows_from_file(path, counts)
-    elif spec.startswith((".", "/")) or spec.endswith((".json", ".jsonl")):
+            return []
+        return _rows_from_file(path, counts)
+    if spec.startswith((".", "/")) or spec.endswith((".json", ".jsonl")):
         raise FileNotFoundError(f"data file {spec!r} does not exist")
-    else:
-        from datasets import load_dataset
+    from datasets import load_dataset
 
-        yield from load_dataset(spec, split="train", revision=revision)
+    return load_dataset(spec, split="train", revision=revision)
 
 
 def convert_rows(rows: Iterable[Any], convert: Callable[[Any], Example], counts: SourceCounts,
@@ -323,7 +322,9 @@ class DataBundle:
     report: DataReport
 
 
-def _shuffled(rows: Iterable[Any], seed: int) -> list[Any]:
+def _shuffled(rows: Iterable[Any], seed: int) -> Iterable[Any]:
+    if hasattr(rows, "shuffle") and hasattr(rows, "column_names"):  # a datasets.Dataset: lazy index shuffle
+        return rows.shuffle(seed=seed)
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     return rows

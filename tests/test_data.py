@@ -251,3 +251,24 @@ def test_loaded_examples_are_reused_only_for_the_same_sources(tok_current):
     other = build_datasets(make_config("smoke", math_samples=5), tok_current, loaded)  # settings changed: re-read
     m = other.report.sources["mathcodeinstruct"]
     assert m.train + m.eval == 5
+
+
+def test_hub_sources_are_sampled_lazily_and_reproducibly(monkeypatch, tok_current):
+    """A Hub id goes through datasets.load_dataset (here a local stand-in); the seed fixes the sample."""
+    import datasets
+
+    rows = [json.loads(l) for l in (samples_dir() / "mathcodeinstruct.jsonl").read_text().splitlines()]
+    calls = []
+
+    def fake_load_dataset(name, split, revision):
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = make_config("smoke", math_dataset="MathLLMs/MathCodeInstruct", math_samples=6, dataset_revision="abc")
+    a = build_datasets(cfg, tok_current)
+    b = build_datasets(cfg, tok_current)
+    assert calls[0] == ("MathLLMs/MathCodeInstruct", "train", "abc")
+    m = a.report.sources["mathcodeinstruct"]
+    assert m.rows == 6 and m.train + m.eval == 6  # stopped after 6 good rows, did not read all
+    assert sorted(e.question for e in a.train_examples) == sorted(e.question for e in b.train_examples)
