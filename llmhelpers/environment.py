@@ -70,3 +70,21 @@ def environment_report(profile: str, output_dir: str | Path = ".") -> EnvReport:
     if not report.advice:
         report.advice.append("ready")
     return report
+
+
+def check_device_support(cfg) -> None:
+    """Fail early, naming the keys, when the config asks for what only a CUDA GPU can do."""
+    import torch
+
+    if torch.cuda.is_available():
+        if cfg.bf16 and not torch.cuda.is_bf16_supported():
+            raise ValueError("bf16=True but this GPU has no bf16: set bf16=False, bnb_4bit_compute_dtype='float16'")
+        return
+    problems = []
+    if cfg.bf16:
+        problems.append("bf16=True")
+    if "paged" in cfg.optim or "8bit" in cfg.optim:
+        problems.append(f"optim={cfg.optim!r}")
+    if problems:
+        raise ValueError(f"no CUDA GPU, but the config needs one ({', '.join(problems)}). Use the smoke profile "
+                         "(LLM_PROFILE=smoke / --profile smoke), or set bf16=False and optim='adamw_torch'.")

@@ -26,10 +26,12 @@ def build_config(args) -> FinetuneConfig:
 
 def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) -> dict:
     from .data import build_datasets, load_examples
+    from .environment import check_device_support
     from .evaluation import AccuracyCallback, comparison_table, evaluate_base_and_finetuned, evaluation_set
     from .modeling import attach_lora, load_base_model, load_tokenizer, trainable_parameters
     from .training import build_trainer, save_adapters, train
 
+    check_device_support(cfg)
     loaded = load_examples(cfg)  # bad data fails here, before the tokenizer and model are loaded
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, loaded)
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = build_config(args)
+        from .environment import check_device_support
+
+        check_device_support(cfg)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     result = run(cfg, fresh=args.fresh, evaluate_after=args.evaluate)

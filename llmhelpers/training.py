@@ -79,6 +79,9 @@ class ThroughputMeter(TrainerCallback):
 def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
     from trl import SFTTrainer
 
+    from .environment import check_device_support
+
+    check_device_support(cfg)
     trainer = SFTTrainer(
         model=model,
         args=cfg.sft_config(**sft_overrides),

@@ -61,3 +61,14 @@ def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir):
     assert not list(out.rglob(".*tmp*"))
     logs = list(out.rglob("log_history.json"))
     assert len(logs) == 1
+
+
+def test_full_profile_without_a_gpu_says_what_to_do(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about machines without a GPU")
+    with pytest.raises(SystemExit):
+        main(["--profile", "full"])
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "bf16=True" in err and "paged_adamw_8bit" in err and "smoke" in err
