@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import R1_15B, gpu_name, peak_bf16_flops, random_r1_model, synthetic_rows  # noqa: E402
 
+PROMPT_TOKENS = 64  # synthetic_rows' default masked prompt length
+
 CONFIGS = {
     "seed": dict(profile="seed"),
     "seed+grouped": dict(profile="seed", group_by_length=True),
@@ -50,15 +52,14 @@ def model_flops(lengths: list[int]) -> float:
 
 
 class CountingCollator:
+    """Records the length of every sequence the trainer collates, in order."""
+
     def __init__(self, inner):
-        self.inner, self.tokens, self.lengths = inner, 0, []
+        self.inner, self.lengths = inner, []
 
     def __call__(self, features):
-        batch = self.inner(features)
-        labels = batch["labels"]
-        self.tokens += int((labels != -100).sum())
         self.lengths += [len(f["input_ids"]) for f in features]
-        return batch
+        return self.inner(features)
 
 
 def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int) -> dict:
@@ -90,7 +91,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == warmup:
                 torch.cuda.synchronize()
-                marks["t0"], marks["tok0"], marks["n0"] = time.perf_counter(), counter.tokens, len(counter.lengths)
+                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
                 torch.cuda.reset_peak_memory_stats()
 
     trainer.add_callback(Timer())
@@ -101,8 +102,8 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     # the sequences of the measured steps.
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     lengths = counter.lengths[marks["n0"]:marks["n0"] + steps * per_step]
-    useful = sum(lengths) - 0  # all non-pad tokens; the first 64 of each are the masked prompt
-    trained = sum(l - 64 for l in lengths)
+    useful = sum(lengths)  # all non-pad tokens
+    trained = sum(l - PROMPT_TOKENS for l in lengths)  # minus each row's masked prompt
     out = {
         "config": name, "micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
         "grouped": cfg.group_by_length, "liger": trainer.args.use_liger_kernel, "checkpointing": cfg.gradient_checkpointing,

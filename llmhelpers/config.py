@@ -295,9 +295,7 @@ def _liger_usable() -> bool:
     """Liger's kernels are Triton: CUDA only. Elsewhere the plain PyTorch path runs (CI, CPU)."""
     import importlib.util
 
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def make_config(profile: str = "full", **overrides) -> FinetuneConfig:

@@ -32,6 +32,14 @@ class EnvReport:
         return "\n".join(lines)
 
 
+def free_bytes(path: str | Path) -> int:
+    """Free disk space at `path`, or at its nearest existing parent if it does not exist yet."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -42,10 +50,7 @@ def version(name: str) -> str:
 def environment_report(profile: str, output_dir: str | Path = ".") -> EnvReport:
     import torch
 
-    target = Path(output_dir)
-    while not target.exists():
-        target = target.parent if target.parent != target else Path(".")
-    disk_free = shutil.disk_usage(target).free / 1e9
+    disk_free = free_bytes(output_dir) / 1e9
     gpu = free = total = None
     bf16 = False
     if torch.cuda.is_available():

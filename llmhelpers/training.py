@@ -15,18 +15,13 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .environment import free_bytes
+
 CONFIG_NAME = "finetune_config.json"
 
 
 class DiskSpaceError(RuntimeError):
     """Not enough free disk for the next write; raised before writing, so nothing is half-written."""
-
-
-def free_bytes(path: Path) -> int:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
 
 
 def checkpoint_bytes(model, cfg) -> int:
