@@ -1,8 +1,7 @@
 """Attention maps from an eager-attention forward pass, and how much reasoning looks at the question."""
 from __future__ import annotations
 
-from .chat import render
-from .tiny import ASSISTANT, USER
+from .chat import ASSISTANT, END_THINK, THINK, USER, render
 
 
 def attention_maps(model, tokenizer, example, max_tokens: int = 256):
@@ -26,7 +25,7 @@ def attention_maps(model, tokenizer, example, max_tokens: int = 256):
 
 def token_spans(ids: list[int], tokenizer) -> dict[str, tuple[int, int]]:
     conv = tokenizer.convert_tokens_to_ids
-    user, assistant, think, end_think = conv(USER), conv(ASSISTANT), conv("<think>"), conv("</think>")
+    user, assistant, think, end_think = conv(USER), conv(ASSISTANT), conv(THINK), conv(END_THINK)
     q0 = ids.index(user) + 1 if user in ids else 0
     q1 = ids.index(assistant) if assistant in ids else len(ids)
     r0 = ids.index(think) + 1 if think in ids else q1 + 1

@@ -10,21 +10,24 @@ revisions: the original prompt ends with `<｜Assistant｜>` and the completion 
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .data import Example
+from .examples import Example
 
+# The R1 tokenizer's special tokens, as the model's tokenizer.json spells them.
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
 
 
-def prompt_messages(example: "Example") -> list[dict]:
+def prompt_messages(example: Example) -> list[dict]:
     # The model's authors recommend no system prompt: all instructions sit in the user turn.
     return [{"role": "user", "content": example.question}]
 
 
-def render_prompt(example: "Example", tokenizer) -> str:
+def render_prompt(example: Example, tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; load the R1 tokenizer (or build_tiny_r1) instead")
     return tokenizer.apply_chat_template(prompt_messages(example), tokenize=False, add_generation_prompt=True)
@@ -35,7 +38,7 @@ def prompt_opens_think(prompt: str) -> bool:
     return prompt.rstrip().endswith(THINK)
 
 
-def render(example: "Example", tokenizer) -> dict[str, str]:
+def render(example: Example, tokenizer) -> dict[str, str]:
     """{"prompt", "completion"}: prompt from the template, completion = reasoning, answer, eos."""
     prompt = render_prompt(example, tokenizer)
     body = f"{example.reasoning.strip()}\n{END_THINK}\n\n{example.answer.strip()}{tokenizer.eos_token}"
@@ -43,7 +46,7 @@ def render(example: "Example", tokenizer) -> dict[str, str]:
     return {"prompt": prompt, "completion": completion}
 
 
-def encode(example: "Example", tokenizer) -> dict[str, list[int]]:
+def encode(example: Example, tokenizer) -> dict[str, list[int]]:
     """Token ids and a mask that is 1 on the trained tokens (reasoning, answer, eos).
 
     Prompt and completion are tokenized separately, with add_special_tokens=False: the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from .tiny import TINY_MODEL_ID
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    profile: str = "full"  # the PROFILES entry this config starts from; make_config sets it
+
     # --- model -------------------------------------------------------------------------
     model_id: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     model_revision: str | None = None  # pin a Hub commit for reproducible runs
@@ -75,6 +78,7 @@ class FinetuneConfig:
     math_dataset: str = "MathLLMs/MathCodeInstruct"
     science_dataset: str = "xw27/scibench"
     dataset_revision: str | None = None
+    allow_one_source: bool = False  # True: a source with no usable rows is left out instead of stopping the run
     math_samples: int = 15000  # of ~80k MathCodeInstruct rows
     science_samples: int = 0  # 0 = all; SciBench has only 692 rows, 112 with a worked solution
     eval_fraction: float = 0.1  # 90/10 train/eval split of the training pool
@@ -100,7 +104,7 @@ class FinetuneConfig:
     def run_id(self) -> str:
         """A short hash of every setting that changes what is trained.
 
-        Checkpoints live under runs/<run_id>, so re-running training with the same settings
+        Checkpoints live under runs/<run_name>, which ends in this id, so re-running training with the same settings
         resumes, while `replace(cfg, learning_rate=1e-4)` starts its own run beside it.
         """
         import hashlib
@@ -109,20 +113,29 @@ class FinetuneConfig:
         return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
-    def checkpoints_dir(self) -> Path:
-        return Path(self.output_dir) / "runs" / self.run_id
+    def run_name(self) -> str:
+        """The run's folder and TensorBoard name: the key hyperparameters, then the hash of all of them,
+        e.g. lr2e-4_r16_b16_ep3-1a2b3c4d5e."""
+        length = f"s{self.max_steps}" if self.max_steps > 0 else f"ep{_short(self.num_train_epochs)}"
+        eff = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return f"lr{_short(self.learning_rate)}_r{self.lora_r}_b{eff}_{length}-{self.run_id}"
+
+    @property
+    def run_dir(self) -> Path:
+        """Everything this run writes: checkpoints, TensorBoard logs, adapters, evaluation, merged model."""
+        return Path(self.output_dir) / "runs" / self.run_name
 
     @property
     def final_dir(self) -> Path:
-        return Path(self.output_dir) / "final"
+        return self.run_dir / "final"
 
     @property
     def merged_dir(self) -> Path:
-        return Path(self.output_dir) / "merged"
+        return self.run_dir / "merged"
 
     @property
     def eval_dir(self) -> Path:
-        return Path(self.output_dir) / "eval"
+        return self.run_dir / "eval"
 
     @property
     def is_tiny(self) -> bool:
@@ -148,6 +161,12 @@ class FinetuneConfig:
             bnb_4bit_compute_dtype=self.torch_dtype(),
         )
 
+    def target_modules(self) -> str | list[str]:
+        """'all-linear', or the comma-separated names as a list (peft would read a plain string as a regex)."""
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
     def lora_config(self):
         from peft import LoraConfig
 
@@ -155,45 +174,28 @@ class FinetuneConfig:
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
-            target_modules=self.lora_target_modules,
+            target_modules=self.target_modules(),
             bias="none",
             task_type="CAUSAL_LM",
         )
 
     def sft_config(self, **extra):
-        """The trl.SFTConfig for this run; `extra` passes trainer-only arguments through."""
+        """The trl.SFTConfig for this run. Fields named as in SFTConfig pass through unchanged; the few
+        that differ are derived below; `extra` passes trainer-only arguments through."""
         from trl import SFTConfig
 
-        args = dict(
-            output_dir=str(self.checkpoints_dir),
-            learning_rate=self.learning_rate,
-            lr_scheduler_type=self.lr_scheduler_type,
+        args = {name: getattr(self, name) for name in _sft_fields() - _RENAMED_IN_SFT if hasattr(self, name)}
+        args.update(
+            activation_checkpointing=self.gradient_checkpointing,  # transformers 5's name; the old one warns
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            output_dir=str(self.run_dir),
             warmup_steps=self.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-            weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            per_device_eval_batch_size=self.per_device_eval_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            num_train_epochs=self.num_train_epochs,
-            max_steps=self.max_steps,
-            max_length=self.max_length,
-            optim=self.optim,
-            bf16=self.bf16,
-            gradient_checkpointing=self.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
             train_sampling_strategy="group_by_length" if self.group_by_length else "random",
             use_liger_kernel=self.use_liger_kernel and _liger_usable(),
             eval_strategy="steps",
-            eval_steps=self.eval_steps,
             save_strategy="steps",
-            save_steps=self.save_steps,
-            save_total_limit=self.save_total_limit,
-            load_best_model_at_end=self.load_best_model_at_end,
-            metric_for_best_model=self.metric_for_best_model,
             greater_is_better=False,
-            logging_steps=self.logging_steps,
             report_to=[] if self.report_to == "none" else [self.report_to],
-            seed=self.seed,
             data_seed=self.seed,
             use_cpu=not _cuda(),  # also makes several CPU processes (gloo) form one DDP group
             ddp_find_unused_parameters=False,  # LoRA + checkpointing: every trainable parameter is used
@@ -206,10 +208,10 @@ class FinetuneConfig:
 
     def summary(self) -> str:
         """The settings that differ from the full profile's defaults, then the key hyperparameters."""
-        default = FinetuneConfig()
+        default = make_config(self.profile)
         changed = {k: v for k, v in self.to_dict().items() if getattr(default, k) != v}
         eff = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        lines = [f"model {self.model_id}  |  run {self.run_id} -> {self.checkpoints_dir}",
+        lines = [f"profile {self.profile}, model {self.model_id}  |  run folder {self.run_dir}",
                  f"QLoRA: {'4-bit ' + self.bnb_4bit_quant_type if self.load_in_4bit else 'no quantization'}, "
                  f"LoRA r={self.lora_r} alpha={self.lora_alpha} dropout={self.lora_dropout} on {self.lora_target_modules}",
                  f"lr {self.learning_rate} ({self.lr_scheduler_type}), batch {self.per_device_train_batch_size} x "
@@ -217,7 +219,7 @@ class FinetuneConfig:
                  f"{'max_steps ' + str(self.max_steps) if self.max_steps > 0 else str(self.num_train_epochs) + ' epochs'}, "
                  f"max_length {self.max_length}, optim {self.optim}"]
         if changed:
-            lines.append("changed from defaults: " + ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
+            lines.append(f"changed from the {self.profile} profile: " + ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
         return "\n".join(lines)
 
     # --- persistence -------------------------------------------------------------------------------
@@ -231,12 +233,32 @@ class FinetuneConfig:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FinetuneConfig":
-        data = json.loads(Path(path).read_text())
+    def load(cls, path: str | Path, profile: str | None = None) -> "FinetuneConfig":
+        """A config file. Keys it leaves out come from the profile it names (its "profile" key) or from
+        `profile` (the command line's explicit --profile); with neither, every key must be present."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ValueError(f"config file {path}: cannot read it ({err.strerror or err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"config file {path}: not valid JSON ({err})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file must hold a JSON object")
-        _reject_unknown(data)
-        return cls(**data)
+            raise ValueError(f"config file {path}: must hold a JSON object")
+        try:
+            _reject_unknown(data)
+            base = data.get("profile", profile)
+            if base is None:
+                missing = sorted({f.name for f in dataclasses.fields(cls)} - set(data) - {"profile"})
+                if missing:
+                    raise ValueError(f"keys missing: {', '.join(missing)}. Name the profile they should come from, "
+                                     'with a "profile" key in the file or --profile')
+                return cls(**data)
+            if profile is not None and data.get("profile", profile) != profile:
+                raise ValueError(f"the file says profile {data['profile']!r} but --profile {profile!r} was given")
+            return make_config(base, **{k: v for k, v in data.items() if k != "profile"})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config file {path}: {err}") from None
 
 
 # Settings that do not change the trained weights: changing them keeps the same run (and its checkpoints).
@@ -244,7 +266,7 @@ _NOT_TRAINING_KEYS = {
     "output_dir", "tiny_model_dir", "merge_after_training", "report_to", "logging_steps", "save_total_limit",
     "eval_max_new_tokens", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_top_p", "eval_limit",
     "accuracy_callback", "accuracy_callback_size", "heldout_max", "per_device_eval_batch_size", "trust_remote_code",
-    "eval_bf16",
+    "eval_bf16", "profile", "allow_one_source",
 }
 
 PROFILES: dict[str, dict] = {
@@ -285,6 +307,25 @@ PROFILES: dict[str, dict] = {
 }
 
 
+def _short(x: float) -> str:
+    """2e-4 -> '2e-4', 1.5e-4 -> '1.5e-4', 3.0 -> '3', 0.5 -> '0.5': compact enough for a folder name."""
+    if x == int(x) and abs(x) < 1000:
+        return str(int(x))
+    if 1e-2 <= abs(x) < 1000:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+_RENAMED_IN_SFT = {"gradient_checkpointing"}  # passed under its transformers 5 name, activation_checkpointing
+
+
+def _sft_fields() -> set[str]:
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig)}
+
+
 def _cuda() -> bool:
     import torch
 
@@ -298,11 +339,13 @@ def _liger_usable() -> bool:
     return _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
-def make_config(profile: str = "full", **overrides) -> FinetuneConfig:
+def make_config(profile: str = "full", /, **overrides) -> FinetuneConfig:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     _reject_unknown(overrides)
-    return FinetuneConfig(**{**PROFILES[profile], **overrides})
+    if overrides.get("profile", profile) != profile:
+        raise ValueError(f"profile={overrides['profile']!r} in the overrides contradicts make_config({profile!r})")
+    return FinetuneConfig(**{**PROFILES[profile], **overrides, "profile": profile})
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -360,6 +403,26 @@ def _check_types(cfg: FinetuneConfig) -> None:
             ok = True
         if not ok:
             raise TypeError(f"{name} must be {base.__name__}, got {type(value).__name__} {value!r}")
+        if base is float and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is invalid: must be a finite number")
+
+
+# The linear layers of every R1-Distill-Qwen size (Qwen2ForCausalLM); lm_head is possible but not usual.
+QWEN2_LINEAR_LAYERS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                 "lm_head"})
+_COMMON_OPTIMIZERS = ("paged_adamw_8bit", "adamw_torch", "adamw_8bit", "adamw_torch_fused")
+
+
+def _optimizers() -> set[str]:
+    from transformers.training_args import OptimizerNames
+
+    return {o.value for o in OptimizerNames}
+
+
+def _schedulers() -> set[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    return {s.value for s in SchedulerType}
 
 
 _CHOICES = {
@@ -396,6 +459,13 @@ def _check_values(cfg: FinetuneConfig) -> None:
          "must be >= 2 with load_best_model_at_end, so that both the best and the latest checkpoint (to resume) are kept")
     need(cfg.save_steps % cfg.eval_steps == 0 or not cfg.load_best_model_at_end, "save_steps",
          "must be a multiple of eval_steps when load_best_model_at_end is on")
+    need(cfg.profile in PROFILES, "profile", f"must be one of {sorted(PROFILES)}")
+    need(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seed range)")
+    need(cfg.optim in _optimizers(), "optim", f"must be a transformers optimizer, e.g. {_COMMON_OPTIMIZERS}")
+    need(cfg.lr_scheduler_type in _schedulers(), "lr_scheduler_type", f"must be one of {sorted(_schedulers())}")
+    modules = cfg.target_modules()
+    need(modules == "all-linear" or (modules and set(modules) <= QWEN2_LINEAR_LAYERS), "lora_target_modules",
+         f"must be 'all-linear' or a comma-separated list of {sorted(QWEN2_LINEAR_LAYERS)}")
     for key in ("model_id", "output_dir", "math_dataset", "science_dataset", "optim", "lora_target_modules"):
         need(getattr(cfg, key).strip() != "", key, "must not be empty")
     for key, choices in _CHOICES.items():

@@ -8,6 +8,7 @@ accuracy set of the SciBench problems that have no worked solution.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter, defaultdict
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .answers import last_boxed
 from .chat import encode
+from .examples import BadRow, Example
 from .paths import resolve
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -27,32 +29,8 @@ SCIBENCH_FIELDS = ("problem_text", "answer_number", "unit", "source")
 _UNIT_POWER = re.compile(r"[\$]?\ *10\^[{]?\ *(-?[0-9]+)\ *[}]?\ *[\$]?")
 
 
-class BadRow(ValueError):
-    """A row that cannot become an Example; `reason` is a short key used for counting."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Example:
-    question: str  # the user turn, instruction included
-    reasoning: str  # goes inside <think>...</think>; "" when the source has none
-    answer: str  # the text after </think>, holding \boxed{gold}
-    gold: str  # the final answer alone, as the source gives it
-    source: str  # "mathcodeinstruct" or "scibench/<subject>"
-    unit: str = ""  # SciBench: unit with any power of ten removed (shown in the question)
-    unit_exponent: int = 0  # SciBench: the true value is float(gold) * 10**unit_exponent
-    id: str = ""
-
-    @property
-    def numeric(self) -> bool:
-        return self.source.startswith("scibench")
-
-    @property
-    def gold_value(self) -> float:
-        return float(self.gold) * 10.0 ** self.unit_exponent
+class DataError(ValueError):
+    """The data cannot give the run that was asked for (no usable rows, a source that yields nothing)."""
 
 
 # --- MathCodeInstruct --------------------------------------------------------------------------------
@@ -136,6 +114,17 @@ def from_mathcodeinstruct(row: Any) -> Example:
 
 
 # --- SciBench ----------------------------------------------------------------------------------------
+# Typographic minus signs and digit-group spaces that real SciBench rows use, e.g. "−2" (U+2212).
+_MINUS = dict.fromkeys(map(ord, "\u2212\u2012\u2013\u2010\u2011\ufe63\uff0d"), "-")
+_GROUP_SPACES = dict.fromkeys(map(ord, ", \u00a0\u2009\u202f\u2007"), None)
+
+
+def plain_number(text: str) -> str:
+    """'−2', '1 234.5' or '1,234.5' as a string float() reads: typographic minus signs become
+    '-', and commas and (thin, no-break) spaces between digit groups go."""
+    return text.strip().translate(_MINUS).translate(_GROUP_SPACES)
+
+
 def split_unit(unit: str) -> tuple[str, int]:
     """('$10^{-47} \\mathrm{~kg}$') -> ('\\mathrm{~kg}', -47), as SciBench's own eval does."""
     m = _UNIT_POWER.search(unit)
@@ -170,11 +159,13 @@ def from_scibench(row: Any) -> Example:
         values[name] = row[name].strip()
     if not values["problem_text"]:
         raise BadRow("empty_question")
-    gold = values["answer_number"].replace(",", "")
+    gold = plain_number(values["answer_number"])
     try:
-        float(gold)
+        value = float(gold)
     except ValueError:
         raise BadRow("bad_answer_number", repr(values["answer_number"])) from None
+    if not math.isfinite(value):
+        raise BadRow("bad_answer_number", f"{values['answer_number']!r} is not a finite number")
     unit, exponent = split_unit(values["unit"])
     solution = row.get("solution")
     if solution is not None and not isinstance(solution, str):
@@ -210,6 +201,7 @@ class DataReport:
     sources: dict[str, SourceCounts] = field(default_factory=lambda: defaultdict(SourceCounts))
     lengths: list[int] = field(default_factory=list)  # token lengths of kept examples
     notes: list[str] = field(default_factory=list)
+    split: bool = False  # True once build_datasets has made the train/eval/held-out split
 
     def percentiles(self) -> dict[str, int]:
         if not self.lengths:
@@ -222,11 +214,17 @@ class DataReport:
         return sum(getattr(c, attr) for c in self.sources.values())
 
     def __str__(self) -> str:
-        head = f"{'source':<18}{'rows':>7}{'bad':>6}{'no-reason':>10}{'too-long':>9}{'train':>7}{'eval':>6}{'heldout':>8}"
+        if self.split:
+            head = (f"{'source':<18}{'rows':>7}{'bad':>6}{'no-reason':>10}{'too-long':>9}{'train':>7}{'eval':>6}"
+                    f"{'heldout':>8}")
+        else:  # read and converted, not yet tokenized or split
+            head = f"{'source':<18}{'rows':>7}{'bad':>6}{'usable':>8}"
         lines = [head, "-" * len(head)]
         for name, c in sorted(self.sources.items()):
-            lines.append(f"{name:<18}{c.rows:>7}{sum(c.bad.values()):>6}{c.empty_reasoning:>10}{c.too_long:>9}"
-                         f"{c.train:>7}{c.eval:>6}{c.heldout:>8}")
+            bad = sum(c.bad.values())
+            lines.append(f"{name:<18}{c.rows:>7}{bad:>6}" + (
+                f"{c.empty_reasoning:>10}{c.too_long:>9}{c.train:>7}{c.eval:>6}{c.heldout:>8}" if self.split
+                else f"{c.rows - bad:>8}"))
         for name, c in sorted(self.sources.items()):
             for reason, n in sorted(c.bad.items()):
                 lines.append(f"  dropped from {name}: {n} x {reason}")
@@ -241,18 +239,60 @@ class DataReport:
                 "length_percentiles": self.percentiles(), "notes": self.notes}
 
 
-def _rows_from_file(path: Path, counts: SourceCounts) -> Iterator[Any]:
-    """Rows of a .jsonl or .json file; unparseable lines and files are counted, not raised."""
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _file_bytes(path: Path, counts: SourceCounts) -> bytes | None:
+    """The file as UTF-8 bytes without a byte-order mark; a UTF-16 file (it starts with its BOM) is
+    re-encoded, since editors on Windows write those."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        raw = path.read_bytes()
+    except OSError:
         counts.bad["unreadable_file"] += 1
+        return None
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            if encoding == "utf-8":
+                return raw[len(bom):]
+            try:
+                return raw.decode(encoding).encode("utf-8")
+            except UnicodeDecodeError:
+                counts.bad["undecodable_file"] += 1
+                return None
+    return raw
+
+
+def _parse_row(line: bytes, counts: SourceCounts) -> tuple[bool, Any]:
+    """(True, row) or (False, None) with the reason counted: one bad row never costs the others."""
+    if len(line) > MAX_ROW_CHARS:
+        reason = "row_too_large"
+    else:
+        try:
+            return True, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            reason = "undecodable_row"
+        except json.JSONDecodeError:
+            reason = "invalid_json"
+        except RecursionError:
+            reason = "too_deeply_nested"
+    counts.rows += 1
+    counts.bad[reason] += 1
+    return False, None
+
+
+def _rows_from_file(path: Path, counts: SourceCounts) -> Iterator[Any]:
+    """Rows of a .jsonl or .json file; bad rows and unusable files are counted, not raised.
+
+    JSONL is split on b"\\n" only, as bytes: U+2028, U+2029 and U+0085 inside a string (which
+    json.dumps(ensure_ascii=False) writes) are not line breaks, and a line that is not UTF-8 is one
+    bad row, not a bad file.
+    """
+    raw = _file_bytes(path, counts)
+    if raw is None:
         return
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            counts.bad["not_json_file"] += 1
+        data = _load_json_file(raw, counts)
+        if data is None:
             return
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
@@ -261,21 +301,35 @@ def _rows_from_file(path: Path, counts: SourceCounts) -> Iterator[Any]:
             return
         yield from data
         return
-    for line in (ln for ln in text.splitlines() if ln.strip()):
-        if len(line) > MAX_ROW_CHARS:
-            counts.rows += 1
-            counts.bad["row_too_large"] += 1
+    for line in raw.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line.strip():
             continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            counts.rows += 1
-            counts.bad["invalid_json"] += 1
+        ok, row = _parse_row(line, counts)
+        if ok:
+            yield row
+
+
+def _load_json_file(raw: bytes, counts: SourceCounts) -> Any:
+    """A whole .json file: its rows cannot be told apart before it parses, so it is one unit."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        counts.bad["undecodable_file"] += 1
+    except (json.JSONDecodeError, RecursionError):
+        counts.bad["not_json_file"] += 1
+    return None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> Iterable[Any]:
     """Rows from a local .json/.jsonl file or folder of them, else the `train` split from the Hugging Face Hub
-    (returned as a datasets.Dataset, so that sampling 15k of 80k rows never materialises them all)."""
+    (returned as a datasets.Dataset, so that sampling 15k of 80k rows never materialises them all).
+
+    Only `owner/name` whose first part is not a local folder is taken for a Hub id; anything else that
+    does not exist is a missing file, and the error names it."""
     path = resolve(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
@@ -287,11 +341,15 @@ def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> I
             counts.bad["not_json_file"] += 1
             return []
         return _rows_from_file(path, counts)
-    if spec.startswith((".", "/")) or spec.endswith((".json", ".jsonl")):
-        raise FileNotFoundError(f"data file {spec!r} does not exist")
+    if not _HUB_ID.match(spec) or spec.endswith((".json", ".jsonl")) or resolve(spec.split("/")[0]).exists():
+        raise FileNotFoundError(f"data file {spec!r} does not exist (looked in {Path.cwd()} and the project folder)")
     from datasets import load_dataset
 
-    return load_dataset(spec, split="train", revision=revision)
+    try:
+        return load_dataset(spec, split="train", revision=revision)
+    except Exception as err:  # network, auth, or no such dataset: say both things it could have been
+        raise FileNotFoundError(f"{spec!r} is not a local file (looked in {Path.cwd()}), and loading it as a Hub "
+                                f"dataset failed: {type(err).__name__}: {err}") from err
 
 
 def convert_rows(rows: Iterable[Any], convert: Callable[[Any], Example], counts: SourceCounts,
@@ -306,6 +364,8 @@ def convert_rows(rows: Iterable[Any], convert: Callable[[Any], Example], counts:
             out.append(convert(row))
         except BadRow as err:
             counts.bad[err.reason] += 1
+        except RecursionError:
+            counts.bad["too_deeply_nested"] += 1
         if limit and len(out) >= limit:
             break
     return out
@@ -320,6 +380,13 @@ class DataBundle:
     eval_examples: list[Example]
     heldout: list[Example]  # SciBench problems without a worked solution: accuracy only
     report: DataReport
+    key: tuple | None = None  # data_key(cfg) of the config it was built with
+
+
+def data_key(cfg) -> tuple:
+    """The settings a DataBundle depends on: a config that differs here needs the data built again."""
+    return (cfg.math_dataset, cfg.science_dataset, cfg.dataset_revision, cfg.math_samples, cfg.science_samples,
+            cfg.max_length, cfg.eval_fraction, cfg.heldout_max, cfg.allow_one_source, cfg.seed)
 
 
 def _shuffled(rows: Iterable[Any], seed: int) -> Iterable[Any]:
@@ -354,7 +421,14 @@ def load_examples(cfg) -> LoadedExamples:
     sci = convert_rows(_shuffled(read_rows(cfg.science_dataset, sci_counts, cfg.dataset_revision), cfg.seed),
                        from_scibench, sci_counts)
     if not any(ex.reasoning.strip() for ex in math + sci):
-        raise ValueError(f"no usable training examples: every row is bad or has no reasoning\n{report}")
+        raise DataError(f"no usable training examples: every row is bad or has no reasoning\n{report}")
+    for name, spec, kept in (("mathcodeinstruct", cfg.math_dataset, math), ("scibench", cfg.science_dataset, sci)):
+        if not kept and not cfg.allow_one_source:
+            raise DataError(
+                f"the {name} source ({spec}) yielded no usable rows, so the run would train on the other source "
+                f"alone. Fix the file, or set allow_one_source=True to do that on purpose.\n{report}")
+        if not kept:
+            report.notes.append(f"{name} ({spec}) yielded no usable rows; allow_one_source=True, so it is left out")
     return LoadedExamples(math, sci, report, _source_key(cfg))
 
 
@@ -394,7 +468,7 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
         heldout = heldout[:cfg.heldout_max]
 
     if len(pool) < 2:
-        raise ValueError(f"no usable training examples (need at least 2, got {len(pool)}):\n{report}")
+        raise DataError(f"no usable training examples (need at least 2, got {len(pool)}):\n{report}")
     random.Random(cfg.seed).shuffle(pool)
     n_eval = max(1, round(len(pool) * cfg.eval_fraction))
     eval_part, train_part = pool[:n_eval], pool[n_eval:]
@@ -403,6 +477,7 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
             counts = sci_counts if ex.numeric else math_counts
             setattr(counts, attr, getattr(counts, attr) + 1)
     sci_counts.heldout = len(heldout)
+    report.split = True
     report.lengths = [len(f["input_ids"]) for _, f in pool]
 
     def to_dataset(part):
@@ -411,7 +486,7 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
 
     return DataBundle(train=to_dataset(train_part), eval=to_dataset(eval_part),
                       train_examples=[e for e, _ in train_part], eval_examples=[e for e, _ in eval_part],
-                      heldout=heldout, report=report)
+                      heldout=heldout, report=report, key=data_key(cfg))
 
 
 def demo_examples() -> list[Example]:

@@ -77,6 +77,26 @@ def environment_report(profile: str, output_dir: str | Path = ".") -> EnvReport:
     return report
 
 
+def check_output_dir(cfg) -> None:
+    """Fail before anything loads when output_dir cannot be written (read-only, no permission)."""
+    import tempfile
+
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output_dir={cfg.output_dir!r} is not writable ({err.strerror or err}): "
+                         "choose a folder you can write") from None
+
+
+def preflight(cfg) -> None:
+    """The checks that need no download: the GPU the config asks for, and a writable output_dir."""
+    check_device_support(cfg)
+    check_output_dir(cfg)
+
+
 def check_device_support(cfg) -> None:
     """Fail early, naming the keys, when the config asks for what only a CUDA GPU can do."""
     import torch

@@ -98,17 +98,21 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 
     With cfg.eval_bf16 (default) the base is loaded once in the compute dtype, evaluated, then the saved
     adapters are merged into it in memory and it is evaluated again: what a merged deployment runs, and
-    about 5x the speed of generating with the 4-bit training model (BENCHMARKS.md). Otherwise the
+    about 5x the speed of generating with the 4-bit training model (BENCHMARKS.md); `adapter_dir` is
+    the folder save_adapters returned. Otherwise the
     adapter of `model` (the 4-bit training model) is switched off and on in place: slower, no extra memory.
     """
     import gc
 
     import torch
 
+    from .modeling import check_adapter_matches, check_model_matches
+
     save_dir = save_dir or cfg.eval_dir
     if not cfg.eval_bf16:
         if model is None:
             raise ValueError("eval_bf16=False evaluates the training model in place: pass model=")
+        check_model_matches(model, cfg)
         with model.disable_adapter():
             base = evaluate(model, tokenizer, examples, cfg, "base", save_dir)
         return base, evaluate(model, tokenizer, examples, cfg, "finetuned", save_dir)
@@ -117,9 +121,13 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 
     from .modeling import load_base_model
 
+    if adapter_dir is None:
+        raise ValueError("eval_bf16=True merges the saved adapters into a bf16 base: pass adapter_dir= "
+                         "(what save_adapters returned)")
+    check_adapter_matches(adapter_dir, cfg)
     plain = load_base_model(cfg, quantized=False)
     base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)
-    merged = PeftModel.from_pretrained(plain, str(adapter_dir or cfg.final_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
     tuned = evaluate(merged, tokenizer, examples, cfg, "finetuned", save_dir)
     del plain, merged
     gc.collect()

@@ -8,13 +8,11 @@ answers only, an answer without a box falls back to the last number after </thin
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from .answers import last_boxed
 from .chat import END_THINK, split_thinking
 
-if TYPE_CHECKING:
-    from .data import Example
+from .examples import Example
 
 REL_TOL = 0.05  # SciBench's own grading tolerance
 
@@ -81,7 +79,7 @@ def final_answer(output_text: str) -> str | None:
     return last_boxed(answer)
 
 
-def is_numeric_gold(example: "Example") -> bool:
+def is_numeric_gold(example: Example) -> bool:
     return example.numeric or parse_number(example.gold) is not None and bool(
         re.fullmatch(r"[-+]?[\d,]*\.?\d+(?:[eE][-+]?\d+)?", example.gold.strip()))
 
@@ -92,7 +90,7 @@ def close_enough(pred: float, gold: float, rel_tol: float = REL_TOL) -> bool:
     return abs(pred - gold) <= rel_tol * abs(gold)
 
 
-def is_correct(output_text: str, example: "Example") -> bool:
+def is_correct(output_text: str, example: Example) -> bool:
     if END_THINK not in output_text:
         return False  # ran out of budget while thinking: no answer
     _, answer = split_thinking(output_text)

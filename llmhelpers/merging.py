@@ -16,14 +16,15 @@ MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 CONFIDENT_MARGIN = 0.5  # logits; several times the largest bf16 merge difference measured on an H100 (0.2)
 
 
-def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | Path | None = None,
+def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | Path,
                    out_dir: str | Path | None = None) -> dict:
     import torch
     from peft import PeftModel
 
-    from .modeling import load_base_model
+    from .modeling import check_adapter_matches, load_base_model
 
-    adapter_dir = Path(adapter_dir or cfg.final_dir)
+    adapter_dir = Path(adapter_dir)
+    check_adapter_matches(adapter_dir, cfg)
     base = load_base_model(cfg, quantized=False)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
@@ -55,7 +56,7 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
         tokenizer.save_pretrained(folder)
         cfg.save(folder / CONFIG_NAME)
 
-    target = Path(out_dir or cfg.merged_dir)
+    target = Path(out_dir or adapter_dir.parent / "merged")
     weights = sum(p.numel() * p.element_size() for p in merged.parameters())
     ensure_free_space(target.parent, int(weights * 1.1), "the merged model")
     check["path"] = str(atomic_save(write, target))

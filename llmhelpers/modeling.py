@@ -5,6 +5,7 @@ Everything is loaded from safetensors; remote code runs only if the config says 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from .paths import resolve
@@ -54,9 +55,50 @@ def load_base_model(cfg, quantized: bool = True, attn_implementation: str | None
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg), **kwargs)
     model.config.use_cache = True
+    model.llm_loaded_with = loaded_with(cfg, quantized and cfg.load_in_4bit)
     if model.device.type == "cpu":
         _keep_cpu_4bit_layout(model)
     return model
+
+
+# What a loaded model depends on: changing any of these needs the model loaded again.
+LOAD_SETTINGS = ("model_id", "model_revision", "tiny_model_dir", "bnb_4bit_compute_dtype")
+QUANT_SETTINGS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "upcast_to_fp32",
+                 "gradient_checkpointing")
+
+
+def loaded_with(cfg, quantized: bool) -> dict:
+    settings = {k: getattr(cfg, k) for k in LOAD_SETTINGS}
+    if quantized:
+        settings.update({k: getattr(cfg, k) for k in QUANT_SETTINGS})
+    return settings
+
+
+def _first_difference(recorded: dict, cfg) -> str | None:
+    for key, value in recorded.items():
+        if getattr(cfg, key) != value:
+            return f"{key}={value!r}, but the config now says {key}={getattr(cfg, key)!r}"
+    return None
+
+
+def check_model_matches(model, cfg) -> None:
+    """Refuse to train or evaluate a model in memory that was loaded under other model settings."""
+    recorded = getattr(model, "llm_loaded_with", None)
+    if recorded is None:
+        return  # not loaded by load_base_model (a test's own model): nothing recorded to compare
+    diff = _first_difference(recorded, cfg)
+    if diff:
+        raise ValueError(f"the model in memory was loaded with {diff}. Re-run the cell that loads the model "
+                         "(section 3, load_base_model) and the cells after it.")
+
+
+def check_lora_matches(model, cfg) -> None:
+    recorded = getattr(model, "llm_lora_settings", None)
+    diff = _first_difference(recorded, cfg) if recorded else None
+    if diff:
+        raise ValueError(f"the LoRA adapters in memory were attached with {diff}. Re-run the LoRA cell "
+                         "(section 5, attach_lora) and the cells after it.")
 
 
 def _keep_cpu_4bit_layout(model) -> None:
@@ -77,6 +119,7 @@ def attach_lora(model, cfg):
     """
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    check_model_matches(model, cfg)
     if isinstance(model, PeftModel):
         model = model.unload()
     if getattr(model, "is_loaded_in_4bit", False) and cfg.upcast_to_fp32:
@@ -87,10 +130,14 @@ def attach_lora(model, cfg):
         for param in model.parameters():
             param.requires_grad_(False)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    return get_peft_model(model, cfg.lora_config())
+    with warnings.catch_warnings():  # peft 0.21 asks transformers' old is_gradient_checkpointing name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, cfg.lora_config())
+    model.llm_lora_settings = {k: getattr(cfg, k) for k in LORA_SETTINGS}
+    return peft_model
 
 
 def trainable_parameters(model) -> str:
@@ -98,10 +145,26 @@ def trainable_parameters(model) -> str:
     return f"trainable params: {trainable:,} of {total:,} ({trainable / total:.3%})"
 
 
-def load_adapter_model(cfg, adapter_dir=None, attn_implementation: str | None = None):
+def load_adapter_model(cfg, adapter_dir, attn_implementation: str | None = None):
     """The 4-bit base with saved adapters on top, e.g. for eager-attention visualisation."""
     from peft import PeftModel
 
+    check_adapter_matches(adapter_dir, cfg)
     base = load_base_model(cfg, attn_implementation=attn_implementation)
-    model = PeftModel.from_pretrained(base, str(adapter_dir or cfg.final_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.eval()
+
+
+def check_adapter_matches(adapter_dir, cfg) -> None:
+    """Saved adapters belong to one base model: refuse to put them on another."""
+    import json
+
+    from .training import CONFIG_NAME
+
+    saved = Path(adapter_dir) / CONFIG_NAME
+    if not saved.exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no saved adapters ({CONFIG_NAME} missing): save them first")
+    model_id = json.loads(saved.read_text()).get("model_id")
+    if model_id != cfg.model_id:
+        raise ValueError(f"the adapters in {adapter_dir} were trained on {model_id}, but the config says "
+                         f"model_id={cfg.model_id!r}")

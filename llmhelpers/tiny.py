@@ -11,12 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK = "<think>"
-END_THINK = "</think>"
+from .chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER
 
 # The R1 template's behaviour, reduced to what matters for SFT: bos first, a system
 # message as raw text, user turns after <｜User｜>, assistant turns after <｜Assistant｜>

@@ -2,36 +2,52 @@
 `accelerate launch -m llmhelpers.train` (one process per GPU, DDP).
 
     python -m llmhelpers.train --profile smoke
-    accelerate launch -m llmhelpers.train --config cfg.json --set learning_rate=1e-4
+    accelerate launch --config_file configs/accelerate_ddp.yaml -m llmhelpers.train --profile full --set learning_rate=1e-4
 
 Each process loads its own 4-bit model on its own device; the Trainer shards the data per
-process; only the main process writes checkpoints, adapters, logs and evaluation files.
+process; only the main process writes checkpoints, adapters, logs and evaluation files, and it
+holds the run folder's lock for the whole run. Re-running a finished run trains nothing and
+reports its metrics.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .config import FinetuneConfig, make_config, parse_override
+from .config import PROFILES, FinetuneConfig, make_config, parse_override
 
 
 def build_config(args) -> FinetuneConfig:
     overrides = dict(parse_override(s) for s in args.set)
     if args.config:
-        base = FinetuneConfig.load(args.config)
-        return FinetuneConfig(**{**base.to_dict(), **overrides})
-    return make_config(args.profile, **overrides)
+        base = FinetuneConfig.load(args.config, profile=args.profile)
+        return make_config(base.profile, **{**base.to_dict(), **overrides})
+    return make_config(args.profile or "full", **overrides)
 
 
-def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) -> dict:
+def _launcher_rank() -> int:
+    """This process's rank as accelerate/torchrun set it; 0 for a plain `python -m` run. Read from the
+    environment because the process group does not exist yet when the lock must be taken."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def run(cfg: FinetuneConfig, evaluate_after: bool = False, allow_fresh_optimizer: bool = False) -> dict:
+    from .training import RunLock
+
+    if _launcher_rank() != 0:
+        return _run(cfg, evaluate_after, allow_fresh_optimizer)
+    with RunLock(cfg.run_dir):  # one writer per run folder, from the first read to the last write
+        return _run(cfg, evaluate_after, allow_fresh_optimizer)
+
+
+def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool) -> dict:
     from .data import build_datasets, load_examples
-    from .environment import check_device_support
     from .evaluation import AccuracyCallback, comparison_table, evaluate_base_and_finetuned, evaluation_set
     from .modeling import attach_lora, load_base_model, load_tokenizer, trainable_parameters
-    from .training import build_trainer, save_adapters, train
+    from .training import build_trainer, save_adapters, throughput_meter, train
 
-    check_device_support(cfg)
     loaded = load_examples(cfg)  # bad data fails here, before the tokenizer and model are loaded
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, loaded)
@@ -43,17 +59,19 @@ def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) 
         print(trainable_parameters(model))
     if cfg.accuracy_callback:
         AccuracyCallback(evaluation_set(data, cfg), tokenizer, cfg).attach(trainer)
-    output = train(trainer, cfg, fresh=fresh)
+    output = train(trainer, cfg, allow_fresh_optimizer=allow_fresh_optimizer)
     result = {"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
               "global_step": output.global_step, "train_loss": output.training_loss,
               "sequences_seen_by_this_rank": trainer.args.per_device_train_batch_size
               * trainer.args.gradient_accumulation_steps * output.global_step,
-              "tokens_per_second": trainer.throughput.steady(), "run_dir": str(cfg.checkpoints_dir)}
+              "tokens_per_second": throughput_meter(trainer).steady(), "run_dir": str(cfg.run_dir)}
     if main:
-        result["adapter_dir"] = str(save_adapters(trainer.model, tokenizer, cfg))
+        adapter_dir = save_adapters(trainer.model, tokenizer, cfg)
+        result["adapter_dir"] = str(adapter_dir)
         if evaluate_after:
             examples = evaluation_set(data, cfg)
-            base, tuned = evaluate_base_and_finetuned(cfg, tokenizer, examples, model=trainer.model)
+            base, tuned = evaluate_base_and_finetuned(cfg, tokenizer, examples, model=trainer.model,
+                                                      adapter_dir=adapter_dir)
             print(comparison_table([base, tuned]))
             result["accuracy"] = {"base": base.accuracy, "finetuned": tuned.accuracy}
     trainer.accelerator.wait_for_everyone()
@@ -63,20 +81,37 @@ def run(cfg: FinetuneConfig, fresh: bool = False, evaluate_after: bool = False) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmhelpers.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="full", help="full (default) or smoke")
-    parser.add_argument("--config", help="a JSON file written by FinetuneConfig.save (overrides --profile)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="full (the default: the real model, needs a GPU), smoke (tiny model, CPU, a minute) or "
+                             "seed (the original plan's settings, for comparison). With --config: where keys the "
+                             "file leaves out come from")
+    parser.add_argument("--config", help="a JSON config file (FinetuneConfig.save writes one; it may leave out keys "
+                                         "if it names a \"profile\" or --profile is given)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    parser.add_argument("--fresh", action="store_true", help="start over: move this run's checkpoints aside")
+    parser.add_argument("--fresh", action="store_true", help="start over: move this run's folder aside first")
+    parser.add_argument("--allow-fresh-optimizer", action="store_true",
+                        help="resume a checkpoint whose optimizer/scheduler state is missing (restarts the warm-up)")
     parser.add_argument("--evaluate", action="store_true", help="grade base vs fine-tuned answers afterwards")
     args = parser.parse_args(argv)
     try:
         cfg = build_config(args)
-        from .environment import check_device_support
+        from .environment import preflight
 
-        check_device_support(cfg)
+        preflight(cfg)  # the GPU the config needs and a writable output_dir, before anything loads
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    result = run(cfg, fresh=args.fresh, evaluate_after=args.evaluate)
+    if args.fresh and _launcher_rank() == 0:
+        from .training import start_over
+
+        start_over(cfg)  # the other ranks only read the run folder after the trainer's first barrier
+    from .data import DataError
+    from .training import CheckpointError, DiskSpaceError, RunLockedError
+
+    try:
+        result = run(cfg, evaluate_after=args.evaluate, allow_fresh_optimizer=args.allow_fresh_optimizer)
+    except (DataError, RunLockedError, CheckpointError, DiskSpaceError, FileNotFoundError) as err:
+        sys.stderr.write(f"{parser.prog}: error: {err}\n")  # a clear message, not a traceback
+        return 1
     # One write per line: with several processes on one pipe, print's separate newline can interleave.
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -3,7 +3,7 @@ one bos, the completion mask, the template's </think> stripping, split_thinking,
 import pytest
 
 from llmhelpers.chat import encode, mask_audit, render, split_thinking
-from llmhelpers.tiny import ASSISTANT, BOS, EOS, USER
+from llmhelpers.chat import ASSISTANT, BOS, EOS, USER
 
 Q = "What is 6 times 7?\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config import make_config
+from llmhelpers.config import FinetuneConfig, make_config
 from llmhelpers.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,65 @@ def test_config_file_run(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = results(proc.stdout)
     assert res["global_step"] == 4 and res["world_size"] == 1
-    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
+    assert (cfg.run_dir / "final" / "adapter_model.safetensors").exists()
+
+    # Re-running the finished run trains nothing and reports the finished run's metrics.
+    again = subprocess.run([sys.executable, "-m", "llmhelpers.train", "--config", str(path)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (res2,) = results(again.stdout)
+    assert res2["global_step"] == 4 and res2["train_loss"] == pytest.approx(res["train_loss"]) != 0.0
+    assert "already finished at step 4" in again.stdout
+    assert sorted(p.name for p in cfg.run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((cfg.run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_config_file_may_leave_out_keys_only_relative_to_a_profile(tmp_path):
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"learning_rate": 1e-4}))
+    with pytest.raises(ValueError, match=r"partial.json: keys missing: .*--profile"):
+        FinetuneConfig.load(partial)
+    assert FinetuneConfig.load(partial, profile="smoke").model_id == make_config("smoke").model_id
+    partial.write_text(json.dumps({"profile": "smoke", "learning_rate": 1e-4}))
+    cfg = FinetuneConfig.load(partial)
+    assert cfg.profile == "smoke" and cfg.learning_rate == 1e-4 and cfg.max_steps == make_config("smoke").max_steps
+    with pytest.raises(ValueError, match="contradict|says profile"):
+        FinetuneConfig.load(partial, profile="full")
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "typo.json"
+    bad.write_text('{"learning_rate": 1e-4,}')
+    with pytest.raises(SystemExit):
+        main(["--config", str(bad)])
+    err = capsys.readouterr().err
+    assert "typo.json" in err and "not valid JSON" in err
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "missing.json")])
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_help_lists_every_profile(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(p in out for p in ("full", "smoke", "seed"))
+
+
+def test_read_only_output_dir_is_caught_before_anything_loads(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        target = "/proc/llmhelpers-out"  # root can write anywhere else
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "out")
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--set", f"output_dir={target}"])
+    assert "output_dir" in capsys.readouterr().err
 
 
 def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir):

@@ -92,7 +92,9 @@ def test_run_id_tracks_training_settings_only():
     cfg = make_config()
     assert dataclasses.replace(cfg, eval_limit=5).run_id == cfg.run_id
     assert dataclasses.replace(cfg, learning_rate=1e-4).run_id != cfg.run_id
-    assert cfg.checkpoints_dir.parent.name == "runs"
+    assert cfg.run_dir.parent.name == "runs" and cfg.run_dir.name.endswith(cfg.run_id)
+    assert cfg.run_name.startswith("lr2e-4_r16_b16_ep3-")
+    assert dataclasses.replace(cfg, learning_rate=1e-4, lora_r=8, max_steps=500).run_name.startswith("lr1e-4_r8_b16_s500-")
 
 
 def test_builders_carry_the_config():
@@ -110,7 +112,7 @@ def test_sft_config_matches():
     args = cfg.sft_config()
     assert args.learning_rate == 5e-4
     assert args.completion_only_loss is True and args.packing is False
-    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert args.save_total_limit == 3 and args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
-    assert args.report_to == ["tensorboard"] and args.output_dir == str(cfg.checkpoints_dir)
+    assert args.report_to == ["tensorboard"] and args.output_dir == str(cfg.run_dir)
     assert args.max_length == cfg.max_length and args.max_steps == cfg.max_steps

@@ -191,8 +191,9 @@ def test_math_samples_limits_the_math_rows(tok_current):
 
 
 def test_malformed_files_are_counted_by_reason(tok_current):
-    cfg = make_config("smoke", math_dataset=str(samples_dir() / "malformed_mathcodeinstruct.jsonl"))
-    b = build_datasets(cfg, tok_current)  # SciBench samples still give a training set
+    cfg = make_config("smoke", math_dataset=str(samples_dir() / "malformed_mathcodeinstruct.jsonl"),
+                      allow_one_source=True)
+    b = build_datasets(cfg, tok_current)  # SciBench samples still give a training set, on purpose
     bad = b.report.sources["mathcodeinstruct"].bad
     assert bad == {"no_user_turn": 1, "no_final_answer": 1, "non_string_content": 1, "missing_field": 1,
                    "no_assistant_turn": 1, "empty_question": 1, "invalid_json": 1}
@@ -213,11 +214,12 @@ def test_non_json_files_and_huge_rows_are_counted(tmp_path, tok_current):
     huge.write_text("\n".join(good + [json.dumps({"messages": "x" * 300_000})]) + "\n")
     b = build_datasets(make_config("smoke", math_dataset=str(huge)), tok_current)
     assert b.report.sources["mathcodeinstruct"].bad["row_too_large"] == 1
-    b = build_datasets(make_config("smoke", math_dataset=str(tmp_path / "notes.txt")), tok_current)
+    b = build_datasets(make_config("smoke", math_dataset=str(tmp_path / "notes.txt"), allow_one_source=True),
+                       tok_current)
     assert b.report.sources["mathcodeinstruct"].bad["not_json_file"] == 1
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    b = build_datasets(make_config("smoke", math_dataset=str(broken)), tok_current)
+    b = build_datasets(make_config("smoke", math_dataset=str(broken), allow_one_source=True), tok_current)
     assert b.report.sources["mathcodeinstruct"].bad["not_json_file"] == 1
 
 

@@ -53,11 +53,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     out, log = tmp_path / "out", tmp_path / "batches.log"
     killed = run_driver(tmp_path, mode, step, out, log, tiny_model_dir)
     assert killed.returncode == -signal.SIGKILL
-    (run_dir,) = out.glob("runs/*")
+    (run_dir,) = [p for p in out.glob("runs/*") if p.is_dir()]
     if mode == "save":  # the cut-off checkpoint exists but has no trainer_state.json
         assert (run_dir / f"checkpoint-{step}").exists()
         assert not (run_dir / f"checkpoint-{step}" / "trainer_state.json").exists()
-    assert not (out / "final").exists()
+    assert not list(out.glob("runs/*/final"))
 
     log.unlink()
     resumed = run_driver(tmp_path, "none", 0, out, log, tiny_model_dir)
@@ -70,7 +70,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
         assert after[s] == clean_batches[s], f"step {s} trained on different data"
     if mode == "save":
         assert list(run_dir.glob(f"incomplete-checkpoint-{step}-*"))
-    assert (out / "final" / "adapter_model.safetensors").exists()
+    assert (run_dir / "final" / "adapter_model.safetensors").exists()
 
 
 def test_save_total_limit_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
@@ -91,7 +91,7 @@ def test_save_total_limit_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
 
     trainer.evaluate = evaluate_with_best_at_step_2
     train(trainer, cfg)
-    kept = sorted(p.name for p in cfg.checkpoints_dir.glob("checkpoint-*"))
+    kept = sorted(p.name for p in cfg.run_dir.glob("checkpoint-*"))
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     assert kept == ["checkpoint-2", "checkpoint-6"]  # the best survives rotation beside the latest
 
@@ -130,8 +130,8 @@ def test_disk_check_stops_before_a_checkpoint_that_would_not_fit(tmp_path, tiny_
                         lambda path: 10**12 if trainer.state.global_step < 4 else 1000)  # the disk fills up
     with pytest.raises(DiskSpaceError, match="checkpoint 4"):
         training.train(trainer, cfg)
-    kept = sorted(p.name for p in cfg.checkpoints_dir.glob("checkpoint-*"))
-    assert kept == ["checkpoint-2"] and training.is_complete_checkpoint(cfg.checkpoints_dir / "checkpoint-2")
+    kept = sorted(p.name for p in cfg.run_dir.glob("checkpoint-*"))
+    assert kept == ["checkpoint-2"] and training.is_complete_checkpoint(cfg.run_dir / "checkpoint-2")
 
 
 def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_dir):

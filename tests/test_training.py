@@ -15,8 +15,8 @@ from llmhelpers.data import DataBundle, DataReport, Example, build_datasets
 from llmhelpers.generation import generate
 from llmhelpers.grading import is_correct
 from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-from llmhelpers.training import (build_trainer, is_complete_checkpoint, last_complete_checkpoint, log_history,
-                                 prepare_run, save_adapters, train)
+from llmhelpers.training import (build_trainer, choose_resume_checkpoint, is_complete_checkpoint,
+                                 last_complete_checkpoint, log_history, prepare_run, save_adapters, start_over, train)
 
 
 class StepRecorder(TrainerCallback):
@@ -65,16 +65,19 @@ def test_train_resume_and_save(cfg):
     trainer, tok, data = make_trainer(cfg)
     out = train(trainer, cfg)
     assert out.global_step == cfg.max_steps
-    run = cfg.checkpoints_dir
+    run = cfg.run_dir
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert json.loads((run / "finetune_config.json").read_text())["learning_rate"] == cfg.learning_rate
     events = list(run.rglob("events.out.tfevents.*"))
     assert events, "TensorBoard events were not written"
 
-    # A kill during the last save leaves a checkpoint without trainer_state.json.
-    (run / "checkpoint-8" / "trainer_state.json").unlink()
+    # A kill during the last save leaves a checkpoint that was never marked complete.
+    (run / "checkpoint-8" / "checkpoint_complete.json").unlink()
+    (run / "run_complete.json").unlink()
     assert not is_complete_checkpoint(run / "checkpoint-8")
     assert last_complete_checkpoint(run).name == "checkpoint-4"
+    assert (run / "checkpoint-8").exists()  # looking never moves anything
+    assert choose_resume_checkpoint(run).name == "checkpoint-4"
     assert not (run / "checkpoint-8").exists() and list(run.glob("incomplete-checkpoint-8-*"))
 
     trainer2, _, _ = make_trainer(cfg)
@@ -89,14 +92,15 @@ def test_train_resume_and_save(cfg):
     assert not list(path.parent.glob(".final.tmp-*"))
 
 
-def test_changed_hyperparameter_gets_its_own_run_and_fresh_moves_aside(cfg):
-    cfg.checkpoints_dir.mkdir(parents=True)
-    (cfg.checkpoints_dir / "checkpoint-4").mkdir()
+def test_changed_hyperparameter_gets_its_own_run_and_start_over_moves_aside(cfg):
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "checkpoint-4").mkdir()
     other = replace(cfg, learning_rate=1e-4)
-    assert other.checkpoints_dir != cfg.checkpoints_dir
+    assert other.run_dir != cfg.run_dir
     assert prepare_run(other) is None
-    assert prepare_run(cfg, fresh=True) is None
-    assert list(cfg.checkpoints_dir.parent.glob(f"{cfg.run_id}-old-*/checkpoint-4"))
+    start_over(cfg)
+    assert prepare_run(cfg) is None
+    assert list(cfg.run_dir.parent.glob(f"{cfg.run_name}-old-*/checkpoint-4"))
 
 
 def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
@@ -134,9 +138,10 @@ def test_merge_matches_adapter_logits(cfg):
         for n, p in trainer.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    save_adapters(trainer.model, tok, trainer_cfg)
+    adapter_dir = save_adapters(trainer.model, tok, trainer_cfg)
     texts = [render_prompt(e, tok) for e in data.eval_examples[:2]]
-    check = merge_adapters(trainer_cfg, tok, texts)
+    check = merge_adapters(trainer_cfg, tok, texts, adapter_dir)
+    assert check["path"] == str(trainer_cfg.run_dir / "merged")
     assert check["ok"], check
     assert check["top1_agreement"] == 1.0 and check["mean_abs_diff"] < 1e-4
     from safetensors import safe_open

@@ -1,0 +1,82 @@
+"""The runs index: one line per run under `output_dir/runs`, with its key hyperparameters and results.
+
+`train()` records a run when it starts and when it finishes, `save_adapters` adds where the adapters
+went, and `runs_table(output_dir)` shows them side by side (the notebook prints it after training).
+The index is `output_dir/runs/index.json`; several processes may update it, so writes take a file
+lock and replace the file atomically.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+INDEX = "index.json"
+# The hyperparameters shown for every run; everything else that differs from the profile is in "changed".
+KEY_SETTINGS = ("learning_rate", "lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "num_train_epochs", "max_steps", "max_length", "math_samples", "model_id")
+
+
+def index_path(output_dir) -> Path:
+    return Path(output_dir) / "runs" / INDEX
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_index(output_dir) -> dict[str, dict]:
+    path = index_path(output_dir)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_run(cfg, **fields) -> dict:
+    """Create or update this run's entry; `fields` (status, metrics, adapter_dir, ...) are merged in."""
+    from .config import make_config
+
+    path = index_path(cfg.output_dir)
+    with _locked(path):
+        index = read_index(cfg.output_dir)
+        default = make_config(cfg.profile)
+        entry = index.get(cfg.run_name, {"created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        entry.update(run=cfg.run_name, run_dir=str(cfg.run_dir), profile=cfg.profile,
+                     settings={k: getattr(cfg, k) for k in KEY_SETTINGS},
+                     changed={k: v for k, v in cfg.to_dict().items() if getattr(default, k) != v and k != "profile"},
+                     updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+        entry.update(fields)
+        index[cfg.run_name] = entry
+        tmp = path.with_name(f".{INDEX}.{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=1, sort_keys=True, default=str))
+        tmp.replace(path)
+    return entry
+
+
+def runs_table(output_dir) -> str:
+    """The index as text: run, status, step, final train loss, best eval loss, adapters."""
+    index = read_index(output_dir)
+    if not index:
+        return f"no runs recorded under {Path(output_dir) / 'runs'} yet"
+    head = f"{'run':<40}{'status':>10}{'step':>7}{'train loss':>12}{'eval loss':>11}  adapters"
+    lines = [head, "-" * len(head)]
+    for name, e in sorted(index.items(), key=lambda kv: kv[1].get("created", "")):
+        m = e.get("metrics", {})
+        loss = m.get("train_loss")
+        best = m.get("best_eval_loss")
+        lines.append(f"{name:<40}{e.get('status', '?'):>10}{m.get('global_step', ''):>7}"
+                     f"{'' if loss is None else f'{loss:.4f}':>12}{'' if best is None else f'{best:.4f}':>11}"
+                     f"  {e.get('adapter_dir', '-')}")
+    return "\n".join(lines)

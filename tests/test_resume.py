@@ -1,0 +1,231 @@
+"""Nothing lost, part two: the training order after a kill is the uninterrupted run's in every epoch;
+a damaged latest checkpoint is set aside and the newest intact one is resumed; missing optimizer state
+stops the run unless asked; checkpoints are fsynced before they count; one writer per run folder."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from llmhelpers.config import make_config
+from llmhelpers.training import (COMPLETE_MARKER, CheckpointError, RunLock, RunLockedError, checkpoint_problem,
+                                 choose_resume_checkpoint, last_complete_checkpoint)
+
+DRIVER = Path(__file__).parent / "kill_driver.py"
+EPOCHS, STEPS_PER_EPOCH = 3, 9  # 35 smoke training rows, 2 x 2 sequences per step
+
+
+def driver(tmp_path, mode, step, out, log, tiny_model_dir, *extra):
+    args = ["--profile", "smoke", "--set", f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}",
+            "--set", "max_steps=-1", "--set", f"num_train_epochs={EPOCHS}", "--set", "eval_steps=3",
+            "--set", "save_steps=3", "--set", "accuracy_callback=false", "--set", "logging_steps=3", *extra]
+    return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def per_step(log: Path) -> dict[int, list[str]]:
+    out = defaultdict(list)
+    for line in log.read_text().splitlines():
+        s, h = line.split()
+        out[int(s)].append(h)
+    return out
+
+
+@pytest.fixture(scope="module")
+def epoch_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("epochs")
+    proc = driver(tmp, "none", 0, tmp / "out", tmp / "batches.log", tiny_model_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return per_step(tmp / "batches.log")
+
+
+@pytest.mark.parametrize("kill_at,resume_from", [(4, 3), (13, 12), (22, 21)], ids=["epoch0", "epoch1", "epoch2"])
+def test_resume_in_any_epoch_trains_on_the_same_data(tmp_path, tiny_model_dir, epoch_run, kill_at, resume_from):
+    clean = epoch_run
+    assert max(clean) == EPOCHS * STEPS_PER_EPOCH
+    out, log = tmp_path / "out", tmp_path / "batches.log"
+    killed = driver(tmp_path, "step", kill_at, out, log, tiny_model_dir)
+    assert killed.returncode == -signal.SIGKILL
+    log.unlink()
+    resumed = driver(tmp_path, "none", 0, out, log, tiny_model_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint-{resume_from} (step {resume_from} of {EPOCHS * STEPS_PER_EPOCH})" in resumed.stdout
+    after = per_step(log)
+    assert min(after) == resume_from + 1 and max(after) == EPOCHS * STEPS_PER_EPOCH
+    different = [s for s in after if after[s] != clean[s]]
+    assert not different, f"steps {different} trained on other data than the uninterrupted run"
+    # every training row seen exactly once per epoch, as without the kill
+    epoch = (resume_from) // STEPS_PER_EPOCH
+    rows = lambda run: sorted(h for s in range(epoch * STEPS_PER_EPOCH + 1, (epoch + 1) * STEPS_PER_EPOCH + 1)
+                              for h in run[s])
+    assert rows({**clean, **after}) == rows(clean)
+
+
+# --- damaged checkpoints --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """A smoke run of 4 steps with checkpoints at 2 and 4 (copied per test before damaging it)."""
+    from llmhelpers.data import build_datasets
+    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import build_trainer, train
+
+    cfg = make_config("smoke", output_dir=str(tmp_path_factory.mktemp("ckpt") / "out"),
+                      tiny_model_dir=str(tiny_model_dir), max_steps=4, eval_steps=2, save_steps=2,
+                      accuracy_callback=False)
+    tok = load_tokenizer(cfg)
+    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
+    train(trainer, cfg)
+    return cfg
+
+
+def truncate(path: Path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated adapter": lambda c: truncate(c / "adapter_model.safetensors"),
+    "truncated optimizer": lambda c: truncate(c / "optimizer.pt"),
+    "garbage rng state": lambda c: (c / "rng_state.pth").write_bytes(os.urandom(2000)),
+    "empty trainer state": lambda c: (c / "trainer_state.json").write_text(""),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, finished_run, damage, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run)
+    assert checkpoint_problem(run / "checkpoint-4") is None
+    DAMAGE[damage](run / "checkpoint-4")
+    kind, detail = checkpoint_problem(run / "checkpoint-4")
+    assert kind == "damaged", detail
+    assert choose_resume_checkpoint(run).name == "checkpoint-2"
+    assert not (run / "checkpoint-4").exists() and len(list(run.glob("damaged-checkpoint-4-*"))) == 1
+    assert "checkpoint-4 is damaged" in capsys.readouterr().out
+
+
+def test_training_resumes_past_a_damaged_checkpoint_to_the_configured_step(tmp_path, finished_run):
+    from llmhelpers.data import build_datasets
+    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import build_trainer, train
+
+    cfg = make_config("smoke", **{**finished_run.to_dict(), "output_dir": str(tmp_path / "out"), "profile": "smoke"})
+    shutil.copytree(finished_run.run_dir, cfg.run_dir)
+    (cfg.run_dir / "run_complete.json").unlink()
+    truncate(cfg.run_dir / "checkpoint-4" / "optimizer.pt")
+    tok = load_tokenizer(cfg)
+    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
+    steps = []
+    trainer.add_callback(type("Rec", (__import__("transformers").TrainerCallback,), {
+        "on_step_end": lambda self, a, s, c, **k: steps.append(s.global_step)})())
+    out = train(trainer, cfg)
+    assert steps == [3, 4] and out.global_step == 4
+    assert checkpoint_problem(cfg.run_dir / "checkpoint-4") is None
+
+
+def test_missing_optimizer_state_is_an_error_unless_allowed(tmp_path, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run)
+    (run / "checkpoint-4" / "optimizer.pt").unlink()
+    assert checkpoint_problem(run / "checkpoint-4")[0] == "no_optimizer_state"
+    with pytest.raises(CheckpointError, match="optimizer.pt missing.*allow_fresh_optimizer"):
+        choose_resume_checkpoint(run)
+    assert (run / "checkpoint-4").exists()  # nothing moved: the user decides
+    assert choose_resume_checkpoint(run, allow_fresh_optimizer=True).name == "checkpoint-4"
+
+
+def test_checkpoint_counts_only_after_fsync_and_marker(tmp_path, finished_run, monkeypatch):
+    from llmhelpers import training
+
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(finished_run.run_dir / "checkpoint-4", ckpt)
+    (ckpt / COMPLETE_MARKER).unlink()
+    assert checkpoint_problem(ckpt)[0] == "incomplete"
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(training.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                          real_fsync(fd)))
+    training.mark_complete(ckpt)
+    files = {str(p) for p in ckpt.iterdir() if p.name != COMPLETE_MARKER}
+    marker_at = synced.index(str(ckpt / f".{COMPLETE_MARKER}.tmp"))
+    assert files <= set(synced[:marker_at]) and str(ckpt) in synced[:marker_at]  # data first, then the marker
+    assert synced[-1] == str(ckpt)  # and the folder holding the renamed marker
+    assert checkpoint_problem(ckpt) is None
+
+
+def test_set_aside_folders_are_reported_with_their_size(tmp_path, finished_run, capsys):
+    from llmhelpers.training import prepare_run
+
+    cfg = make_config("smoke", **{**finished_run.to_dict(), "output_dir": str(tmp_path / "out"), "profile": "smoke"})
+    shutil.copytree(finished_run.run_dir, cfg.run_dir)
+    truncate(cfg.run_dir / "checkpoint-4" / "adapter_model.safetensors")
+    assert prepare_run(cfg).name == "checkpoint-2"
+    out = capsys.readouterr().out
+    assert "set aside earlier: damaged-checkpoint-4-" in out and " MB)" in out
+
+
+# --- one writer per run folder ---------------------------------------------------------------------------------
+def cli(tmp_path, out, tiny_model_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "llmhelpers.train", "--profile", "smoke", "--set",
+                             f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=6",
+                             "--set", "eval_steps=2", "--set", "save_steps=2", "--set", "accuracy_callback=false",
+                             *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_into_one_folder_one_fails_at_once(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    first, second = cli(tmp_path, out, tiny_model_dir), cli(tmp_path, out, tiny_model_dir)
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in (first, second)]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 1], [r[1][-2000:] for r in results]
+    loser = next(r for r in results if r[2] == 1)
+    assert "another process is writing this run" in loser[1] and "Traceback" not in loser[1]
+    assert not list(out.rglob(RunLock.NAME))  # released by the winner
+
+
+def test_a_lock_held_by_a_live_process_refuses_and_a_dead_ones_is_taken_over(tmp_path, tiny_model_dir):
+    import socket
+
+    from llmhelpers.training import _process_start
+
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), max_steps=6,
+                      eval_steps=2, save_steps=2, accuracy_callback=False)
+    cfg.run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "start": _process_start(holder.pid), "since": "x"}
+        (cfg.run_dir / RunLock.NAME).write_text(json.dumps(lock))
+        started = time.monotonic()
+        proc = cli(tmp_path, tmp_path / "out", tiny_model_dir)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 1 and f"held by pid {holder.pid}" in err
+        assert not list(cfg.run_dir.glob("checkpoint-*"))
+        assert time.monotonic() - started < 60
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = cli(tmp_path, tmp_path / "out", tiny_model_dir)  # the holder is dead now
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"its process {holder.pid}" in stdout and "is gone" in stdout
+    assert last_complete_checkpoint(cfg.run_dir).name == "checkpoint-6"
+
+
+def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
+    with RunLock(tmp_path):
+        with RunLock(tmp_path):  # the CLI holds it for the whole run, train() takes it again
+            pass
+        assert (tmp_path / RunLock.NAME).exists()
+        other = subprocess.run([sys.executable, "-c", "import sys; from llmhelpers.training import RunLock\n"
+                                f"RunLock({str(tmp_path)!r}).acquire()"], capture_output=True, text=True)
+        assert other.returncode != 0 and "RunLockedError" in other.stderr
+    assert not (tmp_path / RunLock.NAME).exists()
+    with pytest.raises(RunLockedError):
+        (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 1, "host": "another-machine", "since": "x"}))
+        RunLock(tmp_path).acquire()
