@@ -1,7 +1,7 @@
 """Attention maps from an eager-attention forward pass, and how much reasoning looks at the question."""
 from __future__ import annotations
 
-from .chat import ASSISTANT, END_THINK, THINK, USER, render
+from .chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER, render
 
 
 def attention_maps(model, tokenizer, example, max_tokens: int = 256):
@@ -41,18 +41,50 @@ def reasoning_to_question(attentions, spans) -> list[float]:
     return [float(a[:, r0:r1, q0:q1].sum(-1).mean()) for a in attentions]
 
 
-def plot_attention(labels, attentions, layers, heads, window: int = 48):
-    """Heatmaps for the chosen (layer, head) pairs over the last `window` tokens, with token labels."""
+_SPECIAL_LABELS = {BOS: "<bos>", EOS: "<eos>", USER: "<User>", ASSISTANT: "<Assistant>"}
+
+
+def readable_token(token: str, drawable: set[int] | None = None) -> str:
+    """A tick label: R1's special tokens by short names, whitespace made visible, and characters the
+    plotting font cannot draw replaced by '?' (so matplotlib never warns about missing glyphs)."""
+    if token in _SPECIAL_LABELS:
+        return _SPECIAL_LABELS[token]
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    if text.strip() == "":
+        text = "\u2423" * max(1, len(text))  # open box: a visible space
+    if drawable is not None:
+        text = "".join(c if ord(c) in drawable else "?" for c in text)
+    return text[:14]
+
+
+def _drawable_characters() -> set[int]:
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    return set(FT2Font(findfont(FontProperties())).get_charmap())
+
+
+def plot_attention(labels, attentions, layers, heads, window: int = 40):
+    """Heatmaps for the chosen (layer, head) pairs over the last `window` tokens, one labelled token per row
+    and column (queries down, attended-to keys across), with a shared colour scale."""
     import matplotlib.pyplot as plt
 
     pairs = [(l, h) for l in layers for h in heads]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 5), squeeze=False)
+    cols = min(2, len(pairs))
+    rows = (len(pairs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 7.5 * rows), squeeze=False)
     start = max(0, len(labels) - window)
-    ticks = [repr(t)[1:-1][:12] for t in labels[start:]]
-    for ax, (layer, head) in zip(axes[0], pairs):
-        ax.imshow(attentions[layer][head, start:, start:].numpy(), cmap="viridis")
-        ax.set_title(f"layer {layer}, head {head}")
-        ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(ticks)), ticks, fontsize=6)
-    fig.tight_layout()
+    drawable = _drawable_characters()
+    ticks = [readable_token(t, drawable) for t in labels[start:]]
+    image = None
+    for ax, (layer, head) in zip(axes.flat, pairs):
+        image = ax.imshow(attentions[layer][head, start:, start:].numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {layer}, head {head}", fontsize=12)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=8, family="monospace")
+        ax.set_yticks(range(len(ticks)), ticks, fontsize=8, family="monospace")
+        ax.set_xlabel("attended-to token")
+        ax.set_ylabel("token")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     return fig

@@ -472,3 +472,20 @@ def _check_values(cfg: FinetuneConfig) -> None:
         need(getattr(cfg, key) in choices, key, f"must be one of {choices}")
     out = Path(cfg.output_dir)
     need(not out.is_file(), "output_dir", "is an existing file, not a directory")
+
+
+def non_default_fields(config) -> dict:
+    """The fields of a library config (SFTConfig, LoraConfig, ...) that differ from its class defaults: what
+    this recipe actually sets, without the hundred-odd defaults around it."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        value = getattr(config, f.name, None)
+        if value != default and not (f.name.startswith("_") or value in (None, [], {}) and default is None):
+            out[f.name] = value
+    return out

@@ -23,6 +23,11 @@ class EnvReport:
     advice: list[str] = field(default_factory=list)
     ok_to_train: bool = True
 
+    def require_ok(self) -> None:
+        """Stop here, before any download, when this machine cannot run the config."""
+        if not self.ok_to_train:
+            raise RuntimeError("this machine cannot run this config:\n" + "\n".join(f"- {a}" for a in self.advice))
+
     def __str__(self) -> str:
         gpu = (f"{self.gpu}: {self.gpu_free_gb:.1f} of {self.gpu_total_gb:.1f} GiB free" if self.gpu
                else "no CUDA GPU")
@@ -47,10 +52,12 @@ def version(name: str) -> str:
         return "missing"
 
 
-def environment_report(profile: str, output_dir: str | Path = ".") -> EnvReport:
+def environment_report(cfg) -> EnvReport:
+    """What this machine offers for `cfg` (its profile, its output_dir), with advice; no download."""
     import torch
 
-    disk_free = free_bytes(output_dir) / 1e9
+    profile = cfg.profile
+    disk_free = free_bytes(cfg.output_dir) / 1e9
     gpu = free = total = None
     bf16 = False
     if torch.cuda.is_available():
@@ -63,8 +70,10 @@ def environment_report(profile: str, output_dir: str | Path = ".") -> EnvReport:
     if missing:
         report.advice.append(f"missing libraries: {', '.join(missing)}; run the install cell")
         report.ok_to_train = False
-    if gpu is None and profile != "smoke":
-        report.advice.append("no GPU: the full profile needs one. Set LLM_PROFILE=smoke to run the pipeline on CPU.")
+    try:
+        check_device_support(cfg)
+    except ValueError as err:
+        report.advice.append(str(err))
         report.ok_to_train = False
     if gpu is not None and not bf16 and profile != "smoke":
         report.advice.append("this GPU lacks bf16: set OVERRIDES = {'bf16': False, 'bnb_4bit_compute_dtype': 'float16'}")

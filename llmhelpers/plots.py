@@ -8,7 +8,8 @@ def length_histogram(lengths: list[int], max_length: int, ax=None):
     ax = ax or plt.subplots(figsize=(7, 3))[1]
     ax.hist(lengths, bins=40, color="#4c72b0")
     ax.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
-    ax.set(xlabel="tokens per example", ylabel="examples", title=f"{len(lengths)} training examples")
+    ax.set(xlabel="tokens per example", ylabel="examples",
+           title=f"{len(lengths)} examples kept (train + eval), each at most max_length tokens")
     ax.legend()
     return ax.figure
 

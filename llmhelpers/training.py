@@ -486,6 +486,9 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
     """
     from .runs import record_run
 
+    if Path(trainer.args.output_dir).resolve() != cfg.run_dir.resolve():
+        raise ValueError(f"this trainer was built for the run in {trainer.args.output_dir}, but cfg is now the run "
+                         f"{cfg.run_name}: re-run the cell that builds the trainer (section 6), then this one.")
     main = trainer.is_world_process_zero()
     lock = RunLock(cfg.run_dir) if main else None
     if lock:

@@ -1,0 +1,37 @@
+"""Structure checks on LLM.ipynb. The pytest suite checks what holds for any copy a user saves (short cells,
+one parameters cell); `.ci/run` also checks the committed file carries no outputs:
+
+    python tests/notebook_checks.py --committed LLM.ipynb
+"""
+import sys
+from pathlib import Path
+
+import nbformat
+
+MAX_CELL_LINES = 15
+
+
+def notebook_problems(path: Path, committed: bool = False) -> list[str]:
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if committed and (cell.outputs or cell.execution_count is not None):
+            problems.append(f"cell {i} has outputs: clear them before committing (Kernel > Restart & Clear Outputs)")
+        logic = [l for l in cell.source.splitlines() if l.strip() and not l.startswith(("import ", "from "))]
+        if len(logic) > MAX_CELL_LINES:
+            problems.append(f"cell {i} has {len(logic)} lines: move logic into llmhelpers")
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(params) != 1 or not all(k in params[0].source for k in ("LLM_PROFILE", "OVERRIDES", "make_config")):
+        problems.append("there must be one cell tagged 'parameters' that reads LLM_PROFILE, holds OVERRIDES and "
+                        "builds cfg with make_config")
+    return problems
+
+
+if __name__ == "__main__":
+    committed = "--committed" in sys.argv
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    found = [f"{p}: {msg}" for p in paths for msg in notebook_problems(Path(p), committed)]
+    print("\n".join(found) or "notebook checks passed")
+    sys.exit(1 if found else 0)
