@@ -68,6 +68,7 @@ def plot_attention(labels, attentions, layers, heads, window: int = 40):
     """Heatmaps for the chosen (layer, head) pairs over the last `window` tokens, one labelled token per row
     and column (queries down, attended-to keys across), with a shared colour scale."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
 
     pairs = [(l, h) for l in layers for h in heads]
     cols = min(2, len(pairs))
@@ -78,7 +79,8 @@ def plot_attention(labels, attentions, layers, heads, window: int = 40):
     ticks = [readable_token(t, drawable) for t in labels[start:]]
     image = None
     for ax, (layer, head) in zip(axes.flat, pairs):
-        image = ax.imshow(attentions[layer][head, start:, start:].numpy(), cmap="viridis", vmin=0, vmax=1)
+        image = ax.imshow(attentions[layer][head, start:, start:].numpy(), cmap="viridis",
+                          norm=PowerNorm(gamma=0.5, vmin=0, vmax=1))  # square-root scale: small weights stay visible
         ax.set_title(f"layer {layer}, head {head}", fontsize=12)
         ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=8, family="monospace")
         ax.set_yticks(range(len(ticks)), ticks, fontsize=8, family="monospace")
@@ -86,5 +88,5 @@ def plot_attention(labels, attentions, layers, heads, window: int = 40):
         ax.set_ylabel("token")
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (square-root scale)")
     return fig
