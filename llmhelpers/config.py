@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import math
 import typing
@@ -486,6 +487,8 @@ def non_default_fields(config) -> dict:
         else:
             default = dataclasses.MISSING
         value = getattr(config, f.name, None)
+        if isinstance(value, enum.Enum):
+            value = value.value
         if value != default and not (f.name.startswith("_") or value in (None, [], {}) and default is None):
             out[f.name] = value
     return out

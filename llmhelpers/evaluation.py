@@ -119,7 +119,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 
     from peft import PeftModel
 
-    from .modeling import load_base_model
+    from .modeling import load_base_model, quiet_peft
 
     if adapter_dir is None:
         raise ValueError("eval_bf16=True merges the saved adapters into a bf16 base: pass adapter_dir= "
@@ -127,7 +127,8 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
     check_adapter_matches(adapter_dir, cfg)
     plain = load_base_model(cfg, quantized=False)
     base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)
-    merged = PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
     tuned = evaluate(merged, tokenizer, examples, cfg, "finetuned", save_dir)
     del plain, merged
     gc.collect()

@@ -21,12 +21,13 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
     import torch
     from peft import PeftModel
 
-    from .modeling import check_adapter_matches, load_base_model
+    from .modeling import check_adapter_matches, load_base_model, quiet_peft
 
     adapter_dir = Path(adapter_dir)
     check_adapter_matches(adapter_dir, cfg)
     base = load_base_model(cfg, quantized=False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     enc = tokenizer(sample_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
     with torch.inference_mode():

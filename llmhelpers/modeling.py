@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .paths import resolve
@@ -133,11 +134,18 @@ def attach_lora(model, cfg):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
-    with warnings.catch_warnings():  # peft 0.21 asks transformers' old is_gradient_checkpointing name
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model, cfg.lora_config())
     model.llm_lora_settings = {k: getattr(cfg, k) for k in LORA_SETTINGS}
     return peft_model
+
+
+@contextmanager
+def quiet_peft():
+    """peft 0.21 asks transformers 5 for its old `is_gradient_checkpointing` name, which warns on every wrap."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def trainable_parameters(model) -> str:
@@ -151,7 +159,8 @@ def load_adapter_model(cfg, adapter_dir, attn_implementation: str | None = None)
 
     check_adapter_matches(adapter_dir, cfg)
     base = load_base_model(cfg, attn_implementation=attn_implementation)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.eval()
 
 

@@ -70,13 +70,17 @@ def runs_table(output_dir) -> str:
     index = read_index(output_dir)
     if not index:
         return f"no runs recorded under {Path(output_dir) / 'runs'} yet"
-    head = f"{'run':<40}{'status':>10}{'step':>7}{'train loss':>12}{'eval loss':>11}  adapters"
+    head = f"{'run':<40}{'status':>13}{'step':>7}{'train loss':>12}{'eval loss':>11}  adapters"
     lines = [head, "-" * len(head)]
     for name, e in sorted(index.items(), key=lambda kv: kv[1].get("created", "")):
         m = e.get("metrics", {})
         loss = m.get("train_loss")
         best = m.get("best_eval_loss")
-        lines.append(f"{name:<40}{e.get('status', '?'):>10}{m.get('global_step', ''):>7}"
+        adapters = e.get("adapter_dir")
+        if adapters and Path(adapters).parent == Path(e.get("run_dir", "")):
+            adapters = f"{Path(adapters).name}/"  # inside the run folder, the usual case
+        lines.append(f"{name:<40}{e.get('status', '?'):>13}{m.get('global_step', ''):>7}"
                      f"{'' if loss is None else f'{loss:.4f}':>12}{'' if best is None else f'{best:.4f}':>11}"
-                     f"  {e.get('adapter_dir', '-')}")
+                     f"  {adapters or '-'}")
+    lines.append(f"(run folders in {Path(output_dir) / 'runs'}; all settings in index.json)")
     return "\n".join(lines)

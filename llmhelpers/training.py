@@ -432,7 +432,9 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
     state.wait_for_everyone()
     resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
     if state.is_main_process:
-        if resume is not None:
+        if resume is not None and finished(resume):
+            pass  # train() says so, and trains nothing
+        elif resume is not None:
             info = json.loads((resume / "trainer_state.json").read_text())
             print(f"resuming from {resume} (step {info.get('global_step')} of {info.get('max_steps')})")
         else:

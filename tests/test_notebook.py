@@ -147,7 +147,7 @@ def test_a_changed_model_setting_and_a_stale_trainer_are_refused(smoke_run):
 def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):
     _, nb = smoke_run
     text = outputs_text(nb.cells)
-    assert "BitsAndBytesConfig" in text and "LoraConfig" in text and "train_sampling_strategy" in text
+    assert "BitsAndBytesConfig" in text and "--- LoraConfig" in text and "train_sampling_strategy" in text
     assert "usable" in text  # the first data report, before the split
     assert "'ok': True" in text and "reasoning tokens put" in text and "finetuned acc" in text
     committed = "".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells)
