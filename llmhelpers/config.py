@@ -86,11 +86,17 @@ class FinetuneConfig:
     heldout_max: int = 0  # cap on the held-out accuracy set (0 = all)
 
     # --- answer-accuracy evaluation ---------------------------------------------------------
-    eval_max_new_tokens: int = 2048  # per-answer budget; R1 models think long
-    eval_batch_size: int = 0  # 0 = as many sequences as fit in 70% of free GPU memory (max 256)
-    eval_bf16: bool = True  # evaluate on bf16 weights (base, then merged adapters): 5x faster than 4-bit
-    eval_do_sample: bool = False  # greedy by default for comparable numbers
-    eval_temperature: float = 0.6  # the model authors' recommendation when sampling
+    # The model authors' protocol (and open-r1's): sampling at temperature 0.6, top-p 0.95, several answers per
+    # problem, long budgets. Greedy decoding makes R1 models loop, and a short budget cuts most answers off, so a
+    # fine-tuned model that merely thinks shorter would "win".
+    eval_set: str = "heldout"  # "heldout" (eval split + SciBench problems without solutions) or "math500"
+    math500_dataset: str = "HuggingFaceH4/MATH-500"  # Hub id or a local .jsonl with MATH-500's fields
+    eval_samples: int = 4  # answers per problem: pass@1 is their mean, maj@k their majority vote
+    eval_max_new_tokens: int = 8192  # per-answer budget; 32768 is the authors' (set it for final numbers)
+    eval_batch_size: int = 0  # 0 = as many sequences (engine slots) as fit 85% of free GPU memory
+    eval_bf16: bool = True  # evaluate on bf16 weights (base, then merged adapters): the fast engine runs those
+    eval_do_sample: bool = True  # False = greedy (loops on R1 models; only for debugging)
+    eval_temperature: float = 0.6  # the model authors' recommendation
     eval_top_p: float = 0.95
     eval_limit: int = 200  # problems per evaluation run (0 = all)
     accuracy_callback: bool = False  # accuracy on a small fixed subset at each save
@@ -266,6 +272,7 @@ class FinetuneConfig:
 _NOT_TRAINING_KEYS = {
     "output_dir", "tiny_model_dir", "merge_after_training", "report_to", "logging_steps", "save_total_limit",
     "eval_max_new_tokens", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_top_p", "eval_limit",
+    "eval_set", "math500_dataset", "eval_samples",
     "accuracy_callback", "accuracy_callback_size", "heldout_max", "per_device_eval_batch_size", "trust_remote_code",
     "eval_bf16", "profile", "allow_one_source",
 }
@@ -298,6 +305,8 @@ PROFILES: dict[str, dict] = {
         logging_steps=1,
         eval_max_new_tokens=48,
         eval_batch_size=8,
+        eval_samples=2,
+        math500_dataset="data/samples/math500.jsonl",
         eval_limit=16,
         accuracy_callback=True,
         accuracy_callback_size=4,
@@ -431,6 +440,7 @@ _CHOICES = {
     "bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
     "report_to": ("tensorboard", "none"),
     "metric_for_best_model": ("eval_loss",),
+    "eval_set": ("heldout", "math500"),
 }
 
 
@@ -441,7 +451,7 @@ def _check_values(cfg: FinetuneConfig) -> None:
 
     for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
-                "eval_max_new_tokens", "accuracy_callback_size"):
+                "eval_max_new_tokens", "accuracy_callback_size", "eval_samples"):
         need(getattr(cfg, key) > 0, key, "must be > 0")
     for key in ("math_samples", "science_samples", "heldout_max", "eval_limit", "eval_batch_size"):
         need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 means all)")

@@ -184,6 +184,42 @@ def from_scibench(row: Any) -> Example:
                    unit=unit, unit_exponent=exponent, id=str(row.get("problemid", "")).strip())
 
 
+# --- MATH-500 (HuggingFaceH4/MATH-500), the standard benchmark beside the held-out split --------------------
+MATH500_FIELDS = ("problem", "answer")
+
+
+def from_math500(row: Any) -> Example:
+    """A MATH-500 row (problem, solution, answer, subject, level, unique_id) as an evaluation problem."""
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type", f"row is {type(row).__name__}")
+    for name in MATH500_FIELDS:
+        if name not in row or row[name] is None:
+            raise BadRow("missing_field", name)
+        if not isinstance(row[name], str):
+            raise BadRow("non_string_content", f"{name} is {type(row[name]).__name__}")
+    problem, answer = row["problem"].strip(), row["answer"].strip()
+    if not problem:
+        raise BadRow("empty_question")
+    if not answer:
+        raise BadRow("no_final_answer", "empty answer")
+    subject = row.get("subject") if isinstance(row.get("subject"), str) else "unknown"
+    solution = row.get("solution") if isinstance(row.get("solution"), str) else ""
+    return Example(question=f"{problem}\n\n{INSTRUCTION}", reasoning=solution.strip(),
+                   answer=f"$\\boxed{{{answer}}}$", gold=answer, source=f"math500/{subject.lower()}",
+                   id=str(row.get("unique_id", "")))
+
+
+def load_math500(cfg) -> tuple[list[Example], DataReport]:
+    """MATH-500's problems (its `test` split on the Hub, or a local .jsonl with the same fields), bad rows counted."""
+    report = DataReport()
+    counts = report.sources["math500"]
+    examples = convert_rows(read_rows(cfg.math500_dataset, counts, cfg.dataset_revision, split="test"),
+                            from_math500, counts)
+    if not examples:
+        raise DataError(f"no usable MATH-500 problems in {cfg.math500_dataset}\n{report}")
+    return examples, report
+
+
 # --- reading rows ------------------------------------------------------------------------------------
 @dataclass
 class SourceCounts:
@@ -324,9 +360,9 @@ def _load_json_file(raw: bytes, counts: SourceCounts) -> Any:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> Iterable[Any]:
+def read_rows(spec: str, counts: SourceCounts, revision: str | None = None, split: str = "train") -> Iterable[Any]:
     """Rows from a local .json/.jsonl file or folder of them, else the `train` split from the Hugging Face Hub
-    (returned as a datasets.Dataset, so that sampling 15k of 80k rows never materialises them all).
+    (or `split`; returned as a datasets.Dataset, so that sampling 15k of 80k rows never materialises them all).
 
     Only `owner/name` whose first part is not a local folder is taken for a Hub id; anything else that
     does not exist is a missing file, and the error names it."""
@@ -346,7 +382,7 @@ def read_rows(spec: str, counts: SourceCounts, revision: str | None = None) -> I
     from datasets import load_dataset
 
     try:
-        return load_dataset(spec, split="train", revision=revision)
+        return load_dataset(spec, split=split, revision=revision)
     except Exception as err:  # network, auth, or no such dataset: say both things it could have been
         raise FileNotFoundError(f"{spec!r} is not a local file (looked in {Path.cwd()}), and loading it as a Hub "
                                 f"dataset failed: {type(err).__name__}: {err}") from err

@@ -27,10 +27,30 @@ class EvalRow:
     output: str
     correct: bool
     finished_thinking: bool  # </think> appeared within the budget
-    answered: bool  # a \boxed{} answer after </think>
+    answered: bool  # a \\boxed{} answer after </think>
     thinking_tokens: int
     new_tokens: int
-    hit_budget: bool
+    hit_budget: bool  # stopped by the token budget, not by the model
+    sample: int = 0  # which of the problem's eval_samples answers this is
+    final: str | None = None  # the extracted final answer (for the majority vote)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else 0.0
+
+
+def majority_correct(rows: list[EvalRow]) -> bool:
+    """maj@k for one problem: the most common final answer among its samples (ties: the one seen first) is graded.
+    Answers are compared after dropping spaces; no answer never wins a vote."""
+    votes: dict[str, list[EvalRow]] = {}
+    for r in rows:
+        if r.final is not None:
+            votes.setdefault("".join(r.final.split()), []).append(r)
+    if not votes:
+        return False
+    best = max(votes.values(), key=len)  # max keeps the first of equal counts
+    return best[0].correct
 
 
 @dataclass
@@ -39,25 +59,38 @@ class EvalResult:
     rows: list[EvalRow]
 
     def summary(self) -> dict[str, dict]:
+        """Per source and overall: problems, samples per problem, pass@1 (mean correctness over all samples),
+        maj@k, the share of answers that hit the budget, pass@1 over finished answers only, and thinking length."""
         groups: dict[str, list[EvalRow]] = defaultdict(list)
         for r in self.rows:
             groups[r.source.split("/")[0]].append(r)
             groups["all"].append(r)
         out = {}
         for name, rows in groups.items():
+            problems: dict[tuple, list[EvalRow]] = defaultdict(list)
+            for r in rows:
+                problems[(r.source, r.id, r.question)].append(r)
+            finished = [r for r in rows if not r.hit_budget]
+            thinking = [r.thinking_tokens for r in rows]
             n = len(rows)
             out[name] = {
-                "n": n,
-                "accuracy": sum(r.correct for r in rows) / n,
+                "problems": len(problems),
+                "samples": n // max(1, len(problems)),
+                "pass@1": sum(r.correct for r in rows) / n,
+                "maj@k": sum(majority_correct(p) for p in problems.values()) / len(problems),
+                "hit_budget": sum(r.hit_budget for r in rows) / n,
+                "pass@1_finished": sum(r.correct for r in finished) / len(finished) if finished else None,
                 "no_think_end": sum(not r.finished_thinking for r in rows) / n,
                 "no_answer": sum(not r.answered for r in rows) / n,
-                "mean_thinking_tokens": sum(r.thinking_tokens for r in rows) / n,
+                "mean_thinking_tokens": sum(thinking) / n,
+                "p90_thinking_tokens": _percentile(thinking, 0.9),
             }
         return out
 
     @property
     def accuracy(self) -> float:
-        return self.summary()["all"]["accuracy"] if self.rows else 0.0
+        """pass@1 over every problem and sample."""
+        return self.summary()["all"]["pass@1"] if self.rows else 0.0
 
     def save_jsonl(self, path: str | Path) -> Path:
         path = Path(path)
@@ -69,24 +102,31 @@ class EvalResult:
 
 
 def evaluation_set(data, cfg) -> list:
-    """The eval split (math and science with worked solutions) plus the SciBench held-out problems,
-    capped at cfg.eval_limit with a fixed seed so that every run grades the same problems."""
-    pool = list(data.eval_examples) + list(data.heldout)
+    """The problems graded: cfg.eval_set "heldout" (the eval split plus the SciBench problems without worked
+    solutions) or "math500" (cfg.math500_dataset), shuffled with the seed and capped at cfg.eval_limit, so that
+    every run grades the same problems."""
+    if cfg.eval_set == "math500":
+        from .data import load_math500
+
+        pool, _ = load_math500(cfg)
+    else:
+        pool = list(data.eval_examples) + list(data.heldout)
     random.Random(cfg.seed).shuffle(pool)
     return pool[:cfg.eval_limit] if cfg.eval_limit else pool
 
 
 def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path | None = None,
-             progress: bool = True) -> EvalResult:
-    gens = answer_examples(model, tokenizer, examples, cfg, progress=progress)
+             progress: bool = True, samples: int | None = None) -> EvalResult:
+    """cfg.eval_samples sampled answers per problem (or `samples`), graded; rows saved as JSONL under save_dir."""
+    answers = answer_examples(model, tokenizer, examples, cfg, progress=progress, samples=samples)
     rows = []
-    for ex, g in zip(examples, gens):
-        rows.append(EvalRow(
-            id=ex.id, source=ex.source, question=ex.question, gold=ex.gold, output=g.text,
-            correct=is_correct(g.text, ex), finished_thinking=END_THINK in g.text,
-            answered=final_answer(g.text) is not None,
-            thinking_tokens=g.thinking_tokens,
-            new_tokens=g.new_tokens, hit_budget=g.hit_budget))
+    for ex, gens in zip(examples, answers):
+        for k, g in enumerate(gens):
+            rows.append(EvalRow(
+                id=ex.id, source=ex.source, question=ex.question, gold=ex.gold, output=g.text,
+                correct=is_correct(g.text, ex), finished_thinking=END_THINK in g.text,
+                answered=final_answer(g.text) is not None, thinking_tokens=g.thinking_tokens,
+                new_tokens=g.new_tokens, hit_budget=g.hit_budget, sample=k, final=final_answer(g.text)))
     result = EvalResult(label, rows)
     if save_dir is not None:
         result.save_jsonl(Path(save_dir) / f"{label}.jsonl")
@@ -138,21 +178,19 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 
 
 def comparison_table(results: list[EvalResult]) -> str:
-    """Accuracy, out-of-budget shares and thinking length per source, one column block per run."""
-    summaries = [(r.label, r.summary()) for r in results]
-    sources = sorted({s for _, summ in summaries for s in summ}, key=lambda s: (s == "all", s))
-    head = f"{'source':<18}{'n':>5}" + "".join(
-        f"  {label[:10]:>10} acc  no-</think>  no-answer  think-tok" for label, _ in summaries)
+    """One block of rows per run: per source pass@1, maj@k, the share of answers that hit the budget, pass@1 over
+    finished answers only, and mean / 90th-percentile thinking length (budget effects made visible)."""
+    head = (f"{'run':<12}{'source':<18}{'problems':>9}{'k':>3}{'pass@1':>9}{'maj@k':>8}{'hit budget':>12}"
+            f"{'pass@1 fin.':>13}{'think mean':>12}{'think p90':>11}")
     lines = [head, "-" * len(head)]
-    for s in sources:
-        n = next((summ[s]["n"] for _, summ in summaries if s in summ), 0)
-        cells = ""
-        for _, summ in summaries:
-            m = summ.get(s)
-            cells += ("  " + " " * 10 + " n/a" + " " * 34) if m is None else (
-                f"  {m['accuracy']:>14.1%}  {m['no_think_end']:>11.1%}  {m['no_answer']:>9.1%}"
-                f"  {m['mean_thinking_tokens']:>9.0f}")
-        lines.append(f"{s:<18}{n:>5}{cells}")
+    for r in results:
+        summary = r.summary()
+        for source in sorted(summary, key=lambda s: (s == "all", s)):
+            m = summary[source]
+            fin = "n/a" if m["pass@1_finished"] is None else f"{m['pass@1_finished']:.1%}"
+            lines.append(f"{r.label[:11]:<12}{source:<18}{m['problems']:>9}{m['samples']:>3}{m['pass@1']:>9.1%}"
+                         f"{m['maj@k']:>8.1%}{m['hit_budget']:>12.1%}{fin:>13}{m['mean_thinking_tokens']:>12.0f}"
+                         f"{m['p90_thinking_tokens']:>11.0f}")
     return "\n".join(lines)
 
 
@@ -174,7 +212,7 @@ class AccuracyCallback(TrainerCallback):
         if not self.examples or not state.is_world_process_zero:
             return
         result = evaluate(model, self.tokenizer, self.examples, self.cfg, label=f"step-{state.global_step}",
-                          progress=False)
+                          progress=False, samples=1)  # one answer each: a trend during training, not the protocol
         self.history.append((state.global_step, result.accuracy))
         if self.trainer is not None:
             self.trainer.log({"eval_accuracy": result.accuracy})

@@ -1,9 +1,10 @@
 """Batched generation from rendered prompts, with thinking and answer shown apart."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from .chat import render_prompt, split_thinking
+from .chat import END_THINK, render_prompt, split_thinking
 
 
 @dataclass
@@ -14,14 +15,83 @@ class Generation:
     thinking_tokens: int = 0  # tokens before </think>, or all of them if it never came
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+def _generation(tokenizer, row: list[int], end_think: int, hit: bool | None = None) -> Generation:
+    """One answer's record from its new token ids (cut after eos when the row runs on past it)."""
+    if tokenizer.eos_token_id in row:
+        n, stopped = row.index(tokenizer.eos_token_id) + 1, True
+    else:
+        n, stopped = len(row), False
+    think = row.index(end_think) if end_think in row[:n] else n
+    return Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n,
+                      (not stopped) if hit is None else hit, think)
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 0,
              do_sample: bool = False, temperature: float = 0.6, top_p: float = 0.95,
-             progress: bool = False) -> list[Generation]:
-    """Generate for every prompt; batches are formed from prompts of similar length to waste less on padding."""
+             progress: bool = False, seed: int | None = None, samples: int = 1) -> list[Generation]:
+    """Generate `samples` answers for every prompt (prompt-major order: all samples of prompt 0 first).
+
+    Qwen2 models with plain weights (bf16/fp32, base or merged) run on the continuous-batching engine
+    (`llmhelpers.engine`): finished answers free their slot at once, and on a GPU the decode step is a CUDA
+    graph. Other models (4-bit, adapters attached: the training model) use `model.generate` in batches of
+    prompts of similar length. batch_size 0 sizes the batch (or the engine's slots) to free GPU memory.
+    """
+    from . import engine
+
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template put the bos
+    if engine.supports(model):
+        return _engine_generate(model, tokenizer, ids, max_new_tokens, batch_size, do_sample, temperature, top_p,
+                                progress, seed, samples)
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    flat = [i for i in ids for _ in range(samples)]
+    return _hf_generate(model, tokenizer, flat, max_new_tokens,
+                        batch_size or auto_batch_size(model, max(map(len, ids), default=0) + max_new_tokens),
+                        do_sample, temperature, top_p, progress)
+
+
+def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, temperature, top_p, progress, seed,
+                     samples) -> list[Generation]:
+    from .engine import Engine, Request, Sampling, auto_slots
+
+    max_len = max(map(len, ids), default=0) + max_new_tokens + 1
+    requests = [Request(i, max_new_tokens, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
+    slots = min(len(requests), slots or auto_slots(model, max_len)) or 1
+    eng = Engine(model, slots=slots, max_len=max_len)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc=f"generating ({slots} slots)", unit="answer")
+        started = time.perf_counter()
+
+        def report(done, generated):
+            bar.n = done
+            bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):,.0f} tok/s", refresh=False)
+            bar.refresh() if generated % (50 * slots) < slots else None
+    was_training = model.training
+    model.eval()
+    try:
+        eng.run(requests, Sampling(greedy=not do_sample, temperature=temperature, top_p=top_p),
+                eos=tokenizer.eos_token_id, seed=seed, progress=report if bar else None)
+    finally:
+        if bar:
+            bar.n = len(requests)
+            bar.close()
+        if was_training:
+            model.train()
+    end_think = tokenizer.convert_tokens_to_ids(END_THINK)
+    return [_generation(tokenizer, r.new_ids, end_think, r.hit_budget) for r in requests]
+
+
+def _hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
+                 temperature: float, top_p: float, progress: bool) -> list[Generation]:
     import torch
 
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results: list[Generation | None] = [None] * len(ids)
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     was_training = model.training
@@ -32,54 +102,42 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
         batches = tqdm(batches, desc="generating", unit="batch")
     tokenizer.padding_side = "left"
-    end_think = tokenizer.convert_tokens_to_ids("</think>")
+    end_think = tokenizer.convert_tokens_to_ids(END_THINK)
     for batch in batches:
-        # The template already put bos in the text: add_special_tokens=False avoids a second one.
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]
         for row, i in zip(new.tolist(), batch):
-            if tokenizer.eos_token_id in row:
-                n, hit = row.index(tokenizer.eos_token_id) + 1, False
-            else:
-                n, hit = len(row), True
-            think = row.index(end_think) if end_think in row[:n] else n
-            results[i] = Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n, hit, think)
+            results[i] = _generation(tokenizer, row, end_think)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
 
 
-def auto_batch_size(model, max_tokens: int, cap: int = 256, share: float = 0.7) -> int:
-    """How many sequences of `max_tokens` fit their KV cache in `share` of the free GPU memory.
-
-    Measured on an H100 (BENCHMARKS.md): plain generate gets faster up to batch 256, so larger
-    batches are the cheapest evaluation speed-up; on CPU a small batch is used.
-    """
+def auto_batch_size(model, max_tokens: int, share: float = 0.7) -> int:
+    """How many sequences of `max_tokens` fit their KV cache in `share` of the free GPU memory (model.generate
+    path; the engine sizes its slots the same way in llmhelpers.engine.auto_slots)."""
     import torch
 
     if not torch.cuda.is_available():
         return 8
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    dtype_bytes = 2 if model.dtype in (torch.bfloat16, torch.float16) else 4
-    kv_per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes * max_tokens
-    logits_per_seq = 2 * c.vocab_size * 4  # last-position logits in fp32 plus the sampling copy
+    from .engine import kv_bytes_per_token
+
+    per_seq = kv_bytes_per_token(model.config, model.dtype) * max_tokens + 2 * model.config.vocab_size * 4
     free, _ = torch.cuda.mem_get_info()
-    return int(max(1, min(cap, share * free // (kv_per_seq + logits_per_seq))))
+    return int(max(1, share * free // per_seq))
 
 
-def answer_examples(model, tokenizer, examples, cfg, progress: bool = False) -> list[Generation]:
+def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, samples: int | None = None
+                    ) -> list[list[Generation]]:
+    """cfg.eval_samples answers per example (sampled at cfg's temperature and top-p, seeded), grouped per example."""
+    samples = cfg.eval_samples if samples is None else samples
     prompts = [render_prompt(ex, tokenizer) for ex in examples]
-    batch = cfg.eval_batch_size
-    if not batch:
-        longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
-        batch = auto_batch_size(model, longest + cfg.eval_max_new_tokens)
-    return generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, batch, cfg.eval_do_sample,
-                    cfg.eval_temperature, cfg.eval_top_p, progress=progress)
+    flat = generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
+                    cfg.eval_temperature, cfg.eval_top_p, progress=progress, seed=cfg.seed, samples=samples)
+    return [flat[i * samples:(i + 1) * samples] for i in range(len(examples))]
 
 
 def format_generation(question: str, text: str, width: int = 600) -> str:

@@ -9,32 +9,69 @@ from llmhelpers.data import Example, build_datasets
 from llmhelpers.evaluation import EvalResult, EvalRow, comparison_table, evaluate, evaluation_set
 
 
-def row(source, correct, finished=True, answered=True, think=10):
-    return EvalRow(id="", source=source, question="q", gold="1", output="o", correct=correct,
+def row(source, correct, finished=True, answered=True, think=10, problem="q", sample=0, final="1", hit=None):
+    return EvalRow(id="", source=source, question=problem, gold="1", output="o", correct=correct,
                    finished_thinking=finished, answered=answered, thinking_tokens=think, new_tokens=20,
-                   hit_budget=not finished)
+                   hit_budget=(not finished) if hit is None else hit, sample=sample, final=final if answered else None)
 
 
-def test_summary_per_source_and_overall():
-    res = EvalResult("x", [row("mathcodeinstruct", True), row("mathcodeinstruct", False, finished=False, answered=False, think=30),
-                           row("scibench/quan", True), row("scibench/atkins", False, answered=False)])
-    s = res.summary()
-    assert s["mathcodeinstruct"] == {"n": 2, "accuracy": 0.5, "no_think_end": 0.5, "no_answer": 0.5,
-                                     "mean_thinking_tokens": 20.0}
-    assert s["scibench"]["n"] == 2 and s["scibench"]["accuracy"] == 0.5 and s["scibench"]["no_answer"] == 0.5
-    assert s["all"]["n"] == 4 and res.accuracy == 0.5
+def test_pass_at_1_is_the_mean_over_samples_and_majority_vote_grades_the_most_common_answer():
+    rows = [  # problem a: 3 of 4 samples say 7 (right); problem b: 2 say 5 (wrong), 1 says 6 (right), 1 none
+        row("math500/algebra", True, problem="a", sample=0, final="7"),
+        row("math500/algebra", True, problem="a", sample=1, final=" 7"),
+        row("math500/algebra", False, problem="a", sample=2, final="8"),
+        row("math500/algebra", True, problem="a", sample=3, final="7 "),
+        row("math500/algebra", False, problem="b", sample=0, final="5"),
+        row("math500/algebra", True, problem="b", sample=1, final="6"),
+        row("math500/algebra", False, problem="b", sample=2, final="5"),
+        row("math500/algebra", False, problem="b", sample=3, answered=False, finished=False, think=99),
+    ]
+    s = EvalResult("x", rows).summary()["math500"]
+    assert s["problems"] == 2 and s["samples"] == 4
+    assert s["pass@1"] == 4 / 8
+    assert s["maj@k"] == 1 / 2  # a: 7 wins and is right; b: 5 wins and is wrong
+    assert s["hit_budget"] == 1 / 8 and s["pass@1_finished"] == 4 / 7
+    assert s["mean_thinking_tokens"] == (7 * 10 + 99) / 8 and s["p90_thinking_tokens"] == 10  # nearest rank: 7th of 8
+
+
+def test_a_tie_goes_to_the_answer_seen_first_and_no_answer_never_wins():
+    from llmhelpers.evaluation import majority_correct
+
+    assert majority_correct([row("m", True, final="2"), row("m", False, final="3")])
+    assert not majority_correct([row("m", False, final="3"), row("m", True, final="2")])
+    assert majority_correct([row("m", False, answered=False), row("m", False, answered=False),
+                             row("m", True, final="2")])
+    assert not majority_correct([row("m", False, answered=False)])
+
+
+def test_budget_hits_are_counted_and_finished_only_accuracy_leaves_them_out():
+    rows = [row("scibench/quan", True), row("scibench/quan", False, finished=False, answered=False),
+            row("scibench/quan", False, finished=True, hit=True), row("scibench/quan", False)]
+    s = EvalResult("x", [dict_replace(r, question=f"p{i}") for i, r in enumerate(rows)]).summary()["scibench"]
+    assert s["hit_budget"] == 2 / 4 and s["no_think_end"] == 1 / 4
+    assert s["pass@1"] == 1 / 4 and s["pass@1_finished"] == 1 / 2
+    assert EvalResult("y", [row("m", False, hit=True)]).summary()["m"]["pass@1_finished"] is None
+
+
+def dict_replace(r, **kw):
+    import dataclasses
+
+    return dataclasses.replace(r, **kw)
 
 
 def test_comparison_table_and_jsonl(tmp_path):
-    a = EvalResult("base", [row("mathcodeinstruct", False), row("scibench/quan", False)])
-    b = EvalResult("finetuned", [row("mathcodeinstruct", True), row("scibench/quan", True)])
+    a = EvalResult("base", [row("mathcodeinstruct", False), row("scibench/quan", False, problem="z")])
+    b = EvalResult("finetuned", [row("mathcodeinstruct", True), row("scibench/quan", True, problem="z")])
     table = comparison_table([a, b])
     lines = table.splitlines()
-    assert "base acc" in lines[0] and "finetuned acc" in lines[0]
-    assert lines[-1].startswith("all") and "0.0%" in lines[-1] and "100.0%" in lines[-1]
+    assert "pass@1" in lines[0] and "maj@k" in lines[0] and "hit budget" in lines[0] and "think p90" in lines[0]
+    base_all = next(l for l in lines if l.startswith("base") and " all " in l)
+    tuned_all = next(l for l in lines if l.startswith("finetuned") and " all " in l)
+    assert "0.0%" in base_all and "100.0%" in tuned_all
     path = b.save_jsonl(tmp_path / "b.jsonl")
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["label"] == "finetuned" and rows[0]["correct"] is True
+    assert {"sample", "final", "hit_budget"} <= set(rows[0])
 
 
 def test_evaluation_set_is_fixed_and_includes_heldout(tok_current):
@@ -55,7 +92,8 @@ def test_evaluate_on_tiny_model(tiny_model_dir, tmp_path):
     exs = [Example(question=f"What is {i} plus 1?", reasoning="", answer="", gold=str(i + 1), source="scibench/x")
            for i in range(3)]
     res = evaluate(model, tok, exs, cfg, "tiny", save_dir=tmp_path, progress=False)
-    assert len(res.rows) == 3 and all(r.thinking_tokens <= r.new_tokens <= 8 for r in res.rows)
+    assert len(res.rows) == 3 * cfg.eval_samples and all(r.thinking_tokens <= r.new_tokens <= 8 for r in res.rows)
+    assert sorted(r.sample for r in res.rows) == sorted(list(range(cfg.eval_samples)) * 3)
     assert (tmp_path / "tiny.jsonl").exists()
     # A random model never closes its thinking in 8 tokens: counted as out of budget, not as an answer.
     assert all(not r.correct for r in res.rows if not r.finished_thinking)

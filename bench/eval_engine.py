@@ -1,0 +1,177 @@
+"""Evaluation generation throughput on a realistic workload: today's `generate()` path against the
+continuous-batching engine, in one process, on the R1-1.5B architecture with random bf16 weights.
+
+    python bench/eval_engine.py --out bench/results/<date>-<gpu>-eval.json
+
+Workload (issue #10): prompts of 100-600 tokens (uniform), answer lengths lognormal with median 2,000 and
+sigma 0.7, capped at 8,192; each answer ends with eos at its drawn length (a logits processor forces it, and
+bans eos before it, for model.generate; the engine's per-request budget is set to the drawn length, which
+stops it at the same token). Timing is end to end with the model already loaded: every warm-up, graph
+capture and prefill counts. Configurations:
+
+- baseline: the path before the engine: model.generate on bf16 weights, prompts sorted by length, batches of
+  the old auto size (KV cache of longest prompt + 8,192 tokens in 70% of free memory, capped at 256);
+- default: `llmhelpers.generation.generate`, i.e. the engine with slots sized to free memory, sampling at
+  temperature 0.6 / top-p 0.95 (the protocol);
+- the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import gpu_name, random_r1_model  # noqa: E402
+
+EOS = 151643  # R1's eos id (config.json)
+
+
+def workload(n: int, seed: int = 0, median: int = 2000, sigma: float = 0.7, cap: int = 8192):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1000, 150000) for _ in range(rng.randint(100, 600))] for _ in range(n)]
+    lengths = [min(cap, max(1, int(math.exp(rng.gauss(math.log(median), sigma))))) for _ in range(n)]
+    return prompts, lengths
+
+
+class ForceEosAt:
+    """Logits processor: eos exactly at each row's drawn length, never before."""
+
+    def __init__(self, lengths, prompt_width):
+        import torch
+
+        self.lengths = torch.tensor(lengths).cuda()
+        self.width = prompt_width
+
+    def __call__(self, input_ids, scores):
+        made = input_ids.shape[1] - self.width
+        at = (self.lengths - 1 == made)
+        scores[:, EOS] = float("-inf")
+        scores[at] = float("-inf")
+        scores[at, EOS] = 0.0
+        return scores
+
+
+def old_auto_batch(model, max_tokens, cap=256, share=0.7):
+    import torch
+
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2 * max_tokens
+    free, _ = torch.cuda.mem_get_info()
+    return int(max(1, min(cap, share * free // (kv + 2 * c.vocab_size * 4))))
+
+
+def baseline(model, prompts, lengths, cap):
+    import torch
+    from transformers import LogitsProcessorList
+
+    batch = old_auto_batch(model, max(map(len, prompts)) + cap)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    made = 0
+    for b in range(0, len(order), batch):
+        idx = order[b:b + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):  # left padding, as the project's generate() did
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=cap,
+                                 do_sample=True, temperature=0.6, top_p=0.95, pad_token_id=EOS, eos_token_id=EOS,
+                                 logits_processor=LogitsProcessorList([ForceEosAt([lengths[i] for i in idx],
+                                                                                  width)]))
+        new = out[:, width:].tolist()
+        for row in new:
+            made += row.index(EOS) + 1 if EOS in row else len(row)
+    return made, {"batch": batch}
+
+
+def engine(model, prompts, lengths, cap, slots=0, graphs=True):
+    from llmhelpers.engine import Engine, Request, Sampling, auto_slots
+
+    max_len = max(map(len, prompts)) + cap + 1
+    slots = slots or auto_slots(model, max_len)
+    eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs)
+    reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
+    eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=EOS, seed=0)
+    made = sum(len(r.new_ids) for r in reqs)
+    assert made == sum(lengths), (made, sum(lengths))
+    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.forward_passes}
+    del eng
+    return made, info
+
+
+def main():
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1024, help="engine workload size")
+    parser.add_argument("--baseline-requests", type=int, default=256, help="one batch of the old path")
+    parser.add_argument("--cap", type=int, default=8192)
+    parser.add_argument("--configs", default="default,baseline,slots64,no-graphs")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from llmhelpers.config import make_config
+    from llmhelpers.modeling import load_base_model
+
+    model_dir = random_r1_model()
+    model = load_base_model(make_config("full", model_id=str(model_dir)), quantized=False).eval()
+    prompts, lengths = workload(args.requests, cap=args.cap)
+    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "workload": {"prompt_tokens": "uniform 100-600", "answer_tokens": "lognormal median 2000 sigma 0.7",
+                            "cap": args.cap, "requests": args.requests,
+                            "mean_answer_tokens": round(sum(lengths) / len(lengths)),
+                            "max_answer_tokens": max(lengths)},
+               "runs": []}
+    for name in args.configs.split(","):
+        n = args.baseline_requests if name == "baseline" else args.requests
+        if name in ("no-graphs", "slots64"):
+            n = min(n, 256)
+        p, l = prompts[:n], lengths[:n]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            if name == "baseline":
+                made, info = baseline(model, p, l, args.cap)
+            elif name == "default":
+                made, info = engine(model, p, l, args.cap)
+            elif name == "slots64":
+                made, info = engine(model, p, l, args.cap, slots=64)
+            elif name == "no-graphs":
+                made, info = engine(model, p, l, args.cap, graphs=False)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            run = {"config": name, "requests": n, "generated_tokens": made, "seconds": round(seconds, 1),
+                   "gen_tok_s": round(made / seconds), "peak_alloc_gib":
+                   round(torch.cuda.max_memory_allocated() / 2**30, 1), **info}
+        except Exception as err:  # one failing configuration should not hide the others
+            run = {"config": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        if args.out:  # written after every configuration, so a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        gc.collect()
+        torch.cuda.empty_cache()
+    runs = {r["config"]: r for r in results["runs"] if "gen_tok_s" in r}
+    if "default" in runs and "baseline" in runs:
+        results["default_over_baseline"] = round(runs["default"]["gen_tok_s"] / runs["baseline"]["gen_tok_s"], 2)
+    print(json.dumps(results, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""A continuous-batching decoder for Qwen2 models (every R1-Distill-Qwen size), for evaluation.
+
+Why not `model.generate`: reasoning answers end at very different lengths (hundreds to thousands of tokens),
+and a static batch keeps decoding until its longest member stops; its Python loop also bounds the GPU. Here:
+
+- **Slots.** `slots` sequences decode together. When one finishes (eos, its budget, or a pause requested by
+  `on_token`), its slot is refilled at once with the next request, so no step is spent on finished sequences.
+- **KV cache.** One static cache per layer, `[slots, kv_heads, max_len, head_dim]`, allocated once. Decode
+  attention reads only each slot's live length (a Triton split-K kernel on CUDA; a masked PyTorch reference
+  elsewhere, which is also the kernel's test oracle).
+- **CUDA graphs.** The decode step (all layers, sampling included) has static shapes and is captured once and
+  replayed, so the per-step CPU cost is one graph launch and one copy of the new tokens.
+- **Pause and resume.** `on_token(request, tokens)` may return `PAUSE`; the engine keeps the slot's cache and
+  hands the request to `on_pause(request, tokens)`, which returns token ids to append (e.g. an executed code
+  block's output). Those are prefilled into the slot at its current position and decoding continues. This is
+  the hook for tool execution between generation steps.
+
+The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
+`nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
+Sampling is temperature + top-p (exact, over the sorted vocabulary) with Gumbel-max, or greedy; a seed fixes it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+PAUSE = "pause"
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    key: object = None  # whatever the caller uses to match results (problem index, sample number)
+    new_ids: list[int] = field(default_factory=list)  # generated and appended tokens, in order
+    appended: int = 0  # how many of new_ids were appended by on_pause (not generated)
+    hit_budget: bool = False
+    finished: bool = False
+
+
+@dataclass
+class Sampling:
+    greedy: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+
+
+def supports(model) -> bool:
+    """The engine runs Qwen2-architecture models whose linear layers are plain nn.Linear (not 4-bit, no adapters)."""
+    from transformers import Qwen2ForCausalLM
+
+    if type(model) is not Qwen2ForCausalLM:
+        return False
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return bool(linears) and all(type(m) is torch.nn.Linear for m in linears)
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512) -> int:
+    """As many slots as fit their cache (and a step's logits) in `share` of the free GPU memory."""
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        return 8
+    per_slot = kv_bytes_per_token(model.config, model.dtype) * max_len + 4 * 4 * model.config.vocab_size
+    free, _ = torch.cuda.mem_get_info()
+    return int(max(1, min(cap, share * free // per_slot)))
+
+
+# --- attention over each slot's live length -------------------------------------------------------------------
+def decode_attention_reference(q, k_cache, v_cache, lengths, scale):
+    """q [S, Hq, D]; caches [S, Hkv, T, D]; lengths [S]: softmax(q k^T) v over positions < length."""
+    S, Hq, D = q.shape
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    qg = q.view(S, Hkv, group, D).float()
+    scores = torch.einsum("shgd,shtd->shgt", qg, k_cache.float()) * scale
+    live = torch.arange(T, device=q.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    out = torch.einsum("shgt,shtd->shgd", scores.softmax(-1), v_cache.float())
+    return out.reshape(S, Hq, D).to(q.dtype)
+
+
+_triton_kernel = None
+
+
+def _build_triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, scale,
+                           T, chunk, Hkv: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                           NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+        slot, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(len_ptr + slot)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + (slot * Hkv * GROUP + heads[:, None]) * D + d[None, :], mask=g[:, None] < GROUP,
+                    other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        base = (slot * Hkv + kvh) * T * D
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            live = n < end
+            k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        row = (slot * Hkv * GROUP + heads) * NSPLIT + split
+        keep = g < GROUP
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=keep[:, None])
+        tl.store(m_ptr + row, m_i, mask=keep)
+        tl.store(l_ptr + row, l_i, mask=keep)
+
+    return split_kv_attention
+
+
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 16):
+    """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions."""
+    global _triton_kernel
+    if _triton_kernel is None:
+        _triton_kernel = _build_triton_kernel()
+    S, Hq, D = q.shape
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    chunk = max(64, math.ceil(T / nsplit / 64) * 64)
+    nsplit = math.ceil(T / chunk)
+    acc = torch.empty(S, Hq, nsplit, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _triton_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l, scale,
+                                     T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
+                                     BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=64)
+    top = m.amax(-1, keepdim=True)
+    w = torch.exp(m - top).nan_to_num(0.0)  # splits past the live length hold -inf
+    out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+# --- the engine ------------------------------------------------------------------------------------------
+class Engine:
+    def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
+                 attention: str | None = None):
+        if not supports(model):
+            raise ValueError("the engine needs a Qwen2 model with plain nn.Linear layers (bf16/fp32, merged); "
+                             "use model.generate for 4-bit or adapter-wrapped models")
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        self.model, self.slots, self.max_len = model, slots, max_len
+        self.rope = apply_rotary_pos_emb
+        c = model.config
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.hq, self.hkv = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+        cuda = self.device.type == "cuda"
+        self.attention_impl = attention or ("triton" if cuda else "reference")
+        self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
+        shape = (slots, self.hkv, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
+        # static inputs and outputs of the decode step
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.sampling = Sampling()
+        self.graphs: dict[int, object] = {}
+        self.graph_sampling = None
+        self.forward_passes = 0  # decode steps + prefills: the tests count them
+
+    # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
+    def _layers(self, hidden, slot_idx, positions, attend):
+        rot = self.model.model.rotary_emb(hidden, positions)
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            B, T, _ = x.shape
+            q = attn.q_proj(x).view(B, T, self.hq, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, *rot)
+            a = attend(i, q, k, v, slot_idx, positions)  # [B, T, Hq * D]
+            hidden = hidden + attn.o_proj(a)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.model.norm(hidden)
+
+    def _decode_attend(self, i, q, k, v, slot_idx, positions):
+        n = q.shape[0]  # the first n slots decode (after compaction, fewer than all)
+        pos = positions[:, 0]
+        k_cache, v_cache = self.k_cache[i][:n], self.v_cache[i][:n]
+        k_cache[slot_idx, :, pos] = k[:, :, 0]
+        v_cache[slot_idx, :, pos] = v[:, :, 0]
+        fn = decode_attention_triton if self.attention_impl == "triton" else decode_attention_reference
+        out = fn(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale)
+        return out.reshape(n, 1, -1)
+
+    def _sample(self, logits):
+        if self.sampling.greedy:
+            return logits.argmax(-1)
+        logits = logits.float() / self.sampling.temperature
+        probs = logits.softmax(-1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= self.sampling.top_p
+        sorted_logits = logits.gather(-1, order).masked_fill(drop, float("-inf"))
+        gumbel = -torch.log(-torch.log(torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)))
+        return order.gather(-1, (sorted_logits + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
+
+    def _decode_step(self, n: int):
+        hidden = self.model.model.embed_tokens(self.tokens[:n, None])
+        slot_idx = torch.arange(n, device=self.device)
+        hidden = self._layers(hidden, slot_idx, self.positions[:n, None], self._decode_attend)
+        logits = self.model.lm_head(hidden[:, -1])
+        self.next_tokens[:n].copy_(self._sample(logits))
+
+    def _step(self, n: int):
+        """One decode step of the first n slots: a CUDA graph per n, captured on first use and replayed."""
+        self.forward_passes += 1
+        if not self.use_cuda_graph:
+            self._decode_step(n)
+            return
+        if self.graph_sampling != self.sampling:  # sampling settings are baked into the graphs
+            self.graphs, self.graph_sampling = {}, self.sampling
+        if n not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: kernels compiled and autotuned outside the capture
+                    self._decode_step(n)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._decode_step(n)
+            self.graphs[n] = graph
+        self.graphs[n].replay()
+
+    def _move(self, src: int, dst: int, length: int):
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[dst, :, :length] = cache[src, :, :length]
+
+    def _extend(self, slot: int, ids: list[int], start: int) -> int:
+        """Prefill `ids` into `slot` at positions start.. (a prompt, or text appended after a pause); returns
+        the token sampled after them."""
+        self.forward_passes += 1
+        x = torch.tensor([ids], device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device)[None, :]
+
+        def attend(i, q, k, v, slot_idx, pos):
+            end = start + len(ids)
+            self.k_cache[i][slot, :, start:end] = k[0]
+            self.v_cache[i][slot, :, start:end] = v[0]
+            keys, values = self.k_cache[i][slot:slot + 1, :, :end], self.v_cache[i][slot:slot + 1, :, :end]
+            mask = (torch.arange(end, device=self.device)[None, :]
+                    <= torch.arange(start, end, device=self.device)[:, None])
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                                   scale=self.scale, enable_gqa=True)
+            return out.transpose(1, 2).reshape(1, len(ids), -1)
+
+        hidden = self._layers(self.model.model.embed_tokens(x), None, positions, attend)
+        return int(self._sample(self.model.lm_head(hidden[:, -1]))[0])
+
+    @torch.inference_mode()
+    def run(self, requests: list[Request], sampling: Sampling, eos: int, seed: int | None = None,
+            on_token: Callable[[Request, list[int]], str | None] | None = None,
+            on_pause: Callable[[Request, list[int]], list[int]] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> list[Request]:
+        """Decode every request to eos or its budget; returns them in order with new_ids filled in."""
+        self.sampling = sampling
+        if seed is not None:
+            torch.manual_seed(seed)
+        queue = list(range(len(requests)))[::-1]
+        active: dict[int, int] = {}  # slot -> request index
+        lengths = [0] * self.slots
+        positions_host = [0] * self.slots
+        tokens_host = [0] * self.slots
+        done = generated = 0
+
+        def finish(slot):
+            nonlocal done
+            req = requests[active.pop(slot)]
+            req.finished = True
+            done += 1
+
+        def accept(slot, token) -> bool:
+            """Record a sampled token; False when the request ended (eos, budget)."""
+            req = requests[active[slot]]
+            req.new_ids.append(token)
+            if token == eos:
+                finish(slot)
+                return False
+            if len(req.new_ids) - req.appended >= req.max_new_tokens or lengths[slot] + 1 >= self.max_len:
+                req.hit_budget = True
+                finish(slot)
+                return False
+            if on_token is not None and on_token(req, req.new_ids) == PAUSE:
+                extra = on_pause(req, req.new_ids) if on_pause else []
+                # the sampled token is not in the cache yet: it is prefilled together with the appended text
+                ids = [token] + list(extra)
+                if lengths[slot] + len(ids) + 1 >= self.max_len:
+                    req.hit_budget = True
+                    finish(slot)
+                    return False
+                req.new_ids.extend(extra)
+                req.appended += len(extra)
+                nxt = self._extend(slot, ids, lengths[slot])
+                lengths[slot] += len(ids)
+                return accept(slot, nxt)
+            tokens_host[slot], positions_host[slot] = token, lengths[slot]
+            lengths[slot] += 1
+            return True
+
+        def fill(slot):
+            while queue:
+                idx = queue.pop()
+                req = requests[idx]
+                if len(req.prompt_ids) + 1 >= self.max_len:
+                    raise ValueError(f"a prompt of {len(req.prompt_ids)} tokens does not fit max_len={self.max_len}")
+                active[slot] = idx
+                first = self._extend(slot, req.prompt_ids, 0)
+                lengths[slot] = len(req.prompt_ids)
+                if accept(slot, first):
+                    return
+
+        for slot in range(self.slots):
+            fill(slot)
+        width = self.slots  # decode the first `width` slots
+        while active:
+            if not queue and len(active) <= width // 2 and width > 8:
+                width = self._compact(active, lengths, tokens_host, positions_host)
+            self.tokens[:width].copy_(torch.tensor(tokens_host[:width], device=self.device))
+            self.positions[:width].copy_(torch.tensor(positions_host[:width], device=self.device))
+            self._step(width)
+            sampled = self.next_tokens[:width].tolist()
+            for slot in list(active):
+                generated += 1
+                if not accept(slot, sampled[slot]):
+                    fill(slot)
+            if progress:
+                progress(done, generated)
+        return requests
+
+    def _compact(self, active, lengths, tokens_host, positions_host) -> int:
+        """Once the queue is empty and half the slots are idle, move the live sequences into the lowest slots and
+        decode only those: the tail of a run costs what its live sequences need, not the full width."""
+        width = max(8, triton_next_pow2(len(active)))
+        free = [s for s in range(width) if s not in active]
+        for slot in sorted(s for s in active if s >= width):
+            dst = free.pop(0)
+            self._move(slot, dst, lengths[slot])
+            active[dst] = active.pop(slot)
+            for host in (lengths, tokens_host, positions_host):
+                host[dst] = host[slot]
+        return width
+
+
+def timed(fn):
+    """(result, seconds) with the GPU synchronised around the call."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0

@@ -1,0 +1,148 @@
+"""The continuous-batching engine on the tiny Qwen2: the same greedy tokens as `model.generate`, finished
+sequences free their slot (forward passes counted), seeded sampling is reproducible, a paused sequence resumes
+with appended text exactly as if that text had been in its prompt, and the Triton decode kernel matches the
+PyTorch reference (Triton's CPU interpreter)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llmhelpers.config import make_config
+from llmhelpers.engine import PAUSE, Engine, Request, Sampling, supports
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from llmhelpers.chat import render_prompt
+    from llmhelpers.data import demo_examples
+    from llmhelpers.modeling import load_base_model, load_tokenizer
+
+    cfg = make_config("smoke", tiny_model_dir=str(tiny_model_dir))
+    tok = load_tokenizer(cfg)
+    model = load_base_model(cfg, quantized=False).eval()
+    prompts = [tok(render_prompt(e, tok), add_special_tokens=False)["input_ids"] for e in demo_examples()]
+    return model, tok, prompts
+
+
+def hf_greedy(model, tok, ids, n):
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def test_only_plain_qwen2_models_take_the_engine(tiny, tiny_model_dir):
+    from llmhelpers.modeling import load_base_model
+
+    model, _, _ = tiny
+    assert supports(model)
+    assert not supports(load_base_model(make_config("smoke", tiny_model_dir=str(tiny_model_dir))))  # 4-bit
+
+
+def test_greedy_tokens_equal_model_generate(tiny):
+    model, tok, prompts = tiny
+    prompts = prompts + prompts[::-1]  # more requests than slots: slots are refilled
+    reqs = [Request(p, 30) for p in prompts]
+    Engine(model, slots=2, max_len=max(map(len, prompts)) + 31).run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
+    for r, p in zip(reqs, prompts):
+        assert r.new_ids == hf_greedy(model, tok, p, 30)
+        assert r.finished and r.hit_budget == (tok.eos_token_id not in r.new_ids)
+
+
+def test_finished_sequences_free_their_slot(tiny):
+    model, tok, prompts = tiny
+    budgets = [30] + [3] * 10
+    reqs = [Request(prompts[i % 3], b) for i, b in enumerate(budgets)]
+    engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 31)
+    engine.run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
+    assert [len(r.new_ids) for r in reqs] == budgets  # a random tiny model never says eos this early
+    # one prefill per request (it yields the first token), then decode steps shared by the two slots: the long
+    # request needs 29, and the ten short ones (2 steps each) run beside it in the other slot.
+    assert engine.forward_passes == len(budgets) + 29
+    static = len(budgets) + sum(max(budgets[i:i + 2]) - 1 for i in range(0, len(budgets), 2))
+    assert engine.forward_passes < static  # a static batch of 2 decodes until its longer member stops
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok, prompts = tiny
+
+    def sample(seed):
+        reqs = [Request(p, 20) for p in prompts for _ in range(2)]
+        Engine(model, slots=3, max_len=max(map(len, prompts)) + 21).run(
+            reqs, Sampling(temperature=1.0, top_p=0.95), eos=tok.eos_token_id, seed=seed)
+        return [r.new_ids for r in reqs]
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_top_p_keeps_only_the_nucleus(tiny):
+    model, _, _ = tiny
+    engine = Engine(model, slots=1, max_len=8)
+    engine.sampling = Sampling(temperature=1.0, top_p=0.5)
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1] + [0.0] * (model.config.vocab_size - 3)]) + 1e-30)
+    torch.manual_seed(0)
+    assert {int(engine._sample(logits)) for _ in range(50)} == {0}  # 0.6 alone reaches top_p=0.5
+    engine.sampling = Sampling(temperature=1.0, top_p=0.8)
+    assert {int(engine._sample(logits)) for _ in range(200)} == {0, 1}
+
+
+def test_a_paused_sequence_resumes_with_appended_text(tiny):
+    model, tok, prompts = tiny
+    appended = tok("```output\n42\n```\n", add_special_tokens=False)["input_ids"]
+    seen = []
+
+    def on_token(req, tokens):
+        return PAUSE if len(tokens) == 5 and not seen else None
+
+    def on_pause(req, tokens):
+        seen.append(list(tokens))
+        return appended
+
+    req = Request(prompts[0], 20)
+    other = Request(prompts[1], 20)  # decodes beside it, undisturbed
+    Engine(model, slots=2, max_len=max(map(len, prompts)) + 60).run([req, other], Sampling(greedy=True),
+                                                              eos=tok.eos_token_id, on_token=on_token,
+                                                              on_pause=on_pause)
+    first = seen[0]
+    assert req.new_ids[:5] == first and req.new_ids[5:5 + len(appended)] == appended
+    assert req.appended == len(appended) and len(req.new_ids) == 20 + len(appended)  # appended text is free
+    # what follows is what the model says with the appended text in its context, as if it had been prompted so
+    assert req.new_ids[5 + len(appended):] == hf_greedy(model, tok, prompts[0] + first + appended, 15)
+    assert other.new_ids == hf_greedy(model, tok, prompts[1], 20)
+
+
+def test_triton_decode_kernel_matches_the_reference():
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from llmhelpers.engine import decode_attention_reference, decode_attention_triton
+        torch.manual_seed(0)
+        S, Hq, Hkv, T, D = 4, 12, 2, 300, 128  # R1-1.5B's heads: 12 query heads share 2 kv heads
+        q, k, v = torch.randn(S, Hq, D), torch.randn(S, Hkv, T, D), torch.randn(S, Hkv, T, D)
+        lengths = torch.tensor([1, 64, 65, 300])
+        ref = decode_attention_reference(q, k, v, lengths, D ** -0.5)
+        out = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4)
+        print((out - ref).abs().max().item())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})  # Triton's CPU interpreter
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 1e-4
+
+
+def test_the_tail_is_compacted_into_fewer_slots_without_changing_tokens(tiny, monkeypatch):
+    model, tok, prompts = tiny
+    budgets = [25, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+    reqs = [Request(prompts[i % 3], b) for i, b in enumerate(budgets)]
+    engine = Engine(model, slots=16, max_len=max(map(len, prompts)) + 26)
+    widths = []
+    real_step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda n: (widths.append(n), real_step(n)))
+    engine.run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
+    assert widths[0] == 16 and widths[-1] == 8 and sorted(set(widths)) == [8, 16]
+    for r, i in zip(reqs, range(len(budgets))):
+        assert r.new_ids == hf_greedy(model, tok, prompts[i % 3], budgets[i])
