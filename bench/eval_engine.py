@@ -69,13 +69,29 @@ def old_auto_batch(model, max_tokens, cap=256, share=0.7):
     return int(max(1, min(cap, share * free // (kv + 2 * c.vocab_size * 4))))
 
 
-def baseline(model, prompts, lengths, cap):
+class Deadline:
+    """Stopping criterion: stop the whole batch once `seconds` have passed (to bound the benchmark's cost)."""
+
+    def __init__(self, seconds):
+        self.deadline, self.hit = time.perf_counter() + seconds, False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.hit = self.hit or time.perf_counter() > self.deadline
+        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
+
+
+def baseline(model, prompts, lengths, cap, seconds=None):
+    """Returns useful tokens made. With `seconds`, generation stops there: a static batch's useful rate only
+    falls as its rows finish, so a cut-short measurement is an upper bound on the baseline's throughput."""
     import torch
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     batch = old_auto_batch(model, max(map(len, prompts)) + cap)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     made = 0
+    deadline = Deadline(seconds) if seconds else None
     for b in range(0, len(order), batch):
         idx = order[b:b + batch]
         width = max(len(prompts[i]) for i in idx)
@@ -88,10 +104,13 @@ def baseline(model, prompts, lengths, cap):
             out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=cap,
                                  do_sample=True, temperature=0.6, top_p=0.95, pad_token_id=EOS, eos_token_id=EOS,
                                  logits_processor=LogitsProcessorList([ForceEosAt([lengths[i] for i in idx],
-                                                                                  width)]))
+                                                                                  width)]),
+                                 stopping_criteria=StoppingCriteriaList([deadline] if deadline else []))
         new = out[:, width:].tolist()
         for row in new:
             made += row.index(EOS) + 1 if EOS in row else len(row)
+        if deadline and deadline.hit:
+            return made, {"batch": batch, "cut_short_after_s": seconds, "upper_bound": True}
     return made, {"batch": batch}
 
 
@@ -102,7 +121,9 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True):
     slots = slots or auto_slots(model, max_len)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs)
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
-    eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=EOS, seed=0)
+    # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
+    # processor of the baseline, which bans it before the drawn length, the answer ends at its drawn length.
+    eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=-1, seed=0)
     made = sum(len(r.new_ids) for r in reqs)
     assert made == sum(lengths), (made, sum(lengths))
     info = {"slots": eng.slots, "decode_steps_and_prefills": eng.forward_passes}
@@ -118,6 +139,8 @@ def main():
     parser.add_argument("--baseline-requests", type=int, default=256, help="one batch of the old path")
     parser.add_argument("--cap", type=int, default=8192)
     parser.add_argument("--configs", default="default,baseline,slots64,no-graphs")
+    parser.add_argument("--baseline-seconds", type=float, default=None,
+                        help="stop the baseline after this long (its throughput is then an upper bound)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -143,7 +166,7 @@ def main():
         t0 = time.perf_counter()
         try:
             if name == "baseline":
-                made, info = baseline(model, p, l, args.cap)
+                made, info = baseline(model, p, l, args.cap, args.baseline_seconds)
             elif name == "default":
                 made, info = engine(model, p, l, args.cap)
             elif name == "slots64":

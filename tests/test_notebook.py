@@ -149,6 +149,6 @@ def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):
     text = outputs_text(nb.cells)
     assert "BitsAndBytesConfig" in text and "--- LoraConfig" in text and "train_sampling_strategy" in text
     assert "usable" in text  # the first data report, before the split
-    assert "'ok': True" in text and "reasoning tokens put" in text and "finetuned acc" in text
+    assert "'ok': True" in text and "reasoning tokens put" in text and "pass@1" in text and "hit budget" in text and "maj@k" in text
     committed = "".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells)
     assert "ResumableSFTTrainer(" in committed and committed.count("attach_lora(") == 1  # no second attach
