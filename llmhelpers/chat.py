@@ -10,6 +10,7 @@ revisions: the original prompt ends with `<｜Assistant｜>` and the completion 
 from __future__ import annotations
 
 import html
+import re
 
 from .examples import Example
 
@@ -46,19 +47,38 @@ def render(example: Example, tokenizer) -> dict[str, str]:
     return {"prompt": prompt, "completion": completion}
 
 
-def encode(example: Example, tokenizer) -> dict[str, list[int]]:
+# An executed block's output, as MathCodeInstruct writes it: the model writes the opening fence, the interpreter
+# writes what follows (the output and the closing fence). Group 1 starts where the interpreter's part starts.
+TOOL_OUTPUT = re.compile(r"```output\n(.*?```)", re.DOTALL)
+
+
+def tool_output_spans(text: str) -> list[tuple[int, int]]:
+    """Character ranges written by the interpreter, not the model: each output block's content and closing fence."""
+    return [m.span(1) for m in TOOL_OUTPUT.finditer(text)]
+
+
+def encode(example: Example, tokenizer, mask_tool_output: bool = True) -> dict[str, list[int]]:
     """Token ids and a mask that is 1 on the trained tokens (reasoning, answer, eos).
 
     Prompt and completion are tokenized separately, with add_special_tokens=False: the
     template already put the one bos at the start, and the prompt tokens are then exactly
-    those that generation starts from.
+    those that generation starts from. With mask_tool_output, tokens inside an executed block's
+    output (after "```output\\n", up to and including the closing fence) are not trained: the
+    model learns to write code and open the output fence, not to predict what the interpreter prints.
     """
     parts = render(example, tokenizer)
     prompt_ids = tokenizer(parts["prompt"], add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(parts["completion"], add_special_tokens=False)["input_ids"]
+    enc = tokenizer(parts["completion"], add_special_tokens=False, return_offsets_mapping=mask_tool_output)
+    completion_ids = enc["input_ids"]
+    trained = [1] * len(completion_ids)
+    if mask_tool_output:
+        spans = tool_output_spans(parts["completion"])
+        for i, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and any(lo <= a and b <= hi for lo, hi in spans):
+                trained[i] = 0
     return {
         "input_ids": prompt_ids + completion_ids,
-        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
+        "completion_mask": [0] * len(prompt_ids) + trained,
     }
 
 
@@ -85,9 +105,13 @@ def mask_audit(features: dict[str, list[int]], tokenizer, html_output: bool | No
     plain text with trained spans wrapped in [[ ]]. Counts are printed in both forms.
     """
     ids, mask = features["input_ids"], features["completion_mask"]
-    pieces = [(tokenizer.decode([i]), m) for i, m in zip(ids[:max_tokens], mask[:max_tokens])]
+    first = mask.index(1) if 1 in mask else len(mask)  # masked tokens after this are tool output
+    kinds = [1 if m else (0 if i < first else 2) for i, m in enumerate(mask)]  # 1 trained, 0 prompt, 2 tool output
+    pieces = [(tokenizer.decode([i]), k) for i, k in zip(ids[:max_tokens], kinds[:max_tokens])]
+    tool = kinds.count(2)
     summary = (f"{len(ids)} tokens, {sum(mask)} trained ({sum(mask) / max(len(ids), 1):.0%}), "
-               f"{len(ids) - sum(mask)} prompt tokens masked; bos count = {ids.count(tokenizer.bos_token_id)}")
+               f"{first} prompt tokens masked, {tool} tool-output tokens masked; "
+               f"bos count = {ids.count(tokenizer.bos_token_id)}")
     if len(ids) > max_tokens:
         summary += f"; showing the first {max_tokens}"
     if html_output is None:
@@ -95,20 +119,20 @@ def mask_audit(features: dict[str, list[int]], tokenizer, html_output: bool | No
     if html_output:
         from IPython.display import HTML
 
-        spans = "".join(
-            f'<span style="background:{"#c8f7c5" if m else "#eee"}">{html.escape(p)}</span>' for p, m in pieces
-        )
-        return HTML(f"<p><b>{html.escape(summary)}</b> (green = trained, grey = masked)</p>"
+        colours = {1: "#c8f7c5", 0: "#eee", 2: "#fde2a7"}
+        spans = "".join(f'<span style="background:{colours[k]}">{html.escape(p)}</span>' for p, k in pieces)
+        return HTML(f"<p><b>{html.escape(summary)}</b> (green = trained, grey = prompt, amber = tool output, "
+                    "written by the interpreter: not trained)</p>"
                     f'<pre style="white-space:pre-wrap">{spans}</pre>')
     out, current = [], 0
-    for piece, m in pieces:
-        if m != current:
-            out.append("[[" if m else "]]")
-            current = m
+    marks = {1: ("[[", "]]"), 2: ("{{", "}}"), 0: ("", "")}
+    for piece, k in pieces:
+        if k != current:
+            out.append(marks[current][1] + marks[k][0])
+            current = k
         out.append(piece)
-    if current:
-        out.append("]]")
-    return f"{summary} ([[ ]] = trained)\n" + "".join(out)
+    out.append(marks[current][1])
+    return f"{summary} ([[ ]] = trained, {{{{ }}}} = tool output, not trained)\n" + "".join(out)
 
 
 def _in_notebook() -> bool:

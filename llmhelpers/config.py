@@ -61,6 +61,9 @@ class FinetuneConfig:
     # residual stream fp32 and doubles checkpointed activations. Keeping them bf16 halves that memory with the
     # same loss (bench/train_throughput.py checks it); the seed profile keeps the upcast.
     upcast_to_fp32: bool = False
+    # MathCodeInstruct's ```output blocks were written by an interpreter, not the model: train on the code and
+    # the opening fence, never on predicting what the interpreter prints (MathCoder executes the code at inference).
+    mask_tool_output: bool = True
     group_by_length: bool = True  # batches of similar lengths: far less padding (seed plan: random order)
     use_liger_kernel: bool = True  # fused RMSNorm/SwiGLU/RoPE Triton kernels; applied only on CUDA
 

@@ -227,6 +227,7 @@ class SourceCounts:
     bad: Counter = field(default_factory=Counter)
     empty_reasoning: int = 0
     too_long: int = 0
+    tool_calls: int = 0  # examples whose reasoning runs code and shows its output
     train: int = 0
     eval: int = 0
     heldout: int = 0
@@ -422,7 +423,7 @@ class DataBundle:
 def data_key(cfg) -> tuple:
     """The settings a DataBundle depends on: a config that differs here needs the data built again."""
     return (cfg.math_dataset, cfg.science_dataset, cfg.dataset_revision, cfg.math_samples, cfg.science_samples,
-            cfg.max_length, cfg.eval_fraction, cfg.heldout_max, cfg.allow_one_source, cfg.seed)
+            cfg.max_length, cfg.eval_fraction, cfg.heldout_max, cfg.allow_one_source, cfg.seed, cfg.mask_tool_output)
 
 
 def _shuffled(rows: Iterable[Any], seed: int) -> Iterable[Any]:
@@ -490,7 +491,9 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
             if ex.numeric:  # a SciBench problem without a worked solution: test it, don't train on it
                 heldout.append(ex)
             continue
-        features = encode(ex, tokenizer)
+        features = encode(ex, tokenizer, cfg.mask_tool_output)
+        if "```output" in ex.reasoning:
+            counts.tool_calls += 1
         if len(features["input_ids"]) > cfg.max_length:
             counts.too_long += 1
             continue
@@ -513,6 +516,11 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
             counts = sci_counts if ex.numeric else math_counts
             setattr(counts, attr, getattr(counts, attr) + 1)
     sci_counts.heldout = len(heldout)
+    tools = report.total("tool_calls")
+    if tools:
+        report.notes.append(f"{tools} examples run code and show its output; the output blocks are "
+                            + ("masked from the loss (mask_tool_output=True)" if cfg.mask_tool_output
+                               else "trained on (mask_tool_output=False)"))
     report.split = True
     report.lengths = [len(f["input_ids"]) for _, f in pool]
 

@@ -103,3 +103,47 @@ def test_render_without_template_is_a_clear_error(example, tok_current):
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         render(example, tok)
+
+
+TOOL_EXAMPLE = dict(
+    question="What is gcd(360, 210)?",
+    reasoning="Use math.gcd.\n\n```python\nimport math\nprint(math.gcd(360, 210))\n```\n\n```output\n30\n```\n\n"
+              "Checked twice:\n\n```python\nprint(360 % 30, 210 % 30)\n```\n\n```output\n0 0\n```",
+    answer="So the answer is $\\boxed{30}$.", gold="30", source="mathcodeinstruct")
+
+
+@pytest.mark.parametrize("revision", ["current", "original"])
+def test_tool_output_is_not_trained_but_the_code_and_the_opening_fence_are(revision, tok_current, tok_original):
+    from llmhelpers.chat import tool_output_spans
+    from llmhelpers.examples import Example
+
+    tok = tok_current if revision == "current" else tok_original
+    ex = Example(**TOOL_EXAMPLE)
+    feats = encode(ex, tok)
+    ids, mask = feats["input_ids"], feats["completion_mask"]
+    n_prompt = mask.index(1)
+    untrained = [i for i in range(n_prompt, len(ids)) if not mask[i]]
+    # the untrained completion tokens are exactly the interpreter's text: output plus closing fence, twice
+    runs = []
+    for i in untrained:
+        if not runs or i != runs[-1][1]:
+            runs.append([i, i + 1])
+        else:
+            runs[-1][1] = i + 1
+    assert [tok.decode(ids[a:b]) for a, b in runs] == ["30\n```", "0 0\n```"]
+    completion = tok.decode(ids[n_prompt:])
+    assert [completion[a:b] for a, b in tool_output_spans(completion)] == ["30\n```", "0 0\n```"]
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert "```output\n" in trained and "print(math.gcd(360, 210))" in trained and "\\boxed{30}" in trained
+    assert "30\n```" not in trained.split("```output\n")[1][:6]
+    plain = encode(ex, tok, mask_tool_output=False)
+    assert plain["input_ids"] == ids and sum(plain["completion_mask"]) == len(ids) - n_prompt
+
+
+def test_mask_audit_shows_tool_output_apart(tok_current):
+    from llmhelpers.examples import Example
+
+    text = mask_audit(encode(Example(**TOOL_EXAMPLE), tok_current), tok_current, html_output=False)
+    assert "tool-output tokens masked" in text and "{{30\n```}}" in text and "{{0 0\n```}}" in text
+    html = mask_audit(encode(Example(**TOOL_EXAMPLE), tok_current), tok_current, html_output=True).data
+    assert "#fde2a7" in html and "amber = tool output" in html
