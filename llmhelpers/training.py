@@ -423,14 +423,16 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
 
     state = PartialState()
     run_dir = cfg.run_dir
-    if state.is_main_process:
+    resume = None
+    if state.is_main_process:  # validates (and sets aside) once; the other ranks read the outcome after the barrier
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG_NAME)
-        choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
+        resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
         for name, size in set_aside_folders(run_dir):
             print(f"  set aside earlier: {name} ({size / 1e6:.1f} MB); delete it once you no longer need it")
     state.wait_for_everyone()
-    resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
+    if not state.is_main_process:
+        resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
     if state.is_main_process:
         if resume is not None and finished(resume):
             pass  # train() says so, and trains nothing
