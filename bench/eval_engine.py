@@ -13,6 +13,7 @@ capture and prefill counts. Configurations:
   the old auto size (KV cache of longest prompt + 8,192 tokens in 70% of free memory, capped at 256);
 - default: `llmhelpers.generation.generate`, i.e. the engine with slots sized to free memory, sampling at
   temperature 0.6 / top-p 0.95 (the protocol);
+- sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
 from __future__ import annotations
@@ -114,19 +115,21 @@ def baseline(model, prompts, lengths, cap, seconds=None):
     return made, {"batch": batch}
 
 
-def engine(model, prompts, lengths, cap, slots=0, graphs=True):
+def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None):
     from llmhelpers.engine import Engine, Request, Sampling, auto_slots
 
     max_len = max(map(len, prompts)) + cap + 1
     slots = slots or auto_slots(model, max_len)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs)
+    eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
     # processor of the baseline, which bans it before the drawn length, the answer ends at its drawn length.
     eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=-1, seed=0)
     made = sum(len(r.new_ids) for r in reqs)
     assert made == sum(lengths), (made, sum(lengths))
-    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.forward_passes}
+    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.forward_passes, "sampler": eng.sampler,
+            **{k: round(v, 1) for k, v in eng.stats.items()}}
     del eng
     return made, info
 
@@ -135,7 +138,8 @@ def main():
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=1024, help="engine workload size")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="engine workload size (2,000 = MATH-500 x the protocol's 4 samples)")
     parser.add_argument("--baseline-requests", type=int, default=256, help="one batch of the old path")
     parser.add_argument("--cap", type=int, default=8192)
     parser.add_argument("--configs", default="default,baseline,slots64,no-graphs")
@@ -169,6 +173,8 @@ def main():
                 made, info = baseline(model, p, l, args.cap, args.baseline_seconds)
             elif name == "default":
                 made, info = engine(model, p, l, args.cap)
+            elif name == "sort-sampler":
+                made, info = engine(model, p, l, args.cap, sampler="sort")
             elif name == "slots64":
                 made, info = engine(model, p, l, args.cap, slots=64)
             elif name == "no-graphs":

@@ -133,7 +133,8 @@ def _build_triton_kernel():
     return split_kv_attention
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 16):
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 4, block_n: int = 64,
+                            num_warps: int = 4):
     """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions."""
     global _triton_kernel
     if _triton_kernel is None:
@@ -148,7 +149,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 1
     l = torch.empty_like(m)
     _triton_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
-                                     BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=64)
+                                     BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n,
+                                     num_warps=num_warps)
     top = m.amax(-1, keepdim=True)
     w = torch.exp(m - top).nan_to_num(0.0)  # splits past the live length hold -inf
     out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True)
@@ -157,6 +159,97 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 1
 
 def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+def sample_top_p_sorted(logits, top_p):
+    """Temperature-scaled logits -> one token per row from the nucleus (the smallest most-probable prefix of the
+    sorted vocabulary whose mass reaches top_p; the first token always stays), by Gumbel-max."""
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+    sorted_logits = logits.gather(-1, order).masked_fill(drop, float("-inf"))
+    gumbel = -torch.log(-torch.log(torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)))
+    return order.gather(-1, (sorted_logits + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+_top_p_kernel = None
+
+
+def _build_top_p_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def top_p_sample(logits_ptr, out_ptr, seed_ptr, stride, V, inv_temp, top_p, BLOCK: tl.constexpr,
+                     MAX_ROUNDS: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        seed = tl.load(seed_ptr) * MAX_ROUNDS
+        idx = tl.arange(0, BLOCK)
+        # pass 1: softmax statistics (online max and sum) and a Gumbel-max draw from the whole distribution
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        z = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        best_val = m
+        best = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        for start in range(0, V, BLOCK):
+            offs = start + idx
+            live = offs < V
+            l = tl.load(base + offs, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(l, 0))
+            z = z * tl.exp(m - m_new) + tl.sum(tl.where(live, tl.exp(l - m_new), 0.0), 0)
+            m = m_new
+            u = tl.maximum(tl.rand(seed, row * V + offs), 1e-30)
+            g = tl.where(live, l - tl.log(-tl.log(u)), float("-inf"))
+            block_best = tl.max(g, 0)
+            better = block_best > best_val
+            best = tl.where(better, start + tl.argmax(g, 0), best)
+            best_val = tl.where(better, block_best, best_val)
+        # accept the draw if it lies in the nucleus (less than top_p of the mass is more probable than it); else
+        # every token at most as probable is outside it too: draw again among the more probable ones
+        rounds = 1
+        accepted = False
+        while (rounds < MAX_ROUNDS) & (not accepted):
+            pivot = tl.load(base + best).to(tl.float32) * inv_temp
+            above = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+            for start in range(0, V, BLOCK):
+                offs = start + idx
+                l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+                above += tl.sum(tl.where(l > pivot, tl.exp(l - m), 0.0), 0)
+            accepted = above < top_p * z
+            if not accepted:
+                best_val = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+                for start in range(0, V, BLOCK):
+                    offs = start + idx
+                    l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+                    u = tl.maximum(tl.rand(seed + rounds, row * V + offs), 1e-30)
+                    g = tl.where(l > pivot, l - tl.log(-tl.log(u)), float("-inf"))
+                    block_best = tl.max(g, 0)
+                    better = block_best > best_val
+                    best = tl.where(better, start + tl.argmax(g, 0), best)
+                    best_val = tl.where(better, block_best, best_val)
+                rounds += 1
+        tl.store(out_ptr + row, best)
+
+    return top_p_sample
+
+
+def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, block: int = 2048):
+    """The same distribution as sample_top_p_sorted without sorting (exact rejection sampling, as FlashInfer's
+    sorting-free samplers): draw from the whole distribution; accept if less than top_p of the mass is more
+    probable than the drawn token; otherwise draw again among the tokens more probable than it. The nucleus holds
+    at least top_p of the mass, so a draw is accepted with probability >= top_p and rows rarely need a second
+    pass. One program per row. `seed` is a device int64 tensor (read inside the kernel, so a CUDA graph replays
+    with new random numbers when the caller increments it). Tokens tied at the boundary are all kept; after
+    max_rounds rejections (probability <= (1 - top_p) ** max_rounds) the last draw is kept."""
+    global _top_p_kernel
+    if _top_p_kernel is None:
+        _top_p_kernel = _build_top_p_kernel()
+    rows, V = logits.shape
+    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    _top_p_kernel[(rows,)](logits, out, seed, logits.stride(0), V, 1.0 / temperature, top_p, BLOCK=block,
+                           MAX_ROUNDS=max_rounds, num_warps=8)
+    return out.long()
 
 
 # --- the engine ------------------------------------------------------------------------------------------
@@ -186,9 +279,12 @@ class Engine:
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.sampling = Sampling()
+        self.sampler = "triton" if cuda else "sort"  # the same distribution; "sort" is the reference
+        self.seed = torch.zeros((), dtype=torch.long, device=self.device)  # the Triton sampler's counter
         self.graphs: dict[int, object] = {}
         self.graph_sampling = None
         self.forward_passes = 0  # decode steps + prefills: the tests count them
+        self.stats: dict[str, float] = {}  # of the last run: where its time went
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
     def _layers(self, hidden, slot_idx, positions, attend):
@@ -219,14 +315,11 @@ class Engine:
     def _sample(self, logits):
         if self.sampling.greedy:
             return logits.argmax(-1)
-        logits = logits.float() / self.sampling.temperature
-        probs = logits.softmax(-1)
-        sorted_p, order = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= self.sampling.top_p
-        sorted_logits = logits.gather(-1, order).masked_fill(drop, float("-inf"))
-        gumbel = -torch.log(-torch.log(torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)))
-        return order.gather(-1, (sorted_logits + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
+        if self.sampler == "triton":
+            token = sample_top_p_triton(logits, self.sampling.temperature, self.sampling.top_p, self.seed)
+            self.seed += 1  # in place: a captured graph replays with the next seed
+            return token
+        return sample_top_p_sorted(logits.float() / self.sampling.temperature, self.sampling.top_p)
 
     def _decode_step(self, n: int):
         hidden = self.model.model.embed_tokens(self.tokens[:n, None])
@@ -241,8 +334,8 @@ class Engine:
         if not self.use_cuda_graph:
             self._decode_step(n)
             return
-        if self.graph_sampling != self.sampling:  # sampling settings are baked into the graphs
-            self.graphs, self.graph_sampling = {}, self.sampling
+        if self.graph_sampling != (self.sampling, self.sampler):  # sampling settings are baked into the graphs
+            self.graphs, self.graph_sampling = {}, (self.sampling, self.sampler)
         if n not in self.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -290,6 +383,9 @@ class Engine:
         self.sampling = sampling
         if seed is not None:
             torch.manual_seed(seed)
+        self.seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
+        stats = self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "prefill_s": 0.0,
+                              "steps_below_full_width": 0}
         queue = list(range(len(requests)))[::-1]
         active: dict[int, int] = {}  # slot -> request index
         lengths = [0] * self.slots
@@ -338,7 +434,10 @@ class Engine:
                 if len(req.prompt_ids) + 1 >= self.max_len:
                     raise ValueError(f"a prompt of {len(req.prompt_ids)} tokens does not fit max_len={self.max_len}")
                 active[slot] = idx
+                t0 = time.perf_counter()
                 first = self._extend(slot, req.prompt_ids, 0)
+                stats["prefills"] += 1
+                stats["prefill_s"] += time.perf_counter() - t0
                 lengths[slot] = len(req.prompt_ids)
                 if accept(slot, first):
                     return
@@ -351,8 +450,12 @@ class Engine:
                 width = self._compact(active, lengths, tokens_host, positions_host)
             self.tokens[:width].copy_(torch.tensor(tokens_host[:width], device=self.device))
             self.positions[:width].copy_(torch.tensor(positions_host[:width], device=self.device))
+            t0 = time.perf_counter()
             self._step(width)
             sampled = self.next_tokens[:width].tolist()
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_steps"] += 1
+            stats["steps_below_full_width"] += width < self.slots
             for slot in list(active):
                 generated += 1
                 if not accept(slot, sampled[slot]):

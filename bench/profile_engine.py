@@ -1,0 +1,107 @@
+"""Where a decode step of the evaluation engine spends its time, on the R1-1.5B architecture (random bf16 weights).
+
+    python bench/profile_engine.py --out bench/results/<date>-<gpu>-engine-profile.json
+
+Every slot holds `--live` tokens (the workload's mean live length is about 1,650: prompt ~350 plus half an
+answer of mean ~2,600). Timed with CUDA events over graph replays: the whole step (sampling, greedy), the
+sampler alone on a step's logits, and the decode attention alone; then a torch.profiler kernel table of one
+un-graphed step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import gpu_name, random_r1_model  # noqa: E402
+
+
+def bench_ms(fn, reps=20):
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main():
+    import torch
+
+    from llmhelpers.config import make_config
+    from llmhelpers.engine import Engine, Sampling, auto_slots, decode_attention_triton
+    from llmhelpers.modeling import load_base_model
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--live", type=int, default=1650)
+    p.add_argument("--max-len", type=int, default=8192 + 600 + 1)
+    p.add_argument("--samplers", default="sort,triton")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()
+    slots = auto_slots(model, args.max_len)
+    eng = Engine(model, slots=slots, max_len=args.max_len)
+    eng.tokens.random_(1000, 150000)
+    eng.positions.fill_(args.live - 1)
+    res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "slots": slots, "live_tokens": args.live,
+           "ms": {}}
+    ms = res["ms"]
+    with torch.inference_mode():
+        for name in args.samplers.split(","):
+            eng.sampler = name
+            eng.sampling = Sampling(temperature=0.6, top_p=0.95)
+            eng.graphs = {}
+            ms[f"step_sampled_{name}"] = bench_ms(lambda: eng._step(slots))
+            logits = torch.randn(slots, model.config.vocab_size, device="cuda", dtype=torch.bfloat16) * 2
+            ms[f"sampler_{name}"] = bench_ms(lambda: eng._sample(logits))
+        eng.sampling = Sampling(greedy=True)
+        eng.graphs = {}
+        ms["step_greedy"] = bench_ms(lambda: eng._step(slots))
+        for width in (256, 128, 64, 8):
+            ms[f"step_greedy_width{width}"] = bench_ms(lambda: eng._step(width))
+        q = torch.randn(slots, eng.hq, eng.head_dim, device="cuda", dtype=torch.bfloat16)
+        lengths = torch.full((slots,), args.live, device="cuda", dtype=torch.int32)
+        for nsplit in (2, 4, 8, 16):
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    ms[f"attention_1layer_nsplit{nsplit}_n{block_n}_w{warps}"] = bench_ms(
+                        lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale,
+                                                        nsplit, block_n, warps))
+        kv_bytes = 2 * slots * args.live * eng.hkv * eng.head_dim * 2
+        best = min((v, k) for k, v in ms.items() if k.startswith("attention"))
+        res["attention_best"] = {"config": best[1], "ms": best[0], "kv_gb_s": round(kv_bytes / (best[0] / 1e3) / 1e9)}
+        x = torch.randn(slots, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        layer = model.model.layers[0]
+        ms["mlp_1layer"] = bench_ms(lambda: layer.mlp(x))
+        ms["lm_head"] = bench_ms(lambda: model.lm_head(x[:, 0]))
+        res["tok_s_at_full_width_sampled"] = {k: round(slots / (v / 1e3)) for k, v in ms.items()
+                                              if k.startswith("step_sampled")}
+        eng.sampling = Sampling(temperature=0.6, top_p=0.95)
+        eng.sampler = "sort"
+        from torch.profiler import ProfilerActivity, profile
+        eng._decode_step(slots)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng._decode_step(slots)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    print(table)
+    res["ms"] = {k: round(v, 3) for k, v in ms.items()}
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        Path(args.out).with_suffix(".txt").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
