@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -353,101 +354,158 @@ class Engine:
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :, :length] = cache[src, :, :length]
 
-    def _extend(self, slot: int, ids: list[int], start: int) -> int:
-        """Prefill `ids` into `slot` at positions start.. (a prompt, or text appended after a pause); returns
-        the token sampled after them."""
+    def _extend(self, items: list[tuple[int, list[int], int]]) -> list[int]:
+        """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
+        start.. of that slot (a prompt at 0, or text appended after a pause). Returns the token sampled after
+        each item's last id. The batch is padded to its longest item; padding is neither cached nor attended."""
         self.forward_passes += 1
-        x = torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)[None, :]
+        n, width = len(items), max(len(ids) for _, ids, _ in items)
+        ids_t = torch.zeros(n, width, dtype=torch.long)
+        pos_t = torch.zeros(n, width, dtype=torch.long)
+        valid = torch.zeros(n, width, dtype=torch.bool)
+        for b, (_, ids, start) in enumerate(items):
+            ids_t[b, :len(ids)] = torch.tensor(ids)
+            pos_t[b, :len(ids)] = torch.arange(start, start + len(ids))
+            valid[b, :len(ids)] = True
+        ids_t, pos_t, valid = ids_t.to(self.device), pos_t.to(self.device), valid.to(self.device)
+        slots = torch.tensor([slot for slot, _, _ in items], device=self.device)
+        end = max(start + len(ids) for _, ids, start in items)
+        rows, cols = valid.nonzero(as_tuple=True)  # the real (not padding) tokens
+        cache_slot, cache_pos = slots[rows], pos_t[rows, cols]
+        # a query sees its own slot's positions up to its own; padding queries see everything (their output is
+        # discarded, and a row with nothing to attend would give NaN)
+        mask = (torch.arange(end, device=self.device)[None, None, :] <= pos_t[:, :, None]) | ~valid[:, :, None]
 
-        def attend(i, q, k, v, slot_idx, pos):
-            end = start + len(ids)
-            self.k_cache[i][slot, :, start:end] = k[0]
-            self.v_cache[i][slot, :, start:end] = v[0]
-            keys, values = self.k_cache[i][slot:slot + 1, :, :end], self.v_cache[i][slot:slot + 1, :, :end]
-            mask = (torch.arange(end, device=self.device)[None, :]
-                    <= torch.arange(start, end, device=self.device)[:, None])
-            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+        def attend(i, q, k, v, slot_idx, positions):
+            for cache, new in ((self.k_cache[i], k), (self.v_cache[i], v)):
+                cache.transpose(1, 2)[cache_slot, cache_pos] = new.transpose(1, 2)[rows, cols]
+            keys, values = self.k_cache[i][slots, :, :end], self.v_cache[i][slots, :, :end]
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
                                                                    scale=self.scale, enable_gqa=True)
-            return out.transpose(1, 2).reshape(1, len(ids), -1)
+            return out.transpose(1, 2).reshape(n, width, -1)
 
-        hidden = self._layers(self.model.model.embed_tokens(x), None, positions, attend)
-        return int(self._sample(self.model.lm_head(hidden[:, -1]))[0])
+        hidden = self._layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
+        last = hidden[torch.arange(n, device=self.device), valid.sum(1) - 1]
+        return self._sample(self.model.lm_head(last)).tolist()
+
+    def _extend_batches(self, items):
+        """_extend over groups of similar length, each small enough that its attention scores (if the attention
+        backend materialises them) stay under 1 GiB."""
+        budget = 2**30 // (4 * self.hq)
+        out, group = [], []
+        for item in sorted(items, key=lambda it: len(it[1])):
+            grown = group + [item]
+            cost = len(grown) * max(len(i[1]) for i in grown) * max(i[2] + len(i[1]) for i in grown)
+            if group and cost > budget:
+                out += zip(group, self._extend(group))
+                grown = [item]
+            group = grown
+        if group:
+            out += zip(group, self._extend(group))
+        return out
 
     @torch.inference_mode()
     def run(self, requests: list[Request], sampling: Sampling, eos: int, seed: int | None = None,
             on_token: Callable[[Request, list[int]], str | None] | None = None,
-            on_pause: Callable[[Request, list[int]], list[int]] | None = None,
+            on_pause: Callable[[Request, list[int]], object] | None = None,
             progress: Callable[[int, int], None] | None = None) -> list[Request]:
-        """Decode every request to eos or its budget; returns them in order with new_ids filled in."""
+        """Decode every request to eos or its budget; returns them in order with new_ids filled in.
+
+        `on_pause(request, tokens)` returns the ids to append, or a concurrent.futures.Future of them: the slot
+        waits (its cache kept) while the others decode, and resumes once the future is done."""
         self.sampling = sampling
         if seed is not None:
             torch.manual_seed(seed)
         self.seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
         stats = self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "prefill_s": 0.0,
-                              "steps_below_full_width": 0}
+                              "steps_below_full_width": 0, "pauses": 0}
         queue = list(range(len(requests)))[::-1]
         active: dict[int, int] = {}  # slot -> request index
-        lengths = [0] * self.slots
+        parked: dict[int, tuple[object, int]] = {}  # paused slot -> (ids to append or their Future, sampled token)
+        lengths = [0] * self.slots  # tokens in each slot's cache
         positions_host = [0] * self.slots
         tokens_host = [0] * self.slots
         done = generated = 0
+        width = self.slots  # decode the first `width` slots
 
-        def finish(slot):
+        def finish(slot, hit=False):
             nonlocal done
             req = requests[active.pop(slot)]
-            req.finished = True
+            req.finished, req.hit_budget = True, hit
             done += 1
 
-        def accept(slot, token) -> bool:
-            """Record a sampled token; False when the request ended (eos, budget)."""
+        def accept(slot, token):
+            """Record a sampled token: the slot decodes on, ends (eos, budget) or is parked (a pause)."""
             req = requests[active[slot]]
             req.new_ids.append(token)
+            tokens_host[slot], positions_host[slot] = token, lengths[slot]
             if token == eos:
                 finish(slot)
-                return False
-            if len(req.new_ids) - req.appended >= req.max_new_tokens or lengths[slot] + 1 >= self.max_len:
-                req.hit_budget = True
-                finish(slot)
-                return False
-            if on_token is not None and on_token(req, req.new_ids) == PAUSE:
-                extra = on_pause(req, req.new_ids) if on_pause else []
-                # the sampled token is not in the cache yet: it is prefilled together with the appended text
-                ids = [token] + list(extra)
+            elif len(req.new_ids) - req.appended >= req.max_new_tokens or lengths[slot] + 1 >= self.max_len:
+                finish(slot, hit=True)
+            elif on_token is not None and on_token(req, req.new_ids) == PAUSE:
+                stats["pauses"] += 1
+                # the sampled token is not cached yet: it is prefilled together with the appended text; until
+                # then the slot's decode output is ignored (what it writes at its next position is overwritten)
+                parked[slot] = (on_pause(req, req.new_ids) if on_pause else [], token)
+            else:
+                lengths[slot] += 1
+
+        def pending_work():
+            """(slot, ids, start) for every parked slot whose text is ready and every free slot with a request."""
+            items = []
+            for slot, (extra, token) in list(parked.items()):
+                if hasattr(extra, "done"):
+                    if not extra.done():
+                        continue
+                    extra = extra.result()
+                del parked[slot]
+                req, ids = requests[active[slot]], [token, *extra]
                 if lengths[slot] + len(ids) + 1 >= self.max_len:
-                    req.hit_budget = True
-                    finish(slot)
-                    return False
+                    finish(slot, hit=True)
+                    continue
                 req.new_ids.extend(extra)
                 req.appended += len(extra)
-                nxt = self._extend(slot, ids, lengths[slot])
-                lengths[slot] += len(ids)
-                return accept(slot, nxt)
-            tokens_host[slot], positions_host[slot] = token, lengths[slot]
-            lengths[slot] += 1
-            return True
-
-        def fill(slot):
-            while queue:
+                items.append((slot, ids, lengths[slot]))
+            for slot in range(width):
+                if slot in active or not queue:
+                    continue
                 idx = queue.pop()
-                req = requests[idx]
-                if len(req.prompt_ids) + 1 >= self.max_len:
-                    raise ValueError(f"a prompt of {len(req.prompt_ids)} tokens does not fit max_len={self.max_len}")
+                prompt = requests[idx].prompt_ids
+                if len(prompt) + 1 >= self.max_len:
+                    raise ValueError(f"a prompt of {len(prompt)} tokens does not fit max_len={self.max_len}")
                 active[slot] = idx
-                t0 = time.perf_counter()
-                first = self._extend(slot, req.prompt_ids, 0)
-                stats["prefills"] += 1
-                stats["prefill_s"] += time.perf_counter() - t0
-                lengths[slot] = len(req.prompt_ids)
-                if accept(slot, first):
-                    return
+                items.append((slot, prompt, 0))
+            return items
 
-        for slot in range(self.slots):
-            fill(slot)
-        width = self.slots  # decode the first `width` slots
+        def settle(force: bool):
+            """Prefill what is ready, in batches: a prefill costs several decode steps of fixed overhead, so unless
+            forced it waits until 1/32 of the live sequences (or every one) would take part."""
+            while True:
+                ready = sum(1 for e, _ in parked.values() if not hasattr(e, "done") or e.done())
+                free = min(len(queue), width - len(active))
+                if not (ready + free) or not (force or ready + free >= max(1, len(active) // 32)):
+                    return
+                items = pending_work()
+                if not items:
+                    return
+                t0 = time.perf_counter()
+                for (slot, ids, start), token in self._extend_batches(items):
+                    lengths[slot] = start + len(ids)
+                    accept(slot, token)
+                stats["prefills"] += len(items)
+                stats["prefill_s"] += time.perf_counter() - t0
+                force = False  # a refill's own pauses and endings wait for the next step
+
+        settle(force=True)
         while active:
             if not queue and len(active) <= width // 2 and width > 8:
-                width = self._compact(active, lengths, tokens_host, positions_host)
+                width = self._compact(active, parked, lengths, tokens_host, positions_host)
+            decoding = [s for s in active if s not in parked]
+            if not decoding:  # every live sequence waits for its appended text
+                wait([e for e, _ in parked.values() if hasattr(e, "done")], return_when=FIRST_COMPLETED)
+                settle(force=True)
+                continue
             self.tokens[:width].copy_(torch.tensor(tokens_host[:width], device=self.device))
             self.positions[:width].copy_(torch.tensor(positions_host[:width], device=self.device))
             t0 = time.perf_counter()
@@ -456,15 +514,15 @@ class Engine:
             stats["decode_s"] += time.perf_counter() - t0
             stats["decode_steps"] += 1
             stats["steps_below_full_width"] += width < self.slots
-            for slot in list(active):
+            for slot in decoding:
                 generated += 1
-                if not accept(slot, sampled[slot]):
-                    fill(slot)
+                accept(slot, sampled[slot])
+            settle(force=len(decoding) < len(active) // 2 or not queue)
             if progress:
                 progress(done, generated)
         return requests
 
-    def _compact(self, active, lengths, tokens_host, positions_host) -> int:
+    def _compact(self, active, parked, lengths, tokens_host, positions_host) -> int:
         """Once the queue is empty and half the slots are idle, move the live sequences into the lowest slots and
         decode only those: the tail of a run costs what its live sequences need, not the full width."""
         width = max(8, triton_next_pow2(len(active)))
@@ -473,6 +531,8 @@ class Engine:
             dst = free.pop(0)
             self._move(slot, dst, lengths[slot])
             active[dst] = active.pop(slot)
+            if slot in parked:
+                parked[dst] = parked.pop(slot)
             for host in (lengths, tokens_host, positions_host):
                 host[dst] = host[slot]
         return width

@@ -59,9 +59,10 @@ def test_finished_sequences_free_their_slot(tiny):
     engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 31)
     engine.run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
     assert [len(r.new_ids) for r in reqs] == budgets  # a random tiny model never says eos this early
-    # one prefill per request (it yields the first token), then decode steps shared by the two slots: the long
-    # request needs 29, and the ten short ones (2 steps each) run beside it in the other slot.
-    assert engine.forward_passes == len(budgets) + 29
+    # one prefill per request (it yields the first token; the first two share one pass), then decode steps shared
+    # by the two slots: the long request needs 29, and the ten short ones (2 steps each) run beside it.
+    assert engine.stats["decode_steps"] == 29 and engine.stats["prefills"] == len(budgets)
+    assert engine.forward_passes == 29 + len(budgets) - 1
     static = len(budgets) + sum(max(budgets[i:i + 2]) - 1 for i in range(0, len(budgets), 2))
     assert engine.forward_passes < static  # a static batch of 2 decodes until its longer member stops
 
@@ -146,3 +147,57 @@ def test_the_tail_is_compacted_into_fewer_slots_without_changing_tokens(tiny, mo
     assert widths[0] == 16 and widths[-1] == 8 and sorted(set(widths)) == [8, 16]
     for r, i in zip(reqs, range(len(budgets))):
         assert r.new_ids == hf_greedy(model, tok, prompts[i % 3], budgets[i])
+
+
+def test_a_pause_can_wait_for_a_future_while_the_others_decode(tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, prompts = tiny
+    appended = tok("```output\n7\n```\n", add_special_tokens=False)["input_ids"]
+    steps_while_waiting = []
+    engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 80)
+
+    def slow(tokens):
+        import time
+
+        time.sleep(0.3)  # an interpreter at work: the other slot must not wait for it
+        steps_while_waiting.append(engine.stats["decode_steps"])
+        return appended
+
+    with ThreadPoolExecutor(1) as pool:
+        req, other = Request(prompts[0], 20, key="paused"), Request(prompts[1], 40)
+        engine.run([req, other], Sampling(greedy=True), eos=tok.eos_token_id,
+                   on_token=lambda r, t: PAUSE if r.key == "paused" and len(t) == 4 else None,
+                   on_pause=lambda r, t: pool.submit(slow, list(t)))
+    assert engine.stats["pauses"] == 1 and steps_while_waiting[0] >= 1  # the other slot decoded meanwhile
+    assert req.new_ids[4:4 + len(appended)] == appended
+    assert req.new_ids[4 + len(appended):] == hf_greedy(model, tok, prompts[0] + req.new_ids[:4 + len(appended)], 16)
+    assert other.new_ids == hf_greedy(model, tok, prompts[1], 40)
+
+
+def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
+    """Sorting-free top-p (rejection sampling) against the sorted reference, in Triton's CPU interpreter: the
+    same support and frequencies within sampling noise, over a vocabulary spread across several blocks."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from llmhelpers.engine import sample_top_p_sorted, sample_top_p_triton
+        torch.manual_seed(0)
+        logits = torch.randn(1, 40) * 1.5
+        rows = 1000
+        drawn = sample_top_p_triton(logits.expand(rows, 40).contiguous(), 0.7, 0.8, torch.tensor(5), block=32)
+        again = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, torch.tensor(5), block=32)
+        other = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, torch.tensor(6), block=32)
+        ref = sample_top_p_sorted(logits.expand(200000, 40) / 0.7, 0.8)
+        a = torch.bincount(drawn, minlength=40).float() / rows
+        b = torch.bincount(ref, minlength=40).float() / 200000
+        print(int(((a > 0) & (b == 0)).sum()), int((b > 0).sum()), float((a - b).abs().max()),
+              bool(torch.equal(drawn[:100], again)), bool(torch.equal(drawn[:100], other)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outside, support, gap, same_seed_same, other_seed_same = proc.stdout.split()
+    assert outside == "0" and int(support) > 3  # never outside the nucleus, which holds several tokens here
+    assert float(gap) < 0.06  # 1,000 draws: a frequency's standard error is under 0.016
+    assert same_seed_same == "True" and other_seed_same == "False"
