@@ -3,8 +3,9 @@
 Why not `model.generate`: reasoning answers end at very different lengths (hundreds to thousands of tokens),
 and a static batch keeps decoding until its longest member stops; its Python loop also bounds the GPU. Here:
 
-- **Slots.** `slots` sequences decode together. When one finishes (eos, its budget, or a pause requested by
-  `on_token`), its slot is refilled at once with the next request, so no step is spent on finished sequences.
+- **Slots.** `slots` sequences decode together. When one finishes (eos or its budget), its slot is refilled with
+  the next request. Prefills are batched: every slot ready in a step is prefilled in one padded pass, and a lone
+  free slot waits until 1/32 of the live sequences would take part (a prefill's fixed cost is several steps).
 - **KV cache.** One static cache per layer, `[slots, kv_heads, max_len, head_dim]`, allocated once. Decode
   attention reads only each slot's live length (a Triton split-K kernel on CUDA; a masked PyTorch reference
   elsewhere, which is also the kernel's test oracle).
@@ -12,12 +13,13 @@ and a static batch keeps decoding until its longest member stops; its Python loo
   replayed, so the per-step CPU cost is one graph launch and one copy of the new tokens.
 - **Pause and resume.** `on_token(request, tokens)` may return `PAUSE`; the engine keeps the slot's cache and
   hands the request to `on_pause(request, tokens)`, which returns token ids to append (e.g. an executed code
-  block's output). Those are prefilled into the slot at its current position and decoding continues. This is
-  the hook for tool execution between generation steps.
+  block's output), or a `concurrent.futures.Future` of them: the slot waits while the others decode. The ids are
+  prefilled into the slot at its current position and decoding continues (`llmhelpers.tool_use` builds on this).
 
 The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
 `nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
-Sampling is temperature + top-p (exact, over the sorted vocabulary) with Gumbel-max, or greedy; a seed fixes it.
+Sampling is temperature + top-p, or greedy; a seed fixes it. Top-p is exact: on CUDA a sorting-free Triton rejection
+sampler, elsewhere (and as its test oracle) the sorted-vocabulary reference.
 """
 from __future__ import annotations
 
