@@ -102,6 +102,14 @@ class FinetuneConfig:
     eval_temperature: float = 0.6  # the model authors' recommendation
     eval_top_p: float = 0.95
     eval_limit: int = 200  # problems per evaluation run (0 = all)
+    # Tool execution (MathCoder's inference): python blocks the model writes are run in a sandbox process and their
+    # real output is appended before it continues (llmhelpers.tool_use; limits in FINETUNING_GUIDE.md section 9).
+    tool_execution: bool = True  # evaluation runs code; False lets the model write its own "output"
+    eval_without_tools: bool = True  # also grade the fine-tuned model with tool_execution off (the comparison)
+    tool_timeout: float = 10.0  # seconds of wall clock (and of CPU) per block; the sandbox is killed after it
+    tool_max_calls: int = 8  # executions per answer; later blocks get an error message as their output
+    tool_workers: int = 0  # blocks run at once (0 = min(16, CPU cores))
+    tool_max_sandboxes: int = 64  # interpreter processes alive at once (each holds ~30-100 MB once sympy is in)
     accuracy_callback: bool = False  # accuracy on a small fixed subset at each save
     accuracy_callback_size: int = 16
 
@@ -277,7 +285,8 @@ _NOT_TRAINING_KEYS = {
     "eval_max_new_tokens", "eval_batch_size", "eval_do_sample", "eval_temperature", "eval_top_p", "eval_limit",
     "eval_set", "math500_dataset", "eval_samples",
     "accuracy_callback", "accuracy_callback_size", "heldout_max", "per_device_eval_batch_size", "trust_remote_code",
-    "eval_bf16", "profile", "allow_one_source",
+    "eval_bf16", "profile", "allow_one_source", "tool_execution", "eval_without_tools", "tool_timeout",
+    "tool_max_calls", "tool_workers", "tool_max_sandboxes",
 }
 
 PROFILES: dict[str, dict] = {
@@ -454,9 +463,10 @@ def _check_values(cfg: FinetuneConfig) -> None:
 
     for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
-                "eval_max_new_tokens", "accuracy_callback_size", "eval_samples"):
+                "eval_max_new_tokens", "accuracy_callback_size", "eval_samples", "tool_timeout", "tool_max_calls",
+                "tool_max_sandboxes"):
         need(getattr(cfg, key) > 0, key, "must be > 0")
-    for key in ("math_samples", "science_samples", "heldout_max", "eval_limit", "eval_batch_size"):
+    for key in ("math_samples", "science_samples", "heldout_max", "eval_limit", "eval_batch_size", "tool_workers"):
         need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 means all)")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
     need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

@@ -410,7 +410,8 @@ class Engine:
     def run(self, requests: list[Request], sampling: Sampling, eos: int, seed: int | None = None,
             on_token: Callable[[Request, list[int]], str | None] | None = None,
             on_pause: Callable[[Request, list[int]], object] | None = None,
-            progress: Callable[[int, int], None] | None = None) -> list[Request]:
+            progress: Callable[[int, int], None] | None = None,
+            on_finish: Callable[[Request], None] | None = None) -> list[Request]:
         """Decode every request to eos or its budget; returns them in order with new_ids filled in.
 
         `on_pause(request, tokens)` returns the ids to append, or a concurrent.futures.Future of them: the slot
@@ -435,6 +436,8 @@ class Engine:
             req = requests[active.pop(slot)]
             req.finished, req.hit_budget = True, hit
             done += 1
+            if on_finish is not None:
+                on_finish(req)
 
         def accept(slot, token):
             """Record a sampled token: the slot decodes on, ends (eos, budget) or is parked (a pause)."""

@@ -33,6 +33,9 @@ class EvalRow:
     hit_budget: bool  # stopped by the token budget, not by the model
     sample: int = 0  # which of the problem's eval_samples answers this is
     final: str | None = None  # the extracted final answer (for the majority vote)
+    tool_calls: int = 0  # python blocks executed for this answer (0 with tool execution off)
+    tool_errors: int = 0  # blocks that raised, timed out, or could not run
+    tool_timeouts: int = 0
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -84,6 +87,9 @@ class EvalResult:
                 "no_answer": sum(not r.answered for r in rows) / n,
                 "mean_thinking_tokens": sum(thinking) / n,
                 "p90_thinking_tokens": _percentile(thinking, 0.9),
+                "tool_calls_per_answer": sum(r.tool_calls for r in rows) / n,
+                "tool_errors": sum(r.tool_errors for r in rows),
+                "tool_timeouts": sum(r.tool_timeouts for r in rows),
             }
         return out
 
@@ -116,9 +122,10 @@ def evaluation_set(data, cfg) -> list:
 
 
 def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path | None = None,
-             progress: bool = True, samples: int | None = None) -> EvalResult:
-    """cfg.eval_samples sampled answers per problem (or `samples`), graded; rows saved as JSONL under save_dir."""
-    answers = answer_examples(model, tokenizer, examples, cfg, progress=progress, samples=samples)
+             progress: bool = True, samples: int | None = None, tools: bool | None = None) -> EvalResult:
+    """cfg.eval_samples sampled answers per problem (or `samples`), graded; rows saved as JSONL under save_dir.
+    Python blocks are executed when `tools` (default cfg.tool_execution)."""
+    answers = answer_examples(model, tokenizer, examples, cfg, progress=progress, samples=samples, tools=tools)
     rows = []
     for ex, gens in zip(examples, answers):
         for k, g in enumerate(gens):
@@ -126,15 +133,18 @@ def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path |
                 id=ex.id, source=ex.source, question=ex.question, gold=ex.gold, output=g.text,
                 correct=is_correct(g.text, ex), finished_thinking=END_THINK in g.text,
                 answered=final_answer(g.text) is not None, thinking_tokens=g.thinking_tokens,
-                new_tokens=g.new_tokens, hit_budget=g.hit_budget, sample=k, final=final_answer(g.text)))
+                new_tokens=g.new_tokens, hit_budget=g.hit_budget, sample=k, final=final_answer(g.text),
+                tool_calls=g.tool_calls, tool_errors=g.tool_errors, tool_timeouts=g.tool_timeouts))
     result = EvalResult(label, rows)
     if save_dir is not None:
         result.save_jsonl(Path(save_dir) / f"{label}.jsonl")
     return result
 
 
-def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_dir=None, save_dir=None):
-    """Grade the base model and the fine-tuned one on the same problems.
+def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_dir=None, save_dir=None
+                                ) -> list[EvalResult]:
+    """Grade the base model and the fine-tuned one on the same problems: [base, finetuned], plus "finetuned-no-tools"
+    (the fine-tuned model writing its own outputs) when cfg.tool_execution and cfg.eval_without_tools.
 
     With cfg.eval_bf16 (default) the base is loaded once in the compute dtype, evaluated, then the saved
     adapters are merged into it in memory and it is evaluated again: what a merged deployment runs, and
@@ -155,7 +165,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
         check_model_matches(model, cfg)
         with model.disable_adapter():
             base = evaluate(model, tokenizer, examples, cfg, "base", save_dir)
-        return base, evaluate(model, tokenizer, examples, cfg, "finetuned", save_dir)
+        return [base, *_finetuned_runs(model, tokenizer, examples, cfg, save_dir)]
 
     from peft import PeftModel
 
@@ -169,28 +179,37 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
     base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)
     with quiet_peft():
         merged = PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
-    tuned = evaluate(merged, tokenizer, examples, cfg, "finetuned", save_dir)
+    tuned = _finetuned_runs(merged, tokenizer, examples, cfg, save_dir)
     del plain, merged
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return base, tuned
+    return [base, *tuned]
+
+
+def _finetuned_runs(model, tokenizer, examples, cfg, save_dir) -> list[EvalResult]:
+    runs = [evaluate(model, tokenizer, examples, cfg, "finetuned", save_dir)]
+    if cfg.tool_execution and cfg.eval_without_tools:
+        runs.append(evaluate(model, tokenizer, examples, cfg, "finetuned-no-tools", save_dir, tools=False))
+    return runs
 
 
 def comparison_table(results: list[EvalResult]) -> str:
     """One block of rows per run: per source pass@1, maj@k, the share of answers that hit the budget, pass@1 over
     finished answers only, and mean / 90th-percentile thinking length (budget effects made visible)."""
-    head = (f"{'run':<12}{'source':<18}{'problems':>9}{'k':>3}{'pass@1':>9}{'maj@k':>8}{'hit budget':>12}"
-            f"{'pass@1 fin.':>13}{'think mean':>12}{'think p90':>11}")
+    head = (f"{'run':<19}{'source':<18}{'problems':>9}{'k':>3}{'pass@1':>9}{'maj@k':>8}{'hit budget':>12}"
+            f"{'pass@1 fin.':>13}{'think mean':>12}{'think p90':>11}{'tools/ans':>11}{'tool err':>10}"
+            f"{'timeouts':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         summary = r.summary()
         for source in sorted(summary, key=lambda s: (s == "all", s)):
             m = summary[source]
             fin = "n/a" if m["pass@1_finished"] is None else f"{m['pass@1_finished']:.1%}"
-            lines.append(f"{r.label[:11]:<12}{source:<18}{m['problems']:>9}{m['samples']:>3}{m['pass@1']:>9.1%}"
+            lines.append(f"{r.label[:18]:<19}{source:<18}{m['problems']:>9}{m['samples']:>3}{m['pass@1']:>9.1%}"
                          f"{m['maj@k']:>8.1%}{m['hit_budget']:>12.1%}{fin:>13}{m['mean_thinking_tokens']:>12.0f}"
-                         f"{m['p90_thinking_tokens']:>11.0f}")
+                         f"{m['p90_thinking_tokens']:>11.0f}{m['tool_calls_per_answer']:>11.2f}"
+                         f"{m['tool_errors']:>10}{m['tool_timeouts']:>10}")
     return "\n".join(lines)
 
 

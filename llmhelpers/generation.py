@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .chat import END_THINK, render_prompt, split_thinking
 
@@ -13,6 +13,22 @@ class Generation:
     new_tokens: int  # tokens generated up to and including eos
     hit_budget: bool  # stopped by max_new_tokens rather than by eos
     thinking_tokens: int = 0  # tokens before </think>, or all of them if it never came
+    tool_runs: list = field(default_factory=list)  # ToolRun per executed block (tool_use), in order
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_timeouts: int = 0
+    appended_tokens: int = 0  # interpreter output inside new_tokens (written by the tool, not the model)
+
+    def with_tools(self, record, appended: int) -> "Generation":
+        self.tool_runs, self.tool_calls = list(record.runs), record.calls
+        self.tool_errors, self.tool_timeouts, self.appended_tokens = record.errors, record.timeouts, appended
+        return self
+
+
+def _raw_row(tokenizer, row: list[int]) -> list[int]:
+    """A batch row's new ids up to and including the first eos or pad (a row that stopped early is padded)."""
+    ends = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None and t in row]
+    return row[:min(row.index(t) for t in ends) + 1] if ends else row
 
 
 def _generation(tokenizer, row: list[int], end_think: int, hit: bool | None = None) -> Generation:
@@ -28,8 +44,11 @@ def _generation(tokenizer, row: list[int], end_think: int, hit: bool | None = No
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 0,
              do_sample: bool = False, temperature: float = 0.6, top_p: float = 0.95,
-             progress: bool = False, seed: int | None = None, samples: int = 1) -> list[Generation]:
+             progress: bool = False, seed: int | None = None, samples: int = 1, tools=None) -> list[Generation]:
     """Generate `samples` answers for every prompt (prompt-major order: all samples of prompt 0 first).
+
+    With `tools` (an open `llmhelpers.tool_use.ToolRunner`), python blocks followed by an output fence are executed
+    and their real output is appended before generation continues; each Generation records its tool runs.
 
     Qwen2 models with plain weights (bf16/fp32, base or merged) run on the continuous-batching engine
     (`llmhelpers.engine`): finished answers free their slot at once, and on a GPU the decode step is a CUDA
@@ -41,19 +60,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template put the bos
     if engine.supports(model):
         return _engine_generate(model, tokenizer, ids, max_new_tokens, batch_size, do_sample, temperature, top_p,
-                                progress, seed, samples)
+                                progress, seed, samples, tools)
     if seed is not None:
         import torch
 
         torch.manual_seed(seed)
     flat = [i for i in ids for _ in range(samples)]
-    return _hf_generate(model, tokenizer, flat, max_new_tokens,
-                        batch_size or auto_batch_size(model, max(map(len, ids), default=0) + max_new_tokens),
-                        do_sample, temperature, top_p, progress)
+    batch_size = batch_size or auto_batch_size(model, max(map(len, ids), default=0) + max_new_tokens)
+    if tools is not None:
+        return _hf_generate_with_tools(model, tokenizer, flat, max_new_tokens, batch_size, do_sample, temperature,
+                                       top_p, progress, tools)
+    return _hf_generate(model, tokenizer, flat, max_new_tokens, batch_size, do_sample, temperature, top_p, progress)
 
 
 def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, temperature, top_p, progress, seed,
-                     samples) -> list[Generation]:
+                     samples, tools=None) -> list[Generation]:
     from .engine import Engine, Request, Sampling, auto_slots
 
     max_len = max(map(len, ids), default=0) + max_new_tokens + 1
@@ -74,8 +95,9 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
     was_training = model.training
     model.eval()
     try:
+        hooks = dict(on_token=tools.on_token, on_pause=tools.on_pause, on_finish=tools.on_finish) if tools else {}
         eng.run(requests, Sampling(greedy=not do_sample, temperature=temperature, top_p=top_p),
-                eos=tokenizer.eos_token_id, seed=seed, progress=report if bar else None)
+                eos=tokenizer.eos_token_id, seed=seed, progress=report if bar else None, **hooks)
     finally:
         if bar:
             bar.n = len(requests)
@@ -83,11 +105,15 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
         if was_training:
             model.train()
     end_think = tokenizer.convert_tokens_to_ids(END_THINK)
-    return [_generation(tokenizer, r.new_ids, end_think, r.hit_budget) for r in requests]
+    out = [_generation(tokenizer, r.new_ids, end_think, r.hit_budget) for r in requests]
+    if tools is not None:
+        out = [g.with_tools(tools.record(id(r)), r.appended) for g, r in zip(out, requests)]
+    return out
 
 
 def _hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
-                 temperature: float, top_p: float, progress: bool) -> list[Generation]:
+                 temperature: float, top_p: float, progress: bool, stop_strings=None, raw: bool = False):
+    """Generations, or with raw=True each row's new ids up to and including eos (padding dropped)."""
     import torch
 
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -105,15 +131,57 @@ def _hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, ba
     end_think = tokenizer.convert_tokens_to_ids(END_THINK)
     for batch in batches:
         enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
+        stop = dict(stop_strings=stop_strings, tokenizer=tokenizer) if stop_strings else {}
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling, **stop)
         new = out[:, enc["input_ids"].shape[1]:]
         for row, i in zip(new.tolist(), batch):
-            results[i] = _generation(tokenizer, row, end_think)
+            results[i] = _raw_row(tokenizer, row) if raw else _generation(tokenizer, row, end_think)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
+
+
+def _hf_generate_with_tools(model, tokenizer, ids, max_new_tokens, batch_size, do_sample, temperature, top_p,
+                            progress, tools) -> list[Generation]:
+    """Tool use on the model.generate path (4-bit or adapter-wrapped models), in rounds: generate until eos, the
+    budget or an opened output fence; run the fenced blocks of all paused answers concurrently; append their
+    outputs and generate again from there (the context is prefilled again each round)."""
+    from .tool_use import OUTPUT_FENCE
+
+    new: list[list[int]] = [[] for _ in ids]
+    appended = [0] * len(ids)
+    hit = [False] * len(ids)
+    live = list(range(len(ids)))
+    while live:
+        budgets = {i: max_new_tokens - (len(new[i]) - appended[i]) for i in live}
+        rounds = _hf_generate(model, tokenizer, [ids[i] + new[i] for i in live], max(budgets.values()), batch_size,
+                              do_sample, temperature, top_p, progress, stop_strings=["```output\n"],
+                              raw=True)
+        paused = {}
+        for i, row in zip(live, rounds):
+            row = row[:budgets[i]]
+            ended = bool(row) and row[-1] == tokenizer.eos_token_id
+            if row and row[-1] in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+                row = row[:-1]  # a row stopped by the stop string is padded with the pad id, which for R1 is eos
+            text = tokenizer.decode(new[i] + row, skip_special_tokens=True)
+            if OUTPUT_FENCE.search(text) and len(new[i] + row) - appended[i] < max_new_tokens:
+                new[i] += row
+                paused[i] = tools.submit(i, text)
+            elif ended:
+                new[i] += row + [tokenizer.eos_token_id]
+            else:
+                new[i] += row
+                hit[i] = True
+        for i, future in paused.items():
+            extra = future.result()
+            new[i] += extra
+            appended[i] += len(extra)
+        live = list(paused)
+    end_think = tokenizer.convert_tokens_to_ids(END_THINK)
+    return [_generation(tokenizer, row, end_think, hit[i]).with_tools(tools.record(i), appended[i])
+            for i, row in enumerate(new)]
 
 
 def auto_batch_size(model, max_tokens: int, share: float = 0.7) -> int:
@@ -130,13 +198,21 @@ def auto_batch_size(model, max_tokens: int, share: float = 0.7) -> int:
     return int(max(1, share * free // per_seq))
 
 
-def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, samples: int | None = None
-                    ) -> list[list[Generation]]:
-    """cfg.eval_samples answers per example (sampled at cfg's temperature and top-p, seeded), grouped per example."""
+def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, samples: int | None = None,
+                    tools: bool | None = None) -> list[list[Generation]]:
+    """cfg.eval_samples answers per example (sampled at cfg's temperature and top-p, seeded), grouped per example;
+    python blocks executed when `tools` (default cfg.tool_execution)."""
+    from contextlib import nullcontext
+
+    from .tool_use import ToolRunner
+
     samples = cfg.eval_samples if samples is None else samples
     prompts = [render_prompt(ex, tokenizer) for ex in examples]
-    flat = generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
-                    cfg.eval_temperature, cfg.eval_top_p, progress=progress, seed=cfg.seed, samples=samples)
+    use_tools = cfg.tool_execution if tools is None else tools
+    with (ToolRunner.from_config(tokenizer, cfg) if use_tools else nullcontext()) as runner:
+        flat = generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
+                        cfg.eval_temperature, cfg.eval_top_p, progress=progress, seed=cfg.seed, samples=samples,
+                        tools=runner)
     return [flat[i * samples:(i + 1) * samples] for i in range(len(examples))]
 
 

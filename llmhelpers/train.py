@@ -70,10 +70,10 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
         result["adapter_dir"] = str(adapter_dir)
         if evaluate_after:
             examples = evaluation_set(data, cfg)
-            base, tuned = evaluate_base_and_finetuned(cfg, tokenizer, examples, model=trainer.model,
-                                                      adapter_dir=adapter_dir)
-            print(comparison_table([base, tuned]))
-            result["accuracy"] = {"base": base.accuracy, "finetuned": tuned.accuracy}
+            results = evaluate_base_and_finetuned(cfg, tokenizer, examples, model=trainer.model,
+                                                  adapter_dir=adapter_dir)
+            print(comparison_table(results))
+            result["accuracy"] = {r.label: r.accuracy for r in results}
     trainer.accelerator.wait_for_everyone()
     return result
 

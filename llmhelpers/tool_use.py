@@ -1,0 +1,187 @@
+"""Tool-integrated generation: the Python interpreter that MathCodeInstruct's solutions assume.
+
+In the data, the model writes a ```python block and opens an output fence; the interpreter writes what follows (the
+output and the closing fence). At inference the same happens here: when an answer's text ends with "```output\\n"
+after a python block, its generation pauses, the block runs in that answer's own `Sandbox` (state persists across the
+answer's blocks, as in MathCoder's inference), and the real output plus the closing fence are appended before the
+model continues.
+
+- **Concurrency.** Blocks run on a thread pool (`workers` threads, each waiting on its sandbox process), so
+  several answers' code runs at once while the engine keeps decoding the other answers (`Engine.run`'s pause
+  hook takes the Future).
+- **Limits.** `max_calls` executions per answer (after that the output says so and nothing runs), the sandbox's
+  timeout, CPU, memory and output limits, and at most `max_sandboxes` interpreter processes alive at once: the least
+  recently used is closed and, if its answer runs code again, rebuilt by re-running that answer's earlier blocks
+  (their outputs are discarded).
+- **Records.** Per answer: the executed blocks (code, output, ok, timed out), calls, errors and timeouts.
+
+`ToolRunner` plugs into the engine (`on_token`, `on_pause`, `on_finish`) and into rounds of `model.generate`
+(`llmhelpers.generation`, for 4-bit or adapter-wrapped models).
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .engine import PAUSE
+from .tools import Sandbox
+
+OUTPUT_FENCE = re.compile(r"```output[ \t]*\n\s*\Z")  # the model has just opened an output block
+CODE_BEFORE_FENCE = re.compile(r"```python[ \t]*\n(.*?)```[ \t]*\n\s*```output[ \t]*\n\s*\Z", re.DOTALL)
+CLOSING = "\n```"  # what the interpreter writes after the output (the data's format: see data._format_block)
+
+
+@dataclass
+class ToolRun:
+    code: str
+    output: str
+    ok: bool
+    timed_out: bool = False
+
+
+@dataclass
+class AnswerTools:
+    """What the interpreter did for one answer."""
+    runs: list[ToolRun] = field(default_factory=list)
+    calls: int = 0
+    errors: int = 0  # blocks that raised, timed out, had no code, or went past the call limit
+    timeouts: int = 0
+
+
+def code_to_run(text: str) -> str | None:
+    """The python block to execute when `text` ends with an opened output fence: "" if no python block precedes the
+    fence, None if the text does not end with one."""
+    if not OUTPUT_FENCE.search(text):
+        return None
+    m = CODE_BEFORE_FENCE.match(text, max(0, text.rfind("```python")))  # the last python block, right before it
+    return m.group(1) if m else ""
+
+
+class ToolRunner:
+    def __init__(self, tokenizer, timeout: float = 10.0, max_calls: int = 8, workers: int = 0,
+                 max_sandboxes: int = 64, max_output_chars: int = 2000):
+        self.tokenizer = tokenizer
+        self.timeout, self.max_calls, self.max_output_chars = timeout, max_calls, max_output_chars
+        self.workers = workers or min(16, os.cpu_count() or 1)
+        self.max_sandboxes = max(1, max_sandboxes)
+        self.records: dict[int, AnswerTools] = {}  # id(request or row) -> record
+        self._history: dict[int, list[str]] = {}  # blocks each answer ran, to rebuild an evicted sandbox
+        self._live: OrderedDict[int, Sandbox] = OrderedDict()
+        self._busy: set[int] = set()
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        # tokens whose text holds a newline: only after one of them can the text end with an opened output fence
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self._newline_ids = {i for i, t in enumerate(vocab) if t and ("Ċ" in t or "\n" in t)}
+
+    @classmethod
+    def from_config(cls, tokenizer, cfg) -> "ToolRunner":
+        return cls(tokenizer, timeout=cfg.tool_timeout, max_calls=cfg.tool_max_calls, workers=cfg.tool_workers,
+                   max_sandboxes=cfg.tool_max_sandboxes)
+
+    # --- lifecycle ---
+    def __enter__(self) -> "ToolRunner":
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tool")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            boxes = list(self._live.values())
+            self._live.clear()
+        for box in boxes:
+            box.close()
+
+    # --- engine hooks ---
+    def on_token(self, request, tokens: list[int]):
+        if tokens[-1] not in self._newline_ids:
+            return None
+        with self._tokenizer_lock:
+            tail = self.tokenizer.decode(tokens[-8:], skip_special_tokens=True)
+        return PAUSE if OUTPUT_FENCE.search(tail) else None
+
+    def on_pause(self, request, tokens: list[int]) -> Future:
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.submit(id(request), text)
+
+    def on_finish(self, request) -> None:
+        self.release(id(request))
+
+    # --- running blocks ---
+    def submit(self, key: int, text: str) -> Future:
+        """Run the block that `text` ends with (in the answer `key`'s sandbox); a Future of the ids to append."""
+        if self._pool is None:
+            raise RuntimeError("use the ToolRunner as a context manager: `with ToolRunner(tokenizer) as tools:`")
+        return self._pool.submit(self._execute, key, code_to_run(text))
+
+    def execute(self, key: int, text: str) -> list[int]:
+        return self.submit(key, text).result()
+
+    def _execute(self, key: int, code: str | None) -> list[int]:
+        record = self.records.setdefault(key, AnswerTools())
+        if code is None or not code.strip():
+            run = ToolRun("", "Error: no ```python block before this output block: nothing was run", ok=False)
+        elif record.calls >= self.max_calls:
+            run = ToolRun(code, f"Error: the limit of {self.max_calls} code executions per answer was reached: "
+                                "this block was not run", ok=False)
+        else:
+            record.calls += 1
+            try:
+                result = self._sandbox(key).run(code)
+            finally:
+                with self._lock:
+                    self._busy.discard(key)
+            run = ToolRun(code, result.output, result.ok, result.timed_out)
+            if result.ok:
+                self._history.setdefault(key, []).append(code)
+        record.runs.append(run)
+        record.errors += not run.ok
+        record.timeouts += run.timed_out
+        with self._tokenizer_lock:  # a fast tokenizer's settings are mutable state: one thread at a time
+            return self.tokenizer(run.output + CLOSING, add_special_tokens=False)["input_ids"]
+
+    def _sandbox(self, key: int) -> Sandbox:
+        """The answer's sandbox (marked busy), started or rebuilt if needed; the least recently used idle one is
+        closed when more than max_sandboxes are alive."""
+        evicted = []
+        with self._lock:
+            self._busy.add(key)
+            box = self._live.pop(key, None)
+            fresh = box is None
+            if fresh:
+                box = Sandbox(timeout=self.timeout, cpu_seconds=int(self.timeout) + 2,
+                              max_output_chars=self.max_output_chars)
+            self._live[key] = box
+            for other in list(self._live):
+                if len(self._live) <= self.max_sandboxes:
+                    break
+                if other not in self._busy:
+                    evicted.append(self._live.pop(other))
+        for old in evicted:
+            old.close()
+        if fresh:
+            for earlier in self._history.get(key, []):  # rebuild the state of an evicted sandbox
+                box.run(earlier)
+        return box
+
+    def release(self, key: int) -> None:
+        """The answer ended: close its sandbox (on the pool, so that the caller does not wait)."""
+        self._history.pop(key, None)
+        with self._lock:
+            box = self._live.pop(key, None)
+        if box is not None:
+            if self._pool is not None:
+                self._pool.submit(box.close)
+            else:
+                box.close()
+
+    def record(self, key: int) -> AnswerTools:
+        return self.records.get(key, AnswerTools())
