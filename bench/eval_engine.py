@@ -13,6 +13,8 @@ capture and prefill counts. Configurations:
   the old auto size (KV cache of longest prompt + 8,192 tokens in 70% of free memory, capped at 256);
 - default: `llmhelpers.generation.generate`, i.e. the engine with slots sized to free memory, sampling at
   temperature 0.6 / top-p 0.95 (the protocol);
+- tools-off / tools-on (issue #11): the default engine, and the same with one tool call forced into every
+  answer halfway through it (a sympy block run for real in the answer's sandbox, its output appended);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -115,21 +117,58 @@ def baseline(model, prompts, lengths, cap, seconds=None):
     return made, {"batch": batch}
 
 
-def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None):
+# A block of the kind MathCodeInstruct's solutions run (sympy), executed for real in each answer's sandbox.
+TOOL_BLOCK = ("I will check this with Python.\n\n```python\nfrom sympy import symbols, solve, Rational\n"
+              "x = symbols('x')\nroots = solve(x**2 - 5*x + 6, x)\nprint(roots, sum(roots) * Rational(1, 2))\n"
+              "```\n\n```output\n")
+
+
+def forced_tools(tokenizer, lengths_by_request):
+    """A ToolRunner that pauses each answer once, halfway through its drawn length (a random-weight model writes no
+    code), and runs TOOL_BLOCK in that answer's sandbox: the real pause, execution, append and resume path."""
+    from llmhelpers.engine import PAUSE
+    from llmhelpers.tool_use import ToolRunner
+
+    class Forced(ToolRunner):
+        def on_token(self, request, tokens):
+            made = len(tokens) - request.appended
+            return PAUSE if request.appended == 0 and made == max(1, lengths_by_request[id(request)] // 2) else None
+
+        def on_pause(self, request, tokens):
+            return self.submit(id(request), TOOL_BLOCK)
+
+    return Forced(tokenizer)
+
+
+def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None):
     from llmhelpers.engine import Engine, Request, Sampling, auto_slots
 
-    max_len = max(map(len, prompts)) + cap + 1
+    max_len = max(map(len, prompts)) + cap + 1 + (64 if tools else 0)  # room for the appended output
     slots = slots or auto_slots(model, max_len)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
     # processor of the baseline, which bans it before the drawn length, the answer ends at its drawn length.
-    eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=-1, seed=0)
-    made = sum(len(r.new_ids) for r in reqs)
+    extra = {}
+    if tools:
+        runner = forced_tools(tokenizer, {id(r): n for r, n in zip(reqs, lengths)}).__enter__()
+        extra = dict(on_token=runner.on_token, on_pause=runner.on_pause, on_finish=runner.on_finish)
+    try:
+        eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=-1, seed=0, **extra)
+    finally:
+        if tools:
+            runner.__exit__(None, None, None)
+    made = sum(len(r.new_ids) - r.appended for r in reqs)  # generated tokens; appended output is the tool's
     assert made == sum(lengths), (made, sum(lengths))
     info = {"slots": eng.slots, "decode_steps_and_prefills": eng.forward_passes, "sampler": eng.sampler,
             **{k: round(v, 1) for k, v in eng.stats.items()}}
+    if tools:
+        records = [runner.record(id(r)) for r in reqs]
+        info.update(tool_calls=sum(r.calls for r in records), tool_errors=sum(r.errors for r in records),
+                    tool_timeouts=sum(r.timeouts for r in records), tool_workers=runner.workers,
+                    appended_tokens=sum(r.appended for r in reqs),
+                    sample_output=records[0].runs[0].output if records[0].runs else None)
     del eng
     return made, info
 
@@ -153,6 +192,9 @@ def main():
 
     model_dir = random_r1_model()
     model = load_base_model(make_config("full", model_id=str(model_dir)), quantized=False).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts, lengths = workload(args.requests, cap=args.cap)
     results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                "workload": {"prompt_tokens": "uniform 100-600", "answer_tokens": "lognormal median 2000 sigma 0.7",
@@ -173,6 +215,8 @@ def main():
                 made, info = baseline(model, p, l, args.cap, args.baseline_seconds)
             elif name == "default":
                 made, info = engine(model, p, l, args.cap)
+            elif name in ("tools-off", "tools-on"):
+                made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
             elif name == "sort-sampler":
                 made, info = engine(model, p, l, args.cap, sampler="sort")
             elif name == "slots64":
@@ -196,6 +240,8 @@ def main():
     runs = {r["config"]: r for r in results["runs"] if "gen_tok_s" in r}
     if "default" in runs and "baseline" in runs:
         results["default_over_baseline"] = round(runs["default"]["gen_tok_s"] / runs["baseline"]["gen_tok_s"], 2)
+    if "tools-on" in runs and "tools-off" in runs:
+        results["tools_on_over_off"] = round(runs["tools-on"]["gen_tok_s"] / runs["tools-off"]["gen_tok_s"], 3)
     print(json.dumps(results, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ class FinetuneConfig:
     eval_without_tools: bool = True  # also grade the fine-tuned model with tool_execution off (the comparison)
     tool_timeout: float = 10.0  # seconds of wall clock (and of CPU) per block; the sandbox is killed after it
     tool_max_calls: int = 8  # executions per answer; later blocks get an error message as their output
-    tool_workers: int = 0  # blocks run at once (0 = min(16, CPU cores))
+    tool_workers: int = 0  # blocks run at once (0 = min(16, CPU cores - 1): one core stays with generation)
     tool_max_sandboxes: int = 64  # interpreter processes alive at once (each holds ~30-100 MB once sympy is in)
     accuracy_callback: bool = False  # accuracy on a small fixed subset at each save
     accuracy_callback_size: int = 16

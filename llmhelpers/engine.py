@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Callable
@@ -282,6 +283,7 @@ class Engine:
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.sampling = Sampling()
+        self.feed_max = 32  # appended text up to this many tokens is fed through decode steps, longer is prefilled
         self.sampler = "triton" if cuda else "sort"  # the same distribution; "sort" is the reference
         self.seed = torch.zeros((), dtype=torch.long, device=self.device)  # the Triton sampler's counter
         self.graphs: dict[int, object] = {}
@@ -425,6 +427,8 @@ class Engine:
         queue = list(range(len(requests)))[::-1]
         active: dict[int, int] = {}  # slot -> request index
         parked: dict[int, tuple[object, int]] = {}  # paused slot -> (ids to append or their Future, sampled token)
+        feeding: dict[int, deque] = {}  # resumed slot -> appended ids still to feed, one per decode step
+        waiting: dict[int, tuple] = {}  # resumed slot -> (slot, ids, start) for the next batched prefill
         lengths = [0] * self.slots  # tokens in each slot's cache
         positions_host = [0] * self.slots
         tokens_host = [0] * self.slots
@@ -456,22 +460,33 @@ class Engine:
             else:
                 lengths[slot] += 1
 
-        def pending_work():
-            """(slot, ids, start) for every parked slot whose text is ready and every free slot with a request."""
-            items = []
+        def resume_ready():
+            """Parked slots whose text is ready resume. Short text (most tool outputs) is fed through the decode
+            steps, one token per step with the slot's samples ignored until it is in: no extra forward pass, no
+            stall of the other slots. Longer text waits for the next batched prefill."""
             for slot, (extra, token) in list(parked.items()):
                 if hasattr(extra, "done"):
                     if not extra.done():
                         continue
                     extra = extra.result()
                 del parked[slot]
-                req, ids = requests[active[slot]], [token, *extra]
-                if lengths[slot] + len(ids) + 1 >= self.max_len:
+                req, extra = requests[active[slot]], list(extra)
+                if lengths[slot] + len(extra) + 2 >= self.max_len:
                     finish(slot, hit=True)
                     continue
                 req.new_ids.extend(extra)
                 req.appended += len(extra)
-                items.append((slot, ids, lengths[slot]))
+                if len(extra) <= self.feed_max:
+                    tokens_host[slot], positions_host[slot] = token, lengths[slot]
+                    lengths[slot] += 1
+                    if extra:
+                        feeding[slot] = deque(extra)
+                else:
+                    waiting[slot] = (slot, [token, *extra], lengths[slot])
+
+        def refills():
+            """(slot, prompt, 0) for every free slot, while requests are queued."""
+            items = []
             for slot in range(width):
                 if slot in active or not queue:
                     continue
@@ -484,16 +499,16 @@ class Engine:
             return items
 
         def settle(force: bool):
-            """Prefill what is ready, in batches: a prefill costs several decode steps of fixed overhead, so unless
-            forced it waits until 1/32 of the live sequences (or every one) would take part."""
+            """Resume what is ready; prefill in batches: a prefill costs several decode steps of fixed overhead, so
+            unless forced it waits until 1/32 of the live sequences (or every one) would take part."""
             while True:
-                ready = sum(1 for e, _ in parked.values() if not hasattr(e, "done") or e.done())
+                resume_ready()
                 free = min(len(queue), width - len(active))
-                if not (ready + free) or not (force or ready + free >= max(1, len(active) // 32)):
+                due = len(waiting) + free
+                if not due or not (force or due >= max(1, len(active) // 32)):
                     return
-                items = pending_work()
-                if not items:
-                    return
+                items = list(waiting.values()) + refills()
+                waiting.clear()
                 t0 = time.perf_counter()
                 for (slot, ids, start), token in self._extend_batches(items):
                     lengths[slot] = start + len(ids)
@@ -504,9 +519,9 @@ class Engine:
 
         settle(force=True)
         while active:
-            if not queue and len(active) <= width // 2 and width > 8:
-                width = self._compact(active, parked, lengths, tokens_host, positions_host)
-            decoding = [s for s in active if s not in parked]
+            if not queue and not waiting and len(active) <= width // 2 and width > 8:
+                width = self._compact(active, (parked, feeding), lengths, tokens_host, positions_host)
+            decoding = [s for s in active if s not in parked and s not in waiting]
             if not decoding:  # every live sequence waits for its appended text
                 wait([e for e, _ in parked.values() if hasattr(e, "done")], return_when=FIRST_COMPLETED)
                 settle(force=True)
@@ -520,6 +535,12 @@ class Engine:
             stats["decode_steps"] += 1
             stats["steps_below_full_width"] += width < self.slots
             for slot in decoding:
+                if slot in feeding:  # appended text goes in; what the model sampled meanwhile is dropped
+                    tokens_host[slot], positions_host[slot] = feeding[slot].popleft(), lengths[slot]
+                    lengths[slot] += 1
+                    if not feeding[slot]:
+                        del feeding[slot]
+                    continue
                 generated += 1
                 accept(slot, sampled[slot])
             settle(force=len(decoding) < len(active) // 2 or not queue)
@@ -527,7 +548,7 @@ class Engine:
                 progress(done, generated)
         return requests
 
-    def _compact(self, active, parked, lengths, tokens_host, positions_host) -> int:
+    def _compact(self, active, per_slot, lengths, tokens_host, positions_host) -> int:
         """Once the queue is empty and half the slots are idle, move the live sequences into the lowest slots and
         decode only those: the tail of a run costs what its live sequences need, not the full width."""
         width = max(8, triton_next_pow2(len(active)))
@@ -536,8 +557,9 @@ class Engine:
             dst = free.pop(0)
             self._move(slot, dst, lengths[slot])
             active[dst] = active.pop(slot)
-            if slot in parked:
-                parked[dst] = parked.pop(slot)
+            for state in per_slot:  # dicts keyed by slot
+                if slot in state:
+                    state[dst] = state.pop(slot)
             for host in (lengths, tokens_host, positions_host):
                 host[dst] = host[slot]
         return width

@@ -77,7 +77,8 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
                      samples, tools=None) -> list[Generation]:
     from .engine import Engine, Request, Sampling, auto_slots
 
-    max_len = max(map(len, ids), default=0) + max_new_tokens + 1
+    # appended tool output takes cache room beyond the generated budget
+    max_len = max(map(len, ids), default=0) + max_new_tokens + 1 + (tools.reserve_tokens if tools else 0)
     requests = [Request(i, max_new_tokens, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
     slots = min(len(requests), slots or auto_slots(model, max_len)) or 1
     eng = Engine(model, slots=slots, max_len=max_len)

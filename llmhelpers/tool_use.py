@@ -66,8 +66,11 @@ class ToolRunner:
                  max_sandboxes: int = 64, max_output_chars: int = 2000):
         self.tokenizer = tokenizer
         self.timeout, self.max_calls, self.max_output_chars = timeout, max_calls, max_output_chars
-        self.workers = workers or min(16, os.cpu_count() or 1)
+        self.workers = workers or min(16, max(1, (os.cpu_count() or 2) - 1))  # a core stays with the decode loop
         self.max_sandboxes = max(1, max_sandboxes)
+        # cache room per answer for appended outputs (engine path): an answer whose outputs need more stops early
+        # and counts as having hit its budget
+        self.reserve_tokens = 1024
         self.records: dict[int, AnswerTools] = {}  # id(request or row) -> record
         self._history: dict[int, list[str]] = {}  # blocks each answer ran, to rebuild an evicted sandbox
         self._live: OrderedDict[int, Sandbox] = OrderedDict()

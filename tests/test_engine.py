@@ -91,7 +91,8 @@ def test_top_p_keeps_only_the_nucleus(tiny):
     assert {int(engine._sample(logits)) for _ in range(200)} == {0, 1}
 
 
-def test_a_paused_sequence_resumes_with_appended_text(tiny):
+@pytest.mark.parametrize("feed_max", [32, 0], ids=["fed-through-decode-steps", "prefilled"])
+def test_a_paused_sequence_resumes_with_appended_text(tiny, feed_max):
     model, tok, prompts = tiny
     appended = tok("```output\n42\n```\n", add_special_tokens=False)["input_ids"]
     seen = []
@@ -105,9 +106,10 @@ def test_a_paused_sequence_resumes_with_appended_text(tiny):
 
     req = Request(prompts[0], 20)
     other = Request(prompts[1], 20)  # decodes beside it, undisturbed
-    Engine(model, slots=2, max_len=max(map(len, prompts)) + 60).run([req, other], Sampling(greedy=True),
-                                                              eos=tok.eos_token_id, on_token=on_token,
-                                                              on_pause=on_pause)
+    engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 60)
+    engine.feed_max = feed_max
+    engine.run([req, other], Sampling(greedy=True), eos=tok.eos_token_id, on_token=on_token, on_pause=on_pause)
+    assert engine.stats["prefills"] == 2 + (feed_max == 0)  # fed text needs no forward pass of its own
     first = seen[0]
     assert req.new_ids[:5] == first and req.new_ids[5:5 + len(appended)] == appended
     assert req.appended == len(appended) and len(req.new_ids) == 20 + len(appended)  # appended text is free
