@@ -152,6 +152,7 @@ def _hf_generate_with_tools(model, tokenizer, ids, max_new_tokens, batch_size, d
     from .tool_use import OUTPUT_FENCE
 
     new: list[list[int]] = [[] for _ in ids]
+    keys = [(id(new), i) for i in range(len(ids))]  # unique per call: one runner may serve several calls
     appended = [0] * len(ids)
     hit = [False] * len(ids)
     live = list(range(len(ids)))
@@ -169,7 +170,7 @@ def _hf_generate_with_tools(model, tokenizer, ids, max_new_tokens, batch_size, d
             text = tokenizer.decode(new[i] + row, skip_special_tokens=True)
             if OUTPUT_FENCE.search(text) and len(new[i] + row) - appended[i] < max_new_tokens:
                 new[i] += row
-                paused[i] = tools.submit(i, text)
+                paused[i] = tools.submit(keys[i], text)
             elif ended:
                 new[i] += row + [tokenizer.eos_token_id]
             else:
@@ -180,8 +181,10 @@ def _hf_generate_with_tools(model, tokenizer, ids, max_new_tokens, batch_size, d
             new[i] += extra
             appended[i] += len(extra)
         live = list(paused)
+    for key in keys:
+        tools.release(key)
     end_think = tokenizer.convert_tokens_to_ids(END_THINK)
-    return [_generation(tokenizer, row, end_think, hit[i]).with_tools(tools.record(i), appended[i])
+    return [_generation(tokenizer, row, end_think, hit[i]).with_tools(tools.record(keys[i]), appended[i])
             for i, row in enumerate(new)]
 
 
@@ -203,14 +206,11 @@ def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, sam
                     tools: bool | None = None) -> list[list[Generation]]:
     """cfg.eval_samples answers per example (sampled at cfg's temperature and top-p, seeded), grouped per example;
     python blocks executed when `tools` (default cfg.tool_execution)."""
-    from contextlib import nullcontext
-
-    from .tool_use import ToolRunner
+    from .tool_use import tool_runner
 
     samples = cfg.eval_samples if samples is None else samples
     prompts = [render_prompt(ex, tokenizer) for ex in examples]
-    use_tools = cfg.tool_execution if tools is None else tools
-    with (ToolRunner.from_config(tokenizer, cfg) if use_tools else nullcontext()) as runner:
+    with tool_runner(tokenizer, cfg, tools) as runner:
         flat = generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
                         cfg.eval_temperature, cfg.eval_top_p, progress=progress, seed=cfg.seed, samples=samples,
                         tools=runner)

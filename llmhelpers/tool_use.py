@@ -186,5 +186,47 @@ class ToolRunner:
             else:
                 box.close()
 
-    def record(self, key: int) -> AnswerTools:
+    def record(self, key) -> AnswerTools:
         return self.records.get(key, AnswerTools())
+
+
+def tool_runner(tokenizer, cfg, on: bool | None = None):
+    """A context manager giving a ToolRunner built from cfg when tool execution is on (`on`, default
+    cfg.tool_execution), else None: `with tool_runner(tok, cfg) as tools: generate(..., tools=tools)`."""
+    from contextlib import nullcontext
+
+    use = cfg.tool_execution if on is None else on
+    return ToolRunner.from_config(tokenizer, cfg) if use else nullcontext()
+
+
+EXECUTED = "[executed in the sandbox]"  # how displays mark output that the interpreter, not the model, wrote
+
+
+def tool_runs_text(runs: list[ToolRun], width: int = 300) -> str:
+    """The executed blocks of one answer, each code block followed by its real output, marked as executed."""
+    if not runs:
+        return "  (no code executed)"
+    clip = lambda s: s if len(s) <= width else s[:width] + f" [... {len(s) - width} more chars]"
+    lines = []
+    for i, run in enumerate(runs, 1):
+        status = "timed out" if run.timed_out else ("ok" if run.ok else "error")
+        lines.append(f"  block {i} ({status}):\n" + "\n".join("    " + l for l in clip(run.code).splitlines()))
+        lines.append(f"  {EXECUTED} output:\n" + "\n".join("    " + l for l in clip(run.output).splitlines()))
+    return "\n".join(lines)
+
+
+def replay_first_block(example, tools: ToolRunner) -> str:
+    """What tool execution does, on a training example: its reasoning up to the first opened output fence, then the
+    real output of the code before it (marked), beside the output the data itself recorded."""
+    from .chat import TOOL_OUTPUT
+
+    m = TOOL_OUTPUT.search(example.reasoning)
+    if m is None:
+        return "this example runs no code"
+    upto = example.reasoning[:m.start(1)]
+    ids = tools.execute(("replay", id(example)), upto)
+    tools.release(("replay", id(example)))
+    real = tools.tokenizer.decode(ids)
+    recorded = m.group(1)[:-len("```")].rstrip("\n")
+    return (f"{upto}{EXECUTED}\n{real}\n\n"
+            f"(the data recorded: {recorded!r}; the sandbox printed: {real[:-len(CLOSING)]!r})")

@@ -88,10 +88,20 @@ def test_each_run_keeps_its_own_adapters_evaluation_merge_and_figure(smoke_run):
         rows = [json.loads(l) for l in (run / "eval" / "finetuned.jsonl").read_text().splitlines()]
         assert rows and {"correct", "finished_thinking", "thinking_tokens", "output"} <= set(rows[0])
         assert len(rows) == len((run / "eval" / "base.jsonl").read_text().splitlines())
+        no_tools = [json.loads(l) for l in (run / "eval" / "finetuned-no-tools.jsonl").read_text().splitlines()]
+        assert len(no_tools) == len(rows) and {r["tool_calls"] for r in no_tools} == {0}
         assert (run / "merged" / "model.safetensors").stat().st_size > 0
         assert (run / "attention.png").stat().st_size > 10_000
     assert not list(out.rglob(".*tmp*"))
     assert not (out / "final").exists() and not (out / "eval").exists()  # nothing shared between runs
+
+
+def test_tool_execution_is_shown_and_reported(smoke_run):
+    _, nb = smoke_run
+    text = outputs_text(nb.cells)
+    assert "[executed in the sandbox]\n55\n```" in text  # the demo problem's block, run for real
+    assert "(the data recorded: '55'; the sandbox printed: '55')" in text
+    assert "tools/ans" in text and "finetuned-no-tools" in text
 
 
 def test_the_index_lists_both_runs(smoke_run):

@@ -8,6 +8,7 @@ It copies the repository's notebook into a fresh folder, starts JupyterLab there
 2. edits OVERRIDES in the parameters cell (learning rate and steps), re-runs that cell, then re-runs from the
    trainer cell to the end, as a user tweaking a hyperparameter does;
 3. re-runs the training cell once more (a finished run: nothing is trained);
+4. turns `eval_without_tools` off in the parameters cell and re-runs only it and the accuracy cell;
 and fails if any cell shows a traceback. Screenshots and a JSON summary go to --out.
 """
 from __future__ import annotations
@@ -157,7 +158,11 @@ def main() -> int:
         runs_cell = cell_index(driver, "print(runs_table(")
         summary["shots"] += [shot(driver, out, "1-parameters", params), shot(driver, out, "2-recipe", params + 4),
                              shot(driver, out, "3-training", train_cell), shot(driver, out, "4-runs", runs_cell),
-                             shot(driver, out, "5-attention", cell_index(driver, "attn_model = "))]
+                             shot(driver, out, "5-attention", cell_index(driver, "attn_model = ")),
+                             shot(driver, out, "5a-tool-replay", cell_index(driver, "with tool_runner(")),
+                             shot(driver, out, "5b-base-vs-tuned", cell_index(driver, "prompts = [render_prompt(")),
+                             shot(driver, out, "5c-accuracy", cell_index(driver, "eval_problems = "))]
+        summary["tool_replay_output"] = outputs_of(driver, cell_index(driver, "with tool_runner("))
 
         # A user edits the parameters cell and re-runs it, then the cells from the trainer on.
         driver.execute_script(
@@ -183,6 +188,21 @@ def main() -> int:
         state = wait_idle(driver)
         summary["finished_rerun_output"] = outputs_of(driver, train_cell)[-600:]
         summary["shots"].append(shot(driver, out, "8-finished-rerun", train_cell))
+
+        # An evaluation-only tweak: no second grading without tools; re-run the parameters and the accuracy cell only.
+        driver.execute_script(
+            f"const c = {NB}.content.widgets[arguments[0]].model.sharedModel;"
+            "c.setSource(c.getSource().replace(arguments[1], arguments[2]));", params, EDITED,
+            EDITED[:-1] + ', "eval_without_tools": False}')
+        select(driver, params)
+        command(driver, "notebook:run-cell")
+        wait_idle(driver)
+        accuracy_cell = cell_index(driver, "eval_problems = ")
+        select(driver, accuracy_cell)
+        command(driver, "notebook:run-cell")
+        state = wait_idle(driver)
+        summary["accuracy_rerun_output"] = outputs_of(driver, accuracy_cell)[-1500:]
+        summary["shots"].append(shot(driver, out, "9-accuracy-rerun", accuracy_cell))
         summary["final_errors"] = state["errors"]
     finally:
         driver.quit()
@@ -193,6 +213,8 @@ def main() -> int:
     ok = not (summary["run_all_errors"] or summary["rerun_errors"] or summary["final_errors"]
               or summary["unexecuted_code_cells"])
     ok = ok and "already finished at step 10" in summary["finished_rerun_output"]
+    ok = ok and "[executed in the sandbox]" in summary["tool_replay_output"]
+    ok = ok and "finetuned-no-tools" not in summary["accuracy_rerun_output"]
     return 0 if ok else 1
 
 
