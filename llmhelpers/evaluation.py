@@ -196,20 +196,20 @@ def _finetuned_runs(model, tokenizer, examples, cfg, save_dir) -> list[EvalResul
 
 def comparison_table(results: list[EvalResult]) -> str:
     """One block of rows per run: per source pass@1, maj@k, the share of answers that hit the budget, pass@1 over
-    finished answers only, and mean / 90th-percentile thinking length (budget effects made visible)."""
-    head = (f"{'run':<19}{'source':<18}{'problems':>9}{'k':>3}{'pass@1':>9}{'maj@k':>8}{'hit budget':>12}"
-            f"{'pass@1 fin.':>13}{'think mean':>12}{'think p90':>11}{'tools/ans':>11}{'tool err':>10}"
-            f"{'timeouts':>10}")
+    finished answers only ("fin. p@1"), mean and 90th-percentile thinking length ("think", "p90"; budget effects made
+    visible), tool calls per answer, tool errors and timeouts. 118 characters wide: fits a notebook output."""
+    head = (f"{'run':<19}{'source':<17}{'probs':>6}{'k':>3}{'pass@1':>8}{'maj@k':>7}{'hit budget':>11}"
+            f"{'fin. p@1':>9}{'think':>7}{'p90':>6}{'tools/ans':>10}{'tool err':>9}{'timeouts':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         summary = r.summary()
         for source in sorted(summary, key=lambda s: (s == "all", s)):
             m = summary[source]
             fin = "n/a" if m["pass@1_finished"] is None else f"{m['pass@1_finished']:.1%}"
-            lines.append(f"{r.label[:18]:<19}{source:<18}{m['problems']:>9}{m['samples']:>3}{m['pass@1']:>9.1%}"
-                         f"{m['maj@k']:>8.1%}{m['hit_budget']:>12.1%}{fin:>13}{m['mean_thinking_tokens']:>12.0f}"
-                         f"{m['p90_thinking_tokens']:>11.0f}{m['tool_calls_per_answer']:>11.2f}"
-                         f"{m['tool_errors']:>10}{m['tool_timeouts']:>10}")
+            lines.append(f"{r.label[:18]:<19}{source[:16]:<17}{m['problems']:>6}{m['samples']:>3}{m['pass@1']:>8.1%}"
+                         f"{m['maj@k']:>7.1%}{m['hit_budget']:>11.1%}{fin:>9}{m['mean_thinking_tokens']:>7.0f}"
+                         f"{m['p90_thinking_tokens']:>6.0f}{m['tool_calls_per_answer']:>10.2f}"
+                         f"{m['tool_errors']:>9}{m['tool_timeouts']:>9}")
     return "\n".join(lines)
 
 
