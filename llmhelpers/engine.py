@@ -522,8 +522,9 @@ class Engine:
             if not queue and not waiting and len(active) <= width // 2 and width > 8:
                 width = self._compact(active, (parked, feeding), lengths, tokens_host, positions_host)
             decoding = [s for s in active if s not in parked and s not in waiting]
-            if not decoding:  # every live sequence waits for its appended text
-                wait([e for e, _ in parked.values() if hasattr(e, "done")], return_when=FIRST_COMPLETED)
+            if not decoding:  # every live sequence waits: for a prefill (run it now) or for its appended text
+                if not waiting:
+                    wait([e for e, _ in parked.values() if hasattr(e, "done")], return_when=FIRST_COMPLETED)
                 settle(force=True)
                 continue
             self.tokens[:width].copy_(torch.tensor(tokens_host[:width], device=self.device))

@@ -139,10 +139,15 @@ class ToolRunner:
             record.calls += 1
             try:
                 result = self._sandbox(key).run(code)
+                run = ToolRun(code, result.output, result.ok, result.timed_out)
+            except Exception as err:  # the interpreter broke its protocol (e.g. the code wrote to its reply pipe)
+                self.release(key)
+                run = ToolRun(code, f"Error: the interpreter failed ({type(err).__name__}: {err}); its state is lost",
+                              ok=False)
+                result = run
             finally:
                 with self._lock:
                     self._busy.discard(key)
-            run = ToolRun(code, result.output, result.ok, result.timed_out)
             if result.ok:
                 self._history.setdefault(key, []).append(code)
         record.runs.append(run)
@@ -181,9 +186,9 @@ class ToolRunner:
         with self._lock:
             box = self._live.pop(key, None)
         if box is not None:
-            if self._pool is not None:
+            try:
                 self._pool.submit(box.close)
-            else:
+            except (AttributeError, RuntimeError):  # no pool, or it is shutting down: close here
                 box.close()
 
     def record(self, key) -> AnswerTools:

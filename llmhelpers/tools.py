@@ -116,8 +116,13 @@ class Sandbox:
             reason = "the CPU-time limit" if code_ in (-signal.SIGXCPU, -signal.SIGKILL) else f"exit code {code_}"
             return RunResult(f"SystemExit: the interpreter stopped ({reason}); its state is lost", ok=False,
                              timed_out=code_ in (-signal.SIGXCPU, -signal.SIGKILL))
-        reply = json.loads(line)
-        return RunResult(reply["output"], reply["ok"], truncated=reply["truncated"])
+        try:
+            reply = json.loads(line)
+            return RunResult(reply["output"], reply["ok"], truncated=reply["truncated"])
+        except (ValueError, KeyError, TypeError):  # the code wrote into the reply pipe: nothing it says is trusted
+            self._kill()
+            return RunResult("Error: the interpreter's reply was garbled (the code wrote to its control pipe); "
+                             "its state is lost", ok=False)
 
 
 # The worker: a tiny REPL reading JSON lines on stdin and answering one JSON line per block on a private copy

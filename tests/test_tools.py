@@ -90,3 +90,9 @@ def test_working_directory_is_removed_and_secrets_are_absent(monkeypatch):
         assert "HF_TOKEN" not in out and "AWS_SECRET" not in out and workdir in out
         assert box.run("open('scratch.txt', 'w').write('x')").ok
     assert not os.path.exists(workdir)
+
+
+def test_code_that_writes_into_the_control_pipe_gets_an_error_not_a_crash(box):
+    r = box.run("import os\nfor fd in range(3, 10):\n    try:\n        os.write(fd, b'not json\\n')\n    except OSError:\n        pass")
+    assert not r.ok and "garbled" in r.output
+    assert box.run("1 + 1").output == "2"  # a fresh interpreter takes over
