@@ -203,3 +203,45 @@ def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
     assert outside == "0" and int(support) > 3  # never outside the nucleus, which holds several tokens here
     assert float(gap) < 0.06  # 1,000 draws: a frequency's standard error is under 0.016
     assert same_seed_same == "True" and other_seed_same == "False"
+
+
+def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact(tiny):
+    """Twenty answers in 16 slots, each paused once at its own point for a Future that resolves after a random
+    delay, with appended text short (fed through decode steps) or long (prefilled): every answer equals greedy
+    decoding of its prompt, its appended text, and the continuation greedy decoding gives after it."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, prompts = tiny
+    rng = random.Random(0)
+    texts = ["```output\n7\n```", "```output\n" + "1234567890 " * 4 + "\n```"]  # under and over feed_max tokens
+    plan = [(prompts[i % 3], rng.randint(12, 30), rng.randint(1, 8), tok(texts[i % 2], add_special_tokens=False)
+             ["input_ids"]) for i in range(20)]
+    assert len(plan[1][3]) > 32 >= len(plan[0][3])
+    reqs = [Request(p, budget, key=i) for i, (p, budget, _, _) in enumerate(plan)]
+    engine = Engine(model, slots=16, max_len=max(map(len, prompts)) + 30 + 100)
+
+    def later(extra):
+        time.sleep(rng.random() * 0.05)
+        return extra
+
+    with ThreadPoolExecutor(4) as pool:
+        engine.run(reqs, Sampling(greedy=True), eos=-1,
+                   on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == plan[r.key][2] else None,
+                   on_pause=lambda r, t: pool.submit(later, plan[r.key][3]))
+    assert engine.stats["pauses"] == 20 and engine.stats["steps_below_full_width"] > 0  # compaction happened
+    for req, (prompt, budget, at, extra) in zip(reqs, plan):
+        head = req.new_ids[:at]
+        assert head == hf_greedy(model, tok, prompt, at)
+        assert req.new_ids[at:at + len(extra)] == extra and req.appended == len(extra)
+        assert req.new_ids[at + len(extra):] == hf_greedy(model, tok, prompt + head + extra, budget - at)
+
+
+def test_appended_text_that_does_not_fit_ends_the_answer_as_budget_hit(tiny):
+    model, tok, prompts = tiny
+    req = Request(prompts[0], 20)
+    Engine(model, slots=1, max_len=len(prompts[0]) + 30).run(
+        [req], Sampling(greedy=True), eos=-1, on_token=lambda r, t: PAUSE if len(t) == 3 else None,
+        on_pause=lambda r, t: list(range(100, 140)))  # 40 ids: more than the slot has room for
+    assert req.finished and req.hit_budget and req.appended == 0 and len(req.new_ids) == 3
