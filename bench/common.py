@@ -16,6 +16,47 @@ R1_15B = dict(  # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
 )
 
 
+# The bigger distills (their config.json files; same tokenizer and special tokens as the 1.5B one).
+R1_7B = dict(R1_15B, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+             num_attention_heads=28, num_key_value_heads=4)
+R1_14B = dict(R1_15B, vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+              num_attention_heads=40, num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5)
+R1_32B = dict(R1_14B, intermediate_size=27648, num_hidden_layers=64)
+ARCHITECTURES = {"1.5b": R1_15B, "7b": R1_7B, "14b": R1_14B, "32b": R1_32B}
+
+
+def random_nf4_loader(arch: dict, seed: int = 0):
+    """A loader `cfg -> model` for `arch` with random weights, quantized to NF4 by transformers' own loading path
+    (from_pretrained with cfg's BitsAndBytesConfig) from an in-memory state dict: no checkpoint on disk (the 32B one
+    would need 65 GB of it). Norm weights are ones, the rest N(0, 0.02) in the compute dtype."""
+
+    def load(cfg):
+        import torch
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from llmhelpers.modeling import device_map, loaded_with
+
+        config = Qwen2Config(**arch)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in Qwen2ForCausalLM(config).state_dict().items()}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        gen = torch.Generator(device=device).manual_seed(seed)
+        state = {k: (torch.ones(shape, dtype=cfg.torch_dtype(), device=device) if "norm" in k else
+                     torch.randn(shape, generator=gen, dtype=cfg.torch_dtype(), device=device).mul_(0.02))
+                 for k, shape in shapes.items()}
+        model = Qwen2ForCausalLM.from_pretrained(None, config=config, state_dict=state,
+                                                 quantization_config=cfg.bnb_config(), dtype=cfg.torch_dtype(),
+                                                 device_map=device_map())
+        del state
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        model.config.use_cache = True
+        model.llm_loaded_with = loaded_with(cfg, True)
+        return model
+
+    return load
+
+
 def random_r1_model(path: str | Path = "/tmp/r1-1.5b-random", seed: int = 0) -> Path:
     """Build (once) and save the R1-1.5B architecture with random bf16 weights plus a tokenizer."""
     import torch

@@ -38,15 +38,15 @@ CONFIGS = {
 }
 
 
-def matmul_params() -> int:
-    h, i, L, v = R1_15B["hidden_size"], R1_15B["intermediate_size"], R1_15B["num_hidden_layers"], R1_15B["vocab_size"]
-    kv = h // R1_15B["num_attention_heads"] * R1_15B["num_key_value_heads"]
+def matmul_params(arch: dict = R1_15B) -> int:
+    h, i, L, v = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"], arch["vocab_size"]
+    kv = h // arch["num_attention_heads"] * arch["num_key_value_heads"]
     return L * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
 
 
-def model_flops(lengths: list[int]) -> float:
-    n = matmul_params()
-    h, L = R1_15B["hidden_size"], R1_15B["num_hidden_layers"]
+def model_flops(lengths: list[int], arch: dict = R1_15B) -> float:
+    n = matmul_params(arch)
+    h, L = arch["hidden_size"], arch["num_hidden_layers"]
     per_seq = [4 * n * s + 2 * 2 * L * h * s * s for s in lengths]  # (fwd + input-grad) x (2N + causal attn)
     return float(sum(per_seq))
 
@@ -62,7 +62,16 @@ class CountingCollator:
         return self.inner(features)
 
 
-def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int) -> dict:
+def _cuda(fn_name: str, *args):
+    """torch.cuda.<fn_name>(*args) on a GPU, nothing (0) on the CPU (the benchmarks' dry runs)."""
+    import torch
+
+    return getattr(torch.cuda, fn_name)(*args) if torch.cuda.is_available() else 0
+
+
+def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int, load_model=None,
+               arch: dict = R1_15B) -> dict:
+    """`load_model(cfg)` builds the base model (default: load_base_model from model_dir, NF4)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -80,7 +89,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     ds = Dataset.from_dict(rows)
     data = DataBundle(ds, ds.select(range(16)), [], [], [], DataReport())
     torch.manual_seed(0)
-    model = attach_lora(load_base_model(cfg), cfg)
+    model = attach_lora((load_model or load_base_model)(cfg), cfg)
     trainer = build_trainer(cfg, model, tok, data, eval_strategy="no", save_strategy="no",
                             load_best_model_at_end=False, dataloader_num_workers=0)
     counter = CountingCollator(trainer.data_collator)
@@ -90,13 +99,13 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == warmup:
-                torch.cuda.synchronize()
+                _cuda("synchronize")
                 marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
-                torch.cuda.reset_peak_memory_stats()
+                _cuda("reset_peak_memory_stats")
 
     trainer.add_callback(Timer())
     trainer.train()
-    torch.cuda.synchronize()
+    _cuda("synchronize")
     elapsed = time.perf_counter() - marks["t0"]
     # The collator has already been called for the step after the last one when prefetching; count exactly
     # the sequences of the measured steps.
@@ -109,14 +118,14 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "grouped": cfg.group_by_length, "liger": trainer.args.use_liger_kernel, "checkpointing": cfg.gradient_checkpointing,
         "steps": steps, "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
         "useful_tok_s": round(useful / elapsed), "trained_tok_s": round(trained / elapsed),
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "mfu": round(model_flops(lengths) / elapsed / peak_bf16_flops(), 4),
+        "peak_alloc_gib": round(_cuda("max_memory_allocated") / 2**30, 2),
+        "peak_reserved_gib": round(_cuda("max_memory_reserved") / 2**30, 2),
+        "mfu": round(model_flops(lengths, arch) / elapsed / peak_bf16_flops(), 4),
         "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
     }
     del trainer, model
     gc.collect()
-    torch.cuda.empty_cache()
+    _cuda("empty_cache")
     return out
 
 
