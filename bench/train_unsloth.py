@@ -1,0 +1,99 @@
+"""Unsloth beside the project (issue #13): the same model, data and measurement as `bench/train_throughput.py`,
+trained by Unsloth's own path. Run it in its own process (importing unsloth patches transformers for the whole
+process) with Unsloth's packages on the path, in the same session as `train_throughput.py`:
+
+    PYTHONPATH=/tmp/unsloth-site python bench/train_unsloth.py --configs mb8x2,mb16x1 --out bench/results/<...>.json
+
+Packages that ran together on the GPU machine (issue #13): unsloth and unsloth-zoo 2026.10.9, trl 1.15.0,
+datasets 4.8.4, tyro, docstring-parser, shtab, typeguard, cut-cross-entropy, torchao 0.18.0, msgspec, hf-transfer,
+peft 0.21.2, bitsandbytes 0.50.2, on the image's transformers 5.17.
+
+Model: the R1-1.5B architecture with random weights (`common.random_r1_model`), NF4 4-bit, LoRA r=16 / alpha 32 on
+q,k,v,o,gate,up,down, Unsloth's gradient checkpointing, bf16; data: `common.synthetic_rows` (lognormal lengths,
+median 700, cap 2,048, prompt masked), 16 sequences per optimizer step, length-grouped batches. Useful tokens/s is
+counted exactly as train_throughput.py counts it (every non-pad token of the measured steps' sequences).
+Written for the next GPU session; not yet run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import unsloth  # noqa: F401  (first: it patches transformers and TRL before they are imported)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import gpu_name, random_r1_model, synthetic_rows  # noqa: E402
+from train_throughput import CountingCollator, model_flops  # noqa: E402
+
+CONFIGS = {"mb2x8": (2, 8), "mb8x2": (8, 2), "mb16x1": (16, 1)}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup: int, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    from common import peak_bf16_flops
+
+    model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
+                                                   load_in_4bit=True, dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    args = SFTConfig(output_dir=f"/tmp/bench-unsloth/{name}", per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=accumulation, max_steps=warmup + steps, learning_rate=2e-4,
+                     lr_scheduler_type="cosine", warmup_ratio=0.0, logging_steps=1, save_strategy="no",
+                     eval_strategy="no", report_to="none", bf16=True, optim="adamw_8bit", group_by_length=True,
+                     max_length=2048, dataloader_num_workers=0, seed=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tok)
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    marks = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                torch.cuda.synchronize()
+                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
+                torch.cuda.reset_peak_memory_stats()
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - marks["t0"]
+    lengths = counter.lengths[marks["n0"]:marks["n0"] + steps * micro * accumulation]
+    return {"config": f"unsloth-{name}", "micro_batch": micro, "accumulation": accumulation, "steps": steps,
+            "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
+            "useful_tok_s": round(sum(lengths) / elapsed),
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "mfu": round(model_flops(lengths) / elapsed / peak_bf16_flops(), 4),
+            "unsloth": getattr(__import__("unsloth"), "__version__", "?")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="mb8x2,mb16x1")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model_dir = random_r1_model()
+    rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4)  # the same rows as train_throughput.py
+    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    for name in args.configs.split(","):
+        micro, accumulation = CONFIGS[name]
+        results["runs"].append(run(name, micro, accumulation, model_dir, rows, args.warmup, args.steps))
+        print(json.dumps(results["runs"][-1]), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
