@@ -190,11 +190,20 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--no-loss-check", action="store_true")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 32 "
+                             "to measure what a 32 GB card can run")
     parser.add_argument("--out", default=None, help="write results JSON here")
     args = parser.parse_args()
     model_dir = random_r1_model()
     rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4)
     results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    if args.memory_cap_gb:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 1e9 / total))
+        results["memory_cap_gb"] = args.memory_cap_gb
     if not args.no_loss_check:
         results["loss_equivalence"] = loss_equivalence(model_dir, rows)
         print(json.dumps(results["loss_equivalence"]), flush=True)
