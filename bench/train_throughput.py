@@ -62,6 +62,26 @@ class CountingCollator:
         return self.inner(features)
 
 
+def measure_after_warmup(trainer, warmup: int):
+    """Count the collated sequences and, once `warmup` optimizer steps are done, mark the time and the number of
+    sequences so far and reset the GPU's peak-memory counter. Returns (counter, marks)."""
+    from transformers import TrainerCallback
+
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    marks = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                _cuda("synchronize")
+                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
+                _cuda("reset_peak_memory_stats")
+
+    trainer.add_callback(Timer())
+    return counter, marks
+
+
 def _cuda(fn_name: str, *args):
     """torch.cuda.<fn_name>(*args) on a GPU, nothing (0) on the CPU (the benchmarks' dry runs)."""
     import torch
@@ -74,7 +94,6 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     """`load_model(cfg)` builds the base model (default: load_base_model from model_dir, NF4)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     from llmhelpers.config import make_config
     from llmhelpers.data import DataBundle, DataReport
@@ -92,18 +111,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     model = attach_lora((load_model or load_base_model)(cfg), cfg)
     trainer = build_trainer(cfg, model, tok, data, eval_strategy="no", save_strategy="no",
                             load_best_model_at_end=False, dataloader_num_workers=0)
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
-    marks = {}
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == warmup:
-                _cuda("synchronize")
-                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
-                _cuda("reset_peak_memory_stats")
-
-    trainer.add_callback(Timer())
+    counter, marks = measure_after_warmup(trainer, warmup)
     trainer.train()
     _cuda("synchronize")
     elapsed = time.perf_counter() - marks["t0"]

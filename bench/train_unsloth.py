@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import gpu_name, random_r1_model, synthetic_rows  # noqa: E402
-from train_throughput import CountingCollator, model_flops  # noqa: E402
+from train_throughput import measure_after_warmup, model_flops  # noqa: E402
 
 CONFIGS = {"mb2x8": (2, 8), "mb8x2": (8, 2), "mb16x1": (16, 1)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,7 +37,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup: int, steps: int) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
@@ -53,18 +52,7 @@ def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup:
                      eval_strategy="no", report_to="none", bf16=True, optim="adamw_8bit", group_by_length=True,
                      max_length=2048, dataloader_num_workers=0, seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tok)
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
-    marks = {}
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == warmup:
-                torch.cuda.synchronize()
-                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
-                torch.cuda.reset_peak_memory_stats()
-
-    trainer.add_callback(Timer())
+    counter, marks = measure_after_warmup(trainer, warmup)
     trainer.train()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - marks["t0"]
