@@ -130,3 +130,14 @@ def test_full_profile_without_a_gpu_says_what_to_do(capsys):
         main(["--profile", "full"])
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and "bf16=True" in err and "paged_adamw_8bit" in err and "smoke" in err
+
+
+def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "llmhelpers.train", "--profile", "smoke", "--evaluate",
+                           "--set", f"output_dir={tmp_path / 'out'}", "--set", f"tiny_model_dir={tiny_model_dir}",
+                           "--set", "max_steps=2", "--set", "eval_limit=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = results(proc.stdout)
+    assert set(res["accuracy"]) == {"base", "finetuned", "finetuned-no-tools"}
+    assert "tools/ans" in proc.stdout
