@@ -57,7 +57,10 @@ class Sandbox:
     def _start(self) -> None:
         self.workdir = self.workdir or tempfile.mkdtemp(prefix="llm-sandbox-")
         env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
-        env.update(HOME=self.workdir, TMPDIR=self.workdir, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        env.update(HOME=self.workdir, TMPDIR=self.workdir, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
+                   # one thread per interpreter: many run side by side, and BLAS thread pools sized to every core
+                   # would oversubscribe the CPU and reserve address space against the memory limit
+                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         limits = (self.memory_bytes, self.cpu_seconds)
 
         def confine():  # runs in the child before Python starts

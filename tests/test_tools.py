@@ -89,6 +89,7 @@ def test_working_directory_is_removed_and_secrets_are_absent(monkeypatch):
         workdir = box.workdir
         assert "HF_TOKEN" not in out and "AWS_SECRET" not in out and workdir in out
         assert box.run("open('scratch.txt', 'w').write('x')").ok
+        assert box.run("os.environ['OPENBLAS_NUM_THREADS'], os.environ['OMP_NUM_THREADS']").output == "('1', '1')"
     assert not os.path.exists(workdir)
 
 
