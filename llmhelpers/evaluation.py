@@ -199,7 +199,7 @@ def comparison_table(results: list[EvalResult]) -> str:
     finished answers only ("fin. p@1"), mean and 90th-percentile thinking length ("think", "p90"; budget effects made
     visible), tool calls per answer, tool errors and timeouts. 118 characters wide: fits a notebook output."""
     head = (f"{'run':<19}{'source':<17}{'probs':>6}{'k':>3}{'pass@1':>8}{'maj@k':>7}{'hit budget':>11}"
-            f"{'fin. p@1':>9}{'think':>7}{'p90':>6}{'tools/ans':>10}{'tool err':>9}{'timeouts':>9}")
+            f"{'fin. p@1':>9}{'think':>7}{'p90':>6}{'tools':>7}{'errors':>7}{'timeouts':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         summary = r.summary()
@@ -208,8 +208,8 @@ def comparison_table(results: list[EvalResult]) -> str:
             fin = "n/a" if m["pass@1_finished"] is None else f"{m['pass@1_finished']:.1%}"
             lines.append(f"{r.label[:18]:<19}{source[:16]:<17}{m['problems']:>6}{m['samples']:>3}{m['pass@1']:>8.1%}"
                          f"{m['maj@k']:>7.1%}{m['hit_budget']:>11.1%}{fin:>9}{m['mean_thinking_tokens']:>7.0f}"
-                         f"{m['p90_thinking_tokens']:>6.0f}{m['tool_calls_per_answer']:>10.2f}"
-                         f"{m['tool_errors']:>9}{m['tool_timeouts']:>9}")
+                         f"{m['p90_thinking_tokens']:>6.0f}{m['tool_calls_per_answer']:>7.2f}"
+                         f"{m['tool_errors']:>7}{m['tool_timeouts']:>9}")
     return "\n".join(lines)
 
 

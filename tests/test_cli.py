@@ -140,4 +140,4 @@ def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = results(proc.stdout)
     assert set(res["accuracy"]) == {"base", "finetuned", "finetuned-no-tools"}
-    assert "tools/ans" in proc.stdout
+    assert "tools errors timeouts" in proc.stdout

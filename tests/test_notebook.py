@@ -101,7 +101,7 @@ def test_tool_execution_is_shown_and_reported(smoke_run):
     text = outputs_text(nb.cells)
     assert "[executed in the sandbox]\n55\n```" in text  # the demo problem's block, run for real
     assert "(the data recorded: '55'; the sandbox printed: '55')" in text
-    assert "tools/ans" in text and "finetuned-no-tools" in text
+    assert "tools errors timeouts" in text and "finetuned-no-tools" in text
 
 
 def test_the_index_lists_both_runs(smoke_run):
