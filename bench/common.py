@@ -34,7 +34,7 @@ def random_nf4_loader(arch: dict, seed: int = 0):
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        from llmhelpers.modeling import device_map, loaded_with
+        from llmhelpers.modeling import device_map, finish_base_model
 
         config = Qwen2Config(**arch)
         with torch.device("meta"):
@@ -50,9 +50,7 @@ def random_nf4_loader(arch: dict, seed: int = 0):
         del state
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        model.config.use_cache = True
-        model.llm_loaded_with = loaded_with(cfg, True)
-        return model
+        return finish_base_model(model, cfg, quantized=True)
 
     return load
 

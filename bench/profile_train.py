@@ -16,18 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import random_r1_model, synthetic_rows  # noqa: E402
+from train_throughput import bench_trainer  # noqa: E402
 
 
 def main():
     import torch
-    from datasets import Dataset
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
     from llmhelpers.config import make_config
-    from llmhelpers.data import DataBundle, DataReport
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=2)
@@ -49,12 +46,7 @@ def main():
     cfg = make_config(profile_name, model_id=str(model_dir), output_dir="/tmp/bench-profile/run", report_to="none",
                       max_steps=args.warmup + args.steps, save_steps=10_000, eval_steps=10_000, warmup_ratio=0.0,
                       **overrides)
-    rows = synthetic_rows(16 * (args.warmup + args.steps + 2), vocab=vocab)
-    ds = Dataset.from_dict(rows)
-    model = attach_lora(load_base_model(cfg), cfg)
-    trainer = build_trainer(cfg, model, load_tokenizer(cfg), DataBundle(ds, ds.select(range(16)), [], [], [],
-                                                                        DataReport()),
-                            eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    trainer = bench_trainer(cfg, synthetic_rows(16 * (args.warmup + args.steps + 2), vocab=vocab))
     cuda = torch.cuda.is_available()
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 

@@ -89,28 +89,34 @@ def _cuda(fn_name: str, *args):
     return getattr(torch.cuda, fn_name)(*args) if torch.cuda.is_available() else 0
 
 
-def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int, load_model=None,
-               arch: dict = R1_15B) -> dict:
-    """`load_model(cfg)` builds the base model (default: load_base_model from model_dir, NF4)."""
+def bench_trainer(cfg, rows, load_model=None):
+    """The project's trainer on pre-tokenized `rows` (no evaluation, no checkpoints): NF4 base from
+    `load_model(cfg)` (default load_base_model) plus LoRA, seeded."""
     import torch
     from datasets import Dataset
 
-    from llmhelpers.config import make_config
     from llmhelpers.data import DataBundle, DataReport
     from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
     from llmhelpers.training import build_trainer
+
+    ds = Dataset.from_dict(rows)
+    data = DataBundle(ds, ds.select(range(16)), [], [], [], DataReport())
+    torch.manual_seed(0)
+    model = attach_lora((load_model or load_base_model)(cfg), cfg)
+    return build_trainer(cfg, model, load_tokenizer(cfg), data, eval_strategy="no", save_strategy="no",
+                         load_best_model_at_end=False, dataloader_num_workers=0)
+
+
+def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int, load_model=None,
+               arch: dict = R1_15B) -> dict:
+    """`load_model(cfg)` builds the base model (default: load_base_model from model_dir, NF4)."""
+    from llmhelpers.config import make_config
 
     spec = dict(spec)
     profile = spec.pop("profile", "full")
     cfg = make_config(profile, model_id=str(model_dir), output_dir=f"/tmp/bench-train/{name}", max_steps=warmup + steps,
                       save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_ratio=0.0, **spec)
-    tok = load_tokenizer(cfg)
-    ds = Dataset.from_dict(rows)
-    data = DataBundle(ds, ds.select(range(16)), [], [], [], DataReport())
-    torch.manual_seed(0)
-    model = attach_lora((load_model or load_base_model)(cfg), cfg)
-    trainer = build_trainer(cfg, model, tok, data, eval_strategy="no", save_strategy="no",
-                            load_best_model_at_end=False, dataloader_num_workers=0)
+    trainer = bench_trainer(cfg, rows, load_model)
     counter, marks = measure_after_warmup(trainer, warmup)
     trainer.train()
     _cuda("synchronize")
@@ -131,7 +137,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "mfu": round(model_flops(lengths, arch) / elapsed / peak_bf16_flops(), 4),
         "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
     }
-    del trainer, model
+    del trainer
     gc.collect()
     _cuda("empty_cache")
     return out

@@ -106,7 +106,7 @@ class FinetuneConfig:
     # real output is appended before it continues (llmhelpers.tool_use; limits in FINETUNING_GUIDE.md section 9).
     tool_execution: bool = True  # evaluation runs code; False lets the model write its own "output"
     eval_without_tools: bool = True  # also grade the fine-tuned model with tool_execution off (the comparison)
-    tool_timeout: float = 10.0  # seconds of wall clock (and of CPU) per block; the sandbox is killed after it
+    tool_timeout: float = 10.0  # wall-clock seconds per block (CPU time: this + 2 s); the sandbox is killed after it
     tool_max_calls: int = 8  # executions per answer; later blocks get an error message as their output
     tool_workers: int = 0  # blocks run at once (0 = min(16, CPU cores - 1): one core stays with generation)
     tool_max_sandboxes: int = 64  # interpreter processes alive at once (each holds ~30-100 MB once sympy is in)

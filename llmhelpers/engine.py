@@ -396,14 +396,14 @@ class Engine:
         """_extend over groups of similar length, each small enough that its attention scores (if the attention
         backend materialises them) stay under 1 GiB."""
         budget = 2**30 // (4 * self.hq)
-        out, group = [], []
+        out, group, width, end = [], [], 0, 0
         for item in sorted(items, key=lambda it: len(it[1])):
-            grown = group + [item]
-            cost = len(grown) * max(len(i[1]) for i in grown) * max(i[2] + len(i[1]) for i in grown)
-            if group and cost > budget:
+            _, ids, start = item
+            if group and (len(group) + 1) * max(width, len(ids)) * max(end, start + len(ids)) > budget:
                 out += zip(group, self._extend(group))
-                grown = [item]
-            group = grown
+                group, width, end = [], 0, 0
+            group.append(item)
+            width, end = max(width, len(ids)), max(end, start + len(ids))
         if group:
             out += zip(group, self._extend(group))
         return out
@@ -564,14 +564,3 @@ class Engine:
             for host in (lengths, tokens_host, positions_host):
                 host[dst] = host[slot]
         return width
-
-
-def timed(fn):
-    """(result, seconds) with the GPU synchronised around the call."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0

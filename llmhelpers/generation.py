@@ -25,10 +25,11 @@ class Generation:
         return self
 
 
-def _raw_row(tokenizer, row: list[int]) -> list[int]:
-    """A batch row's new ids up to and including the first eos or pad (a row that stopped early is padded)."""
-    ends = [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None and t in row]
-    return row[:min(row.index(t) for t in ends) + 1] if ends else row
+def _raw_row(tokenizer, row: list[int]) -> tuple[list[int], bool]:
+    """A batch row's new ids before the first eos or pad, and whether one came (a row that stopped early is padded,
+    and for R1 the pad id is eos: a stop-string stop and an eos look alike here)."""
+    ends = [row.index(t) for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None and t in row]
+    return (row[:min(ends)], True) if ends else (row, False)
 
 
 def _generation(tokenizer, row: list[int], end_think: int, hit: bool | None = None) -> Generation:
@@ -114,7 +115,7 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
 
 def _hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
                  temperature: float, top_p: float, progress: bool, stop_strings=None, raw: bool = False):
-    """Generations, or with raw=True each row's new ids up to and including eos (padding dropped)."""
+    """Generations, or with raw=True each row as `_raw_row` gives it."""
     import torch
 
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -162,19 +163,16 @@ def _hf_generate_with_tools(model, tokenizer, ids, max_new_tokens, batch_size, d
                               do_sample, temperature, top_p, progress, stop_strings=["```output\n"],
                               raw=True)
         paused = {}
-        for i, row in zip(live, rounds):
+        for i, (row, stopped) in zip(live, rounds):
             row = row[:budgets[i]]
-            ended = bool(row) and row[-1] == tokenizer.eos_token_id
-            if row and row[-1] in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-                row = row[:-1]  # a row stopped by the stop string is padded with the pad id, which for R1 is eos
+            stopped = stopped and len(row) < budgets[i]
             text = tokenizer.decode(new[i] + row, skip_special_tokens=True)
-            if OUTPUT_FENCE.search(text) and len(new[i] + row) - appended[i] < max_new_tokens:
-                new[i] += row
+            new[i] += row
+            if OUTPUT_FENCE.search(text) and len(row) < budgets[i]:
                 paused[i] = tools.submit(keys[i], text)
-            elif ended:
-                new[i] += row + [tokenizer.eos_token_id]
+            elif stopped:
+                new[i].append(tokenizer.eos_token_id)
             else:
-                new[i] += row
                 hit[i] = True
         for i, future in paused.items():
             extra = future.result()
@@ -217,10 +215,15 @@ def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, sam
     return [flat[i * samples:(i + 1) * samples] for i in range(len(examples))]
 
 
+def clip_text(s: str, width: int) -> str:
+    """`s` cut at `width` characters, saying how many were left out."""
+    return s if len(s) <= width else s[:width] + f" [... {len(s) - width} more chars]"
+
+
 def format_generation(question: str, text: str, width: int = 600) -> str:
     """Question, thinking and answer as separate, trimmed sections."""
     thinking, answer = split_thinking(text)
-    clip = lambda s: s if len(s) <= width else s[:width] + f" [... {len(s) - width} more chars]"
+    clip = lambda s: clip_text(s, width)
     return (f"Q: {clip(question.splitlines()[0])}\n"
             f"  thinking: {clip(thinking) or '(none)'}\n"
             f"  answer:   {clip(answer) or '(no answer: thinking not finished)'}")

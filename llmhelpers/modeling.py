@@ -55,8 +55,14 @@ def load_base_model(cfg, quantized: bool = True, attn_implementation: str | None
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg), **kwargs)
+    return finish_base_model(model, cfg, quantized and cfg.load_in_4bit)
+
+
+def finish_base_model(model, cfg, quantized: bool):
+    """What every freshly loaded base model gets: the KV cache on (for generation), the settings it was loaded
+    with (checked by later cells), and on the CPU the 4-bit layout kept."""
     model.config.use_cache = True
-    model.llm_loaded_with = loaded_with(cfg, quantized and cfg.load_in_4bit)
+    model.llm_loaded_with = loaded_with(cfg, quantized)
     if model.device.type == "cpu":
         _keep_cpu_4bit_layout(model)
     return model

@@ -211,7 +211,9 @@ def tool_runs_text(runs: list[ToolRun], width: int = 300) -> str:
     """The executed blocks of one answer, each code block followed by its real output, marked as executed."""
     if not runs:
         return "  (no code executed)"
-    clip = lambda s: s if len(s) <= width else s[:width] + f" [... {len(s) - width} more chars]"
+    from .generation import clip_text
+
+    clip = lambda s: clip_text(s, width)
     lines = []
     for i, run in enumerate(runs, 1):
         status = "timed out" if run.timed_out else ("ok" if run.ok else "error")
