@@ -28,10 +28,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .engine import PAUSE
-from .tools import Sandbox
+from .tools import Sandbox, safe_text
 
 OUTPUT_FENCE = re.compile(r"```output[ \t]*\n\s*\Z")  # the model has just opened an output block
 CODE_BEFORE_FENCE = re.compile(r"```python[ \t]*\n(.*?)```[ \t]*\n\s*```output[ \t]*\n\s*\Z", re.DOTALL)
+BLOCK_START = re.compile(r"(?:^|(?<=\n))```python[ \t]*\n")  # a python block opens at the start of a line
 CLOSING = "\n```"  # what the interpreter writes after the output (the data's format: see data._format_block)
 
 
@@ -57,7 +58,10 @@ def code_to_run(text: str) -> str | None:
     fence, None if the text does not end with one."""
     if not OUTPUT_FENCE.search(text):
         return None
-    m = CODE_BEFORE_FENCE.match(text, max(0, text.rfind("```python")))  # the last python block, right before it
+    # the last python block, right before it: the last opener at the start of a line (code may contain the text
+    # "```python" in a string), and, failing that, any opener
+    starts = [m.start() for m in BLOCK_START.finditer(text)] or [max(0, text.rfind("```python"))]
+    m = CODE_BEFORE_FENCE.match(text, starts[-1])
     return m.group(1) if m else ""
 
 
@@ -129,6 +133,27 @@ class ToolRunner:
         return self.submit(key, text).result()
 
     def _execute(self, key: int, code: str | None) -> list[int]:
+        """The ids to append; never raises: whatever goes wrong with one block is that answer's error, written
+        into its output, and every other answer goes on."""
+        try:
+            return self._run_block(key, code)
+        except Exception as err:
+            self.release(key)
+            record = self.records.setdefault(key, AnswerTools())
+            run = ToolRun(code or "", f"Error: the tool call failed ({type(err).__name__}); its state is lost",
+                          ok=False)
+            record.runs.append(run)
+            record.errors += 1
+            return self._tokenize(run.output + CLOSING)
+
+    def _tokenize(self, text: str) -> list[int]:
+        # Special tokens are split: printed text that spells "<｜end▁of▁sentence｜>" is text, not an eos that would
+        # end the answer. Lone surrogates are escaped (the tokenizer rejects them).
+        with self._tokenizer_lock:  # a fast tokenizer's settings are mutable state: one thread at a time
+            return self.tokenizer(safe_text(text), add_special_tokens=False,
+                                  split_special_tokens=True)["input_ids"]
+
+    def _run_block(self, key: int, code: str | None) -> list[int]:
         record = self.records.setdefault(key, AnswerTools())
         if code is None or not code.strip():
             run = ToolRun("", "Error: no ```python block before this output block: nothing was run", ok=False)
@@ -153,8 +178,7 @@ class ToolRunner:
         record.runs.append(run)
         record.errors += not run.ok
         record.timeouts += run.timed_out
-        with self._tokenizer_lock:  # a fast tokenizer's settings are mutable state: one thread at a time
-            return self.tokenizer(run.output + CLOSING, add_special_tokens=False)["input_ids"]
+        return self._tokenize(run.output + CLOSING)
 
     def _sandbox(self, key: int) -> Sandbox:
         """The answer's sandbox (marked busy), started or rebuilt if needed; the least recently used idle one is

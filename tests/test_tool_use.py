@@ -134,3 +134,24 @@ def test_evaluation_reports_tool_calls_and_both_modes(tool_user, tok_current):
     assert with_tools.accuracy >= 0.75 > no_tools.accuracy
     table = comparison_table([with_tools, no_tools])
     assert "tools errors timeouts" in table
+
+
+def test_a_block_containing_the_python_fence_text_still_runs():
+    text = 'Check.\n\n```python\ns = "```python"\nprint(len(s))\n```\n```output\n'
+    assert code_to_run(text) == 's = "```python"\nprint(len(s))\n'
+
+
+def test_one_answers_broken_output_or_failure_stays_that_answers_error(tok_current, monkeypatch):
+    with ToolRunner(tok_current, timeout=5) as tools:
+        ids = tools.execute(1, "```python\nprint(chr(0xdc80))\n```\n```output\n")  # the tokenizer rejects surrogates
+        assert tok_current.decode(ids) == "\\udc80\n```" and tools.record(1).errors == 0
+        eos = tok_current.convert_tokens_to_ids("<｜end▁of▁sentence｜>")
+        ids = tools.execute(2, "```python\nprint('<｜end▁of▁sentence｜>')\n```\n```output\n")
+        assert eos not in ids and tok_current.decode(ids) == "<｜end▁of▁sentence｜>\n```"  # text, not an eos
+        monkeypatch.setattr(tools, "_sandbox", lambda key: (_ for _ in ()).throw(MemoryError("no room")))
+        ids = tools.execute(3, "```python\n1\n```\n```output\n")
+        assert tok_current.decode(ids).startswith("Error: the interpreter failed (MemoryError")
+        monkeypatch.setattr(tools, "_run_block", lambda key, code: 1 / 0)
+        ids = tools.execute(4, "```python\n1\n```\n```output\n")
+        assert tok_current.decode(ids).startswith("Error: the tool call failed (ZeroDivisionError)")
+        assert tools.record(4).errors == 1
