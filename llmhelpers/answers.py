@@ -1,30 +1,32 @@
 """Finding final answers in text: the last \\boxed{...} with balanced braces."""
 from __future__ import annotations
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+import re
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if absent."""
-    start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
-    while start >= 0:
-        content = _braced_after(text, start)
-        if content is not None:
-            return content.strip()
-        start = max(text.rfind(cmd, 0, start) for cmd in _BOX_COMMANDS)
-    return None
+    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if absent.
 
-
-def _braced_after(text: str, start: int) -> str | None:
-    i = text.find("{", start)
-    if i < 0 or text[start:i].strip() not in _BOX_COMMANDS:
+    Linear in the text: the braces are matched in one pass, so thousands of unclosed boxes cost no more than one."""
+    opens = [m.end() - 1 for m in _BOX.finditer(text)]
+    if not opens:
         return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
-    return None  # unbalanced: the box was cut off
+    closing = _matching_braces(text)
+    for i in reversed(opens):
+        j = closing.get(i)
+        if j is not None:
+            return text[i + 1:j].strip()
+    return None  # every box was cut off
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each "{" that is closed -> index of its "}"."""
+    stack, pairs = [], {}
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            pairs[stack.pop()] = m.start()
+    return pairs

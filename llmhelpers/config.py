@@ -26,7 +26,7 @@ class FinetuneConfig:
     model_id: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     model_revision: str | None = None  # pin a Hub commit for reproducible runs
     trust_remote_code: bool = False  # Qwen2 is native to transformers; never run Hub code unasked
-    tiny_model_dir: str = "outputs/tiny-r1"  # where the smoke profile builds its local tiny model
+    tiny_model_dir: str = ""  # where the smoke profile builds its local tiny model ("" = <output_dir>/tiny-r1)
 
     # --- 4-bit quantization (QLoRA) -----------------------------------------------------
     load_in_4bit: bool = True
@@ -323,7 +323,6 @@ PROFILES: dict[str, dict] = {
         accuracy_callback=True,
         accuracy_callback_size=4,
         output_dir="outputs/smoke",
-        tiny_model_dir="outputs/tiny-r1",
         merge_after_training=True,
     ),
 }

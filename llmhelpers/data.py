@@ -258,13 +258,14 @@ class DataReport:
             head = f"{'source':<18}{'rows':>7}{'bad':>6}{'usable':>8}"
         lines = [head, "-" * len(head)]
         for name, c in sorted(self.sources.items()):
-            bad = sum(c.bad.values())
+            bad = sum(n for reason, n in c.bad.items() if reason not in FILE_REASONS)  # rows; a bad file is no row
             lines.append(f"{name:<18}{c.rows:>7}{bad:>6}" + (
                 f"{c.empty_reasoning:>10}{c.too_long:>9}{c.train:>7}{c.eval:>6}{c.heldout:>8}" if self.split
                 else f"{c.rows - bad:>8}"))
         for name, c in sorted(self.sources.items()):
             for reason, n in sorted(c.bad.items()):
-                lines.append(f"  dropped from {name}: {n} x {reason}")
+                what = " (whole file)" if reason in FILE_REASONS else ""
+                lines.append(f"  dropped from {name}: {n} x {reason}{what}")
         if self.lengths:
             lines.append("token lengths of kept examples: " +
                          ", ".join(f"{k} {v}" for k, v in self.percentiles().items()))
@@ -276,6 +277,7 @@ class DataReport:
                 "length_percentiles": self.percentiles(), "notes": self.notes}
 
 
+FILE_REASONS = frozenset({"unreadable_file", "undecodable_file", "not_json_file"})  # counted per file, not row
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 
 
@@ -369,11 +371,14 @@ def read_rows(spec: str, counts: SourceCounts, revision: str | None = None, spli
     does not exist is a missing file, and the error names it."""
     path = resolve(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
         if not files:
             raise FileNotFoundError(f"{path} holds no .json or .jsonl files")
         return (row for f in files for row in _rows_from_file(f, counts))
     if path.exists():
+        if not path.is_file():  # a pipe or a device: reading it could block forever or never end
+            raise DataError(f"data source {spec!r} is not a regular file ({path} is a pipe, socket or device): "
+                            "give a .json or .jsonl file, a folder of them, or a Hub dataset id")
         if path.suffix not in (".json", ".jsonl"):
             counts.bad["not_json_file"] += 1
             return []
@@ -525,8 +530,10 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
     report.lengths = [len(f["input_ids"]) for _, f in pool]
 
     def to_dataset(part):
-        return Dataset.from_dict({"input_ids": [f["input_ids"] for _, f in part],
-                                  "completion_mask": [f["completion_mask"] for _, f in part]})
+        dataset = Dataset.from_dict({"input_ids": [f["input_ids"] for _, f in part],
+                                     "completion_mask": [f["completion_mask"] for _, f in part]})
+        dataset.llm_data_key = data_key(cfg)  # the trainer keeps it: train() can name the data cell as stale
+        return dataset
 
     return DataBundle(train=to_dataset(train_part), eval=to_dataset(eval_part),
                       train_examples=[e for e, _ in train_part], eval_examples=[e for e, _ in eval_part],

@@ -16,7 +16,7 @@ from .tiny import build_tiny_r1
 def model_path(cfg) -> str:
     """The Hub id, or for the smoke profile the local tiny model (built on first use)."""
     if cfg.is_tiny:
-        target = Path(cfg.tiny_model_dir)
+        target = Path(cfg.tiny_model_dir) if cfg.tiny_model_dir else Path(cfg.output_dir) / "tiny-r1"  # beside the runs
         return str(build_tiny_r1(target if target.is_absolute() else Path.cwd() / target))
     local = resolve(cfg.model_id)
     return str(local) if local.exists() else cfg.model_id

@@ -16,11 +16,13 @@ def length_histogram(lengths: list[int], max_length: int, ax=None):
 
 def loss_curve(history: dict[str, list], ax=None):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ax = ax or plt.subplots(figsize=(7, 3))[1]
     ax.plot(history["step"], history["loss"], label="train loss")
     if history["eval_step"]:
         ax.plot(history["eval_step"], history["eval_loss"], "o-", label="eval loss")
     ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 2.5, 7.5 ticks
     ax.legend()
     return ax.figure

@@ -137,10 +137,14 @@ class Sandbox:
             self._kill()
             return RunResult(f"TimeoutError: the code ran longer than {self.timeout:g} s and was stopped",
                              ok=False, timed_out=True)
-        if not line:  # the process died: killed by a limit, or the code exited it
-            code_ = self.proc.wait()
+        if not line:  # the pipe closed: the process died (a limit, or the code exited it) or the code closed it
+            try:
+                code_ = self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:  # still alive without its pipe (e.g. waiting for its threads)
+                code_ = None
             self._kill()
-            reason = "the CPU-time limit" if code_ in (-signal.SIGXCPU, -signal.SIGKILL) else f"exit code {code_}"
+            reason = ("the CPU-time limit" if code_ in (-signal.SIGXCPU, -signal.SIGKILL) else
+                      "it closed its reply pipe" if code_ is None else f"exit code {code_}")
             return RunResult(f"SystemExit: the interpreter stopped ({reason}); its state is lost", ok=False,
                              timed_out=code_ in (-signal.SIGXCPU, -signal.SIGKILL))
         try:

@@ -105,13 +105,16 @@ def main(argv: list[str] | None = None) -> int:
 
         start_over(cfg)  # the other ranks only read the run folder after the trainer's first barrier
     from .data import DataError
-    from .training import CheckpointError, DiskSpaceError, RunLockedError
+    from .training import CheckpointError, DiskSpaceError, RunLockedError, TrainingInterrupted
 
     try:
         result = run(cfg, evaluate_after=args.evaluate, allow_fresh_optimizer=args.allow_fresh_optimizer)
     except (DataError, RunLockedError, CheckpointError, DiskSpaceError, FileNotFoundError) as err:
         sys.stderr.write(f"{parser.prog}: error: {err}\n")  # a clear message, not a traceback
         return 1
+    except TrainingInterrupted as err:
+        sys.stderr.write(f"{parser.prog}: {str(err).replace('re-run the training cell', 're-run this command')}\n")
+        return 130
     # One write per line: with several processes on one pipe, print's separate newline can interleave.
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -58,6 +58,9 @@ class ThroughputMeter(TrainerCallback):
     """Trained-sequence tokens per second between log events, from TRL's global `num_tokens` count."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.last: tuple[float, float] | None = None
         self.samples: list[tuple[int, float]] = []  # (step, tokens/s)
 
@@ -98,14 +101,89 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
+TOTALS_NAME = "run_totals.json"  # per checkpoint: the sums a resume continues (loss, tokens)
+
+
 class ResumableSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with two changes for runs that lose nothing:
+    """TRL's SFTTrainer with four changes for runs that lose nothing:
 
     - length-grouped batches in an order fixed by (seed, epoch), so a resume trains on exactly the data
       the uninterrupted run would have (EpochSeededLengthGroupedSampler);
+    - fp32 LoRA weights (TRL casts them to bf16 for a 4-bit base): Adam's small late updates are not rounded
+      away, checkpoints hold exactly the weights in memory, and a resume continues from them bit for bit (a bf16
+      checkpoint loaded by peft comes back as fp32, so before this a resumed run trained other numbers);
+    - the recorded `train_loss` is the mean over every step of the run, a resumed one included, and TRL's
+      `num_tokens` counts the whole run's tokens (each checkpoint carries both sums, `run_totals.json`); the
+      Trainer's own loss is the mean over one call's steps, and TRL's count restarts or runs on;
+    - calling `train` again on the same trainer (a notebook cell re-run after Kernel > Interrupt) starts from the
+      state a fresh trainer has: a new optimizer and scheduler over the model's current parameters (the old ones
+      would step tensors that loading the checkpoint replaced), no leftover gradients, counters or meters;
     - a checkpoint counts as complete only after all its files and its folder are fsynced and a
       `checkpoint_complete.json` marker is written (then fsynced too).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import torch
+
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16) \
+                    and "lora_magnitude_vector" not in name:
+                param.data = param.data.float()
+        self._loss_sum_before = 0.0  # the sum of per-step losses of the steps before this call (a resume)
+        self._own_optimizer = self.optimizer is None  # built by the trainer, so it can be built again
+        self._calls = 0
+        # the data settings it was built with (TRL may replace the dataset object): train() checks them
+        self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
+        # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
+        # under its name (the default is a runs/<date>_<host> folder inside it)
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = self.args.output_dir
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from transformers.trainer_utils import TrainOutput
+
+        if self._calls:
+            self._start_afresh()
+        self._calls += 1
+        totals = run_totals_at(resume_from_checkpoint) if resume_from_checkpoint else {}
+        self._loss_sum_before = totals.get("loss_sum", 0.0)
+        self._total_train_tokens = totals.get("num_tokens", 0)
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        return TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss), out.metrics)
+
+    def _start_afresh(self) -> None:
+        """What a second train() call must not inherit from the first (an interrupted one, typically)."""
+        from collections import defaultdict
+
+        if not self._own_optimizer:
+            raise RuntimeError("this trainer was given its own optimizer, which cannot be rebuilt for a second "
+                               "train(): re-run the cell that builds the trainer, then this one")
+        self.optimizer = self.lr_scheduler = None
+        for stale in ("_optimizers", "_schedulers"):  # accelerate keeps what it prepared; the old ones are dead
+            getattr(self.accelerator, stale, []).clear()
+        self.model_wrapped = self.model
+        self.model.zero_grad(set_to_none=True)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "reset"):
+                callback.reset()
+
+    def _session_loss_sum(self) -> float:
+        """Sum of the per-step losses of this call so far (logged windows plus the window not yet logged)."""
+        from transformers.trainer_pt_utils import nested_gather
+
+        pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        return self._total_loss_scalar + pending
+
+    def log(self, logs, *args, **kwargs):
+        if "train_loss" in logs:  # the end of train(): the whole run's mean, not this call's
+            steps = self.state.global_step - self._initial_global_step
+            logs["train_loss"] = (self._loss_sum_before + logs["train_loss"] * steps) / max(self.state.global_step, 1)
+        return super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -116,10 +194,32 @@ class ResumableSFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        loss_sum = self._loss_sum_before + self._session_loss_sum()  # a collective: every rank takes part
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         if self.is_world_process_zero():
-            mark_complete(Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}")
+            checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            (checkpoint / TOTALS_NAME).write_text(json.dumps({
+                "global_step": self.state.global_step, "loss_sum": loss_sum,
+                "num_tokens": int(getattr(self, "_total_train_tokens", 0))}))
+            mark_complete(checkpoint)
         self.accelerator.wait_for_everyone()
+
+
+def run_totals_at(checkpoint) -> dict:
+    """{"loss_sum": sum of the per-step training losses, "num_tokens": tokens trained} up to this checkpoint.
+    Checkpoints written before the sums were kept: rebuilt from the log (exact when logging_steps divides the
+    checkpoint's step)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / TOTALS_NAME).exists():
+        return json.loads((checkpoint / TOTALS_NAME).read_text())
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    total, last, tokens = 0.0, 0, 0
+    for row in history:
+        if "loss" in row:
+            total += row["loss"] * (row["step"] - last)
+            last = row["step"]
+            tokens = int(row.get("num_tokens", tokens))
+    return {"loss_sum": total, "num_tokens": tokens}
 
 
 def run_callbacks(cfg, model) -> list:
@@ -146,15 +246,22 @@ def throughput_meter(trainer) -> ThroughputMeter | None:
 
 
 def check_ready_to_train(cfg, model, data) -> None:
-    """Refuse, naming the cell to re-run, when the model or data in memory were built under other settings."""
-    from .data import data_key
+    """Refuse, naming the cell to re-run, when the model or data in memory were built under other settings. The
+    earliest stale step is named (model, then data, then LoRA), so one message says where to re-run from."""
     from .modeling import check_lora_matches, check_model_matches
 
     check_model_matches(model, cfg)
+    check_data_matches(getattr(data, "key", None), cfg)
     check_lora_matches(model, cfg)
-    if getattr(data, "key", None) is not None and data.key != data_key(cfg):
+
+
+def check_data_matches(key, cfg) -> None:
+    from .data import data_key
+
+    if key is not None and key != data_key(cfg):
         raise ValueError("the data in memory was built with other data settings (sources, samples, max_length, "
-                         "split or seed) than this config: re-run the data cell (section 4, build_datasets).")
+                         "split or seed) than this config: re-run the data cell (section 4, build_datasets) and the "
+                         "cells after it.")
 
 
 # --- checkpoints: completeness, validation, setting aside ------------------------------------------------
@@ -326,14 +433,17 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 class RunLock:
-    """A lock file (pid, host, start time) held while a process writes a run folder.
+    """A lock file held while a process writes a run folder: an exclusive `flock` on it (the kernel drops it when
+    the process dies, so a crash leaves nothing to clean), with the holder's pid, host and start time inside.
 
-    A second process fails at once with who holds it. A lock left by a dead process on this host is taken
-    over, and the takeover is reported. Re-entrant within one process (the notebook kernel, the CLI).
+    A second process fails at once with who holds it. A lock file left by a dead process on this host is taken
+    over and the takeover reported; one naming a live process (an older version's lock, which had no flock) or
+    another host is respected. Taking the flock comes first, so two processes can never both take over a dead
+    holder's lock. Re-entrant within one process (the notebook kernel, the CLI).
     """
 
     NAME = "run.lock"
-    _held: dict[str, int] = {}
+    _held: dict[str, list] = {}  # resolved path -> [depth, fd]
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / self.NAME
@@ -343,49 +453,69 @@ class RunLock:
         return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    def _write_new(self) -> bool:
-        tmp = self.path.with_name(f".{self.NAME}.{os.getpid()}")
-        tmp.write_text(json.dumps(self._mine()))
+    @staticmethod
+    def _read(fd: int) -> dict:
         try:
-            os.link(tmp, self.path)  # atomic, and fails if the lock exists: no half-written lock is ever seen
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink()
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _refuse(self, holder: dict):
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder
+               else "another process")
+        raise RunLockedError(
+            f"another process is writing this run: {self.path} is held by {who}. Wait for it, stop it, or use "
+            "another output_dir. If that process is gone (another machine, a crash), delete the lock file.")
 
     def acquire(self) -> "RunLock":
+        import fcntl
+
         key = str(self.path.resolve())
-        if RunLock._held.get(key):
-            RunLock._held[key] += 1
+        if key in RunLock._held:
+            RunLock._held[key][0] += 1
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while not self._write_new():
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                holder = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-                break  # left by this process (an interrupted cell): it is ours
-            if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                    and not _alive(holder["pid"], holder.get("start")):
-                self.took_over = holder
-                self.path.unlink(missing_ok=True)
-                print(f"took over {self.path}: its process {holder['pid']} (since {holder.get('since')}) is gone")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                self._refuse(holder)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder released (unlinked) it between our open and our flock: try the new file
+                os.close(fd)
                 continue
-            raise RunLockedError(
-                f"another process is writing this run: {self.path} is held by pid {holder.get('pid')} on "
-                f"{holder.get('host')} since {holder.get('since')}. Wait for it, stop it, or use another output_dir. "
-                "If that process is gone (another machine, a crash), delete the lock file.")
-        RunLock._held[key] = 1
+            break
+        holder = self._read(fd)
+        here = holder.get("host") == socket.gethostname()
+        if holder and not (here and holder.get("pid") == os.getpid()):
+            if not here or not isinstance(holder.get("pid"), int) or _alive(holder["pid"], holder.get("start")):
+                os.close(fd)
+                self._refuse(holder)
+            self.took_over = holder
+            print(f"took over {self.path}: its process {holder['pid']} (since {holder.get('since')}) is gone")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self._mine()).encode(), 0)
+        os.fsync(fd)
+        RunLock._held[key] = [1, fd]
         return self
 
     def release(self) -> None:
         key = str(self.path.resolve())
-        RunLock._held[key] = RunLock._held.get(key, 1) - 1
-        if RunLock._held[key] <= 0:
-            RunLock._held.pop(key, None)
-            self.path.unlink(missing_ok=True)
+        held = RunLock._held.get(key)
+        if held is None:
+            return
+        held[0] -= 1
+        if held[0] <= 0:
+            del RunLock._held[key]
+            self.path.unlink(missing_ok=True)  # while still holding the flock: a waiter re-checks the inode
+            os.close(held[1])
 
     def __enter__(self):
         return self.acquire()
@@ -482,6 +612,20 @@ def _load_finished(trainer, cfg, last: Path):
     return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Kernel > Interrupt or Ctrl-C during train(): says what was kept and what to do."""
+
+
+def interrupt_message(trainer, cfg) -> str:
+    kept = last_complete_checkpoint(cfg.run_dir)
+    where = f"training interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}"
+    if kept is None:
+        return (f"{where}: no checkpoint was written yet, so the next train(trainer, cfg) starts this run from "
+                "step 0. Re-run the training cell to do so.")
+    return (f"{where}: kept {kept} (step {_step(kept)}); re-run the training cell to resume from it exactly (steps "
+            f"after {_step(kept)} are trained again), or run start_over(cfg) first to start the run over.")
+
+
 def train(trainer, cfg, allow_fresh_optimizer: bool = False):
     """Resume the run with this config if it has a checkpoint, else start it; a finished run is a no-op.
 
@@ -491,6 +635,12 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
     from .runs import record_run
 
     if Path(trainer.args.output_dir).resolve() != cfg.run_dir.resolve():
+        # name the earliest cell to re-run: a changed model, data or LoRA setting needs more than a new trainer
+        from .modeling import check_lora_matches, check_model_matches
+
+        check_model_matches(trainer.model, cfg)
+        check_data_matches(getattr(trainer, "llm_data_key", None), cfg)
+        check_lora_matches(trainer.model, cfg)
         raise ValueError(f"this trainer was built for the run in {trainer.args.output_dir}, but cfg is now the run "
                          f"{cfg.run_name}: re-run the cell that builds the trainer (section 6), then this one.")
     main = trainer.is_world_process_zero()
@@ -506,7 +656,10 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
         ensure_free_space(cfg.run_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
         if main:
             record_run(cfg, status="training")
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(interrupt_message(trainer, cfg)) from None  # one line, not 135 of traceback
         if main:
             (cfg.run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
             metrics = {"global_step": output.global_step, **output.metrics,

@@ -141,3 +141,13 @@ def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, t
     (res,) = results(proc.stdout)
     assert set(res["accuracy"]) == {"base", "finetuned", "finetuned-no-tools"}
     assert "tools errors timeouts" in proc.stdout
+
+
+def test_the_smoke_model_is_built_under_output_dir_not_the_working_directory(tmp_path, monkeypatch):
+    from llmhelpers.modeling import model_path
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # e.g. a read-only checkout: nothing may be written here
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"))
+    assert Path(model_path(cfg)) == tmp_path / "out" / "tiny-r1"
+    assert list((tmp_path / "cwd").iterdir()) == []

@@ -142,3 +142,47 @@ def test_trainer_settings_are_checked_with_the_config(key, value):
 def test_comma_separated_target_modules_become_a_list():
     assert sorted(make_config(lora_target_modules="q_proj, v_proj").lora_config().target_modules) == ["q_proj",
                                                                                                    "v_proj"]
+
+
+# --- findings of the adversarial run (issue #18) -------------------------------------------------------------------
+def test_a_pipe_or_device_as_a_data_path_is_a_clear_error_not_a_hang(tmp_path):
+    import os
+
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(DataError, match="not a regular file"):
+            read(path)
+
+
+def test_a_file_that_is_not_json_is_one_skipped_file_not_minus_one_usable_rows(tmp_path):
+    from llmhelpers.data import DataReport
+
+    path = tmp_path / "science"  # no suffix
+    path.write_text("problem_text,answer\n")
+    rows, counts = read(path)
+    report = DataReport()
+    report.sources["scibench"] = counts
+    table = str(report)
+    assert rows == [] and "-1" not in table
+    assert table.splitlines()[2].split() == ["scibench", "0", "0", "0"]
+    assert "1 x not_json_file (whole file)" in table
+
+
+def test_finding_the_last_box_is_linear_in_the_text():
+    from llmhelpers.answers import last_boxed
+
+    assert last_boxed("\\boxed{a} and \\boxed {b{c}}") == "b{c}"
+    assert last_boxed("\\boxed{1} then \\boxed{cut off") == "1"
+    assert last_boxed("\\fbox{x}") == "x" and last_boxed("\\boxedx{1}") is None and last_boxed("none") is None
+
+    class Counted(str):  # counts character look-ups: the work, not the time, so the test is the same on any machine
+        looks = 0
+
+        def __getitem__(self, key):
+            Counted.looks += 1
+            return str.__getitem__(self, key)
+
+    text = Counted("\\boxed{1}" + "\\boxed{" * 2_000)
+    assert last_boxed(text) == "1"
+    assert Counted.looks < len(text)  # one scan at most; the old search rescanned the rest of the text per box

@@ -13,23 +13,62 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "LLM.ipynb"
 sys.path.insert(0, str(Path(__file__).parent))
-from notebook_checks import notebook_problems  # noqa: E402
+from notebook_checks import notebook_problems, pristine_notebook  # noqa: E402
 
 EDITED_PARAMETERS = 'OVERRIDES = {"learning_rate": 1e-4, "max_steps": 10}'
 
 
-def test_notebook_structure_holds_even_when_saved_with_outputs(tmp_path):
-    """`python -m pytest` must pass after a user saves the notebook with outputs in JupyterLab."""
-    assert notebook_problems(NOTEBOOK) == []
+def user_saved_copy(tmp_path) -> Path:
+    """LLM.ipynb as JupyterLab autosaves it after a user followed QUICK_START: outputs, PROFILE and OVERRIDES edited."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="some output\n")]
             cell.execution_count = 1
-    saved = tmp_path / "LLM.ipynb"
+        if "parameters" in cell.metadata.get("tags", []):
+            cell.source = ('PROFILE = "smoke"\nOVERRIDES = {"learning_rate": 1e-3, "lora_r": 8}\n'
+                           "cfg = make_config(PROFILE, **OVERRIDES)\nprint(cfg.summary())")
+    (tmp_path / "repo").mkdir(parents=True)
+    saved = tmp_path / "repo" / "LLM.ipynb"
     nbformat.write(nb, saved)
-    assert notebook_problems(saved) == []
-    assert any("has outputs" in p for p in notebook_problems(saved, committed=True))  # what .ci/run refuses
+    return saved
+
+
+def test_notebook_structure_holds_even_when_saved_with_outputs_and_edited_parameters(tmp_path):
+    """`python -m pytest` must pass after a user edits the parameters and JupyterLab autosaves with outputs."""
+    assert notebook_problems(NOTEBOOK) == [], "the notebook's structure is broken (see the list)"
+    saved = user_saved_copy(tmp_path)
+    assert notebook_problems(saved) == [], "a user's autosaved copy with edited parameters fails the checks"
+    problems = notebook_problems(saved, committed=True)  # what .ci/run refuses in a commit
+    assert any("has outputs" in p and "Restart Kernel and Clear Outputs of All Cells" in p for p in problems)
+
+
+def test_the_tests_run_the_committed_parameters_not_a_users_edits(tmp_path):
+    import shutil
+    import subprocess
+
+    saved = user_saved_copy(tmp_path)
+    repo = saved.parent
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    git("init", "-q")
+    shutil.copy(NOTEBOOK, saved)  # commit the pristine notebook, then edit it as the user did
+    git("add", "LLM.ipynb")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    shutil.move(str(user_saved_copy(tmp_path / "again")), saved)
+    nb = pristine_notebook(saved)
+    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert "OVERRIDES = {}" in params.source and 'PROFILE = "smoke"' not in params.source, \
+        "the tests would run a user's edited parameters instead of the committed ones"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_nbstripout_leaves_a_copy_the_commit_check_accepts(tmp_path):
+    nbstripout = pytest.importorskip("nbstripout")
+    import subprocess
+
+    saved = user_saved_copy(tmp_path)
+    subprocess.run([sys.executable, "-m", "nbstripout", str(saved)], check=True)
+    assert not [p for p in notebook_problems(saved, committed=True) if "has outputs" in p], nbstripout.__name__
 
 
 def cell_index(nb, heading: str) -> int:
@@ -41,11 +80,11 @@ def smoke_run(tmp_path_factory):
     from nbclient import NotebookClient
 
     workdir = tmp_path_factory.mktemp("notebook")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = pristine_notebook(NOTEBOOK)  # a user's saved outputs and edited parameters do not change the test
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     edited = nbformat.from_dict(dict(params))
     edited.source = params.source.replace("OVERRIDES = {}", EDITED_PARAMETERS)
-    assert edited.source != params.source
+    assert edited.source != params.source, "the committed parameters cell no longer holds `OVERRIDES = {}`"
     training = cell_index(nb, "## 6. Training")
     train_cell = next(c for c in nb.cells[training:] if c.source.startswith("result = train("))
     refuse = nbformat.v4.new_code_cell(

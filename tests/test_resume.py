@@ -229,3 +229,122 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
     with pytest.raises(RunLockedError):
         (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 1, "host": "another-machine", "since": "x"}))
         RunLock(tmp_path).acquire()
+
+
+# --- a resume continues the same numbers (issue #18): losses, recorded train loss and final weights -----------------
+def exact_run(tmp_path, tiny_model_dir, mode, step):
+    out, log = tmp_path / "out", tmp_path / "batches.log"
+    args = ["--profile", "smoke", "--set", f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}",
+            "--set", "max_steps=12", "--set", "eval_steps=3", "--set", "save_steps=3", "--set", "logging_steps=1",
+            "--set", "accuracy_callback=false"]
+    return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600), out
+
+
+def run_record(out: Path) -> tuple[dict, float, dict]:
+    """(step -> loss, the recorded train loss, the final adapter weights) of the one run under `out`."""
+    from safetensors.torch import load_file
+
+    run = next((out / "runs").glob("lr*"))
+    losses = {r["step"]: r["loss"] for r in json.loads((run / "log_history.json").read_text()) if "loss" in r}
+    recorded = json.loads((run / "run_complete.json").read_text())["train_loss"]
+    index = json.loads((out / "runs" / "index.json").read_text())
+    assert [r["metrics"]["train_loss"] for r in index.values()] == [recorded]
+    return losses, recorded, load_file(run / "final" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("exact")
+    proc, out = exact_run(tmp, tiny_model_dir, "none", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_record(out)
+
+
+@pytest.mark.parametrize("kill_at", [4, 8])
+def test_a_resumed_run_is_the_uninterrupted_run_to_the_bit(tmp_path, tiny_model_dir, uninterrupted, kill_at):
+    import torch
+
+    killed, out = exact_run(tmp_path, tiny_model_dir, "step", kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    resumed, _ = exact_run(tmp_path, tiny_model_dir, "none", 0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint-{kill_at - kill_at % 3}" in resumed.stdout
+    losses, recorded, weights = run_record(out)
+    clean_losses, clean_recorded, clean_weights = uninterrupted
+    assert losses == clean_losses  # every step, the resumed ones included, exactly
+    assert recorded == pytest.approx(clean_recorded, rel=1e-9)  # the mean over all 12 steps, not the resumed ones
+    assert recorded == pytest.approx(sum(clean_losses.values()) / 12, rel=1e-6)
+    assert weights.keys() == clean_weights.keys()
+    assert all(w.dtype == torch.float32 and torch.equal(w, clean_weights[k]) for k, w in weights.items())
+
+
+def test_two_processes_taking_over_a_dead_holders_lock_never_both_hold_it(tmp_path):
+    """The takeover window widened to a second (the dead holder's liveness check sleeps): one process wins."""
+    import socket
+
+    (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 2**22 - 1, "host": socket.gethostname(), "since": "x"}))
+    script = ("import sys, time\nfrom llmhelpers import training\nfrom llmhelpers.training import RunLock\n"
+              "training._alive = lambda pid, start: time.sleep(1) or False\n"
+              f"try:\n    RunLock({str(tmp_path)!r}).acquire()\nexcept training.RunLockedError:\n    sys.exit(3)\n"
+              "time.sleep(2)")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    codes = sorted(p.wait(timeout=60) for p in procs)
+    assert codes == [0, 3]
+
+
+# --- Kernel > Interrupt, then the training cell re-run on the same trainer (issue #23) ------------------------------
+def in_process_run(out, tiny_model_dir, interrupt_at=None):
+    """A 12-step smoke run in this process; with interrupt_at, a KeyboardInterrupt (what Kernel > Interrupt raises)
+    lands after that step, then train() is called again on the same trainer, as a re-run cell does."""
+    import torch
+    import transformers
+
+    from llmhelpers.data import build_datasets
+    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import TrainingInterrupted, build_trainer, train
+
+    cfg = make_config("smoke", output_dir=str(out), tiny_model_dir=str(tiny_model_dir), max_steps=12, eval_steps=3,
+                      save_steps=3, logging_steps=1, accuracy_callback=False)
+    tok = load_tokenizer(cfg)
+    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
+
+    class Interrupt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == interrupt_at:
+                raise KeyboardInterrupt
+
+    message = None
+    if interrupt_at:
+        trainer.add_callback(Interrupt())
+        with pytest.raises(TrainingInterrupted) as caught:
+            train(trainer, cfg)
+        message = str(caught.value)
+        interrupt_at = None
+        # peft's adapter loading may put new Parameter objects in place (it did when it upcast a bf16 checkpoint):
+        # an optimizer kept from the interrupted call would step the old ones and train nothing
+        for module in trainer.model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.requires_grad:
+                    setattr(module, name, torch.nn.Parameter(param.detach().clone()))
+    result = train(trainer, cfg)
+    stepped = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    losses = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
+    tokens = [r["num_tokens"] for r in trainer.state.log_history if "loss" in r]
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return message, result, losses, tokens, weights
+
+
+def test_interrupt_then_rerun_on_the_same_trainer_trains_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    import torch
+
+    _, clean, clean_losses, clean_tokens, clean_weights = in_process_run(tmp_path / "a", tiny_model_dir)
+    message, result, losses, tokens, weights = in_process_run(tmp_path / "b", tiny_model_dir, interrupt_at=8)
+    assert "interrupted at step 8 of 12: kept" in message and "checkpoint-6 (step 6)" in message
+    assert "re-run the training cell" in message
+    assert {s: losses[s] for s in range(7, 13)} == {s: clean_losses[s] for s in range(7, 13)}
+    assert result.training_loss == pytest.approx(clean.training_loss, rel=1e-9)
+    assert tokens[-1] == clean_tokens[-1]  # the whole run's count, not the interrupted call's added on
+    assert all(torch.equal(w, clean_weights[n]) for n, w in weights.items())
