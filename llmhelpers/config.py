@@ -46,8 +46,12 @@ class FinetuneConfig:
     warmup_ratio: float = 0.03  # fraction of the steps spent warming up
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # 16 sequences per optimizer step, as in the seed plan (2 x 8), but in one micro-batch: with length
-    # grouping and checkpointing this is 4x the seed's tokens/s on an H100 (BENCHMARKS.md).
+    # Padding-free micro-batches: whole sequences packed into one row of this many tokens (best-fit decreasing, none
+    # cut), each attending only to itself (llmhelpers.packing). 8,192 tokens hold ~14 of the real rows (mean 570
+    # tokens), about the seed plan's 16 sequences per optimizer step; no compute is spent on padding. 0 = padded
+    # micro-batches of per_device_train_batch_size sequences (the previous default).
+    pack_tokens: int = 8192
+    # Used only with pack_tokens=0: 16 sequences per optimizer step, as in the seed plan (2 x 8), in one micro-batch.
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -135,8 +139,15 @@ class FinetuneConfig:
         """The run's folder and TensorBoard name: the key hyperparameters, then the hash of all of them,
         e.g. lr2e-4_r16_b16_ep3-1a2b3c4d5e."""
         length = f"s{self.max_steps}" if self.max_steps > 0 else f"ep{_short(self.num_train_epochs)}"
-        eff = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        return f"lr{_short(self.learning_rate)}_r{self.lora_r}_b{eff}_{length}-{self.run_id}"
+        return f"lr{_short(self.learning_rate)}_r{self.lora_r}_{self.step_size_tag}_{length}-{self.run_id}"
+
+    @property
+    def step_size_tag(self) -> str:
+        """What one optimizer step holds: t8k = 8,192 packed tokens, b16 = 16 padded sequences."""
+        if self.pack_tokens:
+            tokens = self.pack_tokens * self.gradient_accumulation_steps
+            return f"t{tokens // 1024}k" if tokens % 1024 == 0 else f"t{tokens}"
+        return f"b{self.per_device_train_batch_size * self.gradient_accumulation_steps}"
 
     @property
     def run_dir(self) -> Path:
@@ -221,6 +232,10 @@ class FinetuneConfig:
             packing=False,
             dataset_num_proc=None,
         )
+        if self.pack_tokens:  # one packed row per micro-batch, always pack_tokens long: one compiled shape
+            args.update(packing=True, packing_strategy="bfd", max_length=self.pack_tokens,
+                        pad_to_multiple_of=self.pack_tokens, per_device_train_batch_size=1,
+                        per_device_eval_batch_size=1, train_sampling_strategy="random")
         args.update(extra)
         return SFTConfig(**args)
 
@@ -232,8 +247,11 @@ class FinetuneConfig:
         lines = [f"profile {self.profile}, model {self.model_id}  |  run folder {self.run_dir}",
                  f"QLoRA: {'4-bit ' + self.bnb_4bit_quant_type if self.load_in_4bit else 'no quantization'}, "
                  f"LoRA r={self.lora_r} alpha={self.lora_alpha} dropout={self.lora_dropout} on {self.lora_target_modules}",
-                 f"lr {self.learning_rate} ({self.lr_scheduler_type}), batch {self.per_device_train_batch_size} x "
-                 f"accumulation {self.gradient_accumulation_steps} = {eff} sequences/step, "
+                 f"lr {self.learning_rate} ({self.lr_scheduler_type}), " + (
+                     f"packed rows of {self.pack_tokens} tokens x accumulation {self.gradient_accumulation_steps} = "
+                     f"{self.pack_tokens * self.gradient_accumulation_steps} tokens/step, " if self.pack_tokens else
+                     f"batch {self.per_device_train_batch_size} x accumulation {self.gradient_accumulation_steps} = "
+                     f"{eff} sequences/step, ") +
                  f"{'max_steps ' + str(self.max_steps) if self.max_steps > 0 else str(self.num_train_epochs) + ' epochs'}, "
                  f"max_length {self.max_length}, optim {self.optim}"]
         if changed:
@@ -293,8 +311,8 @@ PROFILES: dict[str, dict] = {
     "full": {},
     # The seed plan exactly as written (micro-batch 2 x accumulation 8, random order, no fused
     # kernels): kept for comparison; bench/train_throughput.py measures it against "full".
-    "seed": dict(per_device_train_batch_size=2, per_device_eval_batch_size=2, gradient_accumulation_steps=8,
-                 group_by_length=False,
+    "seed": dict(pack_tokens=0, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                 gradient_accumulation_steps=8, group_by_length=False,
                  use_liger_kernel=False, upcast_to_fp32=True),
     # CPU-friendly: tiny local model, bundled samples, a handful of steps. Still 4-bit NF4,
     # so CI runs the real QLoRA path.
@@ -308,6 +326,7 @@ PROFILES: dict[str, dict] = {
         bnb_4bit_compute_dtype="float32",
         optim="adamw_torch",  # paged 8-bit optimizers need CUDA
         learning_rate=3e-3,  # high, so that 30 steps on a tiny model show a clear fall in loss
+        pack_tokens=0,  # padded batches, as the tests' step counts assume; tests/test_packing.py runs the packed path
         per_device_train_batch_size=2,
         per_device_eval_batch_size=4,
         gradient_accumulation_steps=2,
@@ -475,6 +494,8 @@ def _check_values(cfg: FinetuneConfig) -> None:
     need(cfg.num_train_epochs > 0, "num_train_epochs", "must be > 0")
     need(cfg.max_steps == -1 or cfg.max_steps > 0, "max_steps", "must be -1 (use epochs) or > 0")
     need(cfg.max_length >= 64, "max_length", "must be >= 64 tokens")
+    need(cfg.pack_tokens == 0 or cfg.pack_tokens >= cfg.max_length, "pack_tokens",
+         f"must be 0 (padded batches) or at least max_length ({cfg.max_length}), so that every example fits a row")
     need(0 < cfg.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
     need(cfg.eval_temperature > 0, "eval_temperature", "must be > 0")
     need(0 < cfg.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")

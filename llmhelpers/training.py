@@ -20,6 +20,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import SFTTrainer
 
 from .environment import free_bytes
+from .packing import PackedMask, trailing_padding
 
 CONFIG_NAME = "finetune_config.json"
 
@@ -104,6 +105,25 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 TOTALS_NAME = "run_totals.json"  # per checkpoint: the sums a resume continues (loss, tokens)
 
 
+class EpochSeededRandomSampler:
+    """A random order per epoch drawn from `seed + epoch` (the packed rows' order): the same after any resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 class ResumableSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with four changes for runs that lose nothing:
 
@@ -135,6 +155,8 @@ class ResumableSFTTrainer(SFTTrainer):
         self._calls = 0
         # the data settings it was built with (TRL may replace the dataset object): train() checks them
         self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
+        # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.packing)
+        self.packed_mask = PackedMask(self.model) if self.padding_free else None
         # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
         # under its name (the default is a runs/<date>_<host> folder inside it)
         from transformers.integrations import TensorBoardCallback
@@ -172,6 +194,25 @@ class ResumableSFTTrainer(SFTTrainer):
             if hasattr(callback, "reset"):
                 callback.reset()
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.packed_mask is None:
+            return super().training_step(model, inputs, *args, **kwargs)
+        with self.packed_mask.applied(self.model, inputs):  # forward and backward (checkpoint recomputation too)
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on
+        import torch
+
+        padding = torch.tensor(trailing_padding(inputs["position_ids"]), device=inputs["position_ids"].device)
+        self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding).sum().item())
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        if self.packed_mask is None:
+            return super().prediction_step(model, inputs, *args, **kwargs)
+        with self.packed_mask.applied(self.model, inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
     def _session_loss_sum(self) -> float:
         """Sum of the per-step losses of this call so far (logged windows plus the window not yet logged)."""
         from transformers.trainer_pt_utils import nested_gather
@@ -186,10 +227,14 @@ class ResumableSFTTrainer(SFTTrainer):
         return super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
+        import torch
+
         sampler = super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if isinstance(sampler, LengthGroupedSampler):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        if isinstance(sampler, torch.utils.data.RandomSampler):
+            return EpochSeededRandomSampler(len(sampler.data_source), seed)
         return sampler
 
     def _save_checkpoint(self, model, trial):

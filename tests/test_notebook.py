@@ -90,10 +90,13 @@ def smoke_run(tmp_path_factory):
     refuse = nbformat.v4.new_code_cell(
         'cfg = make_config(PROFILE, **{**OVERRIDES, "bnb_4bit_quant_type": "fp4"})\n'
         "try:\n    check_ready_to_train(cfg, model, data)\nexcept ValueError as err:\n    print('REFUSED:', err)")
+    earliest = nbformat.v4.new_code_cell(  # the training cell re-run after a model setting changed
+        "try:\n    train(trainer, cfg)\nexcept ValueError as err:\n    print('EARLIEST:', err)")
     stale = nbformat.v4.new_code_cell(
+        'cfg = make_config(PROFILE, **{**OVERRIDES, "learning_rate": 5e-4})\n'
         "try:\n    train(trainer, cfg)\nexcept ValueError as err:\n    print('STALE TRAINER:', err)")
     nb.cells += ([edited] + [nbformat.from_dict(dict(c)) for c in nb.cells[training:]]
-                 + [nbformat.from_dict(dict(train_cell)), refuse, stale])
+                 + [nbformat.from_dict(dict(train_cell)), refuse, earliest, stale])
     env_before = os.environ.get("LLM_PROFILE")
     os.environ["LLM_PROFILE"] = "smoke"  # the kernel inherits it, as with `LLM_PROFILE=smoke jupyter execute`
     try:
@@ -191,6 +194,8 @@ def test_a_changed_model_setting_and_a_stale_trainer_are_refused(smoke_run):
     assert "REFUSED: the model in memory was loaded with bnb_4bit_quant_type='nf4'" in text
     assert "section 3" in text
     assert "STALE TRAINER: this trainer was built for the run" in text and "re-run the cell that builds" in text
+    # one message names the earliest cell to re-run (the model's), not the trainer's first and the model's next
+    assert "EARLIEST: the model in memory was loaded with bnb_4bit_quant_type='nf4'" in text
 
 
 def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):

@@ -232,11 +232,14 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
 
 
 # --- a resume continues the same numbers (issue #18): losses, recorded train loss and final weights -----------------
-def exact_run(tmp_path, tiny_model_dir, mode, step):
+PACKED = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"]  # ~10 packed rows per epoch
+
+
+def exact_run(tmp_path, tiny_model_dir, mode, step, *extra):
     out, log = tmp_path / "out", tmp_path / "batches.log"
     args = ["--profile", "smoke", "--set", f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}",
             "--set", "max_steps=12", "--set", "eval_steps=3", "--set", "save_steps=3", "--set", "logging_steps=1",
-            "--set", "accuracy_callback=false"]
+            "--set", "accuracy_callback=false", *extra]
     return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600), out
 
@@ -255,23 +258,28 @@ def run_record(out: Path) -> tuple[dict, float, dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("exact")
-    proc, out = exact_run(tmp, tiny_model_dir, "none", 0)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_record(out)
+    runs = {}
+    for name, extra in (("padded", []), ("packed", PACKED)):
+        tmp = tmp_path_factory.mktemp(f"exact-{name}")
+        proc, out = exact_run(tmp, tiny_model_dir, "none", 0, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = run_record(out)
+    return runs
 
 
-@pytest.mark.parametrize("kill_at", [4, 8])
-def test_a_resumed_run_is_the_uninterrupted_run_to_the_bit(tmp_path, tiny_model_dir, uninterrupted, kill_at):
+@pytest.mark.parametrize("batches,kill_at", [("padded", 4), ("padded", 8), ("packed", 8)])
+def test_a_resumed_run_is_the_uninterrupted_run_to_the_bit(tmp_path, tiny_model_dir, uninterrupted, batches,
+                                                            kill_at):
     import torch
 
-    killed, out = exact_run(tmp_path, tiny_model_dir, "step", kill_at)
+    extra = PACKED if batches == "packed" else []
+    killed, out = exact_run(tmp_path, tiny_model_dir, "step", kill_at, *extra)
     assert killed.returncode == -signal.SIGKILL
-    resumed, _ = exact_run(tmp_path, tiny_model_dir, "none", 0)
+    resumed, _ = exact_run(tmp_path, tiny_model_dir, "none", 0, *extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoint-{kill_at - kill_at % 3}" in resumed.stdout
     losses, recorded, weights = run_record(out)
-    clean_losses, clean_recorded, clean_weights = uninterrupted
+    clean_losses, clean_recorded, clean_weights = uninterrupted[batches]
     assert losses == clean_losses  # every step, the resumed ones included, exactly
     assert recorded == pytest.approx(clean_recorded, rel=1e-9)  # the mean over all 12 steps, not the resumed ones
     assert recorded == pytest.approx(sum(clean_losses.values()) / 12, rel=1e-6)

@@ -1,0 +1,157 @@
+"""A user's JupyterLab session, driven in headless Chromium (selenium): what a release of a notebook change is checked
+with, beside the nbclient run in the tests. Not part of the test command (it needs Chromium and takes minutes).
+
+    python tools/ui_session.py CLONE_DIR SCREENSHOT_DIR
+
+CLONE_DIR is a fresh clone whose environment is the active one. The session: open LLM.ipynb in JupyterLab 4
+(LLM_PROFILE=smoke), Run > Run All Cells; edit the parameters cell (a learning rate, 60 steps, LoRA rank 8) by typing
+into it; run it, then Run > Run Selected Cell and All Below from the LoRA cell; Kernel > Interrupt Kernel during
+training; re-run the training cell alone; then save. Prints what each step showed and writes a screenshot per step.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+
+clone, shots = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+shots.mkdir(parents=True, exist_ok=True)
+PORT = 8899
+lab = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={PORT}", "--allow-root",
+                        "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True"],
+                       cwd=clone, env={**os.environ, "LLM_PROFILE": "smoke"}, stdout=subprocess.DEVNULL,
+                       stderr=open(shots / "jupyter.log", "w"))
+options = webdriver.ChromeOptions()
+for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1600,1200", "--disable-dev-shm-usage"):
+    options.add_argument(flag)
+options.binary_location = "/usr/bin/chromium"
+driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+step = 0
+
+
+def shot(name: str) -> None:
+    global step
+    step += 1
+    driver.save_screenshot(str(shots / f"{step:02d}-{name}.png"))
+
+
+def menu(top: str, item: str) -> None:
+    driver.find_element(By.XPATH, f"//div[contains(@class,'lm-MenuBar-itemLabel') and text()='{top}']").click()
+    time.sleep(0.5)
+    driver.find_element(By.XPATH, f"//div[contains(@class,'lm-Menu-itemLabel') and text()='{item}']").click()
+
+
+def cells():
+    return driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")
+
+
+def cell_index(prefix: str) -> int:
+    for i, cell in enumerate(cells()):
+        if cell.find_element(By.CSS_SELECTOR, ".jp-InputArea").text.replace("\u200b", "").lstrip().startswith(prefix):
+            return i
+    raise LookupError(prefix)
+
+
+def output(i: int) -> str:
+    return cells()[i].find_element(By.CSS_SELECTOR, ".jp-Cell-outputWrapper").text
+
+
+def idle(timeout: float = 900) -> None:
+    """Until the kernel is idle and no cell is queued or running ([*])."""
+    end = time.time() + timeout
+    time.sleep(2)
+    while time.time() < end:
+        busy = driver.execute_script(
+            "return [...document.querySelectorAll('.jp-InputPrompt')].some(e => e.textContent.includes('*'))")
+        if not busy:
+            return
+        time.sleep(1)
+    raise TimeoutError("the kernel stayed busy")
+
+
+def select(i: int) -> None:
+    cell = cells()[i]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
+    cell.find_element(By.CSS_SELECTOR, ".jp-InputPrompt").click()
+    time.sleep(0.3)
+
+
+try:
+    for _ in range(60):
+        try:
+            driver.get(f"http://localhost:{PORT}/lab/tree/LLM.ipynb")
+            break
+        except Exception:
+            time.sleep(1)
+    time.sleep(8)
+    shot("opened")
+    menu("Run", "Run All Cells")
+    idle()
+    errors = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    print("run all: error outputs:", len(driver.find_elements(By.CSS_SELECTOR, ".jp-RenderedText[data-mime-type="
+                                                                          "'application/vnd.jupyter.error']")),
+          "stderr outputs:", len(errors), "figures:", len(driver.find_elements(By.CSS_SELECTOR, ".jp-RenderedImage")))
+    train_cell = cell_index("result = train(")
+    print("run all: training cell said:", output(train_cell)[-300:].replace("\n", " | "))
+    shot("run-all")
+
+    # edit the parameters cell by typing, as a user does
+    params = cell_index("PROFILE = ")
+    select(params)
+    editor = cells()[params].find_element(By.CSS_SELECTOR, ".cm-content")
+    editor.click()
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).send_keys(Keys.DELETE).perform()
+    for line in ['PROFILE = os.environ.get("LLM_PROFILE", "full")',
+                 'OVERRIDES = {"learning_rate": 1e-3, "max_steps": 60, "lora_r": 8}',
+                 "cfg = make_config(PROFILE, **OVERRIDES)", "print(cfg.summary())"]:
+        editor.send_keys(line)
+        editor.send_keys(Keys.ENTER)
+        ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.HOME).key_up(Keys.SHIFT).send_keys(Keys.DELETE).perform()
+    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    idle()
+    print("edited parameters:", cells()[params].find_element(By.CSS_SELECTOR, ".jp-InputArea").text.replace("\n", " | "))
+    print("parameters cell said:", output(params)[:400].replace("\n", " | "))
+    shot("edited-parameters")
+
+    # from the LoRA cell down, then Kernel > Interrupt Kernel in the middle of training
+    select(cell_index("model = attach_lora("))
+    menu("Run", "Run Selected Cell and All Below")
+    seen = 0
+    for _ in range(2400):
+        match = re.findall(r"(\d+)/60 \[", output(train_cell))
+        seen = int(match[-1]) if match else 0
+        if 14 <= seen < 60:
+            break
+        time.sleep(0.05)
+    menu("Kernel", "Interrupt Kernel")
+    idle()
+    said = output(train_cell)
+    print(f"interrupted (progress bar at {seen}/60); the cell ends with:",
+          said.strip().splitlines()[-1] if said.strip() else "(nothing)")
+    print("traceback lines shown:", len(said.splitlines()))
+    shot("interrupted")
+
+    # re-run the training cell alone
+    select(train_cell)
+    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    idle()
+    said = output(train_cell)
+    print("re-run training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
+                                                   or "global_step" in l)[:800])
+    shot("rerun-training")
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+    time.sleep(3)
+    shot("saved")
+finally:
+    driver.quit()
+    lab.terminate()
+    lab.wait(timeout=30)
