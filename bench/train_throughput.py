@@ -34,7 +34,9 @@ CONFIGS = {
                                       upcast_to_fp32=True),
     "mb8x2+grouped+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2),
     "mb16x1+grouped+liger": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
-    "default": dict(),
+    "default": dict(),  # packed rows of 8,192 tokens, checkpointing chosen by memory
+    "padded": dict(pack_tokens=0),  # the previous default: 16 padded sequences, length-grouped
+    "fits-24gb": dict(memory_limit_gib=22.0),  # the default's policy under a 22 GiB cap
 }
 
 
@@ -52,14 +54,19 @@ def model_flops(lengths: list[int], arch: dict = R1_15B) -> float:
 
 
 class CountingCollator:
-    """Records the length of every sequence the trainer collates, in order."""
+    """Records, for every micro-batch the trainer collates, in order, the lengths of the sequences in it (a packed
+    row holds several: its `seq_lengths`). Padding is never counted."""
 
     def __init__(self, inner):
-        self.inner, self.lengths = inner, []
+        self.inner, self.batches = inner, []
 
     def __call__(self, features):
-        self.lengths += [len(f["input_ids"]) for f in features]
+        self.batches.append([n for f in features for n in (f.get("seq_lengths") or [len(f["input_ids"])])])
         return self.inner(features)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [n for batch in self.batches for n in batch]
 
 
 def measure_after_warmup(trainer, warmup: int):
@@ -75,7 +82,7 @@ def measure_after_warmup(trainer, warmup: int):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == warmup:
                 _cuda("synchronize")
-                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.lengths)
+                marks["t0"], marks["n0"] = time.perf_counter(), len(counter.batches)
                 _cuda("reset_peak_memory_stats")
 
     trainer.add_callback(Timer())
@@ -117,19 +124,26 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     cfg = make_config(profile, model_id=str(model_dir), output_dir=f"/tmp/bench-train/{name}", max_steps=warmup + steps,
                       save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_ratio=0.0, **spec)
     trainer = bench_trainer(cfg, rows, load_model)
+    from llmhelpers.checkpointing import choose_checkpointed_layers
+
+    decided = choose_checkpointed_layers(trainer, cfg)  # what train() does before step 1
     counter, marks = measure_after_warmup(trainer, warmup)
+    started = time.perf_counter()
     trainer.train()
     _cuda("synchronize")
     elapsed = time.perf_counter() - marks["t0"]
-    # The collator has already been called for the step after the last one when prefetching; count exactly
-    # the sequences of the measured steps.
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    lengths = counter.lengths[marks["n0"]:marks["n0"] + steps * per_step]
+    # The collator has already been called for the micro-batches after the last step when prefetching; count
+    # exactly the sequences of the measured steps.
+    per_step = trainer.args.gradient_accumulation_steps  # micro-batches per optimizer step
+    lengths = [n for batch in counter.batches[marks["n0"]:marks["n0"] + steps * per_step] for n in batch]
     useful = sum(lengths)  # all non-pad tokens
     trained = sum(l - PROMPT_TOKENS for l in lengths)  # minus each row's masked prompt
     out = {
-        "config": name, "micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
-        "grouped": cfg.group_by_length, "liger": trainer.args.use_liger_kernel, "checkpointing": cfg.gradient_checkpointing,
+        "config": name, "pack_tokens": cfg.pack_tokens,
+        "micro_batch": trainer.args.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
+        "grouped": cfg.group_by_length, "liger": getattr(trainer.model, "llm_liger", False),
+        "checkpointing": decided, "sequences_per_step": round(len(lengths) / steps, 1),
+        "warmup_seconds": round(marks["t0"] - started, 1),  # model compile, first steps
         "steps": steps, "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
         "useful_tok_s": round(useful / elapsed), "trained_tok_s": round(trained / elapsed),
         "peak_alloc_gib": round(_cuda("max_memory_allocated") / 2**30, 2),
@@ -137,10 +151,26 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "mfu": round(model_flops(lengths, arch) / elapsed / peak_bf16_flops(), 4),
         "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
     }
+    out["worst_case_peak_reserved_gib"] = worst_case_peak_reserved(trainer, cfg)
     del trainer
     gc.collect()
     _cuda("empty_cache")
     return out
+
+
+def worst_case_peak_reserved(trainer, cfg, steps: int = 2) -> float:
+    """Peak reserved GPU memory (GiB) over `steps` training steps on the worst micro-batch the run can meet (every
+    token trained; a full packed row, or every sequence at max_length), after the measured steps."""
+    from llmhelpers.checkpointing import worst_batch
+
+    batch = worst_batch(trainer, cfg)
+    _cuda("reset_peak_memory_stats")
+    trainer.model.train()
+    for _ in range(steps):
+        trainer.training_step(trainer.model, dict(batch))
+        trainer.model.zero_grad(set_to_none=True)
+    _cuda("synchronize")
+    return round(_cuda("max_memory_reserved") / 2**30, 2)
 
 
 def loss_equivalence(model_dir: Path, rows) -> dict:
@@ -207,11 +237,13 @@ def main():
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 32 "
                              "to measure what a 32 GB card can run")
+    parser.add_argument("--median", type=int, default=700,
+                        help="median row length of the synthetic lognormal rows (real MathCodeInstruct rows: ~490)")
     parser.add_argument("--out", default=None, help="write results JSON here")
     args = parser.parse_args()
     model_dir = random_r1_model()
-    rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4)
-    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4, median=args.median)
+    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "median": args.median, "runs": []}
     if args.memory_cap_gb:
         import torch
 
@@ -225,6 +257,8 @@ def main():
         r = run_config(name, CONFIGS[name], model_dir, rows, args.warmup, args.steps)
         results["runs"].append(r)
         print(json.dumps(r), flush=True)
+        if args.out:  # after every configuration: a run cut off later keeps what was measured
+            Path(args.out).write_text(json.dumps(results, indent=2))
     base = next((r for r in results["runs"] if r["config"] == "seed"), None)
     print(f"\n{results['gpu']}, {results['date']}")
     print(f"{'config':<24}{'useful tok/s':>13}{'x seed':>8}{'alloc GiB':>10}{'reserved':>10}{'MFU':>7}{'tok/step':>10}")

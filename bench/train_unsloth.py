@@ -12,7 +12,7 @@ Model: the R1-1.5B architecture with random weights (`common.random_r1_model`), 
 q,k,v,o,gate,up,down, Unsloth's gradient checkpointing, bf16; data: `common.synthetic_rows` (lognormal lengths,
 median 700, cap 2,048, prompt masked), 16 sequences per optimizer step, length-grouped batches. Useful tokens/s is
 counted exactly as train_throughput.py counts it (every non-pad token of the measured steps' sequences).
-Written for the next GPU session; not yet run.
+Run on the GPU machine on 2026-11-30 (../shared/measurements) and again in issue #20's session.
 """
 from __future__ import annotations
 
@@ -56,11 +56,22 @@ def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup:
     trainer.train()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - marks["t0"]
-    lengths = counter.lengths[marks["n0"]:marks["n0"] + steps * micro * accumulation]
+    lengths = [n for batch in counter.batches[marks["n0"]:marks["n0"] + steps * accumulation] for n in batch]
+    peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    # the worst micro-batch it can meet: every sequence at max_length (2,048)
+    ids = torch.randint(1000, 150000, (micro, 2048), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        trainer.training_step(trainer.model, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+        trainer.model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
     return {"config": f"unsloth-{name}", "micro_batch": micro, "accumulation": accumulation, "steps": steps,
+            "sequences_per_step": round(len(lengths) / steps, 1),
+            "peak_reserved_gib": round(peak_reserved / 2**30, 2),
+            "worst_case_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
             "useful_tok_s": round(sum(lengths) / elapsed),
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_alloc_gib": round(peak_alloc / 2**30, 2),
             "mfu": round(model_flops(lengths) / elapsed / peak_bf16_flops(), 4),
             "unsloth": getattr(__import__("unsloth"), "__version__", "?")}
 
@@ -70,11 +81,13 @@ def main():
     parser.add_argument("--configs", default="mb8x2,mb16x1")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--median", type=int, default=700)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model_dir = random_r1_model()
-    rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4)  # the same rows as train_throughput.py
-    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    # the same rows as train_throughput.py
+    rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4, median=args.median)
+    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "median": args.median, "runs": []}
     for name in args.configs.split(","):
         micro, accumulation = CONFIGS[name]
         results["runs"].append(run(name, micro, accumulation, model_dir, rows, args.warmup, args.steps))

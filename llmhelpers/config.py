@@ -61,6 +61,10 @@ class FinetuneConfig:
     optim: str = "paged_adamw_8bit"  # 8-bit states, paged to CPU under memory pressure
     bf16: bool = True
     gradient_checkpointing: bool = True  # non-reentrant: required with a frozen 4-bit base
+    # How many decoder layers recompute their activations: -1 = as few as fit the worst batch in memory, measured on
+    # the GPU before step 1 (llmhelpers.checkpointing; all of them on a CPU); 0..layers = exactly that many.
+    checkpoint_layers: int = -1
+    memory_limit_gib: float = 0.0  # GPU memory the run may use (0 = all of it); e.g. 22 to fit a 24 GB card
     # peft's prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, which makes the
     # residual stream fp32 and doubles checkpointed activations. Keeping them bf16 halves that memory with the
     # same loss (bench/train_throughput.py checks it); the seed profile keeps the upcast.
@@ -137,7 +141,7 @@ class FinetuneConfig:
     @property
     def run_name(self) -> str:
         """The run's folder and TensorBoard name: the key hyperparameters, then the hash of all of them,
-        e.g. lr2e-4_r16_b16_ep3-1a2b3c4d5e."""
+        e.g. lr2e-4_r16_t8k_ep3-1a2b3c4d5e (t8k: 8,192 packed tokens per step; b16: 16 padded sequences)."""
         length = f"s{self.max_steps}" if self.max_steps > 0 else f"ep{_short(self.num_train_epochs)}"
         return f"lr{_short(self.learning_rate)}_r{self.lora_r}_{self.step_size_tag}_{length}-{self.run_id}"
 
@@ -220,7 +224,7 @@ class FinetuneConfig:
             output_dir=str(self.run_dir),
             warmup_steps=self.warmup_ratio,  # transformers 5: a float < 1 is a ratio
             train_sampling_strategy="group_by_length" if self.group_by_length else "random",
-            use_liger_kernel=self.use_liger_kernel and _liger_usable(),
+            use_liger_kernel=False,  # deprecated in TRL 1.16: attach_lora applies Liger's kernels itself
             eval_strategy="steps",
             save_strategy="steps",
             greater_is_better=False,
@@ -304,7 +308,7 @@ _NOT_TRAINING_KEYS = {
     "eval_set", "math500_dataset", "eval_samples",
     "accuracy_callback", "accuracy_callback_size", "heldout_max", "per_device_eval_batch_size", "trust_remote_code",
     "eval_bf16", "profile", "allow_one_source", "tool_execution", "eval_without_tools", "tool_timeout",
-    "tool_max_calls", "tool_workers", "tool_max_sandboxes",
+    "tool_max_calls", "tool_workers", "tool_max_sandboxes", "checkpoint_layers", "memory_limit_gib",
 }
 
 PROFILES: dict[str, dict] = {
@@ -370,13 +374,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _liger_usable() -> bool:
-    """Liger's kernels are Triton: CUDA only. Elsewhere the plain PyTorch path runs (CI, CPU)."""
-    import importlib.util
-
-    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def make_config(profile: str = "full", /, **overrides) -> FinetuneConfig:
@@ -487,6 +484,8 @@ def _check_values(cfg: FinetuneConfig) -> None:
     for key in ("math_samples", "science_samples", "heldout_max", "eval_limit", "eval_batch_size", "tool_workers"):
         need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 means all)")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
+    need(cfg.checkpoint_layers >= -1, "checkpoint_layers", "must be -1 (chosen by memory) or a number of layers >= 0")
+    need(cfg.memory_limit_gib >= 0, "memory_limit_gib", "must be >= 0 (0 = the whole GPU)")
     need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
     need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")

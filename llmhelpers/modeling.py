@@ -140,10 +140,28 @@ def attach_lora(model, cfg):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    model.llm_liger = apply_liger(model, cfg)
     with quiet_peft():
         peft_model = get_peft_model(model, cfg.lora_config())
     model.llm_lora_settings = {k: getattr(cfg, k) for k in LORA_SETTINGS}
     return peft_model
+
+
+def apply_liger(model, cfg) -> bool:
+    """Liger's fused RMSNorm, SwiGLU and RoPE Triton kernels on this model (CUDA only), through Liger's own API: TRL
+    1.16 deprecates its use_liger_kernel switch. The loss stays TRL's fused LM head (Liger's fused linear
+    cross-entropy would replace the model's forward, which TRL patches)."""
+    import importlib.util
+
+    import torch
+
+    if not (cfg.use_liger_kernel and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")):
+        return False
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+    return True
 
 
 @contextmanager

@@ -105,6 +105,17 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 TOTALS_NAME = "run_totals.json"  # per checkpoint: the sums a resume continues (loss, tokens)
 
 
+class KeepCheckpointedLayers(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .checkpointing import set_checkpointed_layers
+
+        if self.trainer.checkpointed_layers is not None:
+            set_checkpointed_layers(self.trainer.model, self.trainer.checkpointed_layers)
+
+
 class EpochSeededRandomSampler:
     """A random order per epoch drawn from `seed + epoch` (the packed rows' order): the same after any resume."""
 
@@ -155,6 +166,10 @@ class ResumableSFTTrainer(SFTTrainer):
         self._calls = 0
         # the data settings it was built with (TRL may replace the dataset object): train() checks them
         self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
+        # how many layers recompute (llmhelpers.checkpointing); re-applied at each train start, after the Trainer
+        # has switched checkpointing on for every layer
+        self.checkpointed_layers: int | None = None
+        self.add_callback(KeepCheckpointedLayers(self))
         # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.packing)
         self.packed_mask = PackedMask(self.model) if self.padding_free else None
         # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
@@ -701,6 +716,14 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
         ensure_free_space(cfg.run_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
         if main:
             record_run(cfg, status="training")
+        from .checkpointing import choose_checkpointed_layers
+
+        decided = choose_checkpointed_layers(trainer, cfg)
+        if main:
+            print(f"activation checkpointing: {decided['checkpointed_layers']} of {decided['of']} layers recompute "
+                  f"({decided['why']}" + (f": {decided['per_layer_gib']} GiB per layer kept, expected peak "
+                                          f"{decided['expected_peak_gib']} of {decided['limit_gib']} GiB)"
+                                          if decided["why"] == "measured" else ")"))
         try:
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except KeyboardInterrupt:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue #20's comparison on one GPU: every configuration in its own process (a memory cap or Unsloth's patches never
+# leak into the next), the merged results written to $DEST after each one, so a run cut off keeps what it measured.
+#
+#   bash bench/train_compare.sh MEDIAN DEST [CONFIGS]      # CONFIGS: default,fits-24gb,padded,seed (the default)
+#   UNSLOTH=1 bash bench/train_compare.sh MEDIAN DEST       # Unsloth's configurations instead (bench/train_unsloth.py)
+#
+# MEDIAN: median row length of the synthetic rows (490 = the real MathCodeInstruct rows, 700 = the old bench's).
+# Project runs need the project's wheels on PYTHONPATH (e.g. /tmp/site:/tmp/bsite); Unsloth's need its own set.
+set -uo pipefail
+MEDIAN=${1:?median}; DEST=${2:?destination folder}; CONFIGS=${3:-default,fits-24gb,padded,seed}
+STEPS=${STEPS:-12}; WARMUP=${WARMUP:-3}
+cd "$(dirname "$0")/.."
+mkdir -p "$DEST" /tmp/bench-parts
+merge() {
+  python3 - "$MEDIAN" "$DEST" <<'PY'
+import glob, json, sys
+median, dest = sys.argv[1], sys.argv[2]
+merged = {"median": int(median), "runs": []}
+for path in sorted(glob.glob(f"/tmp/bench-parts/{median}-*.json")):
+    part = json.load(open(path))
+    merged.update({k: v for k, v in part.items() if k not in ("runs", "loss_equivalence")})
+    merged["runs"] += part["runs"]
+json.dump(merged, open(f"{dest}/train-{median}.json", "w"), indent=1)
+PY
+}
+if [ "${UNSLOTH:-0}" = 1 ]; then
+  for c in mb16x1 mb8x2; do
+    python3 bench/train_unsloth.py --configs "$c" --median "$MEDIAN" --steps "$STEPS" --warmup "$WARMUP" \
+      --out "/tmp/bench-parts/$MEDIAN-unsloth-$c.json" > "/tmp/bench-parts/$MEDIAN-unsloth-$c.log" 2>&1
+    echo "== unsloth $c (exit $?)" >> "$DEST/log-$MEDIAN.txt"; tail -5 "/tmp/bench-parts/$MEDIAN-unsloth-$c.log" >> "$DEST/log-$MEDIAN.txt"
+    merge
+  done
+  exit 0
+fi
+for c in ${CONFIGS//,/ }; do
+  python3 bench/train_throughput.py --configs "$c" --median "$MEDIAN" --steps "$STEPS" --warmup "$WARMUP" \
+    --no-loss-check --out "/tmp/bench-parts/$MEDIAN-$c.json" > "/tmp/bench-parts/$MEDIAN-$c.log" 2>&1
+  echo "== $c (exit $?)" >> "$DEST/log-$MEDIAN.txt"; tail -5 "/tmp/bench-parts/$MEDIAN-$c.log" >> "$DEST/log-$MEDIAN.txt"
+  merge
+done
