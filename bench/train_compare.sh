@@ -25,7 +25,7 @@ json.dump(merged, open(f"{dest}/train-{median}.json", "w"), indent=1)
 PY
 }
 if [ "${UNSLOTH:-0}" = 1 ]; then
-  for c in mb16x1 mb8x2; do
+  for c in $(echo "${3:-mb16x1,mb8x2}" | tr , " "); do
     python3 bench/train_unsloth.py --configs "$c" --median "$MEDIAN" --steps "$STEPS" --warmup "$WARMUP" \
       --out "/tmp/bench-parts/$MEDIAN-unsloth-$c.json" > "/tmp/bench-parts/$MEDIAN-unsloth-$c.log" 2>&1
     echo "== unsloth $c (exit $?)" >> "$DEST/log-$MEDIAN.txt"; tail -5 "/tmp/bench-parts/$MEDIAN-unsloth-$c.log" >> "$DEST/log-$MEDIAN.txt"

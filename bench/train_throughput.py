@@ -34,9 +34,12 @@ CONFIGS = {
                                       upcast_to_fp32=True),
     "mb8x2+grouped+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2),
     "mb16x1+grouped+liger": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
-    "default": dict(),  # packed rows of 8,192 tokens, checkpointing chosen by memory
+    "default": dict(),  # packed rows of 16,384 tokens, checkpointing chosen by memory
+    "pack8k": dict(pack_tokens=8192),
     "padded": dict(pack_tokens=0),  # the previous default: 16 padded sequences, length-grouped
     "fits-24gb": dict(memory_limit_gib=22.0),  # the default's policy under a 22 GiB cap
+    "pack32k": dict(pack_tokens=32768),
+    "pack8k-24gb": dict(pack_tokens=8192, memory_limit_gib=22.0),
 }
 
 

@@ -69,6 +69,8 @@ def _peak_of_step(trainer, batch) -> float:
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by the training loop, read by the step
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     trainer.training_step(trainer.model, dict(batch))
     torch.cuda.synchronize()
     trainer.model.zero_grad(set_to_none=True)

@@ -62,8 +62,8 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
     output = train(trainer, cfg, allow_fresh_optimizer=allow_fresh_optimizer)
     result = {"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
               "global_step": output.global_step, "train_loss": output.training_loss,
-              "sequences_seen_by_this_rank": trainer.args.per_device_train_batch_size
-              * trainer.args.gradient_accumulation_steps * output.global_step,
+              "micro_batches_seen_by_this_rank": trainer.args.gradient_accumulation_steps * output.global_step,
+              "sequences_per_micro_batch": "packed" if cfg.pack_tokens else trainer.args.per_device_train_batch_size,
               "tokens_per_second": throughput_meter(trainer).steady(), "run_dir": str(cfg.run_dir)}
     if main:
         adapter_dir = save_adapters(trainer.model, tokenizer, cfg)

@@ -112,7 +112,7 @@ def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = sorted(results(proc.stdout), key=lambda r: r["rank"])
     assert [r["rank"] for r in res] == [0, 1] and all(r["world_size"] == 2 for r in res)
-    assert all(r["global_step"] == 4 and r["sequences_seen_by_this_rank"] == 16 for r in res)
+    assert all(r["global_step"] == 4 and r["micro_batches_seen_by_this_rank"] * r["sequences_per_micro_batch"] == 16 for r in res)
     assert "adapter_dir" in res[0] and "adapter_dir" not in res[1]  # only rank 0 writes
     assert res[0]["train_loss"] == pytest.approx(res[1]["train_loss"])  # one DDP model, gradients averaged
     assert len(list(out.rglob("final/adapter_model.safetensors"))) == 1

@@ -93,8 +93,8 @@ def test_run_id_tracks_training_settings_only():
     assert dataclasses.replace(cfg, eval_limit=5).run_id == cfg.run_id
     assert dataclasses.replace(cfg, learning_rate=1e-4).run_id != cfg.run_id
     assert cfg.run_dir.parent.name == "runs" and cfg.run_dir.name.endswith(cfg.run_id)
-    assert cfg.run_name.startswith("lr2e-4_r16_t8k_ep3-")  # one step: 8,192 packed tokens
-    assert dataclasses.replace(cfg, learning_rate=1e-4, lora_r=8, max_steps=500).run_name.startswith("lr1e-4_r8_t8k_s500-")
+    assert cfg.run_name.startswith("lr2e-4_r16_t16k_ep3-")  # one step: 16,384 packed tokens
+    assert dataclasses.replace(cfg, learning_rate=1e-4, lora_r=8, max_steps=500).run_name.startswith("lr1e-4_r8_t16k_s500-")
     assert dataclasses.replace(cfg, pack_tokens=0).run_name.startswith("lr2e-4_r16_b16_ep3-")  # 16 padded sequences
 
 
