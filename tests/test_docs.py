@@ -48,3 +48,22 @@ def test_a_documented_snippet_runs(doc, index, code, tiny_model_dir, tiny_adapte
         make_config("full", **scope["OVERRIDES"])
     else:
         assert capsys.readouterr().out.strip(), f"{doc} snippet {index} printed nothing"
+
+
+def test_the_documented_cpu_torch_is_the_one_ci_installs():
+    ci = re.search(r'pip install -q "torch==([\d.]+)"', (ROOT / ".ci" / "run").read_text()).group(1)
+    for doc in ("README.md", "QUICK_START.md"):
+        text = " ".join((ROOT / doc).read_text().split())  # a line break is a space
+        assert f"torch=={ci} --index-url https://download.pytorch.org/whl/cpu" in text, f"{doc} pins another torch"
+    assert "LLM_PROFILE=smoke jupyter lab LLM.ipynb" in (ROOT / "QUICK_START.md").read_text()
+
+
+def test_the_loss_plot_has_whole_step_ticks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from llmhelpers.plots import loss_curve
+
+    fig = loss_curve({"step": list(range(1, 11)), "loss": [1.0] * 10, "eval_step": [], "eval_loss": []})
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 10]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

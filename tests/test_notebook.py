@@ -156,6 +156,8 @@ def test_the_index_lists_both_runs(smoke_run):
     assert index[second.name]["settings"]["learning_rate"] == 1e-4 and index[second.name]["status"] == "finished"
     assert index[first.name]["metrics"]["global_step"] == 30 and index[second.name]["metrics"]["global_step"] == 10
     assert first.name in outputs_text(nb.cells) and second.name.startswith("lr1e-4_r16_b4_s10-")
+    table_rows = [l for l in outputs_text(nb.cells).splitlines() if l.startswith(first.name)]
+    assert table_rows and table_rows[0].rstrip().endswith("final/"), table_rows  # printed after the adapters saved
 
 
 def test_smoke_notebook_logs_a_falling_loss_to_tensorboard(smoke_run):
@@ -169,6 +171,7 @@ def test_smoke_notebook_logs_a_falling_loss_to_tensorboard(smoke_run):
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             series.setdefault(tag, []).extend(acc.Scalars(tag))
+    assert {e.parent for e in first.rglob("events.out.tfevents.*")} == {first}  # listed by run name, no date folder
     loss = [s.value for s in sorted(series["train/loss"], key=lambda s: s.step)]
     assert len(loss) == 30
     assert sum(loss[-5:]) / 5 < 0.9 * sum(loss[:5]) / 5, loss  # 30 steps on a tiny model: at least 10% lower

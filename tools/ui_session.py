@@ -24,9 +24,14 @@ from selenium.webdriver.common.keys import Keys
 clone, shots = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
 shots.mkdir(parents=True, exist_ok=True)
 PORT = 8899
+# every cell in the page (JupyterLab 4 otherwise renders only the cells in view), as a user's own setting
+settings = shots / "lab-settings"
+(settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True, exist_ok=True)
+(settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+    json.dumps({"windowingMode": "none"}))
 lab = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={PORT}", "--allow-root",
                         "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True"],
-                       cwd=clone, env={**os.environ, "LLM_PROFILE": "smoke"}, stdout=subprocess.DEVNULL,
+                       cwd=clone, env={**os.environ, "LLM_PROFILE": "smoke", "JUPYTERLAB_SETTINGS_DIR": str(settings)}, stdout=subprocess.DEVNULL,
                        stderr=open(shots / "jupyter.log", "w"))
 options = webdriver.ChromeOptions()
 for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -56,7 +61,7 @@ def cells():
 
 def cell_index(prefix: str) -> int:
     for i, cell in enumerate(cells()):
-        if cell.find_element(By.CSS_SELECTOR, ".jp-InputArea").text.replace("\u200b", "").lstrip().startswith(prefix):
+        if cell.find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text.replace("\u200b", "").lstrip().startswith(prefix):
             return i
     raise LookupError(prefix)
 
@@ -118,7 +123,7 @@ try:
         ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.HOME).key_up(Keys.SHIFT).send_keys(Keys.DELETE).perform()
     ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
     idle()
-    print("edited parameters:", cells()[params].find_element(By.CSS_SELECTOR, ".jp-InputArea").text.replace("\n", " | "))
+    print("edited parameters:", cells()[params].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text.replace("\n", " | "))
     print("parameters cell said:", output(params)[:400].replace("\n", " | "))
     shot("edited-parameters")
 
@@ -127,7 +132,7 @@ try:
     menu("Run", "Run Selected Cell and All Below")
     seen = 0
     for _ in range(2400):
-        match = re.findall(r"(\d+)/60 \[", output(train_cell))
+        match = re.findall(r"\[\s*(\d+)/60\b", output(train_cell))  # the notebook progress bar: [ 13/60 00:02 < ...
         seen = int(match[-1]) if match else 0
         if 14 <= seen < 60:
             break
@@ -138,6 +143,7 @@ try:
     print(f"interrupted (progress bar at {seen}/60); the cell ends with:",
           said.strip().splitlines()[-1] if said.strip() else "(nothing)")
     print("traceback lines shown:", len(said.splitlines()))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[train_cell])
     shot("interrupted")
 
     # re-run the training cell alone
@@ -147,6 +153,7 @@ try:
     said = output(train_cell)
     print("re-run training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
                                                    or "global_step" in l)[:800])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[train_cell])
     shot("rerun-training")
     ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
     time.sleep(3)
