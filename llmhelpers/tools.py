@@ -259,9 +259,22 @@ def on_xcpu(signum, frame):
 signal.signal(signal.SIGXCPU, on_xcpu)
 _, hard = resource.getrlimit(resource.RLIMIT_CPU)  # never raised (an unprivileged process may not); only the soft
 
+class Bytes:  # sys.stdout.buffer
+    def __init__(self, fd): self.fd = fd
+    def write(self, b):
+        data = bytes(b)
+        n = len(data)
+        while data:
+            try:
+                data = data[os.write(self.fd, data):]
+            except OSError:
+                break
+        return n
+    def flush(self): pass
+
 class Stream:  # print() and sys.stdout.write() straight to fd 1/2, in order with what subprocesses write there
     encoding, errors = "utf-8", "backslashreplace"
-    def __init__(self, fd): self.fd = fd
+    def __init__(self, fd): self.fd, self.buffer = fd, Bytes(fd)
     def write(self, s):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")

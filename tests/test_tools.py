@@ -263,8 +263,9 @@ def test_closing_stdin_or_every_descriptor_with_a_live_thread_breaks_nothing():
 
 
 def test_print_and_subprocess_output_keep_their_order_and_functions_pickle(box):
-    out = box.run("import subprocess\nprint('a')\nsubprocess.run(['echo', 'b'])\nprint('c')\nNone").output
-    assert out == "a\nb\nc"
+    out = box.run("import subprocess, sys\nprint('a')\nsubprocess.run(['echo', 'b'])\nprint('c')\n"
+                  "sys.stdout.buffer.write(b'd\\n')\nNone").output
+    assert out == "a\nb\nc\nd"
     r = box.run("from multiprocessing import Pool\ndef sq(n):\n    return n * n\nwith Pool(2) as p:\n"
                 "    r = p.map(sq, range(4))\nr")
     assert r.output == "[0, 1, 4, 9]"

@@ -1,7 +1,10 @@
-"""A user's JupyterLab session, driven in headless Chromium (selenium): what a release of a notebook change is checked
-with, beside the nbclient run in the tests. Not part of the test command (it needs Chromium and takes minutes).
+"""A user's JupyterLab session with typing, a LoRA change and Kernel > Interrupt, driven in headless Chromium
+(selenium); not part of `python -m pytest` (it needs Chromium and takes minutes). `jupyterlab_session.py` beside it
+covers Run All, edited parameters and re-runs; this one covers what issue #23 found: an interrupted training cell
+re-run on the same trainer.
 
-    python tools/ui_session.py CLONE_DIR SCREENSHOT_DIR
+    apt-get install chromium chromium-driver && pip install selenium
+    python tests/ui/interrupt_session.py CLONE_DIR SCREENSHOT_DIR
 
 CLONE_DIR is a fresh clone whose environment is the active one. The session: open LLM.ipynb in JupyterLab 4
 (LLM_PROFILE=smoke), Run > Run All Cells; edit the parameters cell (a learning rate, 60 steps, LoRA rank 8) by typing
