@@ -100,19 +100,26 @@ def test_read_only_output_dir_is_caught_before_anything_loads(tmp_path, capsys):
     assert "output_dir" in capsys.readouterr().err
 
 
-def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("batches", ["padded", "packed"])
+def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir, batches):
     out = tmp_path / "out"
+    packed = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"] if batches == "packed" else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "llmhelpers.train", "--profile", "smoke", "--set", f"output_dir={out}",
            "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=4", "--set", "eval_steps=2",
-           "--set", "save_steps=2", "--set", "accuracy_callback=false"]
+           "--set", "save_steps=2", "--set", "accuracy_callback=false", *packed]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = sorted(results(proc.stdout), key=lambda r: r["rank"])
     assert [r["rank"] for r in res] == [0, 1] and all(r["world_size"] == 2 for r in res)
-    assert all(r["global_step"] == 4 and r["micro_batches_seen_by_this_rank"] * r["sequences_per_micro_batch"] == 16 for r in res)
+    if batches == "padded":  # 2 sequences x 2 accumulation per rank and step
+        assert all(r["global_step"] == 4 and r["micro_batches_seen_by_this_rank"] * r["sequences_per_micro_batch"]
+                   == 16 for r in res)
+    else:  # one packed row per rank and step
+        assert all(r["global_step"] == 4 and r["micro_batches_seen_by_this_rank"] == 4 and
+                   r["sequences_per_micro_batch"] == "packed" for r in res)
     assert "adapter_dir" in res[0] and "adapter_dir" not in res[1]  # only rank 0 writes
     assert res[0]["train_loss"] == pytest.approx(res[1]["train_loss"])  # one DDP model, gradients averaged
     assert len(list(out.rglob("final/adapter_model.safetensors"))) == 1

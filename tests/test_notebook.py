@@ -51,7 +51,7 @@ def test_the_tests_run_the_committed_parameters_not_a_users_edits(tmp_path):
     repo = saved.parent
     git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
     git("init", "-q")
-    shutil.copy(NOTEBOOK, saved)  # commit the pristine notebook, then edit it as the user did
+    nbformat.write(pristine_notebook(NOTEBOOK), saved)  # commit the pristine notebook, then edit it as the user did
     git("add", "LLM.ipynb")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
     shutil.move(str(user_saved_copy(tmp_path / "again")), saved)
