@@ -125,6 +125,10 @@ class FinetuneConfig:
     # --- outputs ----------------------------------------------------------------------------
     output_dir: str = "outputs/deepseek-r1-math-science"
     merge_after_training: bool = False  # needs ~3.5 GB disk and a bf16 copy of the base
+    # --- sharing (notebook section 12) ---------------------------------------------------------------------------
+    gguf_outtype: str = ""  # "q8_0", "f16" or "bf16": write merged/ as GGUF for llama.cpp / Ollama ("" = don't)
+    hub_repo_id: str = ""  # e.g. "you/r1-math-lora": push the adapters with their card ("" = don't)
+    hub_private: bool = True  # a pushed repository is private unless this is False
 
     # --- derived locations, all under output_dir ---------------------------------------------
     @property
@@ -310,6 +314,7 @@ _NOT_TRAINING_KEYS = {
     "accuracy_callback", "accuracy_callback_size", "heldout_max", "per_device_eval_batch_size", "trust_remote_code",
     "eval_bf16", "profile", "allow_one_source", "tool_execution", "eval_without_tools", "tool_timeout",
     "tool_max_calls", "tool_workers", "tool_max_sandboxes", "checkpoint_layers", "memory_limit_gib",
+    "gguf_outtype", "hub_repo_id", "hub_private",
 }
 
 PROFILES: dict[str, dict] = {
@@ -348,6 +353,7 @@ PROFILES: dict[str, dict] = {
         accuracy_callback_size=4,
         output_dir="outputs/smoke",
         merge_after_training=True,
+        gguf_outtype="q8_0",
     ),
 }
 
@@ -469,6 +475,7 @@ _CHOICES = {
     "report_to": ("tensorboard", "none"),
     "metric_for_best_model": ("eval_loss",),
     "eval_set": ("heldout", "math500"),
+    "gguf_outtype": ("", "q8_0", "f16", "bf16"),
 }
 
 

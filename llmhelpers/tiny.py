@@ -104,7 +104,7 @@ def build_tiny_r1(path: str | Path, revision: str = "current", seed: int = 0, hi
     path = Path(path)
     stamp = path / "tiny_r1.json"
     spec = {"revision": revision, "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers,
-            "init_std": init_std}
+            "init_std": init_std, "tokenizer": 2}  # 2: no unknown token added at load (see below)
     if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
         return path
     tokenizer = build_tokenizer(revision)
@@ -129,5 +129,11 @@ def build_tiny_r1(path: str | Path, revision: str = "current", seed: int = 0, hi
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    # As in the real R1 tokenizer_config.json, no unknown token: otherwise AutoTokenizer loads it as a
+    # Qwen2Tokenizer whose default unk_token "<|endoftext|>" is added as token 1026, one past the embedding rows
+    # (llama.cpp's converter, and any exporter, refuse a tokenizer larger than the model's vocabulary).
+    config_path = path / "tokenizer_config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "unk_token": None}, indent=2, ensure_ascii=False))
     stamp.write_text(json.dumps(spec))
     return path

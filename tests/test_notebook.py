@@ -134,6 +134,8 @@ def test_each_run_keeps_its_own_adapters_evaluation_merge_and_figure(smoke_run):
         assert len(no_tools) == len(rows) and {r["tool_calls"] for r in no_tools} == {0}
         assert (run / "merged" / "model.safetensors").stat().st_size > 0
         assert (run / "attention.png").stat().st_size > 10_000
+        assert (run / "gguf" / "model.gguf").stat().st_size > 0 and (run / "gguf" / "Modelfile").exists()  # section 12
+        assert "pass@1" in (final / "README.md").read_text() and (run / "merged" / "README.md").exists()
     assert not list(out.rglob(".*tmp*"))
     assert not (out / "final").exists() and not (out / "eval").exists()  # nothing shared between runs
 
@@ -144,6 +146,7 @@ def test_tool_execution_is_shown_and_reported(smoke_run):
     assert "[executed in the sandbox]\n55\n```" in text  # the demo problem's block, run for real
     assert "(the data recorded: '55'; the sandbox printed: '55')" in text
     assert "tools errors timeouts" in text and "finetuned-no-tools" in text
+    assert "'max_abs_error_by_type'" in text and "skipped: set hub_repo_id" in text  # GGUF read back; no push
 
 
 def test_the_index_lists_both_runs(smoke_run):

@@ -1,0 +1,142 @@
+"""Taking the model elsewhere: GGUF written with the gguf package and read back (every tensor within its type's
+tolerance, every metadata field equal), embedding rows past the tokenizer as unused tokens, a corrupted file or a
+changed model refused, the Ollama Modelfile, the model card's Hub metadata, the Hub push's arguments; and, where
+llama-cpp-python is installed, llama.cpp itself on the exported file."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmhelpers.export import OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf, write_modelfile
+
+
+def test_the_tiny_models_tokenizer_has_a_row_for_every_token(tiny_model_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tiny_model_dir)) == AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_an_exported_file_reads_back_as_the_model(tiny_model_dir, tmp_path, outtype):
+    from transformers import AutoTokenizer
+
+    path = export_gguf(tiny_model_dir, tmp_path / f"model-{outtype}.gguf", outtype)
+    report = verify_gguf(path, tiny_model_dir)
+    assert report["tensors"] == 27 and report["tokens"] == 1026
+    kinds = set(report["max_abs_error_by_type"])
+    assert kinds == {"F32", {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]}  # vectors stay f32
+    meta = gguf_metadata(path)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert meta["tokenizer.ggml.pre"] == "deepseek-r1-qwen" and meta["tokenizer.chat_template"] == tok.chat_template
+    assert meta["tokenizer.ggml.tokens"][tok.convert_tokens_to_ids("<think>")] == "<think>"
+    assert meta["tokenizer.ggml.token_type"][tok.eos_token_id] == 3  # CONTROL
+    assert meta["tokenizer.ggml.token_type"][tok.convert_tokens_to_ids("<think>")] == 4  # USER_DEFINED, as llama.cpp
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_rows_past_the_tokenizer_become_unused_tokens(tiny_model_dir, tmp_path):
+    """The real R1 model has 151,936 embedding rows for 151,665 tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    padded = tmp_path / "padded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(1088, mean_resizing=False)
+    model.save_pretrained(padded)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(padded)
+    path = export_gguf(padded, tmp_path / "padded.gguf", "f16")
+    verify_gguf(path, padded)
+    meta = gguf_metadata(path)
+    assert len(meta["tokenizer.ggml.tokens"]) == 1088 and meta["tokenizer.ggml.tokens"][1087] == "[PAD1087]"
+    assert set(meta["tokenizer.ggml.token_type"][1026:]) == {5}  # UNUSED
+
+
+def test_a_changed_model_or_a_bad_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = export_gguf(tiny_model_dir, tmp_path / "model.gguf", "q8_0")
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    weights = load_file(changed / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, :32] += 0.05  # one block, a few quantization steps
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="down_proj.weight .Q8_0. differs beyond its tolerance"):
+        verify_gguf(path, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ValueError, match="1026 tokens but the model only 1000 embedding rows"):
+        export_gguf(changed, tmp_path / "bad.gguf")
+
+
+def test_the_command_line_writes_the_file_and_a_modelfile(tiny_model_dir, tmp_path, capsys):
+    assert main(["--format", "gguf", "--model", str(tiny_model_dir), "--out", str(tmp_path / "m.gguf"),
+                 "--outtype", "f16"]) == 0
+    assert "27 tensors within tolerance" in capsys.readouterr().out
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile
+    assert "PARAMETER temperature 0.6" in modelfile and "PARAMETER top_p 0.95" in modelfile
+    assert "<｜Assistant｜><think>\n" in modelfile and "num_ctx 16384" in modelfile
+    assert main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.gguf")]) == 1
+
+
+def test_the_model_card_has_valid_hub_metadata_and_the_evaluation(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from llmhelpers.config import make_config
+    from llmhelpers.data import DataReport
+    from llmhelpers.evaluation import EvalResult, EvalRow
+    from llmhelpers.model_card import push_to_hub, write_model_card
+
+    cfg = make_config("full", learning_rate=1e-4)
+    report = DataReport()
+    report.sources["mathcodeinstruct"].rows, report.sources["mathcodeinstruct"].train = 15000, 13400
+    row = lambda correct: EvalRow(id="1", source="math", question="q", gold="1", output="", correct=correct,
+                                  finished_thinking=True, answered=True, thinking_tokens=100, new_tokens=120,
+                                  hit_budget=False, final="1")
+    results = [EvalResult("base", [row(False), row(True)]), EvalResult("finetuned", [row(True), row(True)])]
+    path = write_model_card(tmp_path, cfg, "adapters", report, results)
+    card = ModelCard.load(path)
+    assert card.data.base_model == cfg.model_id and card.data.library_name == "peft"
+    assert "MathLLMs/MathCodeInstruct" in card.data.datasets and card.data.license == "mit"
+    assert "| mathcodeinstruct | 15000 |" in card.text and "| finetuned | 1 | 2 | 100.0% |" in card.text
+    assert "`learning_rate=0.0001`" in card.text and "temperature 0.6" in card.text
+    assert "finetuned-no-tools" in card.text
+
+    calls = []
+
+    class Api:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+
+    assert push_to_hub(tmp_path, "me/r1-lora", api=Api()) == "https://huggingface.co/me/r1-lora"
+    assert calls == [("create", "me/r1-lora", True, True), ("upload", str(tmp_path), "me/r1-lora")]
+
+
+def test_llama_cpp_reads_the_file_tokenizes_like_transformers_and_generates_the_same(tiny_model_dir, tmp_path):
+    """Needs the optional `llama` extra (llama-cpp-python, which compiles llama.cpp)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # the tiny tokenizer splits with GPT-2's regex (the real R1 one with Qwen's: "deepseek-r1-qwen")
+    path = export_gguf(tiny_model_dir, tmp_path / "model.gguf", "f16", pre_tokenizer="gpt-2")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 6 * 7?"}], tokenize=False,
+                                   add_generation_prompt=True) + "Let me compute.\n```python\nprint(6 * 7)\n```\n```output\n42\n```"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok(chat, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = tok(chat, add_special_tokens=False)["input_ids"][:40]
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    llm.reset()
+    ours = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        ours.append(token)
+        if len(ours) == 8:
+            break
+    assert ours == hf
