@@ -122,8 +122,8 @@ def test_llama_cpp_reads_the_file_tokenizes_like_transformers_and_generates_the_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # the tiny tokenizer splits with GPT-2's regex (the real R1 one with Qwen's: "deepseek-r1-qwen")
-    path = export_gguf(tiny_model_dir, tmp_path / "model.gguf", "f16", pre_tokenizer="gpt-2")
+    # transformers loads the tiny tokenizer as a Qwen2 one (Qwen's split: digits one by one), as the real R1's
+    path = export_gguf(tiny_model_dir, tmp_path / "model.gguf", "f16")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is 6 * 7?"}], tokenize=False,
                                    add_generation_prompt=True) + "Let me compute.\n```python\nprint(6 * 7)\n```\n```output\n42\n```"
