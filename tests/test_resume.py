@@ -232,7 +232,7 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
 
 
 # --- a resume continues the same numbers (issue #18): losses, recorded train loss and final weights -----------------
-PACKED = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"]  # ~10 packed rows per epoch
+PACKED = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"]  # 6 packed rows per epoch
 
 
 def exact_run(tmp_path, tiny_model_dir, mode, step, *extra):
@@ -267,7 +267,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir):
     return runs
 
 
-@pytest.mark.parametrize("batches,kill_at", [("padded", 4), ("padded", 8), ("packed", 8)])
+@pytest.mark.parametrize("batches,kill_at", [("padded", 4), ("padded", 8), ("packed", 10)])  # packed: mid-epoch 1
 def test_a_resumed_run_is_the_uninterrupted_run_to_the_bit(tmp_path, tiny_model_dir, uninterrupted, batches,
                                                             kill_at):
     import torch
