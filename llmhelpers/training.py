@@ -136,10 +136,14 @@ class EpochSeededRandomSampler:
 
 
 class ResumableSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with four changes for runs that lose nothing:
+    """TRL's SFTTrainer with what packed rows and runs that lose nothing need:
 
-    - length-grouped batches in an order fixed by (seed, epoch), so a resume trains on exactly the data
-      the uninterrupted run would have (EpochSeededLengthGroupedSampler);
+    - packed rows (`pack_tokens`) attend per sequence: the document mask of `llmhelpers.packing` in every training
+      and evaluation step, and the padding to the row's fixed length left out of the token count;
+    - the number of layers that recompute their activations (`llmhelpers.checkpointing`) kept across the Trainer's
+      own switching-on of checkpointing;
+    - batches in an order fixed by (seed, epoch), length-grouped or packed rows, so a resume trains on exactly the
+      data the uninterrupted run would have (EpochSeededLengthGroupedSampler, EpochSeededRandomSampler);
     - fp32 LoRA weights (TRL casts them to bf16 for a 4-bit base): Adam's small late updates are not rounded
       away, checkpoints hold exactly the weights in memory, and a resume continues from them bit for bit (a bf16
       checkpoint loaded by peft comes back as fp32, so before this a resumed run trained other numbers);
