@@ -34,7 +34,7 @@ def random_nf4_loader(arch: dict, seed: int = 0):
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        from llmhelpers.modeling import device_map, finish_base_model
+        from llmhelpers.model.loading import device_map, finish_base_model
 
         config = Qwen2Config(**arch)
         with torch.device("meta"):
@@ -60,7 +60,7 @@ def random_r1_model(path: str | Path = "/tmp/r1-1.5b-random", seed: int = 0) -> 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llmhelpers.tiny import build_tokenizer
+    from llmhelpers.model.tiny import build_tokenizer
 
     path = Path(path)
     if (path / "config.json").exists():

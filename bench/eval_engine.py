@@ -11,7 +11,7 @@ capture and prefill counts. Configurations:
 
 - baseline: the path before the engine: model.generate on bf16 weights, prompts sorted by length, batches of
   the old auto size (KV cache of longest prompt + 8,192 tokens in 70% of free memory, capped at 256);
-- default: `llmhelpers.generation.generate`, i.e. the engine with slots sized to free memory, sampling at
+- default: `llmhelpers.inference.generation.generate`, i.e. the engine with slots sized to free memory, sampling at
   temperature 0.6 / top-p 0.95 (the protocol);
 - tools-off / tools-on (issue #11): the default engine, and the same with one tool call forced into every
   answer halfway through it (a sympy block run for real in the answer's sandbox, its output appended);
@@ -126,8 +126,8 @@ TOOL_BLOCK = ("I will check this with Python.\n\n```python\nfrom sympy import sy
 def forced_tools(tokenizer, lengths_by_request):
     """A ToolRunner that pauses each answer once, halfway through its drawn length (a random-weight model writes no
     code), and runs TOOL_BLOCK in that answer's sandbox: the real pause, execution, append and resume path."""
-    from llmhelpers.engine import PAUSE
-    from llmhelpers.tool_use import ToolRunner
+    from llmhelpers.inference.engine import PAUSE
+    from llmhelpers.inference.tool_use import ToolRunner
 
     class Forced(ToolRunner):
         def on_token(self, request, tokens):
@@ -141,7 +141,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None):
-    from llmhelpers.engine import Engine, Request, Sampling, auto_slots
+    from llmhelpers.inference.engine import Engine, Request, Sampling, auto_slots
 
     max_len = max(map(len, prompts)) + cap + 1 + (64 if tools else 0)  # room for the appended output
     slots = slots or auto_slots(model, max_len)
@@ -161,7 +161,7 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
             runner.__exit__(None, None, None)
     made = sum(len(r.new_ids) - r.appended for r in reqs)  # generated tokens; appended output is the tool's
     assert made == sum(lengths), (made, sum(lengths))
-    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.forward_passes, "sampler": eng.sampler,
+    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.stats["decode_steps"] + eng.stats["prefill_passes"], "sampler": eng.sampler,
             **{k: round(v, 1) for k, v in eng.stats.items()}}
     if tools:
         records = [runner.record(id(r)) for r in reqs]
@@ -187,8 +187,8 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from llmhelpers.config import make_config
-    from llmhelpers.modeling import load_base_model
+    from llmhelpers.config.project import make_config
+    from llmhelpers.model.loading import load_base_model
 
     model_dir = random_r1_model()
     model = load_base_model(make_config("full", model_id=str(model_dir)), quantized=False).eval()

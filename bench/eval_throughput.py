@@ -35,8 +35,8 @@ CONFIGS = {
 def run(name, spec, model_dir, new_tokens, prompt_len, rounds):
     import torch
 
-    from llmhelpers.config import make_config
-    from llmhelpers.modeling import load_base_model
+    from llmhelpers.config.project import make_config
+    from llmhelpers.model.loading import load_base_model
 
     cfg = make_config("full", model_id=str(model_dir))
     model = load_base_model(cfg, quantized=spec["quantized"]).eval()

@@ -30,12 +30,12 @@ def main():
 
     from common import gpu_name, random_r1_model
     from synth_data import row
-    from llmhelpers.chat import render_prompt
-    from llmhelpers.config import make_config
-    from llmhelpers.data import demo_examples
-    from llmhelpers.merging import merge_adapters
-    from llmhelpers.modeling import load_tokenizer
-    from llmhelpers.train import run
+    from llmhelpers.data.chat import render_prompt
+    from llmhelpers.config.project import make_config
+    from llmhelpers.data.sources import demo_examples
+    from llmhelpers.model.merging import merge_adapters
+    from llmhelpers.model.loading import load_tokenizer
+    from llmhelpers.cli import run
 
     rng = random.Random(0)
     data = Path("/tmp/synth_check.jsonl")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 1 GPU against 2 GPUs through the real CLI (accelerate launch -m llmhelpers.train) on packed rows, R1-1.5B
+# 1 GPU against 2 GPUs through the real CLI (accelerate launch -m llmhelpers) on packed rows, R1-1.5B
 # architecture with random weights, synthetic MathCodeInstruct-schema data. Three runs, results under $DEST:
 #   1gpu-16k    1 GPU,  rows of 16,384 tokens             (16,384 tokens per optimizer step)
 #   2gpu-8k     2 GPUs, rows of 8,192 tokens each          (the same 16,384 tokens per step: the same global batch)
@@ -18,7 +18,7 @@ COMMON=(--set model_id=/tmp/r1-1.5b-random --set math_dataset=/tmp/synth_mci.jso
 run() {  # name, gpus, pack_tokens
   local launch=(accelerate launch --num_processes "$2" --mixed_precision bf16)
   [ "$2" = 2 ] && launch=(accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes 2)
-  CUDA_VISIBLE_DEVICES=$([ "$2" = 1 ] && echo 0 || echo 0,1) "${launch[@]}" -m llmhelpers.train "${COMMON[@]}" \
+  CUDA_VISIBLE_DEVICES=$([ "$2" = 1 ] && echo 0 || echo 0,1) "${launch[@]}" -m llmhelpers "${COMMON[@]}" \
     --set output_dir="/tmp/mg-$1" --set pack_tokens="$3" > "/tmp/mg-$1.log" 2>&1
   echo "== $1 (exit $?)" >> "$DEST/multi-gpu.txt"
   grep -h "RESULT\|activation checkpointing" "/tmp/mg-$1.log" >> "$DEST/multi-gpu.txt" || tail -20 "/tmp/mg-$1.log" >> "$DEST/multi-gpu.txt"

@@ -30,11 +30,11 @@ def main():
     import torch
     from datasets import Dataset
 
-    from llmhelpers.config import make_config
-    from llmhelpers.data import DataBundle, DataReport
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.packing import PackedMask
-    from llmhelpers.training import build_trainer
+    from llmhelpers.config.project import make_config
+    from llmhelpers.data.sources import DataBundle, DataReport
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.packing import PackedMask
+    from llmhelpers.training.trainer import build_trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the smoke profile's tiny model on the CPU")

@@ -38,9 +38,9 @@ def bench_ms(fn, reps=20):
 def main():
     import torch
 
-    from llmhelpers.config import make_config
-    from llmhelpers.engine import Engine, Sampling, auto_slots, decode_attention_triton
-    from llmhelpers.modeling import load_base_model
+    from llmhelpers.config.project import make_config
+    from llmhelpers.inference.engine import Engine, Sampling, auto_slots, decode_attention_triton
+    from llmhelpers.model.loading import load_base_model
 
     p = argparse.ArgumentParser()
     p.add_argument("--live", type=int, default=1650)

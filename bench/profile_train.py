@@ -24,7 +24,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from llmhelpers.config import make_config
+    from llmhelpers.config.project import make_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=2)
@@ -38,7 +38,7 @@ def main():
 
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.dry_run:
-        from llmhelpers.tiny import build_tiny_r1
+        from llmhelpers.model.tiny import build_tiny_r1
 
         model_dir, profile_name, vocab = build_tiny_r1(Path("/tmp/bench-profile/tiny-r1")), "smoke", 1020
     else:

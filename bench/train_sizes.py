@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.dry_run:
-        from llmhelpers.tiny import build_tiny_r1
+        from llmhelpers.model.tiny import build_tiny_r1
 
         model_dir = build_tiny_r1(Path("/tmp/bench-sizes/tiny-r1"))
         archs, extra = {"tiny": TINY}, dict(profile="smoke", max_length=2048)

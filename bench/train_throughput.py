@@ -105,9 +105,9 @@ def bench_trainer(cfg, rows, load_model=None):
     import torch
     from datasets import Dataset
 
-    from llmhelpers.data import DataBundle, DataReport
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer
+    from llmhelpers.data.sources import DataBundle, DataReport
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer
 
     ds = Dataset.from_dict(rows)
     data = DataBundle(ds, ds.select(range(16)), [], [], [], DataReport())
@@ -120,14 +120,14 @@ def bench_trainer(cfg, rows, load_model=None):
 def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int, load_model=None,
                arch: dict = R1_15B) -> dict:
     """`load_model(cfg)` builds the base model (default: load_base_model from model_dir, NF4)."""
-    from llmhelpers.config import make_config
+    from llmhelpers.config.project import make_config
 
     spec = dict(spec)
     profile = spec.pop("profile", "full")
     cfg = make_config(profile, model_id=str(model_dir), output_dir=f"/tmp/bench-train/{name}", max_steps=warmup + steps,
                       save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_ratio=0.0, **spec)
     trainer = bench_trainer(cfg, rows, load_model)
-    from llmhelpers.checkpointing import choose_checkpointed_layers
+    from llmhelpers.training.memory import choose_checkpointed_layers
 
     decided = choose_checkpointed_layers(trainer, cfg)  # what train() does before step 1
     counter, marks = measure_after_warmup(trainer, warmup)
@@ -164,7 +164,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
 def worst_case_peak_reserved(trainer, cfg, steps: int = 2) -> float:
     """Peak reserved GPU memory (GiB) over `steps` training steps on the worst micro-batch the run can meet (every
     token trained; a full packed row, or every sequence at max_length), after the measured steps."""
-    from llmhelpers.checkpointing import worst_batch
+    from llmhelpers.training.memory import worst_batch
 
     batch = worst_batch(trainer, cfg)
     _cuda("reset_peak_memory_stats")
@@ -183,10 +183,10 @@ def loss_equivalence(model_dir: Path, rows) -> dict:
     from datasets import Dataset
     from transformers.integrations.liger import apply_liger_kernel
 
-    from llmhelpers.config import make_config
-    from llmhelpers.data import DataBundle, DataReport
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer
+    from llmhelpers.config.project import make_config
+    from llmhelpers.data.sources import DataBundle, DataReport
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer
 
     seed_cfg = make_config("seed", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none")
     fast_cfg = make_config("full", model_id=str(model_dir), output_dir="/tmp/bench-train/eq", report_to="none",

@@ -1,8 +1,8 @@
 """Shared fixtures: R1-style tokenizers in both template revisions and a tiny model on disk."""
 import pytest
 
-from llmhelpers.data import Example
-from llmhelpers.tiny import build_tiny_r1, build_tokenizer
+from llmhelpers.data.sources import Example
+from llmhelpers.model.tiny import build_tiny_r1, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
-"""Runs `python -m llmhelpers.train` with a fault injected, for tests/test_reliability.py.
+"""Runs `python -m llmhelpers` with a fault injected, for tests/test_reliability.py.
 
-    python tests/kill_driver.py MODE STEP BATCH_LOG -- <llmhelpers.train arguments>
+    python tests/kill_driver.py MODE STEP BATCH_LOG -- <llmhelpers.cli arguments>
 
 MODE "step": SIGKILL in the middle of optimizer step STEP+1 (after STEP steps completed).
 MODE "save": SIGKILL while checkpoint STEP is being written: after the adapter weights, before the
@@ -41,6 +41,6 @@ def save_optimizer_and_scheduler(self, output_dir):
 Trainer.training_step = training_step
 Trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
 
-from llmhelpers.train import main  # noqa: E402
+from llmhelpers.cli import main  # noqa: E402
 
 sys.exit(main(args))

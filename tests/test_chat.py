@@ -2,8 +2,8 @@
 one bos, the completion mask, the template's </think> stripping, split_thinking, the mask audit."""
 import pytest
 
-from llmhelpers.chat import encode, mask_audit, render, split_thinking
-from llmhelpers.chat import ASSISTANT, BOS, EOS, USER
+from llmhelpers.data.chat import encode, mask_audit, render, split_thinking
+from llmhelpers.data.chat import ASSISTANT, BOS, EOS, USER
 
 Q = "What is 6 times 7?\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -114,8 +114,8 @@ TOOL_EXAMPLE = dict(
 
 @pytest.mark.parametrize("revision", ["current", "original"])
 def test_tool_output_is_not_trained_but_the_code_and_the_opening_fence_are(revision, tok_current, tok_original):
-    from llmhelpers.chat import tool_output_spans
-    from llmhelpers.examples import Example
+    from llmhelpers.data.chat import tool_output_spans
+    from llmhelpers.data.examples import Example
 
     tok = tok_current if revision == "current" else tok_original
     ex = Example(**TOOL_EXAMPLE)
@@ -141,7 +141,7 @@ def test_tool_output_is_not_trained_but_the_code_and_the_opening_fence_are(revis
 
 
 def test_mask_audit_shows_tool_output_apart(tok_current):
-    from llmhelpers.examples import Example
+    from llmhelpers.data.examples import Example
 
     text = mask_audit(encode(Example(**TOOL_EXAMPLE), tok_current), tok_current, html_output=False)
     assert "tool-output tokens masked" in text and "{{30\n```}}" in text and "{{0 0\n```}}" in text

@@ -3,8 +3,8 @@ losses whatever number of layers recompute (checkpointing changes memory, never 
 import pytest
 import torch
 
-from llmhelpers.checkpointing import decoder_layers, layers_that_fit, set_checkpointed_layers
-from llmhelpers.config import make_config
+from llmhelpers.training.memory import decoder_layers, layers_that_fit, set_checkpointed_layers
+from llmhelpers.config.project import make_config
 
 GIB = 2**30
 
@@ -18,9 +18,9 @@ def test_as_few_layers_recompute_as_fit_the_limit():
 
 
 def test_the_per_layer_switch_and_unchanged_losses(tmp_path, tiny_model_dir):
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer, train
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer, train
 
     losses = {}
     for n in (2, 1, 0):
@@ -36,10 +36,10 @@ def test_the_per_layer_switch_and_unchanged_losses(tmp_path, tiny_model_dir):
 
 
 def test_without_a_gpu_auto_means_every_layer_recomputes(tmp_path, tiny_model_dir, capsys):
-    from llmhelpers.checkpointing import choose_checkpointed_layers
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer
+    from llmhelpers.training.memory import choose_checkpointed_layers
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), accuracy_callback=False)
     tok = load_tokenizer(cfg)

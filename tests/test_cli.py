@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config import FinetuneConfig, make_config
-from llmhelpers.train import main
+from llmhelpers.config.project import FinetuneConfig, make_config
+from llmhelpers.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_config_file_run(tmp_path, tiny_model_dir):
     cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), max_steps=4,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
     path = cfg.save(tmp_path / "cfg.json")
-    proc = subprocess.run([sys.executable, "-m", "llmhelpers.train", "--config", str(path)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "llmhelpers", "--config", str(path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = results(proc.stdout)
@@ -42,7 +42,7 @@ def test_config_file_run(tmp_path, tiny_model_dir):
     assert (cfg.run_dir / "final" / "adapter_model.safetensors").exists()
 
     # Re-running the finished run trains nothing and reports the finished run's metrics.
-    again = subprocess.run([sys.executable, "-m", "llmhelpers.train", "--config", str(path)], cwd=tmp_path,
+    again = subprocess.run([sys.executable, "-m", "llmhelpers", "--config", str(path)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     (res2,) = results(again.stdout)
@@ -106,7 +106,7 @@ def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir, batches)
     packed = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"] if batches == "packed" else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "llmhelpers.train", "--profile", "smoke", "--set", f"output_dir={out}",
+           "-m", "llmhelpers", "--profile", "smoke", "--set", f"output_dir={out}",
            "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=4", "--set", "eval_steps=2",
            "--set", "save_steps=2", "--set", "accuracy_callback=false", *packed]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -140,7 +140,7 @@ def test_full_profile_without_a_gpu_says_what_to_do(capsys):
 
 
 def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, tiny_model_dir):
-    proc = subprocess.run([sys.executable, "-m", "llmhelpers.train", "--profile", "smoke", "--evaluate",
+    proc = subprocess.run([sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--evaluate",
                            "--set", f"output_dir={tmp_path / 'out'}", "--set", f"tiny_model_dir={tiny_model_dir}",
                            "--set", "max_steps=2", "--set", "eval_limit=3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -151,7 +151,7 @@ def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, t
 
 
 def test_the_smoke_model_is_built_under_output_dir_not_the_working_directory(tmp_path, monkeypatch):
-    from llmhelpers.modeling import model_path
+    from llmhelpers.model.loading import model_path
 
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # e.g. a read-only checkout: nothing may be written here

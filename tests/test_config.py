@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from llmhelpers.config import FinetuneConfig, make_config, parse_override
+from llmhelpers.config.project import FinetuneConfig, make_config, parse_override
 
 
 def test_full_profile_has_the_seed_plan_defaults():

@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from llmhelpers.answers import last_boxed
-from llmhelpers.config import make_config
-from llmhelpers.data import (BadRow, INSTRUCTION, build_datasets, from_mathcodeinstruct, from_scibench,
+from llmhelpers.data.answers import last_boxed
+from llmhelpers.config.project import make_config
+from llmhelpers.data.sources import (BadRow, INSTRUCTION, build_datasets, from_mathcodeinstruct, from_scibench,
                              is_answer_only, split_unit)
 from llmhelpers.paths import samples_dir
 
@@ -162,7 +162,7 @@ def test_no_empty_reasoning_is_trained_and_heldout_is_scibench_without_solutions
 
 
 def test_features_are_encode_output(bundle, tok_current):
-    from llmhelpers.chat import encode
+    from llmhelpers.data.chat import encode
 
     assert bundle.train[0] == encode(bundle.train_examples[0], tok_current)
     assert all(len(ids) <= 1024 for ids in bundle.train["input_ids"])
@@ -236,7 +236,7 @@ def test_missing_local_file_is_a_clear_error(tok_current):
 
 
 def test_load_examples_fails_fast_without_a_tokenizer():
-    from llmhelpers.data import load_examples
+    from llmhelpers.data.sources import load_examples
 
     cfg = make_config("smoke", math_dataset=str(samples_dir() / "malformed_mathcodeinstruct.jsonl"),
                       science_dataset=str(samples_dir() / "malformed_scibench.jsonl"))
@@ -245,7 +245,7 @@ def test_load_examples_fails_fast_without_a_tokenizer():
 
 
 def test_loaded_examples_are_reused_only_for_the_same_sources(tok_current):
-    from llmhelpers.data import load_examples
+    from llmhelpers.data.sources import load_examples
 
     loaded = load_examples(make_config("smoke"))
     same = build_datasets(make_config("smoke", max_length=200), tok_current, loaded)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from llmhelpers.config import make_config
-from llmhelpers.data import BadRow, DataError, SourceCounts, from_scibench, load_examples, read_rows
+from llmhelpers.config.project import make_config
+from llmhelpers.data.sources import BadRow, DataError, SourceCounts, from_scibench, load_examples, read_rows
 from llmhelpers.paths import samples_dir
 
 MATH_ROWS = (samples_dir() / "mathcodeinstruct.jsonl").read_text(encoding="utf-8").splitlines()
@@ -156,7 +156,7 @@ def test_a_pipe_or_device_as_a_data_path_is_a_clear_error_not_a_hang(tmp_path):
 
 
 def test_a_file_that_is_not_json_is_one_skipped_file_not_minus_one_usable_rows(tmp_path):
-    from llmhelpers.data import DataReport
+    from llmhelpers.data.sources import DataReport
 
     path = tmp_path / "science"  # no suffix
     path.write_text("problem_text,answer\n")
@@ -170,7 +170,7 @@ def test_a_file_that_is_not_json_is_one_skipped_file_not_minus_one_usable_rows(t
 
 
 def test_finding_the_last_box_is_linear_in_the_text():
-    from llmhelpers.answers import last_boxed
+    from llmhelpers.data.answers import last_boxed
 
     assert last_boxed("\\boxed{a} and \\boxed {b{c}}") == "b{c}"
     assert last_boxed("\\boxed{1} then \\boxed{cut off") == "1"

@@ -10,15 +10,16 @@ import textwrap
 import pytest
 import torch
 
-from llmhelpers.config import make_config
-from llmhelpers.engine import PAUSE, Engine, Request, Sampling, supports
+from llmhelpers.config.project import make_config
+from llmhelpers.inference.engine import Engine, Sampling, supports
+from llmhelpers.inference.scheduler import PAUSE, Request
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from llmhelpers.chat import render_prompt
-    from llmhelpers.data import demo_examples
-    from llmhelpers.modeling import load_base_model, load_tokenizer
+    from llmhelpers.data.chat import render_prompt
+    from llmhelpers.data.sources import demo_examples
+    from llmhelpers.model.loading import load_base_model, load_tokenizer
 
     cfg = make_config("smoke", tiny_model_dir=str(tiny_model_dir))
     tok = load_tokenizer(cfg)
@@ -35,7 +36,7 @@ def hf_greedy(model, tok, ids, n):
 
 
 def test_only_plain_qwen2_models_take_the_engine(tiny, tiny_model_dir):
-    from llmhelpers.modeling import load_base_model
+    from llmhelpers.model.loading import load_base_model
 
     model, _, _ = tiny
     assert supports(model)
@@ -62,9 +63,10 @@ def test_finished_sequences_free_their_slot(tiny):
     # one prefill per request (it yields the first token; the first two share one pass), then decode steps shared
     # by the two slots: the long request needs 29, and the ten short ones (2 steps each) run beside it.
     assert engine.stats["decode_steps"] == 29 and engine.stats["prefills"] == len(budgets)
-    assert engine.forward_passes == 29 + len(budgets) - 1
+    assert (engine.stats["decode_steps"] + engine.stats["prefill_passes"]) == 29 + len(budgets) - 1
     static = len(budgets) + sum(max(budgets[i:i + 2]) - 1 for i in range(0, len(budgets), 2))
-    assert engine.forward_passes < static  # a static batch of 2 decodes until its longer member stops
+    passes = engine.stats["decode_steps"] + engine.stats["prefill_passes"]
+    assert passes < static  # a static batch of 2 decodes until its longer member stops
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -122,7 +124,7 @@ def test_triton_decode_kernel_matches_the_reference():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from llmhelpers.engine import decode_attention_reference, decode_attention_triton
+        from llmhelpers.inference.engine import decode_attention_reference, decode_attention_triton
         torch.manual_seed(0)
         S, Hq, Hkv, T, D = 4, 12, 2, 300, 128  # R1-1.5B's heads: 12 query heads share 2 kv heads
         q, k, v = torch.randn(S, Hq, D), torch.randn(S, Hkv, T, D), torch.randn(S, Hkv, T, D)
@@ -183,7 +185,7 @@ def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from llmhelpers.engine import sample_top_p_sorted, sample_top_p_triton
+        from llmhelpers.inference.engine import sample_top_p_sorted, sample_top_p_triton
         torch.manual_seed(0)
         logits = torch.randn(1, 40) * 1.5
         rows = 1000

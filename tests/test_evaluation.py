@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from llmhelpers.config import make_config
-from llmhelpers.data import Example, build_datasets
-from llmhelpers.evaluation import EvalResult, EvalRow, comparison_table, evaluate, evaluation_set
+from llmhelpers.config.project import make_config
+from llmhelpers.data.sources import Example, build_datasets
+from llmhelpers.evaluation.protocol import EvalResult, EvalRow, comparison_table, evaluate, evaluation_set
 
 
 def row(source, correct, finished=True, answered=True, think=10, problem="q", sample=0, final="1", hit=None):
@@ -35,7 +35,7 @@ def test_pass_at_1_is_the_mean_over_samples_and_majority_vote_grades_the_most_co
 
 
 def test_a_tie_goes_to_the_answer_seen_first_and_no_answer_never_wins():
-    from llmhelpers.evaluation import majority_correct
+    from llmhelpers.evaluation.protocol import majority_correct
 
     assert majority_correct([row("m", True, final="2"), row("m", False, final="3")])
     assert not majority_correct([row("m", False, final="3"), row("m", True, final="2")])
@@ -84,7 +84,7 @@ def test_evaluation_set_is_fixed_and_includes_heldout(tok_current):
 
 
 def test_evaluate_on_tiny_model(tiny_model_dir, tmp_path):
-    from llmhelpers.modeling import load_base_model, load_tokenizer
+    from llmhelpers.model.loading import load_base_model, load_tokenizer
 
     cfg = make_config("smoke", tiny_model_dir=str(tiny_model_dir), eval_max_new_tokens=8)
     tok = load_tokenizer(cfg)

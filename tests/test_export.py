@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.export import OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf, write_modelfile
+from llmhelpers.export.gguf import OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf, write_modelfile
 
 
 def test_the_tiny_models_tokenizer_has_a_row_for_every_token(tiny_model_dir):
@@ -82,10 +82,10 @@ def test_the_command_line_writes_the_file_and_a_modelfile(tiny_model_dir, tmp_pa
 def test_the_model_card_has_valid_hub_metadata_and_the_evaluation(tmp_path):
     from huggingface_hub import ModelCard
 
-    from llmhelpers.config import make_config
-    from llmhelpers.data import DataReport
-    from llmhelpers.evaluation import EvalResult, EvalRow
-    from llmhelpers.model_card import push_to_hub, write_model_card
+    from llmhelpers.config.project import make_config
+    from llmhelpers.data.sources import DataReport
+    from llmhelpers.evaluation.protocol import EvalResult, EvalRow
+    from llmhelpers.export.model_card import push_to_hub, write_model_card
 
     cfg = make_config("full", learning_rate=1e-4)
     report = DataReport()

@@ -2,8 +2,8 @@
 MathCodeInstruct-style answers, SciBench numbers with unit powers of ten and 5% tolerance."""
 import pytest
 
-from llmhelpers.data import Example
-from llmhelpers.grading import final_answer, is_correct, numbers_in, parse_number
+from llmhelpers.data.sources import Example
+from llmhelpers.evaluation.grading import final_answer, is_correct, numbers_in, parse_number
 
 
 def math(gold):

@@ -114,7 +114,7 @@ def outputs_text(cells) -> str:
 
 
 def runs(out):
-    from llmhelpers.config import make_config
+    from llmhelpers.config.project import make_config
 
     first = make_config("smoke").run_dir.name
     second = make_config("smoke", learning_rate=1e-4, max_steps=10).run_dir.name
@@ -150,7 +150,7 @@ def test_tool_execution_is_shown_and_reported(smoke_run):
 
 
 def test_the_index_lists_both_runs(smoke_run):
-    from llmhelpers.runs import read_index
+    from llmhelpers.training.runs import read_index
 
     out, nb = smoke_run
     index = read_index(out)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmhelpers.config import make_config
-from llmhelpers.packing import (PackedMask, attention_implementation, dense_document_mask, document_ids,
+from llmhelpers.config.project import make_config
+from llmhelpers.training.packing import (PackedMask, attention_implementation, dense_document_mask, document_ids,
                                 flex_document_mask, trailing_padding)
 
 LENGTHS = [30, 50, 20]
@@ -72,9 +72,9 @@ def test_the_flex_block_mask_equals_the_dense_mask(tiny):
 def trainer_on(rows, tiny_model_dir, tmp_path, **overrides):
     from datasets import Dataset
 
-    from llmhelpers.data import DataBundle, DataReport
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer
+    from llmhelpers.data.sources import DataBundle, DataReport
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer
 
     cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), lora_dropout=0.0,
                       accuracy_callback=False, **overrides)
@@ -109,7 +109,7 @@ def test_the_loss_of_a_packed_batch_equals_the_padded_batchs(tiny_model_dir, tmp
 
 
 def test_every_row_once_per_epoch_and_the_schedule_counts_packed_steps(tiny_model_dir, tmp_path):
-    from llmhelpers.training import train
+    from llmhelpers.training.trainer import train
 
     torch.manual_seed(2)
     ids = [torch.randint(5, 1000, (n,)).tolist() for n in (700, 600, 500, 400, 300, 200, 100, 90)]

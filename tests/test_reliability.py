@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config import make_config
-from llmhelpers.training import DiskSpaceError
+from llmhelpers.config.project import make_config
+from llmhelpers.training.checkpoints import DiskSpaceError
 
 DRIVER = Path(__file__).parent / "kill_driver.py"
 STEPS = 6
@@ -74,9 +74,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
 
 
 def test_save_total_limit_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer, train
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer, train
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=6,
                       eval_steps=2, save_steps=2, save_total_limit=2, accuracy_callback=False)
@@ -104,8 +104,8 @@ def test_save_total_limit_of_one_is_refused_with_best_model_tracking():
 
 def test_disk_check_stops_before_training(tmp_path, tiny_model_dir, monkeypatch):
     from llmhelpers import training
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=4,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
@@ -119,8 +119,8 @@ def test_disk_check_stops_before_training(tmp_path, tiny_model_dir, monkeypatch)
 
 def test_disk_check_stops_before_a_checkpoint_that_would_not_fit(tmp_path, tiny_model_dir, monkeypatch):
     from llmhelpers import training
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=6,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
@@ -138,7 +138,7 @@ def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmhelpers.modeling import load_base_model
+    from llmhelpers.model.loading import load_base_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     pickled = tmp_path / "pickled"
@@ -154,7 +154,7 @@ def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_dir):
 def test_remote_code_is_not_run_by_default(tmp_path, tiny_model_dir):
     import shutil
 
-    from llmhelpers.modeling import load_tokenizer
+    from llmhelpers.model.loading import load_tokenizer
 
     target = tmp_path / "remote"
     shutil.copytree(tiny_model_dir, target)
@@ -177,7 +177,7 @@ def test_remote_code_is_not_run_by_default(tmp_path, tiny_model_dir):
 def test_revisions_are_passed_through(monkeypatch):
     from transformers import AutoTokenizer
 
-    from llmhelpers.modeling import load_tokenizer
+    from llmhelpers.model.loading import load_tokenizer
 
     seen = {}
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config import make_config
-from llmhelpers.training import (COMPLETE_MARKER, CheckpointError, RunLock, RunLockedError, checkpoint_problem,
-                                 choose_resume_checkpoint, last_complete_checkpoint)
+from llmhelpers.config.project import make_config
+from llmhelpers.training.checkpoints import (COMPLETE_MARKER, CheckpointError, checkpoint_problem,
+                                            choose_resume_checkpoint, last_complete_checkpoint)
+from llmhelpers.training.run_lock import RunLock, RunLockedError
 
 DRIVER = Path(__file__).parent / "kill_driver.py"
 EPOCHS, STEPS_PER_EPOCH = 3, 9  # 35 smoke training rows, 2 x 2 sequences per step
@@ -71,9 +72,9 @@ def test_resume_in_any_epoch_trains_on_the_same_data(tmp_path, tiny_model_dir, e
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
     """A smoke run of 4 steps with checkpoints at 2 and 4 (copied per test before damaging it)."""
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer, train
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer, train
 
     cfg = make_config("smoke", output_dir=str(tmp_path_factory.mktemp("ckpt") / "out"),
                       tiny_model_dir=str(tiny_model_dir), max_steps=4, eval_steps=2, save_steps=2,
@@ -111,9 +112,9 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp
 
 
 def test_training_resumes_past_a_damaged_checkpoint_to_the_configured_step(tmp_path, finished_run):
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import build_trainer, train
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer, train
 
     cfg = make_config("smoke", **{**finished_run.to_dict(), "output_dir": str(tmp_path / "out"), "profile": "smoke"})
     shutil.copytree(finished_run.run_dir, cfg.run_dir)
@@ -160,7 +161,7 @@ def test_checkpoint_counts_only_after_fsync_and_marker(tmp_path, finished_run, m
 
 
 def test_set_aside_folders_are_reported_with_their_size(tmp_path, finished_run, capsys):
-    from llmhelpers.training import prepare_run
+    from llmhelpers.training.trainer import prepare_run
 
     cfg = make_config("smoke", **{**finished_run.to_dict(), "output_dir": str(tmp_path / "out"), "profile": "smoke"})
     shutil.copytree(finished_run.run_dir, cfg.run_dir)
@@ -172,7 +173,7 @@ def test_set_aside_folders_are_reported_with_their_size(tmp_path, finished_run, 
 
 # --- one writer per run folder ---------------------------------------------------------------------------------
 def cli(tmp_path, out, tiny_model_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "llmhelpers.train", "--profile", "smoke", "--set",
+    return subprocess.Popen([sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--set",
                              f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=6",
                              "--set", "eval_steps=2", "--set", "save_steps=2", "--set", "accuracy_callback=false",
                              *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -192,7 +193,7 @@ def test_two_runs_into_one_folder_one_fails_at_once(tmp_path, tiny_model_dir):
 def test_a_lock_held_by_a_live_process_refuses_and_a_dead_ones_is_taken_over(tmp_path, tiny_model_dir):
     import socket
 
-    from llmhelpers.training import _process_start
+    from llmhelpers.training.run_lock import _process_start
 
     cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), max_steps=6,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
@@ -222,7 +223,7 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
         with RunLock(tmp_path):  # the CLI holds it for the whole run, train() takes it again
             pass
         assert (tmp_path / RunLock.NAME).exists()
-        other = subprocess.run([sys.executable, "-c", "import sys; from llmhelpers.training import RunLock\n"
+        other = subprocess.run([sys.executable, "-c", "import sys; from llmhelpers.training.trainer import RunLock\n"
                                 f"RunLock({str(tmp_path)!r}).acquire()"], capture_output=True, text=True)
         assert other.returncode != 0 and "RunLockedError" in other.stderr
     assert not (tmp_path / RunLock.NAME).exists()
@@ -292,7 +293,7 @@ def test_two_processes_taking_over_a_dead_holders_lock_never_both_hold_it(tmp_pa
     import socket
 
     (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 2**22 - 1, "host": socket.gethostname(), "since": "x"}))
-    script = ("import sys, time\nfrom llmhelpers import training\nfrom llmhelpers.training import RunLock\n"
+    script = ("import sys, time\nfrom llmhelpers import training\nfrom llmhelpers.training.trainer import RunLock\n"
               "training._alive = lambda pid, start: time.sleep(1) or False\n"
               f"try:\n    RunLock({str(tmp_path)!r}).acquire()\nexcept training.RunLockedError:\n    sys.exit(3)\n"
               "time.sleep(2)")
@@ -309,9 +310,9 @@ def in_process_run(out, tiny_model_dir, interrupt_at=None):
     import torch
     import transformers
 
-    from llmhelpers.data import build_datasets
-    from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import TrainingInterrupted, build_trainer, train
+    from llmhelpers.data.sources import build_datasets
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import TrainingInterrupted, build_trainer, train
 
     cfg = make_config("smoke", output_dir=str(out), tiny_model_dir=str(tiny_model_dir), max_steps=12, eval_steps=3,
                       save_steps=3, logging_steps=1, accuracy_callback=False)

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from llmhelpers.chat import encode, render_prompt
-from llmhelpers.examples import Example
-from llmhelpers.grading import final_answer
-from llmhelpers.tool_use import ToolRunner, code_to_run
+from llmhelpers.data.chat import encode, render_prompt
+from llmhelpers.data.examples import Example
+from llmhelpers.evaluation.grading import final_answer
+from llmhelpers.inference.tool_use import ToolRunner, code_to_run
 
 
 def test_a_pause_happens_only_at_an_opened_output_fence():
@@ -99,15 +99,15 @@ def _prompts(tok):
 
 
 def test_masked_training_teaches_code_and_execution_makes_the_answer_the_executed_value(tool_user, tok_current):
-    from llmhelpers.generation import _hf_generate_with_tools, generate
+    from llmhelpers.inference.generation import generate
 
     tok = tok_current
     prompts = _prompts(tok)
     with ToolRunner(tok, timeout=5) as tools:
         engine = generate(tool_user, tok, prompts, 80, tools=tools)  # a plain Qwen2: the engine path
     with ToolRunner(tok, timeout=5) as tools:
-        rounds = _hf_generate_with_tools(tool_user, tok, [tok(p, add_special_tokens=False)["input_ids"]
-                                                          for p in prompts], 80, 8, False, 0.6, 0.95, False, tools)
+        rounds = tools.generate_in_rounds(tool_user, tok, [tok(p, add_special_tokens=False)["input_ids"]
+                                                           for p in prompts], 80, 8, False, 0.6, 0.95, False)
     without = generate(tool_user, tok, prompts, 80)
     for gens in (engine, rounds):
         assert all(g.tool_calls == 1 and g.tool_errors == 0 for g in gens)  # it learned to write code
@@ -121,14 +121,14 @@ def test_masked_training_teaches_code_and_execution_makes_the_answer_the_execute
 
 
 def test_evaluation_reports_tool_calls_and_both_modes(tool_user, tok_current):
-    from llmhelpers.config import make_config
-    from llmhelpers.evaluation import comparison_table, evaluate
+    from llmhelpers.config.project import make_config
+    from llmhelpers.evaluation.protocol import comparison_table, evaluate
 
     cfg = make_config("smoke", eval_samples=1, eval_do_sample=False, eval_max_new_tokens=80)
     problems = [Example(question=q, reasoning="", answer="", gold=str(v), source="mathcodeinstruct")
                 for q, _, v in PROBLEMS]
     with_tools = evaluate(tool_user, tok_current, problems, cfg, "tools", progress=False)
-    no_tools = evaluate(tool_user, tok_current, problems, cfg, "no-tools", progress=False, tools=False)
+    no_tools = evaluate(tool_user, tok_current, problems, cfg, "no-tools", progress=False, tool_execution=False)
     summary = with_tools.summary()["all"]
     assert summary["tool_calls_per_answer"] == 1.0 and summary["tool_errors"] == 0
     assert with_tools.accuracy >= 0.75 > no_tools.accuracy

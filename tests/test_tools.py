@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from llmhelpers.tools import Sandbox
+from llmhelpers.inference.sandbox import Sandbox
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_code_that_writes_into_the_control_pipe_gets_an_error_not_a_crash(box):
 # --- findings of the adversarial run (issue #18): each failed before the fix ----------------------------------------
 UNPRIVILEGED_SCRIPT = r'''
 import json, resource, sys
-from llmhelpers.tools import Sandbox
+from llmhelpers.inference.sandbox import Sandbox
 soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
 resource.setrlimit(resource.RLIMIT_CPU, (100, 100))
 try:

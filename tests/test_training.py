@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from llmhelpers.chat import encode, render_prompt
-from llmhelpers.config import make_config
-from llmhelpers.data import DataBundle, DataReport, Example, build_datasets
-from llmhelpers.generation import generate
-from llmhelpers.grading import is_correct
-from llmhelpers.modeling import attach_lora, load_base_model, load_tokenizer
-from llmhelpers.training import (build_trainer, choose_resume_checkpoint, is_complete_checkpoint,
-                                 last_complete_checkpoint, log_history, prepare_run, save_adapters, start_over, train)
+from llmhelpers.data.chat import encode, render_prompt
+from llmhelpers.config.project import make_config
+from llmhelpers.data.sources import DataBundle, DataReport, Example, build_datasets
+from llmhelpers.inference.generation import generate
+from llmhelpers.evaluation.grading import is_correct
+from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+from llmhelpers.training.checkpoints import choose_resume_checkpoint, is_complete_checkpoint, last_complete_checkpoint
+from llmhelpers.training.trainer import build_trainer, log_history, prepare_run, save_adapters, start_over, train
 
 
 class StepRecorder(TrainerCallback):
@@ -129,7 +129,7 @@ def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
 
 
 def test_merge_matches_adapter_logits(cfg):
-    from llmhelpers.merging import merge_adapters
+    from llmhelpers.model.merging import merge_adapters
 
     trainer, tok, data = make_trainer(replace(cfg, max_steps=4, save_steps=4, eval_steps=4))
     train(trainer, trainer_cfg := replace(cfg, max_steps=4, save_steps=4, eval_steps=4))
@@ -151,7 +151,7 @@ def test_merge_matches_adapter_logits(cfg):
 
 
 def test_attention_maps_and_reasoning_share(cfg):
-    from llmhelpers.attention import attention_maps, reasoning_to_question
+    from llmhelpers.model.attention import attention_maps, reasoning_to_question
 
     tok = load_tokenizer(cfg)
     model = load_base_model(cfg, attn_implementation="eager")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import re
 
-from .examples import Example
+from llmhelpers.data.examples import Example
 
 # The R1 tokenizer's special tokens, as the model's tokenizer.json spells them.
 BOS = "<｜begin▁of▁sentence｜>"
@@ -143,3 +143,17 @@ def _in_notebook() -> bool:
         return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
     except ImportError:
         return False
+
+
+def clip_text(s: str, width: int) -> str:
+    """`s` cut at `width` characters, saying how many were left out."""
+    return s if len(s) <= width else s[:width] + f" [... {len(s) - width} more chars]"
+
+
+def format_generation(question: str, text: str, width: int = 600) -> str:
+    """Question, thinking and answer as separate, trimmed sections."""
+    thinking, answer = split_thinking(text)
+    clip = lambda s: clip_text(s, width)
+    return (f"Q: {clip(question.splitlines()[0])}\n"
+            f"  thinking: {clip(thinking) or '(none)'}\n"
+            f"  answer:   {clip(answer) or '(no answer: thinking not finished)'}")

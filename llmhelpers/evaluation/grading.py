@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
-from .answers import last_boxed
-from .chat import END_THINK, split_thinking
+from llmhelpers.data.answers import last_boxed
+from llmhelpers.data.chat import END_THINK, split_thinking
 
-from .examples import Example
+from llmhelpers.data.examples import Example
 
 REL_TOL = 0.05  # SciBench's own grading tolerance
 

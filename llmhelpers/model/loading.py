@@ -9,8 +9,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .paths import resolve
-from .tiny import build_tiny_r1
+from llmhelpers.paths import resolve
+from llmhelpers.model.tiny import build_tiny_r1
 
 
 def model_path(cfg) -> str:
@@ -192,7 +192,7 @@ def check_adapter_matches(adapter_dir, cfg) -> None:
     """Saved adapters belong to one base model: refuse to put them on another."""
     import json
 
-    from .training import CONFIG_NAME
+    from llmhelpers.config.project import CONFIG_NAME
 
     saved = Path(adapter_dir) / CONFIG_NAME
     if not saved.exists():

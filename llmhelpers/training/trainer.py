@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -19,29 +18,8 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
-from .environment import free_bytes
-from .packing import PackedMask, trailing_padding
-
-CONFIG_NAME = "finetune_config.json"
-
-
-class DiskSpaceError(RuntimeError):
-    """Not enough free disk for the next write; raised before writing, so nothing is half-written."""
-
-
-def checkpoint_bytes(model, cfg) -> int:
-    """Expected size of one checkpoint: adapters (fp32), optimizer state, tokenizer and small files."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = 2 if "8bit" in cfg.optim else 8  # two Adam moments, 1 or 4 bytes each
-    return trainable * (4 + optimizer) + 30 * 2**20
-
-
-def ensure_free_space(path: Path, need: int, what: str) -> None:
-    free = free_bytes(path)
-    if free < need:
-        raise DiskSpaceError(f"{what} needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
-                             f"{path}. Free some space (old runs under outputs/*/runs) or set output_dir elsewhere.")
-
+from llmhelpers.environment import free_bytes
+from llmhelpers.training.packing import PackedMask, trailing_padding
 
 class DiskGuard(TrainerCallback):
     """Before each checkpoint save, checks that one more checkpoint fits (with 50% margin); if not,
@@ -110,7 +88,7 @@ class KeepCheckpointedLayers(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .checkpointing import set_checkpointed_layers
+        from llmhelpers.training.memory import set_checkpointed_layers
 
         if self.trainer.checkpointed_layers is not None:
             set_checkpointed_layers(self.trainer.model, self.trainer.checkpointed_layers)
@@ -138,9 +116,9 @@ class EpochSeededRandomSampler:
 class ResumableSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with what packed rows and runs that lose nothing need:
 
-    - packed rows (`pack_tokens`) attend per sequence: the document mask of `llmhelpers.packing` in every training
+    - packed rows (`pack_tokens`) attend per sequence: the document mask of `llmhelpers.training.packing` in every training
       and evaluation step, and the padding to the row's fixed length left out of the token count;
-    - the number of layers that recompute their activations (`llmhelpers.checkpointing`) kept across the Trainer's
+    - the number of layers that recompute their activations (`llmhelpers.training.memory`) kept across the Trainer's
       own switching-on of checkpointing;
     - batches in an order fixed by (seed, epoch), length-grouped or packed rows, so a resume trains on exactly the
       data the uninterrupted run would have (EpochSeededLengthGroupedSampler, EpochSeededRandomSampler);
@@ -170,11 +148,11 @@ class ResumableSFTTrainer(SFTTrainer):
         self._calls = 0
         # the data settings it was built with (TRL may replace the dataset object): train() checks them
         self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
-        # how many layers recompute (llmhelpers.checkpointing); re-applied at each train start, after the Trainer
+        # how many layers recompute (llmhelpers.training.memory); re-applied at each train start, after the Trainer
         # has switched checkpointing on for every layer
         self.checkpointed_layers: int | None = None
         self.add_callback(KeepCheckpointedLayers(self))
-        # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.packing)
+        # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.training.packing)
         self.packed_mask = PackedMask(self.model) if self.padding_free else None
         # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
         # under its name (the default is a runs/<date>_<host> folder inside it)
@@ -312,7 +290,7 @@ def throughput_meter(trainer) -> ThroughputMeter | None:
 def check_ready_to_train(cfg, model, data) -> None:
     """Refuse, naming the cell to re-run, when the model or data in memory were built under other settings. The
     earliest stale step is named (model, then data, then LoRA), so one message says where to re-run from."""
-    from .modeling import check_lora_matches, check_model_matches
+    from llmhelpers.model.loading import check_lora_matches, check_model_matches
 
     check_model_matches(model, cfg)
     check_data_matches(getattr(data, "key", None), cfg)
@@ -320,272 +298,12 @@ def check_ready_to_train(cfg, model, data) -> None:
 
 
 def check_data_matches(key, cfg) -> None:
-    from .data import data_key
+    from llmhelpers.data.sources import data_key
 
     if key is not None and key != data_key(cfg):
         raise ValueError("the data in memory was built with other data settings (sources, samples, max_length, "
                          "split or seed) than this config: re-run the data cell (section 4, build_datasets) and the "
                          "cells after it.")
-
-
-# --- checkpoints: completeness, validation, setting aside ------------------------------------------------
-COMPLETE_MARKER = "checkpoint_complete.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed as it is, and guessing would change the run."""
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def mark_complete(checkpoint: Path) -> None:
-    """fsync every file and folder of the checkpoint, then write the marker (fsynced, renamed into place)."""
-    for path in sorted(checkpoint.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(checkpoint)
-    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"files": sorted(p.name for p in checkpoint.iterdir() if not p.name.startswith("."))}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(checkpoint / COMPLETE_MARKER)
-    _fsync_path(checkpoint)
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """None if the header parses and the file is as long as the header says."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                return f"{path.name}: header length {n} does not fit a {size}-byte file"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as err:
-        return f"{path.name}: unreadable ({err})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) != size:
-        return f"{path.name}: truncated ({size} bytes, the header describes {8 + n + max(ends, default=0)})"
-    return None
-
-
-def _torch_file_problem(path: Path) -> str | None:
-    """torch.save files are zip archives: a truncated or garbage file fails the central directory or a CRC."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        return f"{path.name}: unreadable ({err})"
-    return f"{path.name}: member {bad} is corrupt" if bad else None
-
-
-def checkpoint_problem(path: Path) -> tuple[str, str] | None:
-    """None for a resumable checkpoint, else (kind, detail) with kind 'incomplete', 'damaged' or
-    'no_optimizer_state'."""
-    path = Path(path)
-    if not (path / COMPLETE_MARKER).exists():
-        return "incomplete", "cut off before it was marked complete"
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        int(state["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return "damaged", f"trainer_state.json unreadable ({err})"
-    weights = [path / n for n in ("adapter_model.safetensors", "model.safetensors") if (path / n).exists()]
-    if not weights:
-        return "damaged", "no adapter_model.safetensors"
-    problems = [p for p in (_safetensors_problem(w) for w in weights) if p]
-    problems += [p for p in (_torch_file_problem(f) for f in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")))
-                 if p]
-    if problems:
-        return "damaged", "; ".join(problems)
-    missing = [n for n in ("optimizer.pt", "scheduler.pt") if not (path / n).exists()]
-    if missing:
-        return "no_optimizer_state", f"{', '.join(missing)} missing"
-    return None
-
-
-def _step(path: Path) -> int:
-    try:
-        return int(path.name.split("-")[-1])
-    except ValueError:
-        return -1
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """checkpoint-N folders, oldest first."""
-    run_dir = Path(run_dir)
-    return sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0), key=_step) \
-        if run_dir.is_dir() else []
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    return checkpoint_problem(path) is None
-
-
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest resumable checkpoint, or None; looks only, never moves anything."""
-    return next((p for p in reversed(checkpoints(run_dir)) if checkpoint_problem(p) is None), None)
-
-
-def set_aside(path: Path, kind: str) -> Path:
-    """Rename a checkpoint out of the Trainer's sight (never deleted): kind-checkpoint-N-<time>."""
-    aside = path.with_name(f"{kind}-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    path.rename(aside)
-    return aside
-
-
-def set_aside_folders(run_dir: Path) -> list[tuple[str, int]]:
-    """(name, bytes) of every checkpoint set aside in this run folder, for the run report."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("*-checkpoint-*") if p.is_dir()] if run_dir.is_dir() else []
-    return [(p.name, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())) for p in sorted(found)]
-
-
-def choose_resume_checkpoint(run_dir: Path, allow_fresh_optimizer: bool = False) -> Path | None:
-    """The newest intact checkpoint. Newer incomplete or damaged ones are set aside, with a message.
-
-    A checkpoint whose optimizer or scheduler state is missing would resume with a fresh optimizer and
-    restart the warm-up: that is an error unless allow_fresh_optimizer=True.
-    """
-    for path in reversed(checkpoints(run_dir)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        kind, detail = problem
-        if kind == "no_optimizer_state":
-            if allow_fresh_optimizer:
-                print(f"resuming {path.name} without its optimizer state ({detail}): allow_fresh_optimizer=True, "
-                      "so the optimizer and the learning-rate warm-up start over")
-                return path
-            raise CheckpointError(
-                f"{path} has no optimizer state ({detail}). Resuming would restart the optimizer and the warm-up. "
-                "Restore the files, or pass allow_fresh_optimizer=True (--allow-fresh-optimizer) to do it anyway.")
-        aside = set_aside(path, kind)
-        print(f"checkpoint {path.name} is {kind} ({detail}): moved to {aside.name}; trying the previous one")
-    return None
-
-
-# --- one writer per run folder ----------------------------------------------------------------------------
-class RunLockedError(RuntimeError):
-    """Another live process is writing this run folder."""
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (tells a reused pid apart); None where /proc is missing."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or _process_start(pid) in (None, start)
-
-
-class RunLock:
-    """A lock file held while a process writes a run folder: an exclusive `flock` on it (the kernel drops it when
-    the process dies, so a crash leaves nothing to clean), with the holder's pid, host and start time inside.
-
-    A second process fails at once with who holds it. A lock file left by a dead process on this host is taken
-    over and the takeover reported; one naming a live process (an older version's lock, which had no flock) or
-    another host is respected. Taking the flock comes first, so two processes can never both take over a dead
-    holder's lock. Re-entrant within one process (the notebook kernel, the CLI).
-    """
-
-    NAME = "run.lock"
-    _held: dict[str, list] = {}  # resolved path -> [depth, fd]
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / self.NAME
-        self.took_over: dict | None = None
-
-    def _mine(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    @staticmethod
-    def _read(fd: int) -> dict:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except (OSError, ValueError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _refuse(self, holder: dict):
-        who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder
-               else "another process")
-        raise RunLockedError(
-            f"another process is writing this run: {self.path} is held by {who}. Wait for it, stop it, or use "
-            "another output_dir. If that process is gone (another machine, a crash), delete the lock file.")
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        key = str(self.path.resolve())
-        if key in RunLock._held:
-            RunLock._held[key][0] += 1
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = self._read(fd)
-                os.close(fd)
-                self._refuse(holder)
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the holder released (unlinked) it between our open and our flock: try the new file
-                os.close(fd)
-                continue
-            break
-        holder = self._read(fd)
-        here = holder.get("host") == socket.gethostname()
-        if holder and not (here and holder.get("pid") == os.getpid()):
-            if not here or not isinstance(holder.get("pid"), int) or _alive(holder["pid"], holder.get("start")):
-                os.close(fd)
-                self._refuse(holder)
-            self.took_over = holder
-            print(f"took over {self.path}: its process {holder['pid']} (since {holder.get('since')}) is gone")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(self._mine()).encode(), 0)
-        os.fsync(fd)
-        RunLock._held[key] = [1, fd]
-        return self
-
-    def release(self) -> None:
-        key = str(self.path.resolve())
-        held = RunLock._held.get(key)
-        if held is None:
-            return
-        held[0] -= 1
-        if held[0] <= 0:
-            del RunLock._held[key]
-            self.path.unlink(missing_ok=True)  # while still holding the flock: a waiter re-checks the inode
-            os.close(held[1])
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 # --- starting, resuming, finishing ----------------------------------------------------------------------------
@@ -601,7 +319,7 @@ def start_over(cfg) -> Path | None:
         aside = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
         (run_dir / RunLock.NAME).unlink(missing_ok=True)
         run_dir.rename(aside)
-    from .runs import record_run
+    from llmhelpers.training.runs import record_run
 
     record_run(cfg, status="started over", moved_aside=str(aside), metrics={})
     print(f"start over: the previous checkpoints of this run were moved to {aside}")
@@ -686,8 +404,8 @@ def interrupt_message(trainer, cfg) -> str:
     if kept is None:
         return (f"{where}: no checkpoint was written yet, so the next train(trainer, cfg) starts this run from "
                 "step 0. Re-run the training cell to do so.")
-    return (f"{where}: kept {kept} (step {_step(kept)}); re-run the training cell to resume from it exactly (steps "
-            f"after {_step(kept)} are trained again), or run start_over(cfg) first to start the run over.")
+    return (f"{where}: kept {kept} (step {checkpoint_step(kept)}); re-run the training cell to resume from it exactly (steps "
+            f"after {checkpoint_step(kept)} are trained again), or run start_over(cfg) first to start the run over.")
 
 
 def train(trainer, cfg, allow_fresh_optimizer: bool = False):
@@ -696,11 +414,11 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
     Holds the run's lock throughout. Afterwards the main process writes log_history.json (losses per step),
     run_complete.json (final metrics) and the run's line in the runs index.
     """
-    from .runs import record_run
+    from llmhelpers.training.runs import record_run
 
     if Path(trainer.args.output_dir).resolve() != cfg.run_dir.resolve():
         # name the earliest cell to re-run: a changed model, data or LoRA setting needs more than a new trainer
-        from .modeling import check_lora_matches, check_model_matches
+        from llmhelpers.model.loading import check_lora_matches, check_model_matches
 
         check_model_matches(trainer.model, cfg)
         check_data_matches(getattr(trainer, "llm_data_key", None), cfg)
@@ -720,7 +438,7 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
         ensure_free_space(cfg.run_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
         if main:
             record_run(cfg, status="training")
-        from .checkpointing import choose_checkpointed_layers
+        from llmhelpers.training.memory import choose_checkpointed_layers
 
         decided = choose_checkpointed_layers(trainer, cfg)
         if main:
@@ -744,24 +462,6 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
             lock.release()
 
 
-def atomic_save(save_fn, target: Path) -> Path:
-    """Write into a temporary sibling folder, then rename: a cut-off save never looks complete."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_fn(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
-    return target
-
-
 def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
     """Adapters (safetensors), tokenizer and config JSON in one folder."""
     def write(folder: Path):
@@ -769,7 +469,7 @@ def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
         tokenizer.save_pretrained(folder)
         cfg.save(folder / CONFIG_NAME)
 
-    from .runs import record_run
+    from llmhelpers.training.runs import record_run
 
     target = Path(target or cfg.final_dir)
     ensure_free_space(target.parent, checkpoint_bytes(model, cfg), "saving the adapters")

@@ -47,7 +47,7 @@ def model_card_text(cfg, kind: str, report=None, results=None):
     """The card as a huggingface_hub ModelCard. kind: "adapters" (a PEFT LoRA folder) or "merged" (bf16 weights)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .config import make_config
+    from llmhelpers.config.project import make_config
 
     default = make_config(cfg.profile)
     changed = {k: v for k, v in cfg.to_dict().items() if getattr(default, k) != v and k != "profile"}
@@ -104,7 +104,7 @@ tokenizer = AutoTokenizer.from_pretrained("<this repo>")
 
 **Tool execution.** The model was trained on solutions that run Python and read the interpreter's output. The
 accuracy above with tools comes from executing each ```` ```python ```` block and appending its real output at the
-opened ```` ```output ```` fence (the project's `llmhelpers.tool_use`). Runtimes that execute no code (llama.cpp,
+opened ```` ```output ```` fence (the project's `llmhelpers.inference.tool_use`). Runtimes that execute no code (llama.cpp,
 Ollama, plain `generate`) get the `finetuned-no-tools` behaviour: the model writes its own "outputs".
 
 ## Limits

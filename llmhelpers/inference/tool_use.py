@@ -16,7 +16,7 @@ model continues.
 - **Records.** Per answer: the executed blocks (code, output, ok, timed out), calls, errors and timeouts.
 
 `ToolRunner` plugs into the engine (`on_token`, `on_pause`, `on_finish`) and into rounds of `model.generate`
-(`llmhelpers.generation`, for 4-bit or adapter-wrapped models).
+(`llmhelpers.inference.generation`, for 4-bit or adapter-wrapped models).
 """
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import PAUSE
-from .tools import Sandbox, safe_text
+from llmhelpers.data.chat import END_THINK, clip_text
+from llmhelpers.inference.scheduler import PAUSE
+from llmhelpers.inference.generation import generation_record, hf_generate
+from llmhelpers.inference.sandbox import Sandbox, safe_text
 
 OUTPUT_FENCE = re.compile(r"```output[ \t]*\n\s*\Z")  # the model has just opened an output block
 CODE_BEFORE_FENCE = re.compile(r"```python[ \t]*\n(.*?)```[ \t]*\n\s*```output[ \t]*\n\s*\Z", re.DOTALL)
@@ -215,6 +217,44 @@ class ToolRunner:
             except (AttributeError, RuntimeError):  # no pool, or it is shutting down: close here
                 box.close()
 
+    def generate_in_rounds(self, model, tokenizer, ids, max_new_tokens, batch_size, do_sample, temperature, top_p,
+                           progress) -> list:
+        """Tool use on the model.generate path (4-bit or adapter-wrapped models), in rounds: generate until eos, the
+        budget or an opened output fence; run the fenced blocks of all paused answers concurrently; append their
+        outputs and generate again from there (the context is prefilled again each round)."""
+        new: list[list[int]] = [[] for _ in ids]
+        keys = [(id(new), i) for i in range(len(ids))]  # unique per call: one runner may serve several calls
+        appended = [0] * len(ids)
+        hit = [False] * len(ids)
+        live = list(range(len(ids)))
+        while live:
+            budgets = {i: max_new_tokens - (len(new[i]) - appended[i]) for i in live}
+            rounds = hf_generate(model, tokenizer, [ids[i] + new[i] for i in live], max(budgets.values()), batch_size,
+                                  do_sample, temperature, top_p, progress, stop_strings=["```output\n"],
+                                  raw=True)
+            paused = {}
+            for i, (row, stopped) in zip(live, rounds):
+                row = row[:budgets[i]]
+                stopped = stopped and len(row) < budgets[i]
+                text = tokenizer.decode(new[i] + row, skip_special_tokens=True)
+                new[i] += row
+                if OUTPUT_FENCE.search(text) and len(row) < budgets[i]:
+                    paused[i] = self.submit(keys[i], text)
+                elif stopped:
+                    new[i].append(tokenizer.eos_token_id)
+                else:
+                    hit[i] = True
+            for i, future in paused.items():
+                extra = future.result()
+                new[i] += extra
+                appended[i] += len(extra)
+            live = list(paused)
+        for key in keys:
+            self.release(key)
+        end_think = tokenizer.convert_tokens_to_ids(END_THINK)
+        return [generation_record(tokenizer, row, end_think, hit[i]).with_tools(self.record(keys[i]), appended[i])
+                for i, row in enumerate(new)]
+
     def record(self, key) -> AnswerTools:
         return self.records.get(key, AnswerTools())
 
@@ -235,8 +275,6 @@ def tool_runs_text(runs: list[ToolRun], width: int = 300) -> str:
     """The executed blocks of one answer, each code block followed by its real output, marked as executed."""
     if not runs:
         return "  (no code executed)"
-    from .generation import clip_text
-
     clip = lambda s: clip_text(s, width)
     lines = []
     for i, run in enumerate(runs, 1):
@@ -249,7 +287,7 @@ def tool_runs_text(runs: list[ToolRun], width: int = 300) -> str:
 def replay_first_block(example, tools: ToolRunner) -> str:
     """What tool execution does, on a training example: its reasoning up to the first opened output fence, then the
     real output of the code before it (marked), beside the output the data itself recorded."""
-    from .chat import TOOL_OUTPUT
+    from llmhelpers.data.chat import TOOL_OUTPUT
 
     m = TOOL_OUTPUT.search(example.reasoning)
     if m is None:

@@ -14,7 +14,7 @@ and a static batch keeps decoding until its longest member stops; its Python loo
 - **Pause and resume.** `on_token(request, tokens)` may return `PAUSE`; the engine keeps the slot's cache and
   hands the request to `on_pause(request, tokens)`, which returns token ids to append (e.g. an executed code
   block's output), or a `concurrent.futures.Future` of them: the slot waits while the others decode. The ids are
-  prefilled into the slot at its current position and decoding continues (`llmhelpers.tool_use` builds on this).
+  prefilled into the slot at its current position and decoding continues (`llmhelpers.inference.tool_use` builds on this).
 
 The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
 `nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
@@ -25,26 +25,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-PAUSE = "pause"
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    key: object = None  # whatever the caller uses to match results (problem index, sample number)
-    new_ids: list[int] = field(default_factory=list)  # generated and appended tokens, in order
-    appended: int = 0  # how many of new_ids were appended by on_pause (not generated)
-    hit_budget: bool = False
-    finished: bool = False
-
+from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
 
 @dataclass
 class Sampling:
@@ -153,16 +139,13 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 4
     l = torch.empty_like(m)
     _triton_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
-                                     BLOCK_G=max(16, triton_next_pow2(group)), BLOCK_N=block_n,
+                                     BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
                                      num_warps=num_warps)
     top = m.amax(-1, keepdim=True)
     w = torch.exp(m - top).nan_to_num(0.0)  # splits past the live length hold -inf
     out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True)
     return out.to(q.dtype)
 
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 # --- sampling -----------------------------------------------------------------------------------------------
@@ -258,8 +241,7 @@ def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, 
 
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
-    def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
-                 attention: str | None = None):
+    def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None):
         if not supports(model):
             raise ValueError("the engine needs a Qwen2 model with plain nn.Linear layers (bf16/fp32, merged); "
                              "use model.generate for 4-bit or adapter-wrapped models")
@@ -273,7 +255,7 @@ class Engine:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim ** -0.5
         cuda = self.device.type == "cuda"
-        self.attention_impl = attention or ("triton" if cuda else "reference")
+        self.decode_attention = decode_attention_triton if cuda else decode_attention_reference
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
         shape = (slots, self.hkv, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
@@ -288,8 +270,7 @@ class Engine:
         self.seed = torch.zeros((), dtype=torch.long, device=self.device)  # the Triton sampler's counter
         self.graphs: dict[int, object] = {}
         self.graph_sampling = None
-        self.forward_passes = 0  # decode steps + prefills: the tests count them
-        self.stats: dict[str, float] = {}  # of the last run: where its time went
+        self.stats: dict[str, float] = {}  # of the last run: steps, prefills and where the time went
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
     def _layers(self, hidden, slot_idx, positions, attend):
@@ -313,8 +294,7 @@ class Engine:
         k_cache, v_cache = self.k_cache[i][:n], self.v_cache[i][:n]
         k_cache[slot_idx, :, pos] = k[:, :, 0]
         v_cache[slot_idx, :, pos] = v[:, :, 0]
-        fn = decode_attention_triton if self.attention_impl == "triton" else decode_attention_reference
-        out = fn(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale)
+        out = self.decode_attention(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale)
         return out.reshape(n, 1, -1)
 
     def _sample(self, logits):
@@ -335,7 +315,6 @@ class Engine:
 
     def _step(self, n: int):
         """One decode step of the first n slots: a CUDA graph per n, captured on first use and replayed."""
-        self.forward_passes += 1
         if not self.use_cuda_graph:
             self._decode_step(n)
             return
@@ -362,7 +341,7 @@ class Engine:
         """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
         start.. of that slot (a prompt at 0, or text appended after a pause). Returns the token sampled after
         each item's last id. The batch is padded to its longest item; padding is neither cached nor attended."""
-        self.forward_passes += 1
+        self.stats["prefill_passes"] += 1
         n, width = len(items), max(len(ids) for _, ids, _ in items)
         ids_t = torch.zeros(n, width, dtype=torch.long)
         pos_t = torch.zeros(n, width, dtype=torch.long)
@@ -408,6 +387,32 @@ class Engine:
             out += zip(group, self._extend(group))
         return out
 
+    # --- the model runner: prefill and decode over slots ---------------------------------------------------------
+    def prefill(self, items: list[tuple[int, list[int], int]]) -> list[tuple[tuple[int, list[int], int], int]]:
+        """(item, sampled token) for each (slot, ids, start) item, prefilled in groups of similar length."""
+        t0 = time.perf_counter()
+        out = self._extend_batches(items)
+        self.stats["prefills"] += len(items)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        return out
+
+    def decode(self, width: int, tokens: list[int], positions: list[int]) -> list[int]:
+        """One decode step of the first `width` slots; the token sampled for each."""
+        self.tokens[:width].copy_(torch.tensor(tokens[:width], device=self.device))
+        self.positions[:width].copy_(torch.tensor(positions[:width], device=self.device))
+        t0 = time.perf_counter()
+        self._step(width)
+        sampled = self.next_tokens[:width].tolist()
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["decode_steps"] += 1
+        self.stats["steps_below_full_width"] += width < self.slots
+        return sampled
+
+    def _prefill_due(self, scheduler: Scheduler, force: bool) -> None:
+        while items := scheduler.schedule_prefill(force):
+            scheduler.postprocess_prefill(self.prefill(items))
+            force = False  # a refill's own pauses and endings wait for the next step
+
     @torch.inference_mode()
     def run(self, requests: list[Request], sampling: Sampling, eos: int, seed: int | None = None,
             on_token: Callable[[Request, list[int]], str | None] | None = None,
@@ -422,145 +427,22 @@ class Engine:
         if seed is not None:
             torch.manual_seed(seed)
         self.seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
-        stats = self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "prefill_s": 0.0,
-                              "steps_below_full_width": 0, "pauses": 0}
-        queue = list(range(len(requests)))[::-1]
-        active: dict[int, int] = {}  # slot -> request index
-        parked: dict[int, tuple[object, int]] = {}  # paused slot -> (ids to append or their Future, sampled token)
-        feeding: dict[int, deque] = {}  # resumed slot -> appended ids still to feed, one per decode step
-        waiting: dict[int, tuple] = {}  # resumed slot -> (slot, ids, start) for the next batched prefill
-        lengths = [0] * self.slots  # tokens in each slot's cache
-        positions_host = [0] * self.slots
-        tokens_host = [0] * self.slots
-        done = generated = 0
-        width = self.slots  # decode the first `width` slots
-
-        def finish(slot, hit=False):
-            nonlocal done
-            req = requests[active.pop(slot)]
-            req.finished, req.hit_budget = True, hit
-            done += 1
-            if on_finish is not None:
-                on_finish(req)
-
-        def accept(slot, token):
-            """Record a sampled token: the slot decodes on, ends (eos, budget) or is parked (a pause)."""
-            req = requests[active[slot]]
-            req.new_ids.append(token)
-            tokens_host[slot], positions_host[slot] = token, lengths[slot]
-            if token == eos:
-                finish(slot)
-            elif len(req.new_ids) - req.appended >= req.max_new_tokens or lengths[slot] + 1 >= self.max_len:
-                finish(slot, hit=True)
-            elif on_token is not None and on_token(req, req.new_ids) == PAUSE:
-                stats["pauses"] += 1
-                # the sampled token is not cached yet: it is prefilled together with the appended text; until
-                # then the slot's decode output is ignored (what it writes at its next position is overwritten)
-                parked[slot] = (on_pause(req, req.new_ids) if on_pause else [], token)
-            else:
-                lengths[slot] += 1
-
-        def resume_ready():
-            """Parked slots whose text is ready resume. Short text (most tool outputs) is fed through the decode
-            steps, one token per step with the slot's samples ignored until it is in: no extra forward pass, no
-            stall of the other slots. Longer text waits for the next batched prefill."""
-            for slot, (extra, token) in list(parked.items()):
-                if hasattr(extra, "done"):
-                    if not extra.done():
-                        continue
-                    extra = extra.result()
-                del parked[slot]
-                req, extra = requests[active[slot]], list(extra)
-                if lengths[slot] + len(extra) + 2 >= self.max_len:
-                    finish(slot, hit=True)
-                    continue
-                req.new_ids.extend(extra)
-                req.appended += len(extra)
-                if len(extra) <= self.feed_max:
-                    tokens_host[slot], positions_host[slot] = token, lengths[slot]
-                    lengths[slot] += 1
-                    if extra:
-                        feeding[slot] = deque(extra)
-                else:
-                    waiting[slot] = (slot, [token, *extra], lengths[slot])
-
-        def refills():
-            """(slot, prompt, 0) for every free slot, while requests are queued."""
-            items = []
-            for slot in range(width):
-                if slot in active or not queue:
-                    continue
-                idx = queue.pop()
-                prompt = requests[idx].prompt_ids
-                if len(prompt) + 1 >= self.max_len:
-                    raise ValueError(f"a prompt of {len(prompt)} tokens does not fit max_len={self.max_len}")
-                active[slot] = idx
-                items.append((slot, prompt, 0))
-            return items
-
-        def settle(force: bool):
-            """Resume what is ready; prefill in batches: a prefill costs several decode steps of fixed overhead, so
-            unless forced it waits until 1/32 of the live sequences (or every one) would take part."""
-            while True:
-                resume_ready()
-                free = min(len(queue), width - len(active))
-                due = len(waiting) + free
-                if not due or not (force or due >= max(1, len(active) // 32)):
-                    return
-                items = list(waiting.values()) + refills()
-                waiting.clear()
-                t0 = time.perf_counter()
-                for (slot, ids, start), token in self._extend_batches(items):
-                    lengths[slot] = start + len(ids)
-                    accept(slot, token)
-                stats["prefills"] += len(items)
-                stats["prefill_s"] += time.perf_counter() - t0
-                force = False  # a refill's own pauses and endings wait for the next step
-
-        settle(force=True)
-        while active:
-            if not queue and not waiting and len(active) <= width // 2 and width > 8:
-                width = self._compact(active, (parked, feeding), lengths, tokens_host, positions_host)
-            decoding = [s for s in active if s not in parked and s not in waiting]
-            if not decoding:  # every live sequence waits: for a prefill (run it now) or for its appended text
-                if not waiting:
-                    wait([e for e, _ in parked.values() if hasattr(e, "done")], return_when=FIRST_COMPLETED)
-                settle(force=True)
+        self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "prefill_passes": 0, "prefill_s": 0.0,
+                      "steps_below_full_width": 0, "pauses": 0}
+        scheduler = Scheduler(requests, self.slots, self.max_len, eos, on_token, on_pause, on_finish, self.feed_max)
+        self._prefill_due(scheduler, force=True)
+        while scheduler.running:
+            for src, dst, length in scheduler.compact():
+                self._move(src, dst, length)
+            decoding = scheduler.schedule_decode()
+            if decoding is None:  # every live sequence waits: for a prefill (run it now) or for its appended text
+                scheduler.wait_for_tools()
+                self._prefill_due(scheduler, force=True)
                 continue
-            self.tokens[:width].copy_(torch.tensor(tokens_host[:width], device=self.device))
-            self.positions[:width].copy_(torch.tensor(positions_host[:width], device=self.device))
-            t0 = time.perf_counter()
-            self._step(width)
-            sampled = self.next_tokens[:width].tolist()
-            stats["decode_s"] += time.perf_counter() - t0
-            stats["decode_steps"] += 1
-            stats["steps_below_full_width"] += width < self.slots
-            for slot in decoding:
-                if slot in feeding:  # appended text goes in; what the model sampled meanwhile is dropped
-                    tokens_host[slot], positions_host[slot] = feeding[slot].popleft(), lengths[slot]
-                    lengths[slot] += 1
-                    if not feeding[slot]:
-                        del feeding[slot]
-                    continue
-                generated += 1
-                accept(slot, sampled[slot])
-            settle(force=len(decoding) < len(active) // 2 or not queue)
+            sampled = self.decode(scheduler.width, scheduler.tokens, scheduler.positions)
+            scheduler.postprocess_decode(decoding, sampled)
+            self._prefill_due(scheduler, force=len(decoding) < len(scheduler.running) // 2 or not scheduler.queue)
             if progress:
-                progress(done, generated)
+                progress(scheduler.done, scheduler.generated)
+        self.stats["pauses"] = scheduler.pauses
         return requests
-
-    def _compact(self, active, per_slot, lengths, tokens_host, positions_host) -> int:
-        """Once the queue is empty and half the slots are idle, move the live sequences into the lowest slots and
-        decode only those: the tail of a run costs what its live sequences need, not the full width."""
-        width = max(8, triton_next_pow2(len(active)))
-        free = [s for s in range(width) if s not in active]
-        for slot in sorted(s for s in active if s >= width):
-            dst = free.pop(0)
-            self._move(slot, dst, lengths[slot])
-            active[dst] = active.pop(slot)
-            for state in per_slot:  # dicts keyed by slot
-                if slot in state:
-                    state[dst] = state.pop(slot)
-            for host in (lengths, tokens_host, positions_host):
-                host[dst] = host[slot]
-        return width

@@ -1,6 +1,6 @@
 """Taking the merged model elsewhere: a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile.
 
-    python -m llmhelpers.export --format gguf --model outputs/<name>/runs/<run>/merged --out model.gguf --outtype q8_0
+    python -m llmhelpers.export.gguf --format gguf --model outputs/<name>/runs/<run>/merged --out model.gguf --outtype q8_0
 
 The file is written with the `gguf` package (llama.cpp's own Python writer and reader), so no llama.cpp checkout or
 build is needed, and every tensor and metadata field is read back and compared (`verify_gguf`). What llama.cpp needs
@@ -280,6 +280,3 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['tensors']} tensors within tolerance, max |error| by type {report['max_abs_error_by_type']}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

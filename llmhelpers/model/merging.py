@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .training import CONFIG_NAME, atomic_save, ensure_free_space
+from llmhelpers.config.project import CONFIG_NAME
+from llmhelpers.training.checkpoints import atomic_save, ensure_free_space
 
 # Mean |logit difference| allowed between base+adapter and merged weights. In fp32 the merge is
 # exact up to rounding; in bf16 W + BA is rounded once more to bf16 (8-bit mantissa).
@@ -21,7 +22,7 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
     import torch
     from peft import PeftModel
 
-    from .modeling import check_adapter_matches, load_base_model, quiet_peft
+    from llmhelpers.model.loading import check_adapter_matches, load_base_model, quiet_peft
 
     adapter_dir = Path(adapter_dir)
     check_adapter_matches(adapter_dir, cfg)

@@ -46,7 +46,7 @@ def read_index(output_dir) -> dict[str, dict]:
 
 def record_run(cfg, **fields) -> dict:
     """Create or update this run's entry; `fields` (status, metrics, adapter_dir, ...) are merged in."""
-    from .config import make_config
+    from llmhelpers.config.project import make_config
 
     path = index_path(cfg.output_dir)
     with _locked(path):

@@ -13,9 +13,24 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .chat import END_THINK
-from .generation import answer_examples
-from .grading import final_answer, is_correct
+from llmhelpers.data.chat import END_THINK
+from llmhelpers.data.chat import render_prompt
+from llmhelpers.inference.generation import generate
+from llmhelpers.inference.tool_use import tool_runner
+from llmhelpers.evaluation.grading import final_answer, is_correct
+
+
+def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, samples: int | None = None,
+                    tool_execution: bool | None = None) -> list[list]:
+    """cfg.eval_samples answers per example (sampled at cfg's temperature and top-p, seeded), grouped per example;
+    python blocks executed when `tool_execution` (default cfg.tool_execution)."""
+    samples = cfg.eval_samples if samples is None else samples
+    prompts = [render_prompt(ex, tokenizer) for ex in examples]
+    with tool_runner(tokenizer, cfg, tool_execution) as runner:
+        flat = generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
+                        cfg.eval_temperature, cfg.eval_top_p, progress=progress, seed=cfg.seed, samples=samples,
+                        tools=runner)
+    return [flat[i * samples:(i + 1) * samples] for i in range(len(examples))]
 
 
 @dataclass
@@ -112,7 +127,7 @@ def evaluation_set(data, cfg) -> list:
     solutions) or "math500" (cfg.math500_dataset), shuffled with the seed and capped at cfg.eval_limit, so that
     every run grades the same problems."""
     if cfg.eval_set == "math500":
-        from .data import load_math500
+        from llmhelpers.data.sources import load_math500
 
         pool, _ = load_math500(cfg)
     else:
@@ -122,10 +137,10 @@ def evaluation_set(data, cfg) -> list:
 
 
 def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path | None = None,
-             progress: bool = True, samples: int | None = None, tools: bool | None = None) -> EvalResult:
+             progress: bool = True, samples: int | None = None, tool_execution: bool | None = None) -> EvalResult:
     """cfg.eval_samples sampled answers per problem (or `samples`), graded; rows saved as JSONL under save_dir.
-    Python blocks are executed when `tools` (default cfg.tool_execution)."""
-    answers = answer_examples(model, tokenizer, examples, cfg, progress=progress, samples=samples, tools=tools)
+    Python blocks are executed when `tool_execution` (default cfg.tool_execution)."""
+    answers = answer_examples(model, tokenizer, examples, cfg, progress=progress, samples=samples, tool_execution=tool_execution)
     rows = []
     for ex, gens in zip(examples, answers):
         for k, g in enumerate(gens):
@@ -156,7 +171,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 
     import torch
 
-    from .modeling import check_adapter_matches, check_model_matches
+    from llmhelpers.model.loading import check_adapter_matches, check_model_matches
 
     save_dir = save_dir or cfg.eval_dir
     if not cfg.eval_bf16:
@@ -169,7 +184,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 
     from peft import PeftModel
 
-    from .modeling import load_base_model, quiet_peft
+    from llmhelpers.model.loading import load_base_model, quiet_peft
 
     if adapter_dir is None:
         raise ValueError("eval_bf16=True merges the saved adapters into a bf16 base: pass adapter_dir= "
@@ -190,7 +205,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
 def _finetuned_runs(model, tokenizer, examples, cfg, save_dir) -> list[EvalResult]:
     runs = [evaluate(model, tokenizer, examples, cfg, "finetuned", save_dir)]
     if cfg.tool_execution and cfg.eval_without_tools:
-        runs.append(evaluate(model, tokenizer, examples, cfg, "finetuned-no-tools", save_dir, tools=False))
+        runs.append(evaluate(model, tokenizer, examples, cfg, "finetuned-no-tools", save_dir, tool_execution=False))
     return runs
 
 

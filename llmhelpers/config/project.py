@@ -15,7 +15,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tiny import TINY_MODEL_ID
+from llmhelpers.model.tiny import TINY_MODEL_ID
+
+CONFIG_NAME = "finetune_config.json"  # the config saved beside checkpoints, adapters and merged weights
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # Padding-free micro-batches: whole sequences packed into one row of this many tokens (best-fit decreasing, none
-    # cut), each attending only to itself (llmhelpers.packing); no compute is spent on padding. One optimizer step is
+    # cut), each attending only to itself (llmhelpers.training.packing); no compute is spent on padding. One optimizer step is
     # pack_tokens x gradient_accumulation_steps tokens: 16,384 hold ~28 of the real rows (mean 570 tokens). Rows of
     # 16,384 tokens ran at 2.0x the speed of 8,192 on an H200 (the 4-bit weights are dequantized once per row, so
     # bigger rows amortize it; BENCHMARKS.md). 0 = padded micro-batches of per_device_train_batch_size sequences.
@@ -63,7 +65,7 @@ class FinetuneConfig:
     bf16: bool = True
     gradient_checkpointing: bool = True  # non-reentrant: required with a frozen 4-bit base
     # How many decoder layers recompute their activations: -1 = as few as fit the worst batch in memory, measured on
-    # the GPU before step 1 (llmhelpers.checkpointing; all of them on a CPU); 0..layers = exactly that many.
+    # the GPU before step 1 (llmhelpers.training.memory; all of them on a CPU); 0..layers = exactly that many.
     checkpoint_layers: int = -1
     memory_limit_gib: float = 0.0  # GPU memory the run may use (0 = all of it); e.g. 22 to fit a 24 GB card
     # peft's prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32, which makes the
@@ -112,7 +114,7 @@ class FinetuneConfig:
     eval_top_p: float = 0.95
     eval_limit: int = 200  # problems per evaluation run (0 = all)
     # Tool execution (MathCoder's inference): python blocks the model writes are run in a sandbox process and their
-    # real output is appended before it continues (llmhelpers.tool_use; limits in FINETUNING_GUIDE.md section 9).
+    # real output is appended before it continues (llmhelpers.inference.tool_use; limits in FINETUNING_GUIDE.md section 9).
     tool_execution: bool = True  # evaluation runs code; False lets the model write its own "output"
     eval_without_tools: bool = True  # also grade the fine-tuned model with tool_execution off (the comparison)
     tool_timeout: float = 10.0  # wall-clock seconds per block (CPU time: this + 2 s); the sandbox is killed after it

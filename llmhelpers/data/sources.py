@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .answers import last_boxed
-from .chat import encode
-from .examples import BadRow, Example
-from .paths import resolve
+from llmhelpers.data.answers import last_boxed
+from llmhelpers.data.chat import encode
+from llmhelpers.data.examples import BadRow, Example
+from llmhelpers.paths import resolve
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MAX_ROW_CHARS = 200_000  # a row larger than this is malformed for our purposes (real rows are < 30k)
@@ -543,7 +543,7 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
 def demo_examples() -> list[Example]:
     """Three bundled problems for quick before/after looks: code-using math, a unit with a power
     of ten, and a plain science question."""
-    from .paths import samples_dir
+    from llmhelpers.paths import samples_dir
 
     def rows(name):
         return [json.loads(line) for line in (samples_dir() / name).read_text(encoding="utf-8").splitlines()]

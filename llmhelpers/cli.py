@@ -1,8 +1,8 @@
-"""Headless training: the notebook's cells in order, for `python -m llmhelpers.train` and
-`accelerate launch -m llmhelpers.train` (one process per GPU, DDP).
+"""Headless training: the notebook's cells in order, for `python -m llmhelpers` and
+`accelerate launch -m llmhelpers` (one process per GPU, DDP).
 
-    python -m llmhelpers.train --profile smoke
-    accelerate launch --config_file configs/accelerate_ddp.yaml -m llmhelpers.train --profile full --set learning_rate=1e-4
+    python -m llmhelpers --profile smoke
+    accelerate launch --config_file configs/accelerate_ddp.yaml -m llmhelpers --profile full --set learning_rate=1e-4
 
 Each process loads its own 4-bit model on its own device; the Trainer shards the data per
 process; only the main process writes checkpoints, adapters, logs and evaluation files, and it
@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from .config import PROFILES, FinetuneConfig, make_config, parse_override
+from llmhelpers.config.project import PROFILES, FinetuneConfig, make_config, parse_override
 
 
 def build_config(args) -> FinetuneConfig:
@@ -34,7 +34,7 @@ def _launcher_rank() -> int:
 
 
 def run(cfg: FinetuneConfig, evaluate_after: bool = False, allow_fresh_optimizer: bool = False) -> dict:
-    from .training import RunLock
+    from llmhelpers.training.run_lock import RunLock
 
     if _launcher_rank() != 0:
         return _run(cfg, evaluate_after, allow_fresh_optimizer)
@@ -43,10 +43,10 @@ def run(cfg: FinetuneConfig, evaluate_after: bool = False, allow_fresh_optimizer
 
 
 def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool) -> dict:
-    from .data import build_datasets, load_examples
-    from .evaluation import AccuracyCallback, comparison_table, evaluate_base_and_finetuned, evaluation_set
-    from .modeling import attach_lora, load_base_model, load_tokenizer, trainable_parameters
-    from .training import build_trainer, save_adapters, throughput_meter, train
+    from llmhelpers.data.sources import build_datasets, load_examples
+    from llmhelpers.evaluation.protocol import AccuracyCallback, comparison_table, evaluate_base_and_finetuned, evaluation_set
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer, trainable_parameters
+    from llmhelpers.training.trainer import build_trainer, save_adapters, throughput_meter, train
 
     loaded = load_examples(cfg)  # bad data fails here, before the tokenizer and model are loaded
     tokenizer = load_tokenizer(cfg)
@@ -79,7 +79,7 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmhelpers.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="llmhelpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="full (the default: the real model, needs a GPU), smoke (tiny model, CPU, a minute) or "
@@ -95,17 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = build_config(args)
-        from .environment import preflight
+        from llmhelpers.environment import preflight
 
         preflight(cfg)  # the GPU the config needs and a writable output_dir, before anything loads
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     if args.fresh and _launcher_rank() == 0:
-        from .training import start_over
+        from llmhelpers.training.trainer import start_over
 
         start_over(cfg)  # the other ranks only read the run folder after the trainer's first barrier
-    from .data import DataError
-    from .training import CheckpointError, DiskSpaceError, RunLockedError, TrainingInterrupted
+    from llmhelpers.data.sources import DataError
+    from llmhelpers.training.checkpoints import CheckpointError, DiskSpaceError
+    from llmhelpers.training.run_lock import RunLockedError
+    from llmhelpers.training.trainer import TrainingInterrupted
 
     try:
         result = run(cfg, evaluate_after=args.evaluate, allow_fresh_optimizer=args.allow_fresh_optimizer)
@@ -120,6 +122,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

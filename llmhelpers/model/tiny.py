@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER
+from llmhelpers.data.chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER
 
 # The R1 template's behaviour, reduced to what matters for SFT: bos first, a system
 # message as raw text, user turns after <｜User｜>, assistant turns after <｜Assistant｜>
@@ -66,7 +66,7 @@ def build_tokenizer(revision: str = "current", vocab_size: int = 1024, samples_d
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .paths import samples_dir as default_samples_dir
+    from llmhelpers.paths import samples_dir as default_samples_dir
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

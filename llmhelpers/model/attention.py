@@ -1,7 +1,7 @@
 """Attention maps from an eager-attention forward pass, and how much reasoning looks at the question."""
 from __future__ import annotations
 
-from .chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER, render
+from llmhelpers.data.chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER, render
 
 
 def attention_maps(model, tokenizer, example, max_tokens: int = 256):

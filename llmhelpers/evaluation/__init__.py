@@ -1,0 +1,1 @@
+"""Answer accuracy: grading one answer, the evaluation protocol and its tables."""

@@ -1,0 +1,1 @@
+"""Generation: the continuous-batching engine, `model.generate`, tool use and the code sandbox."""
