@@ -16,7 +16,7 @@ from peft import get_peft_model  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from common import R1_15B  # noqa: E402
-from llmhelpers.config.project import make_config  # noqa: E402
+from llmhelpers.config.profiles import make_config  # noqa: E402
 
 cfg = make_config()
 model = Qwen2ForCausalLM(Qwen2Config(**R1_15B)).to(torch.bfloat16)

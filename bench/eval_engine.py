@@ -187,7 +187,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.model.loading import load_base_model
 
     model_dir = random_r1_model()

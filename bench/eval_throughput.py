@@ -35,7 +35,7 @@ CONFIGS = {
 def run(name, spec, model_dir, new_tokens, prompt_len, rounds):
     import torch
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.model.loading import load_base_model
 
     cfg = make_config("full", model_id=str(model_dir))

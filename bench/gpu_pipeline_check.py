@@ -31,7 +31,7 @@ def main():
     from common import gpu_name, random_r1_model
     from synth_data import row
     from llmhelpers.data.chat import render_prompt
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.data.sources import demo_examples
     from llmhelpers.model.merging import merge_adapters
     from llmhelpers.model.loading import load_tokenizer

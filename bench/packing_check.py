@@ -30,7 +30,7 @@ def main():
     import torch
     from datasets import Dataset
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.data.sources import DataBundle, DataReport
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
     from llmhelpers.training.packing import PackedMask

@@ -38,7 +38,7 @@ def bench_ms(fn, reps=20):
 def main():
     import torch
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.inference.engine import Engine, Sampling, auto_slots, decode_attention_triton
     from llmhelpers.model.loading import load_base_model
 

@@ -24,7 +24,7 @@ def main():
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=2)

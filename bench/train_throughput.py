@@ -120,7 +120,7 @@ def bench_trainer(cfg, rows, load_model=None):
 def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps: int, load_model=None,
                arch: dict = R1_15B) -> dict:
     """`load_model(cfg)` builds the base model (default: load_base_model from model_dir, NF4)."""
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
 
     spec = dict(spec)
     profile = spec.pop("profile", "full")
@@ -183,7 +183,7 @@ def loss_equivalence(model_dir: Path, rows) -> dict:
     from datasets import Dataset
     from transformers.integrations.liger import apply_liger_kernel
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.data.sources import DataBundle, DataReport
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
     from llmhelpers.training.trainer import build_trainer

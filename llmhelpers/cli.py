@@ -11,20 +11,12 @@ reports its metrics.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from llmhelpers.config.project import PROFILES, FinetuneConfig, make_config, parse_override
-
-
-def build_config(args) -> FinetuneConfig:
-    overrides = dict(parse_override(s) for s in args.set)
-    if args.config:
-        base = FinetuneConfig.load(args.config, profile=args.profile)
-        return make_config(base.profile, **{**base.to_dict(), **overrides})
-    return make_config(args.profile or "full", **overrides)
+from llmhelpers.config.arguments import parse
+from llmhelpers.config.project import FinetuneConfig
 
 
 def _launcher_rank() -> int:
@@ -79,27 +71,14 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmhelpers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="full (the default: the real model, needs a GPU), smoke (tiny model, CPU, a minute) or "
-                             "seed (the original plan's settings, for comparison). With --config: where keys the "
-                             "file leaves out come from")
-    parser.add_argument("--config", help="a JSON config file (FinetuneConfig.save writes one; it may leave out keys "
-                                         "if it names a \"profile\" or --profile is given)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    parser.add_argument("--fresh", action="store_true", help="start over: move this run's folder aside first")
-    parser.add_argument("--allow-fresh-optimizer", action="store_true",
-                        help="resume a checkpoint whose optimizer/scheduler state is missing (restarts the warm-up)")
-    parser.add_argument("--evaluate", action="store_true", help="grade base vs fine-tuned answers afterwards")
-    args = parser.parse_args(argv)
+    args, cfg = parse(argv, prog="llmhelpers", description=__doc__)
     try:
-        cfg = build_config(args)
         from llmhelpers.environment import preflight
 
         preflight(cfg)  # the GPU the config needs and a writable output_dir, before anything loads
     except (ValueError, TypeError) as err:
-        parser.error(str(err))
+        sys.stderr.write(f"llmhelpers: error: {err}\n")
+        raise SystemExit(2) from None
     if args.fresh and _launcher_rank() == 0:
         from llmhelpers.training.trainer import start_over
 
@@ -112,13 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(cfg, evaluate_after=args.evaluate, allow_fresh_optimizer=args.allow_fresh_optimizer)
     except (DataError, RunLockedError, CheckpointError, DiskSpaceError, FileNotFoundError) as err:
-        sys.stderr.write(f"{parser.prog}: error: {err}\n")  # a clear message, not a traceback
+        sys.stderr.write(f"llmhelpers: error: {err}\n")  # a clear message, not a traceback
         return 1
     except TrainingInterrupted as err:
-        sys.stderr.write(f"{parser.prog}: {str(err).replace('re-run the training cell', 're-run this command')}\n")
+        sys.stderr.write(f"llmhelpers: {str(err).replace('re-run the training cell', 're-run this command')}\n")
         return 130
     # One write per line: with several processes on one pipe, print's separate newline can interleave.
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
-

@@ -111,14 +111,16 @@ def check_device_support(cfg) -> None:
     import torch
 
     if torch.cuda.is_available():
-        if cfg.bf16 and not torch.cuda.is_bf16_supported():
-            raise ValueError("bf16=True but this GPU has no bf16: set bf16=False, bnb_4bit_compute_dtype='float16'")
+        if cfg.sft.bf16 and not torch.cuda.is_bf16_supported():
+            raise ValueError("SFTConfig bf16=True but this GPU has no bf16: set bf16=False (SFTConfig) and "
+                             "bnb_4bit_compute_dtype=torch.float16 (BitsAndBytesConfig)")
         return
     problems = []
-    if cfg.bf16:
+    optim = getattr(cfg.sft.optim, "value", cfg.sft.optim)
+    if cfg.sft.bf16:
         problems.append("bf16=True")
-    if "paged" in cfg.optim or "8bit" in cfg.optim:
-        problems.append(f"optim={cfg.optim!r}")
+    if "paged" in optim or "8bit" in optim:
+        problems.append(f"optim={optim!r}")
     if problems:
         raise ValueError(f"no CUDA GPU, but the config needs one ({', '.join(problems)}). Use the smoke profile "
-                         "(LLM_PROFILE=smoke / --profile smoke), or set bf16=False and optim='adamw_torch'.")
+                         "(LLM_PROFILE=smoke / --profile smoke), or set bf16=False and optim='adamw_torch' in SFTConfig.")

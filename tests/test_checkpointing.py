@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmhelpers.training.memory import decoder_layers, layers_that_fit, set_checkpointed_layers
-from llmhelpers.config.project import make_config
+from llmhelpers.config.profiles import make_config
 
 GIB = 2**30
 

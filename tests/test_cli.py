@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config.project import FinetuneConfig, make_config
+from llmhelpers.config.profiles import make_config
+from llmhelpers.config.project import FinetuneConfig
 from llmhelpers.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_unknown_override_is_a_clean_error(capsys):
     with pytest.raises(SystemExit) as err:
-        main(["--profile", "smoke", "--set", "learning_rat=1e-4"])
+        main(["--profile", "smoke", "--learning_rat", "1e-4"])
     assert err.value.code == 2 and "learning_rat" in capsys.readouterr().err
 
 
 def test_bad_value_is_a_clean_error(capsys):
     with pytest.raises(SystemExit):
-        main(["--profile", "smoke", "--set", "lora_r=0"])
-    assert "lora_r" in capsys.readouterr().err
+        main(["--profile", "smoke", "--r", "0"])
+    assert "r=0 is invalid: must be > 0 (LoraConfig)" in capsys.readouterr().err
 
 
 def results(stdout: str) -> list[dict]:
@@ -53,17 +54,24 @@ def test_config_file_run(tmp_path, tiny_model_dir):
     assert state["global_step"] == 4
 
 
-def test_config_file_may_leave_out_keys_only_relative_to_a_profile(tmp_path):
-    partial = tmp_path / "partial.json"
-    partial.write_text(json.dumps({"learning_rate": 1e-4}))
-    with pytest.raises(ValueError, match=r"partial.json: keys missing: .*--profile"):
-        FinetuneConfig.load(partial)
-    assert FinetuneConfig.load(partial, profile="smoke").model_id == make_config("smoke").model_id
-    partial.write_text(json.dumps({"profile": "smoke", "learning_rate": 1e-4}))
-    cfg = FinetuneConfig.load(partial)
-    assert cfg.profile == "smoke" and cfg.learning_rate == 1e-4 and cfg.max_steps == make_config("smoke").max_steps
-    with pytest.raises(ValueError, match="contradict|says profile"):
-        FinetuneConfig.load(partial, profile="full")
+def test_library_fields_the_old_config_did_not_know_reach_the_trainer(tmp_path, tiny_model_dir):
+    """Every SFTConfig and LoraConfig field is a flag: two SFTConfig fields and a LoraConfig one that the project's
+    own config never declared end up in the trainer's arguments and the attached adapters."""
+    from llmhelpers.config.arguments import parse
+    from llmhelpers.data.sources import build_datasets, load_examples
+    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training.trainer import build_trainer
+
+    _, cfg = parse(["--profile", "smoke", "--output_dir", str(tmp_path / "out"), "--tiny_model_dir",
+                    str(tiny_model_dir), "--adam_beta2", "0.95", "--neftune_noise_alpha", "5", "--use_rslora", "true",
+                    "--report_to", "none"])
+    tok = load_tokenizer(cfg)
+    model = attach_lora(load_base_model(cfg), cfg)
+    trainer = build_trainer(cfg, model, tok, build_datasets(cfg, tok, load_examples(cfg)))
+    assert trainer.args.adam_beta2 == 0.95 and trainer.args.neftune_noise_alpha == 5.0 and trainer.args.report_to == []
+    assert trainer.model.peft_config["default"].use_rslora
+    assert cfg.run_id != parse(["--profile", "smoke", "--output_dir", str(tmp_path / "out"), "--tiny_model_dir",
+                                str(tiny_model_dir)])[1].run_id
 
 
 def test_config_file_errors_name_the_file(tmp_path, capsys):
@@ -78,11 +86,17 @@ def test_config_file_errors_name_the_file(tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
 
 
-def test_help_lists_every_profile(capsys):
+def test_every_profile_file_is_a_profile_and_others_are_refused(capsys):
+    from llmhelpers.config.arguments import parse
+    from llmhelpers.config.profiles import profile_names
+
+    files = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem != "accelerate_ddp")
+    assert profile_names() == files
+    for name in files:
+        assert parse(["--profile", name])[1].profile == name
     with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    assert all(p in out for p in ("full", "smoke", "seed"))
+        main(["--profile", "huge"])
+    assert "unknown profile 'huge'; choose one of " + str(files) in capsys.readouterr().err
 
 
 def test_read_only_output_dir_is_caught_before_anything_loads(tmp_path, capsys):
@@ -96,19 +110,21 @@ def test_read_only_output_dir_is_caught_before_anything_loads(tmp_path, capsys):
         ro.chmod(0o500)
         target = str(ro / "out")
     with pytest.raises(SystemExit):
-        main(["--profile", "smoke", "--set", f"output_dir={target}"])
+        main(["--profile", "smoke", "--output_dir", f"{target}"])
     assert "output_dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("batches", ["padded", "packed"])
 def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir, batches):
     out = tmp_path / "out"
-    packed = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"] if batches == "packed" else []
+    packed = (["--packing", "true", "--max_length", "1024", "--pad_to_multiple_of", "1024", "--per_device_train_batch_size",
+               "1", "--per_device_eval_batch_size", "1", "--train_sampling_strategy", "random",
+               "--gradient_accumulation_steps", "1"] if batches == "packed" else [])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "llmhelpers", "--profile", "smoke", "--set", f"output_dir={out}",
-           "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=4", "--set", "eval_steps=2",
-           "--set", "save_steps=2", "--set", "accuracy_callback=false", *packed]
+           "-m", "llmhelpers", "--profile", "smoke", "--output_dir", f"{out}",
+           "--tiny_model_dir", f"{tiny_model_dir}", "--max_steps", "4", "--eval_steps", "2",
+           "--save_steps", "2", "--accuracy_callback", "false", *packed]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,8 +157,8 @@ def test_full_profile_without_a_gpu_says_what_to_do(capsys):
 
 def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--evaluate",
-                           "--set", f"output_dir={tmp_path / 'out'}", "--set", f"tiny_model_dir={tiny_model_dir}",
-                           "--set", "max_steps=2", "--set", "eval_limit=3"],
+                           "--output_dir", f"{tmp_path / 'out'}", "--tiny_model_dir", f"{tiny_model_dir}",
+                           "--max_steps", "2", "--eval_limit", "3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = results(proc.stdout)

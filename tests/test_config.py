@@ -1,65 +1,108 @@
-"""FinetuneConfig: seed-plan defaults, profiles, validation that names the key, JSON round trip, builders."""
+"""FinetuneConfig: the recipe files, profiles, the library configs nested as they are, validation that names the key,
+the JSON round trip, the run id."""
 import dataclasses
 
 import pytest
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig
+from trl import SFTConfig
 
-from llmhelpers.config.project import FinetuneConfig, make_config, parse_override
+from llmhelpers.config.profiles import load_profile, make_config, profile_names, recipe
+from llmhelpers.config.project import FinetuneConfig
 
 
-def test_full_profile_has_the_seed_plan_defaults():
+def test_full_profile_is_the_recipe():
     cfg = make_config()
     assert cfg.model_id == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (16, 32, 0.05, "all-linear")
-    assert cfg.learning_rate == 2e-4
-    # 16 sequences per step, as the seed's 2 x 8, in one micro-batch (see BENCHMARKS.md)
-    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (16, 1)
-    assert (cfg.num_train_epochs, cfg.max_length, cfg.optim) == (3.0, 2048, "paged_adamw_8bit")
-    assert cfg.bf16 and cfg.gradient_checkpointing and cfg.load_in_4bit
-    assert (cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype) == ("nf4", True, "bfloat16")
-    assert (cfg.save_total_limit, cfg.metric_for_best_model, cfg.report_to) == (3, "eval_loss", "tensorboard")
-    assert (cfg.math_samples, cfg.eval_fraction) == (15000, 0.1)
-    assert not cfg.trust_remote_code
+    assert isinstance(cfg.bnb, BitsAndBytesConfig) and isinstance(cfg.lora, LoraConfig) and isinstance(cfg.sft, SFTConfig)
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.target_modules) == (16, 32, 0.05, "all-linear")
+    assert cfg.bnb.load_in_4bit and cfg.bnb.bnb_4bit_quant_type == "nf4" and cfg.bnb.bnb_4bit_use_double_quant
+    assert str(cfg.compute_dtype) == "torch.bfloat16"
+    sft = cfg.sft
+    assert sft.learning_rate == 2e-4 and sft.num_train_epochs == 3.0 and sft.optim.value == "paged_adamw_8bit"
+    assert sft.packing and sft.max_length == sft.pad_to_multiple_of == 16384 and cfg.pack_tokens == 16384
+    assert sft.per_device_train_batch_size == 1 and sft.completion_only_loss is True
+    assert sft.activation_checkpointing and sft.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert (sft.save_total_limit, sft.metric_for_best_model, sft.report_to) == (3, "eval_loss", ["tensorboard"])
+    assert (cfg.math_samples, cfg.eval_fraction, cfg.max_example_tokens) == (15000, 0.1, 2048)
+    assert not sft.trust_remote_code
 
 
-def test_seed_profile_is_the_seed_plan():
-    cfg = make_config("seed")
-    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (2, 8)
-    assert not cfg.group_by_length and not cfg.use_liger_kernel and cfg.upcast_to_fp32
-    assert make_config("smoke", group_by_length=False).sft_config().train_sampling_strategy == "random"
+def test_profiles_are_files_that_change_the_recipe():
+    assert {"full", "smoke", "seed"} <= set(profile_names())
+    seed = make_config("seed")
+    assert (seed.sft.per_device_train_batch_size, seed.sft.gradient_accumulation_steps) == (2, 8)
+    assert not seed.sft.packing and not seed.liger_kernels and seed.upcast_to_fp32
+    smoke = make_config("smoke")
+    assert smoke.is_tiny and smoke.bnb.load_in_4bit and smoke.sft.max_steps == 30 and not smoke.sft.bf16
+    assert smoke.math_dataset.startswith("data/samples/")
+    assert load_profile("smoke").sft["learning_rate"] == 3e-3 and "learning_rate" not in load_profile("seed").sft
+    assert recipe("full")["lora"]["r"] == 16
+    with pytest.raises(ValueError, match="unknown profile 'huge'.*full.*seed.*smoke"):
+        make_config("huge")
 
 
-def test_smoke_profile_is_tiny_and_still_4bit():
-    cfg = make_config("smoke")
-    assert cfg.is_tiny and cfg.load_in_4bit and cfg.max_steps > 0
-    assert cfg.math_dataset.startswith("data/samples/")
+def test_profile_apply_returns_changed_copies_and_leaves_the_original():
+    smoke = load_profile("smoke")
+    sft = SFTConfig(output_dir="x", learning_rate=2e-4, use_cpu=True, report_to="none")
+    changed = smoke.apply(sft)
+    assert changed.learning_rate == 3e-3 and changed.max_steps == 30 and sft.learning_rate == 2e-4
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    assert str(smoke.apply(bnb).bnb_4bit_compute_dtype) == "torch.float32" and smoke.apply(bnb).bnb_4bit_quant_type == "nf4"
+    lora = LoraConfig(r=16)
+    assert smoke.apply(lora) is lora  # the smoke profile changes nothing in LoRA
+    assert "learning_rate=0.003" in str(smoke)
+
+
+def test_the_notebooks_objects_are_used_as_they_are():
+    base = make_config("smoke")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    cfg = make_config("smoke", bnb=base.bnb, lora=lora, sft=base.sft, math_samples=7)
+    assert cfg.lora is lora and cfg.math_samples == 7 and cfg.run_name.startswith("lr3e-3_r4_")
+    with pytest.raises(ValueError, match="learning_rate is a SFTConfig setting: set it where sft"):
+        make_config("smoke", bnb=base.bnb, lora=lora, sft=base.sft, learning_rate=1e-4)
+    with pytest.raises(ValueError, match="all three"):
+        make_config("smoke", lora=lora)
 
 
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        make_config().learning_rate = 1.0
+        make_config().math_samples = 1
 
 
 @pytest.mark.parametrize("key,value", [
-    ("learning_rate", -1e-4), ("lora_r", 0), ("max_length", 32), ("eval_fraction", 1.5),
-    ("lora_dropout", 1.0), ("per_device_train_batch_size", 0), ("bnb_4bit_quant_type", "int3"),
-    ("max_steps", 0), ("save_steps", 7),
+    ("learning_rate", -1e-4), ("r", 0), ("max_example_tokens", 32), ("eval_fraction", 1.5),
+    ("lora_dropout", 1.0), ("per_device_train_batch_size", 0), ("max_steps", 0), ("seed", -1), ("seed", 2**32),
+    ("save_total_limit", 1), ("max_length", 1024), ("bnb_4bit_quant_type", "int3"),  # max_length: a packed row shorter than an example
 ])
 def test_invalid_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         make_config(**{key: value})
 
 
-@pytest.mark.parametrize("key,value", [("lora_r", "16"), ("learning_rate", "fast"), ("bf16", 1), ("max_length", 2048.0)])
+@pytest.mark.parametrize("key,value", [("r", "16"), ("learning_rate", "fast"), ("bf16", 1),
+                                       ("max_example_tokens", 2048.0), ("math_samples", "all")])
 def test_wrong_types_name_the_key(key, value):
     with pytest.raises(TypeError, match=key):
         make_config(**{key: value})
 
 
+@pytest.mark.parametrize("key,value", [("optim", "adam"), ("lr_scheduler_type", "cosine_annealing"),
+                                       ("save_steps", 7)])
+def test_the_libraries_check_their_own_fields(key, value):
+    with pytest.raises(ValueError):
+        make_config(**{key: value})
+
+
+@pytest.mark.parametrize("modules", [["q_proj", "attention"], ["qproj"]])
+def test_target_modules_must_be_layers_of_the_model(modules):
+    with pytest.raises(ValueError, match="target_modules"):
+        make_config(target_modules=modules)
+
+
 def test_unknown_key_is_an_error_with_a_suggestion():
     with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*learning_rate"):
         make_config(learning_rat=1e-4)
-    with pytest.raises(ValueError, match="unknown profile"):
-        make_config("huge")
 
 
 def test_output_dir_that_is_a_file_is_rejected(tmp_path):
@@ -70,50 +113,33 @@ def test_output_dir_that_is_a_file_is_rejected(tmp_path):
 
 
 def test_json_round_trip(tmp_path):
-    cfg = make_config("smoke", learning_rate=3e-4, model_revision="abc123")
+    cfg = make_config("smoke", learning_rate=3e-4, model_revision="abc123", use_dora=True, adam_beta2=0.95)
     path = cfg.save(tmp_path / "cfg.json")
-    assert FinetuneConfig.load(path) == cfg
-    path.write_text('{"lora_rank": 8}')
+    again = FinetuneConfig.load(path)
+    assert again.training_settings() == cfg.training_settings() and again.run_id == cfg.run_id
+    assert again.lora.use_dora and again.sft.adam_beta2 == 0.95 and again.model_revision == "abc123"
+    path.write_text('{"lora_rank": 8, "bnb": {}, "lora": {}, "sft": {}}')
     with pytest.raises(ValueError, match="lora_rank"):
         FinetuneConfig.load(path)
 
 
-def test_parse_override():
-    assert parse_override("learning_rate=1e-4") == ("learning_rate", 1e-4)
-    assert parse_override("bf16=false") == ("bf16", False)
-    assert parse_override("model_revision=none") == ("model_revision", None)
-    with pytest.raises(ValueError, match="lora_r"):
-        parse_override("lora_r=sixteen")
-    with pytest.raises(ValueError, match="unknown config key"):
-        parse_override("nope=1")
-
-
 def test_run_id_tracks_training_settings_only():
     cfg = make_config()
-    assert dataclasses.replace(cfg, eval_limit=5).run_id == cfg.run_id
-    assert dataclasses.replace(cfg, learning_rate=1e-4).run_id != cfg.run_id
+    assert cfg.replace(eval_limit=5, logging_steps=1, report_to="none").run_id == cfg.run_id
+    assert cfg.replace(learning_rate=1e-4).run_id != cfg.run_id
+    assert cfg.replace(use_dora=True).run_id != cfg.run_id and cfg.replace(adam_beta2=0.9).run_id != cfg.run_id
     assert cfg.run_dir.parent.name == "runs" and cfg.run_dir.name.endswith(cfg.run_id)
     assert cfg.run_name.startswith("lr2e-4_r16_t16k_ep3-")  # one step: 16,384 packed tokens
-    assert dataclasses.replace(cfg, learning_rate=1e-4, lora_r=8, max_steps=500).run_name.startswith("lr1e-4_r8_t16k_s500-")
-    assert dataclasses.replace(cfg, pack_tokens=0).run_name.startswith("lr2e-4_r16_b16_ep3-")  # 16 padded sequences
+    assert cfg.replace(learning_rate=1e-4, r=8, max_steps=500).run_name.startswith("lr1e-4_r8_t16k_s500-")
+    assert make_config("seed").run_name.startswith("lr2e-4_r16_b16_ep3-")  # 16 padded sequences
 
 
-def test_builders_carry_the_config():
-    cfg = make_config()
-    bnb = cfg.bnb_config()
-    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
-    assert str(bnb.bnb_4bit_compute_dtype).endswith("bfloat16")
-    lora = cfg.lora_config()
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.05)
-    assert lora.target_modules == "all-linear"
-
-
-def test_sft_config_matches():
+def test_trainer_args_are_the_sft_config_in_the_run_folder():
     cfg = make_config("smoke", learning_rate=5e-4)
-    args = cfg.sft_config()
-    assert args.learning_rate == 5e-4
-    assert args.completion_only_loss is True and args.packing is False
-    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
-    assert args.save_total_limit == 3 and args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
-    assert args.report_to == ["tensorboard"] and args.output_dir == str(cfg.run_dir)
-    assert args.max_length == cfg.max_length and args.max_steps == cfg.max_steps
+    args = cfg.trainer_args()
+    assert args.output_dir == str(cfg.run_dir) and cfg.sft.output_dir == "outputs/smoke"
+    assert non_output_fields(args) == non_output_fields(cfg.sft)
+
+
+def non_output_fields(sft) -> dict:
+    return {f.name: getattr(sft, f.name) for f in dataclasses.fields(sft) if f.name != "output_dir"}

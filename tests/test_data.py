@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from llmhelpers.data.answers import last_boxed
-from llmhelpers.config.project import make_config
+from llmhelpers.config.profiles import make_config
 from llmhelpers.data.sources import (BadRow, INSTRUCTION, build_datasets, from_mathcodeinstruct, from_scibench,
                              is_answer_only, split_unit)
 from llmhelpers.paths import samples_dir
@@ -176,7 +176,7 @@ def test_same_seed_same_split_other_seed_other_split(bundle, tok_current):
 
 
 def test_long_examples_are_dropped_and_counted(tok_current, bundle):
-    cfg = make_config("smoke", max_length=130)
+    cfg = make_config("smoke", max_example_tokens=130)
     small = build_datasets(cfg, tok_current)
     dropped = small.report.total("too_long")
     assert dropped > 0
@@ -248,7 +248,7 @@ def test_loaded_examples_are_reused_only_for_the_same_sources(tok_current):
     from llmhelpers.data.sources import load_examples
 
     loaded = load_examples(make_config("smoke"))
-    same = build_datasets(make_config("smoke", max_length=200), tok_current, loaded)
+    same = build_datasets(make_config("smoke", max_example_tokens=200), tok_current, loaded)
     assert same.report.sources["mathcodeinstruct"].rows == loaded.report.sources["mathcodeinstruct"].rows
     other = build_datasets(make_config("smoke", math_samples=5), tok_current, loaded)  # settings changed: re-read
     m = other.report.sources["mathcodeinstruct"]

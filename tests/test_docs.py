@@ -43,7 +43,7 @@ def test_a_documented_snippet_runs(doc, index, code, tiny_model_dir, tiny_adapte
     scope = {"__name__": "__main__"}
     exec(compile(code, f"{doc} snippet {index}", "exec"), scope)
     if "OVERRIDES" in scope:  # a parameters-cell example: its keys and values must make a valid config
-        from llmhelpers.config.project import make_config
+        from llmhelpers.config.profiles import make_config
 
         make_config("full", **scope["OVERRIDES"])
     else:

@@ -82,7 +82,7 @@ def test_the_command_line_writes_the_file_and_a_modelfile(tiny_model_dir, tmp_pa
 def test_the_model_card_has_valid_hub_metadata_and_the_evaluation(tmp_path):
     from huggingface_hub import ModelCard
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.data.sources import DataReport
     from llmhelpers.evaluation.protocol import EvalResult, EvalRow
     from llmhelpers.export.model_card import push_to_hub, write_model_card

@@ -114,7 +114,7 @@ def outputs_text(cells) -> str:
 
 
 def runs(out):
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
 
     first = make_config("smoke").run_dir.name
     second = make_config("smoke", learning_rate=1e-4, max_steps=10).run_dir.name

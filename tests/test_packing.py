@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmhelpers.config.project import make_config
+from llmhelpers.config.profiles import make_config
 from llmhelpers.training.packing import (PackedMask, attention_implementation, dense_document_mask, document_ids,
                                 flex_document_mask, trailing_padding)
 
@@ -23,6 +23,10 @@ def tiny(tiny_model_dir):
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
+
+# rows of 1,024 tokens, one per micro-batch (SFTConfig's packing arguments)
+PACKED = dict(packing=True, max_length=1024, pad_to_multiple_of=1024, per_device_train_batch_size=1,
+              per_device_eval_batch_size=1, train_sampling_strategy="random")
 
 def packed_row():
     torch.manual_seed(0)
@@ -91,9 +95,9 @@ def test_the_loss_of_a_packed_batch_equals_the_padded_batchs(tiny_model_dir, tmp
     torch.manual_seed(1)
     ids = [torch.randint(5, 1000, (n,)).tolist() for n in (300, 120, 250)]
     rows = {"input_ids": ids, "completion_mask": [[0] * 40 + [1] * (len(r) - 40) for r in ids]}
-    padded, _ = trainer_on(rows, tiny_model_dir, tmp_path / "a", pack_tokens=0, per_device_train_batch_size=3,
+    padded, _ = trainer_on(rows, tiny_model_dir, tmp_path / "a", per_device_train_batch_size=3,
                         per_device_eval_batch_size=3)
-    packed, _ = trainer_on(rows, tiny_model_dir, tmp_path / "b", pack_tokens=1024)
+    packed, _ = trainer_on(rows, tiny_model_dir, tmp_path / "b", **PACKED)
     losses = {}
     for name, trainer in (("padded", padded), ("packed", packed)):
         (batch,) = list(trainer.get_eval_dataloader())
@@ -114,7 +118,7 @@ def test_every_row_once_per_epoch_and_the_schedule_counts_packed_steps(tiny_mode
     torch.manual_seed(2)
     ids = [torch.randint(5, 1000, (n,)).tolist() for n in (700, 600, 500, 400, 300, 200, 100, 90)]
     rows = {"input_ids": ids, "completion_mask": [[0] * 10 + [1] * (len(r) - 10) for r in ids]}
-    trainer, cfg = trainer_on(rows, tiny_model_dir, tmp_path, pack_tokens=1024, gradient_accumulation_steps=1,
+    trainer, cfg = trainer_on(rows, tiny_model_dir, tmp_path, **PACKED, gradient_accumulation_steps=1,
                          max_steps=-1, num_train_epochs=2, eval_steps=100, save_steps=100)
     packs = trainer.train_dataset["seq_lengths"]
     assert sorted(n for pack in packs for n in pack) == sorted(map(len, ids))  # each row in exactly one pack, whole

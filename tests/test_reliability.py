@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config.project import make_config
+from llmhelpers.config.profiles import make_config
 from llmhelpers.training.checkpoints import DiskSpaceError
 
 DRIVER = Path(__file__).parent / "kill_driver.py"
@@ -18,9 +18,9 @@ STEPS = 6
 
 
 def run_driver(tmp_path, mode, step, out, batch_log, tiny_model_dir):
-    args = ["--profile", "smoke", "--set", f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}",
-            "--set", f"max_steps={STEPS}", "--set", "eval_steps=2", "--set", "save_steps=2",
-            "--set", "accuracy_callback=false"]
+    args = ["--profile", "smoke", "--output_dir", f"{out}", "--tiny_model_dir", f"{tiny_model_dir}",
+            "--max_steps", f"{STEPS}", "--eval_steps", "2", "--save_steps", "2",
+            "--accuracy_callback", "false"]
     return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(batch_log), "--", *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
@@ -166,7 +166,7 @@ def test_remote_code_is_not_run_by_default(tmp_path, tiny_model_dir):
     tok_cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
     (target / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     cfg = make_config("smoke", model_id=str(target))
-    assert not cfg.trust_remote_code
+    assert not cfg.sft.trust_remote_code
     try:
         load_tokenizer(cfg)
     except (ValueError, OSError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.config.project import make_config
+from llmhelpers.config.profiles import make_config
 from llmhelpers.training.checkpoints import (COMPLETE_MARKER, CheckpointError, checkpoint_problem,
                                             choose_resume_checkpoint, last_complete_checkpoint)
 from llmhelpers.training.run_lock import RunLock, RunLockedError
@@ -23,9 +23,9 @@ EPOCHS, STEPS_PER_EPOCH = 3, 9  # 35 smoke training rows, 2 x 2 sequences per st
 
 
 def driver(tmp_path, mode, step, out, log, tiny_model_dir, *extra):
-    args = ["--profile", "smoke", "--set", f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}",
-            "--set", "max_steps=-1", "--set", f"num_train_epochs={EPOCHS}", "--set", "eval_steps=3",
-            "--set", "save_steps=3", "--set", "accuracy_callback=false", "--set", "logging_steps=3", *extra]
+    args = ["--profile", "smoke", "--output_dir", f"{out}", "--tiny_model_dir", f"{tiny_model_dir}",
+            "--max_steps", "-1", "--num_train_epochs", f"{EPOCHS}", "--eval_steps", "3",
+            "--save_steps", "3", "--accuracy_callback", "false", "--logging_steps", "3", *extra]
     return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
@@ -173,9 +173,8 @@ def test_set_aside_folders_are_reported_with_their_size(tmp_path, finished_run, 
 
 # --- one writer per run folder ---------------------------------------------------------------------------------
 def cli(tmp_path, out, tiny_model_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--set",
-                             f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}", "--set", "max_steps=6",
-                             "--set", "eval_steps=2", "--set", "save_steps=2", "--set", "accuracy_callback=false",
+    return subprocess.Popen([sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--output_dir", f"{out}", "--tiny_model_dir", f"{tiny_model_dir}", "--max_steps", "6",
+                             "--eval_steps", "2", "--save_steps", "2", "--accuracy_callback", "false",
                              *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -233,14 +232,16 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
 
 
 # --- a resume continues the same numbers (issue #18): losses, recorded train loss and final weights -----------------
-PACKED = ["--set", "pack_tokens=1024", "--set", "gradient_accumulation_steps=1"]  # 6 packed rows per epoch
+# rows of 1,024 tokens, one per micro-batch: 6 packed rows per epoch
+PACKED = ["--packing", "true", "--max_length", "1024", "--pad_to_multiple_of", "1024", "--per_device_train_batch_size", "1",
+          "--per_device_eval_batch_size", "1", "--train_sampling_strategy", "random", "--gradient_accumulation_steps", "1"]
 
 
 def exact_run(tmp_path, tiny_model_dir, mode, step, *extra):
     out, log = tmp_path / "out", tmp_path / "batches.log"
-    args = ["--profile", "smoke", "--set", f"output_dir={out}", "--set", f"tiny_model_dir={tiny_model_dir}",
-            "--set", "max_steps=12", "--set", "eval_steps=3", "--set", "save_steps=3", "--set", "logging_steps=1",
-            "--set", "accuracy_callback=false", *extra]
+    args = ["--profile", "smoke", "--output_dir", f"{out}", "--tiny_model_dir", f"{tiny_model_dir}",
+            "--max_steps", "12", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1",
+            "--accuracy_callback", "false", *extra]
     return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600), out
 

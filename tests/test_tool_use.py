@@ -121,7 +121,7 @@ def test_masked_training_teaches_code_and_execution_makes_the_answer_the_execute
 
 
 def test_evaluation_reports_tool_calls_and_both_modes(tool_user, tok_current):
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import make_config
     from llmhelpers.evaluation.protocol import comparison_table, evaluate
 
     cfg = make_config("smoke", eval_samples=1, eval_do_sample=False, eval_max_new_tokens=80)

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmhelpers.data.chat import encode, render_prompt
-from llmhelpers.config.project import make_config
+from llmhelpers.config.profiles import make_config
 from llmhelpers.data.sources import DataBundle, DataReport, Example, build_datasets
 from llmhelpers.inference.generation import generate
 from llmhelpers.evaluation.grading import is_correct
@@ -64,10 +64,10 @@ def test_trainer_consumes_encode_features(cfg):
 def test_train_resume_and_save(cfg):
     trainer, tok, data = make_trainer(cfg)
     out = train(trainer, cfg)
-    assert out.global_step == cfg.max_steps
+    assert out.global_step == cfg.sft.max_steps
     run = cfg.run_dir
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
-    assert json.loads((run / "finetune_config.json").read_text())["learning_rate"] == cfg.learning_rate
+    assert json.loads((run / "finetune_config.json").read_text())["sft"]["learning_rate"] == cfg.sft.learning_rate
     events = list(run.rglob("events.out.tfevents.*"))
     assert events, "TensorBoard events were not written"
 
@@ -84,7 +84,7 @@ def test_train_resume_and_save(cfg):
     steps_run = StepRecorder()
     trainer2.add_callback(steps_run)
     out2 = train(trainer2, cfg)
-    assert out2.global_step == cfg.max_steps
+    assert out2.global_step == cfg.sft.max_steps
     assert steps_run.steps == [5, 6, 7, 8]  # resumed after step 4: no step trained twice
 
     path = save_adapters(trainer2.model, tok, cfg)
@@ -95,7 +95,7 @@ def test_train_resume_and_save(cfg):
 def test_changed_hyperparameter_gets_its_own_run_and_start_over_moves_aside(cfg):
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "checkpoint-4").mkdir()
-    other = replace(cfg, learning_rate=1e-4)
+    other = cfg.replace(learning_rate=1e-4)
     assert other.run_dir != cfg.run_dir
     assert prepare_run(other) is None
     start_over(cfg)
@@ -106,8 +106,8 @@ def test_changed_hyperparameter_gets_its_own_run_and_start_over_moves_aside(cfg)
 def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
     """Same code path as the notebook, on four short problems: 300 steps take ~20 s on 2 CPU cores."""
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=300,
-                      learning_rate=3e-3, lr_scheduler_type="constant", warmup_ratio=0.0, lora_dropout=0.0,
-                      lora_r=32, lora_alpha=64, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                      learning_rate=3e-3, lr_scheduler_type="constant", warmup_steps=0, lora_dropout=0.0,
+                      r=32, lora_alpha=64, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                       eval_steps=300, save_steps=300, logging_steps=10, accuracy_callback=False)
     tok = load_tokenizer(cfg)
     examples = [Example(question=f"What is {a} plus {b}?", reasoning=f"{a} + {b} = {a + b}.",
@@ -131,8 +131,8 @@ def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
 def test_merge_matches_adapter_logits(cfg):
     from llmhelpers.model.merging import merge_adapters
 
-    trainer, tok, data = make_trainer(replace(cfg, max_steps=4, save_steps=4, eval_steps=4))
-    train(trainer, trainer_cfg := replace(cfg, max_steps=4, save_steps=4, eval_steps=4))
+    trainer, tok, data = make_trainer(cfg.replace(max_steps=4, save_steps=4, eval_steps=4))
+    train(trainer, trainer_cfg := cfg.replace(max_steps=4, save_steps=4, eval_steps=4))
     # Make the adapter non-trivial so that a wrong merge would show.
     with torch.no_grad():
         for n, p in trainer.model.named_parameters():

@@ -428,7 +428,7 @@ class DataBundle:
 def data_key(cfg) -> tuple:
     """The settings a DataBundle depends on: a config that differs here needs the data built again."""
     return (cfg.math_dataset, cfg.science_dataset, cfg.dataset_revision, cfg.math_samples, cfg.science_samples,
-            cfg.max_length, cfg.eval_fraction, cfg.heldout_max, cfg.allow_one_source, cfg.seed, cfg.mask_tool_output)
+            cfg.max_example_tokens, cfg.eval_fraction, cfg.heldout_max, cfg.allow_one_source, cfg.seed, cfg.mask_tool_output)
 
 
 def _shuffled(rows: Iterable[Any], seed: int) -> Iterable[Any]:
@@ -499,7 +499,7 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
         features = encode(ex, tokenizer, cfg.mask_tool_output)
         if "```output" in ex.reasoning:
             counts.tool_calls += 1
-        if len(features["input_ids"]) > cfg.max_length:
+        if len(features["input_ids"]) > cfg.max_example_tokens:
             counts.too_long += 1
             continue
         pool.append((ex, features))

@@ -75,7 +75,7 @@ def _weights(model_dir: Path):
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{model_dir} holds no .safetensors weights: export the merged model (section 10)")
+        raise FileNotFoundError(f"{model_dir} holds no .safetensors weights: merge the adapters first (merge_adapters)")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmhelpers.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=["gguf"], default="gguf")
-    parser.add_argument("--model", required=True, help="the merged model folder (section 10's merged/)")
+    parser.add_argument("--model", required=True, help="the merged model folder (merge_adapters' merged/ folder)")
     parser.add_argument("--out", required=True, help="the .gguf file to write (a Modelfile is written beside it)")
     parser.add_argument("--outtype", choices=OUTTYPES, default="q8_0")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ def _data_section(report) -> str:
 
 def _eval_section(results, cfg) -> str:
     if not results:
-        return "No evaluation was passed to the card: run section 9 of the notebook (or `--evaluate`) and write it again."
+        return "No evaluation was passed to the card: run the notebook's answer-accuracy step (or `--evaluate`) and write it again."
     lines = ["| run | problems | samples | pass@1 | maj@k | hit budget | pass@1 finished | mean thinking tokens | "
              "tool calls per answer |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -47,18 +47,18 @@ def model_card_text(cfg, kind: str, report=None, results=None):
     """The card as a huggingface_hub ModelCard. kind: "adapters" (a PEFT LoRA folder) or "merged" (bf16 weights)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import changed_settings
 
-    default = make_config(cfg.profile)
-    changed = {k: v for k, v in cfg.to_dict().items() if getattr(default, k) != v and k != "profile"}
+    changed = changed_settings(cfg)
     data = ModelCardData(
         base_model=cfg.model_id, library_name="peft" if kind == "adapters" else "transformers",
         license="mit", pipeline_tag="text-generation", language=["en"],
         datasets=[DATASETS["mathcodeinstruct"], DATASETS["scibench"]],
         tags=["qlora", "lora", "sft", "trl", "reasoning", "math", "science", "deepseek-r1"])
-    length = f"{cfg.num_train_epochs:g} epochs" if cfg.max_steps <= 0 else f"{cfg.max_steps} steps"
+    sft, lora = cfg.sft, cfg.lora
+    length = f"{sft.num_train_epochs:g} epochs" if sft.max_steps <= 0 else f"{sft.max_steps} steps"
     batch = (f"rows of {cfg.pack_tokens} packed tokens" if cfg.pack_tokens
-             else f"{cfg.per_device_train_batch_size} padded sequences per micro-batch")
+             else f"{sft.per_device_train_batch_size} padded sequences per micro-batch")
     load = (f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{cfg.model_id}"), "<this repo>")'
             if kind == "adapters" else 'model = AutoModelForCausalLM.from_pretrained("<this repo>")')
     content = f"""---
@@ -68,7 +68,7 @@ def model_card_text(cfg, kind: str, report=None, results=None):
 # {cfg.run_name}: {cfg.model_id} fine-tuned on MathCodeInstruct and SciBench ({kind})
 
 {"LoRA adapters" if kind == "adapters" else "The base model with the LoRA adapters merged in, bf16"} trained with QLoRA
-(4-bit NF4 base, LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha} on {cfg.lora_target_modules}) and TRL's `SFTTrainer` on
+(4-bit NF4 base, LoRA r={lora.r}, alpha={lora.lora_alpha} on {lora.target_modules}) and TRL's `SFTTrainer` on
 R1-format chat: the problem as the user turn, the worked solution inside `<think>`…`</think>`, the boxed answer after it.
 
 ## Data
@@ -82,8 +82,9 @@ not to invent what it prints).
 
 ## Recipe
 
-Learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}), {length}, {batch} × {cfg.gradient_accumulation_steps}
-accumulation, max length {cfg.max_length}, optimizer {cfg.optim}, seed {cfg.seed}.
+Learning rate {sft.learning_rate} ({getattr(sft.lr_scheduler_type, "value", sft.lr_scheduler_type)}), {length}, {batch} ×
+{sft.gradient_accumulation_steps} accumulation, examples up to {cfg.max_example_tokens} tokens, optimizer
+{getattr(sft.optim, "value", sft.optim)}, seed {cfg.seed}.
 Settings that differ from the project's `{cfg.profile}` profile: {", ".join(f"`{k}={v!r}`" for k, v in sorted(changed.items())) or "none"}.
 
 ## Evaluation
@@ -134,3 +135,4 @@ def push_to_hub(folder, repo_id: str, private: bool = True, api=None) -> str:
     api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                       commit_message=f"upload {Path(folder).name} from the fine-tuning notebook")
     return str(url)
+

@@ -4,11 +4,13 @@ Everything is loaded from safetensors; remote code runs only if the config says 
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from llmhelpers.config.project import bnb_arguments, library_settings
 from llmhelpers.paths import resolve
 from llmhelpers.model.tiny import build_tiny_r1
 
@@ -23,7 +25,8 @@ def model_path(cfg) -> str:
 
 
 def _hub_kwargs(cfg) -> dict:
-    return {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
+    # SFTConfig.trust_remote_code (False by default): Qwen2 is native to transformers; never run Hub code unasked
+    return {"revision": cfg.model_revision, "trust_remote_code": cfg.sft.trust_remote_code}
 
 
 def load_tokenizer(cfg, path: str | None = None):
@@ -49,13 +52,13 @@ def load_base_model(cfg, quantized: bool = True, attn_implementation: str | None
     """The base model: 4-bit NF4 (QLoRA) by default, or plain weights in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=cfg.torch_dtype(), device_map=device_map(), use_safetensors=True, **_hub_kwargs(cfg))
-    if quantized and cfg.load_in_4bit:
-        kwargs["quantization_config"] = cfg.bnb_config()
+    kwargs = dict(dtype=cfg.compute_dtype, device_map=device_map(), use_safetensors=True, **_hub_kwargs(cfg))
+    if quantized:
+        kwargs["quantization_config"] = cfg.bnb  # the notebook's bnb_config
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg), **kwargs)
-    return finish_base_model(model, cfg, quantized and cfg.load_in_4bit)
+    return finish_base_model(model, cfg, quantized)
 
 
 def finish_base_model(model, cfg, quantized: bool):
@@ -69,23 +72,29 @@ def finish_base_model(model, cfg, quantized: bool):
 
 
 # What a loaded model depends on: changing any of these needs the model loaded again.
-LOAD_SETTINGS = ("model_id", "model_revision", "tiny_model_dir", "bnb_4bit_compute_dtype")
-QUANT_SETTINGS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
-LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "upcast_to_fp32",
-                 "gradient_checkpointing")
+LOAD_SETTINGS = ("model_id", "model_revision", "tiny_model_dir")
 
 
 def loaded_with(cfg, quantized: bool) -> dict:
     settings = {k: getattr(cfg, k) for k in LOAD_SETTINGS}
-    if quantized:
-        settings.update({k: getattr(cfg, k) for k in QUANT_SETTINGS})
+    settings["compute dtype"] = str(cfg.compute_dtype)
+    if quantized:  # the BitsAndBytesConfig's arguments, compared field by field
+        settings.update({f"bnb_config.{k}": v for k, v in bnb_arguments(cfg.bnb).items()})
     return settings
 
 
-def _first_difference(recorded: dict, cfg) -> str | None:
+def lora_settings(cfg) -> dict:
+    """What attached adapters depend on: the LoraConfig's fields and how the base was prepared for them."""
+    settings = {f"lora_config.{k}": v for k, v in library_settings(cfg.lora).items()}
+    settings.update({"upcast_to_fp32": cfg.upcast_to_fp32, "liger_kernels": cfg.liger_kernels,
+                     "sft_config.activation_checkpointing": bool(cfg.sft.activation_checkpointing)})
+    return settings
+
+
+def _first_difference(recorded: dict, current: dict) -> str | None:
     for key, value in recorded.items():
-        if getattr(cfg, key) != value:
-            return f"{key}={value!r}, but the config now says {key}={getattr(cfg, key)!r}"
+        if current.get(key) != value:
+            return f"{key}={value!r}, but now {key}={current.get(key)!r}"
     return None
 
 
@@ -94,18 +103,18 @@ def check_model_matches(model, cfg) -> None:
     recorded = getattr(model, "llm_loaded_with", None)
     if recorded is None:
         return  # not loaded by load_base_model (a test's own model): nothing recorded to compare
-    diff = _first_difference(recorded, cfg)
+    diff = _first_difference(recorded, loaded_with(cfg, any(k.startswith("bnb_config.") for k in recorded)))
     if diff:
-        raise ValueError(f"the model in memory was loaded with {diff}. Re-run the cell that loads the model "
-                         "(section 3, load_base_model) and the cells after it.")
+        raise ValueError(f"the model in memory was loaded with {diff}. Re-run the step that loads the model "
+                         "(load_base_model) and the steps after it.")
 
 
 def check_lora_matches(model, cfg) -> None:
     recorded = getattr(model, "llm_lora_settings", None)
-    diff = _first_difference(recorded, cfg) if recorded else None
+    diff = _first_difference(recorded, lora_settings(cfg)) if recorded else None
     if diff:
-        raise ValueError(f"the LoRA adapters in memory were attached with {diff}. Re-run the LoRA cell "
-                         "(section 5, attach_lora) and the cells after it.")
+        raise ValueError(f"the LoRA adapters in memory were attached with {diff}. Re-run the LoRA step "
+                         "(attach_lora) and the steps after it.")
 
 
 def _keep_cpu_4bit_layout(model) -> None:
@@ -129,21 +138,23 @@ def attach_lora(model, cfg):
     check_model_matches(model, cfg)
     if isinstance(model, PeftModel):
         model = model.unload()
+    checkpointing = bool(cfg.sft.activation_checkpointing)
     if getattr(model, "is_loaded_in_4bit", False) and cfg.upcast_to_fp32:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         for param in model.parameters():
             param.requires_grad_(False)
-        if cfg.gradient_checkpointing:
+        if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     model.llm_liger = apply_liger(model, cfg)
     with quiet_peft():
-        peft_model = get_peft_model(model, cfg.lora_config())
-    model.llm_lora_settings = {k: getattr(cfg, k) for k in LORA_SETTINGS}
+        # a copy: peft fills in fields of the config it is given (base model name, ...); the notebook's stays as written
+        peft_model = get_peft_model(model, copy.deepcopy(cfg.lora))
+    model.llm_lora_settings = lora_settings(cfg)
     return peft_model
 
 
@@ -155,7 +166,7 @@ def apply_liger(model, cfg) -> bool:
 
     import torch
 
-    if not (cfg.use_liger_kernel and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")):
+    if not (cfg.liger_kernels and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")):
         return False
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 

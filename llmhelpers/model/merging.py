@@ -43,13 +43,13 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
     top2 = before.topk(2, dim=-1).values
     confident = ((top2[..., 0] - top2[..., 1]) > CONFIDENT_MARGIN)[mask]
     check = {
-        "dtype": cfg.bnb_4bit_compute_dtype,
+        "dtype": str(cfg.compute_dtype).removeprefix("torch."),
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
         "top1_agreement": float(same_top1.float().mean()),
         "confident_positions": int(confident.sum()),
         "top1_agreement_confident": float(same_top1[confident].float().mean()) if confident.any() else 1.0,
-        "tolerance": MERGE_TOLERANCE[cfg.bnb_4bit_compute_dtype],
+        "tolerance": MERGE_TOLERANCE[str(cfg.compute_dtype).removeprefix("torch.")],
     }
     check["ok"] = check["mean_abs_diff"] <= check["tolerance"] and check["top1_agreement_confident"] >= 0.99
 

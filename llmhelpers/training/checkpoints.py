@@ -19,7 +19,7 @@ class DiskSpaceError(RuntimeError):
 def checkpoint_bytes(model, cfg) -> int:
     """Expected size of one checkpoint: adapters (fp32), optimizer state, tokenizer and small files."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = 2 if "8bit" in cfg.optim else 8  # two Adam moments, 1 or 4 bytes each
+    optimizer = 2 if "8bit" in str(getattr(cfg.sft.optim, "value", cfg.sft.optim)) else 8  # two Adam moments, 1 or 4 bytes each
     return trainable * (4 + optimizer) + 30 * 2**20
 
 

@@ -48,17 +48,17 @@ def layers_that_fit(limit: float, peak_all: float, peak_probe: float, probe_laye
 
 def worst_batch(trainer, cfg) -> dict:
     """The largest micro-batch the run can meet, every token trained on: a packed row of pack_tokens tokens made of
-    max_length sequences, or per_device_train_batch_size padded sequences of max_length."""
+    max_example_tokens sequences, or per_device_train_batch_size padded sequences of max_example_tokens."""
     import torch
 
     device = trainer.args.device
     vocab = trainer.model.config.vocab_size
     if cfg.pack_tokens:
         n = cfg.pack_tokens
-        positions = torch.arange(n) % cfg.max_length
+        positions = torch.arange(n) % cfg.max_example_tokens
         ids = torch.randint(10, vocab - 10, (1, n), generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids.to(device), "labels": ids.to(device), "position_ids": positions[None].to(device)}
-    shape = (cfg.per_device_train_batch_size, cfg.max_length)
+    shape = (cfg.sft.per_device_train_batch_size, cfg.max_example_tokens)
     ids = torch.randint(10, vocab - 10, shape, generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids.to(device), "labels": ids.to(device),
             "attention_mask": torch.ones(shape, dtype=torch.long, device=device)}
@@ -79,7 +79,7 @@ def _peak_of_step(trainer, batch) -> float:
 
 def choose_checkpointed_layers(trainer, cfg) -> dict:
     decided = _choose(trainer, cfg)
-    trainer.checkpointed_layers = decided["checkpointed_layers"] if cfg.gradient_checkpointing else None
+    trainer.checkpointed_layers = decided["checkpointed_layers"] if cfg.sft.activation_checkpointing else None
     return decided
 
 
@@ -91,8 +91,8 @@ def _choose(trainer, cfg) -> dict:
     import torch
 
     n_layers = len(decoder_layers(trainer.model))
-    if not cfg.gradient_checkpointing:
-        return {"checkpointed_layers": 0, "of": n_layers, "why": "gradient_checkpointing off"}
+    if not cfg.sft.activation_checkpointing:
+        return {"checkpointed_layers": 0, "of": n_layers, "why": "activation_checkpointing off"}
     if cfg.checkpoint_layers >= 0:
         n = set_checkpointed_layers(trainer.model, cfg.checkpoint_layers)
         return {"checkpointed_layers": n, "of": n_layers, "why": "checkpoint_layers set"}

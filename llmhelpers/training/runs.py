@@ -16,8 +16,9 @@ from pathlib import Path
 
 INDEX = "index.json"
 # The hyperparameters shown for every run; everything else that differs from the profile is in "changed".
-KEY_SETTINGS = ("learning_rate", "lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-                "num_train_epochs", "max_steps", "max_length", "math_samples", "model_id")
+KEY_SETTINGS = ("learning_rate", "r", "lora_alpha", "max_length", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_example_tokens", "math_samples",
+                "model_id")
 
 
 def index_path(output_dir) -> Path:
@@ -46,16 +47,15 @@ def read_index(output_dir) -> dict[str, dict]:
 
 def record_run(cfg, **fields) -> dict:
     """Create or update this run's entry; `fields` (status, metrics, adapter_dir, ...) are merged in."""
-    from llmhelpers.config.project import make_config
+    from llmhelpers.config.profiles import changed_settings, flat_settings
 
     path = index_path(cfg.output_dir)
     with _locked(path):
         index = read_index(cfg.output_dir)
-        default = make_config(cfg.profile)
         entry = index.get(cfg.run_name, {"created": time.strftime("%Y-%m-%d %H:%M:%S")})
         entry.update(run=cfg.run_name, run_dir=str(cfg.run_dir), profile=cfg.profile,
-                     settings={k: getattr(cfg, k) for k in KEY_SETTINGS},
-                     changed={k: v for k, v in cfg.to_dict().items() if getattr(default, k) != v and k != "profile"},
+                     settings={k: v for k, v in flat_settings(cfg).items() if k in KEY_SETTINGS},
+                     changed=changed_settings(cfg),
                      updated=time.strftime("%Y-%m-%d %H:%M:%S"))
         entry.update(fields)
         index[cfg.run_name] = entry

@@ -8,6 +8,7 @@ starts its own run beside it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,8 +19,13 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
-from llmhelpers.environment import free_bytes
+from llmhelpers.config.project import CONFIG_NAME
+from llmhelpers.training.checkpoints import (atomic_save, checkpoint_bytes, checkpoint_step, choose_resume_checkpoint,
+                                            ensure_free_space, last_complete_checkpoint, mark_complete,
+                                            set_aside_folders)
 from llmhelpers.training.packing import PackedMask, trailing_padding
+from llmhelpers.training.run_lock import RunLock
+
 
 class DiskGuard(TrainerCallback):
     """Before each checkpoint save, checks that one more checkpoint fits (with 50% margin); if not,
@@ -274,7 +280,7 @@ def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
     check_ready_to_train(cfg, model, data)
     trainer = ResumableSFTTrainer(
         model=model,
-        args=cfg.sft_config(**sft_overrides),
+        args=dataclasses.replace(cfg.trainer_args(), **sft_overrides),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -301,8 +307,8 @@ def check_data_matches(key, cfg) -> None:
     from llmhelpers.data.sources import data_key
 
     if key is not None and key != data_key(cfg):
-        raise ValueError("the data in memory was built with other data settings (sources, samples, max_length, "
-                         "split or seed) than this config: re-run the data cell (section 4, build_datasets) and the "
+        raise ValueError("the data in memory was built with other data settings (sources, samples, max_example_tokens, "
+                         "split or seed) than this config: re-run the data step (build_datasets) and the "
                          "cells after it.")
 
 
@@ -382,7 +388,7 @@ def _load_finished(trainer, cfg, last: Path):
 
     state = TrainerState.load_from_json(str(last / "trainer_state.json"))
     best = state.best_model_checkpoint
-    source = Path(best) if cfg.load_best_model_at_end and best and Path(best).is_dir() else last
+    source = Path(best) if cfg.sft.load_best_model_at_end and best and Path(best).is_dir() else last
     trainer._load_from_checkpoint(str(source))
     trainer.state = state
     done = cfg.run_dir / RUN_COMPLETE
@@ -424,7 +430,7 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
         check_data_matches(getattr(trainer, "llm_data_key", None), cfg)
         check_lora_matches(trainer.model, cfg)
         raise ValueError(f"this trainer was built for the run in {trainer.args.output_dir}, but cfg is now the run "
-                         f"{cfg.run_name}: re-run the cell that builds the trainer (section 6), then this one.")
+                         f"{cfg.run_name}: re-run the step that builds the trainer (ResumableSFTTrainer(args=cfg.trainer_args(), ...)), then this one.")
     main = trainer.is_world_process_zero()
     lock = RunLock(cfg.run_dir) if main else None
     if lock:

@@ -1,0 +1,150 @@
+"""Profiles: configs/full.yaml is the recipe (the library configs of LLM.ipynb's section 2); the other files list only
+what they change. `make_config` builds a `FinetuneConfig` from the notebook's own objects, or from the files.
+
+    profile = load_profile("smoke")
+    lora_config = profile.apply(LoraConfig(r=16, ...))      # the notebook: its objects, the profile's changes shown
+    cfg = make_config("smoke", bnb=bnb_config, lora=lora_config, sft=sft_config, math_samples=2000)
+    cfg = make_config("smoke", learning_rate=1e-3, r=8)     # tests, the CLI: the recipe from configs/, any field
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmhelpers.config.project import (LIBRARY_CONFIGS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
+                                       bnb_constructor_arguments, keep_accelerator_state, library_owner)
+from llmhelpers.paths import REPO_ROOT
+
+CONFIGS_DIR = REPO_ROOT / "configs"
+RECIPE = "full"  # the profile whose file holds the whole recipe; the others change it
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if _read(p.stem) is not None)
+
+
+def _read(name: str) -> dict | None:
+    import yaml
+
+    path = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not set(data) <= {"project", *LIBRARY_CONFIGS}:
+        return None  # not a profile (e.g. an accelerate config)
+    return data
+
+
+@dataclass
+class Profile:
+    """What a profile changes: project settings, and arguments of each library config."""
+    name: str
+    project: dict = field(default_factory=dict)
+    bnb: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict)
+
+    def apply(self, config):
+        """`config` with this profile's changes (a new object; the same one when there are none)."""
+        key = _library_key(config)
+        changes = getattr(self, key)
+        if not changes:
+            return config
+        if key == "bnb":
+            return _bnb(**{**bnb_constructor_arguments(config), **changes})
+        with keep_accelerator_state():
+            return dataclasses.replace(config, **changes)
+
+    def __str__(self) -> str:
+        parts = [f"{key}: " + ", ".join(f"{k}={v!r}" for k, v in getattr(self, key).items())
+                 for key in ("project", *LIBRARY_CONFIGS) if getattr(self, key)]
+        return f"profile {self.name}: " + ("; ".join(parts) if parts else "the recipe as written")
+
+
+def load_profile(name: str) -> Profile:
+    if name == RECIPE:
+        return Profile(RECIPE)
+    data = _read(name)
+    if data is None:
+        raise ValueError(f"unknown profile {name!r}; choose one of {profile_names()} (files in {CONFIGS_DIR})")
+    return Profile(name, **{k: dict(v or {}) for k, v in data.items()})
+
+
+def recipe(name: str = RECIPE) -> dict:
+    """{"bnb": kwargs, "lora": kwargs, "sft": kwargs} of configs/full.yaml with profile `name`'s changes."""
+    base = _read(RECIPE)
+    changes = load_profile(name)
+    return {key: {**(base.get(key) or {}), **getattr(changes, key)} for key in LIBRARY_CONFIGS}
+
+
+def library_configs(name: str = RECIPE, **changes) -> dict:
+    """The three library objects of profile `name`'s recipe, with `changes` routed to the config that has them."""
+    kwargs = recipe(name)
+    for key, value in changes.items():
+        kwargs[library_owner(key)][key] = value
+    sft = kwargs["sft"]
+    if "use_cpu" not in sft:  # the notebook's cell says use_cpu=not torch.cuda.is_available()
+        import torch
+
+        sft["use_cpu"] = not torch.cuda.is_available()  # also makes several CPU processes (gloo) form one DDP group
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    with keep_accelerator_state():
+        return {"bnb": _bnb(**kwargs["bnb"]), "lora": LoraConfig(**kwargs["lora"]), "sft": SFTConfig(**sft)}
+
+
+def make_config(profile: str = RECIPE, /, bnb=None, lora=None, sft=None, **overrides) -> FinetuneConfig:
+    """The run's config. With the notebook's library objects (all three), they are used as they are and `overrides`
+    may set only project settings; without them, the recipe comes from configs/ and `overrides` may set any field of
+    the project or of the three library configs (by the library's name for it)."""
+    prof = load_profile(profile)
+    given = {"bnb": bnb, "lora": lora, "sft": sft}
+    project = {k: v for k, v in overrides.items() if k in PROJECT_FIELDS}
+    library = {k: v for k, v in overrides.items() if k not in PROJECT_FIELDS}
+    if project.get("profile", profile) != profile:
+        raise ValueError(f"profile={project['profile']!r} in the overrides contradicts make_config({profile!r})")
+    if any(v is not None for v in given.values()):
+        if any(v is None for v in given.values()):
+            raise ValueError("give all three library configs (bnb, lora, sft) or none")
+        for key in library:
+            owner = library_owner(key)
+            raise ValueError(f"{key} is a {_NAMES[owner]} setting: set it where {owner}'s config is built "
+                             f"(the notebook's recipe cells), not among the project settings")
+        objects = given
+    else:
+        objects = library_configs(profile, **library)
+    return FinetuneConfig(**{**prof.project, **project, "profile": profile, **objects})
+
+
+_NAMES = {"bnb": "BitsAndBytesConfig", "lora": "LoraConfig", "sft": "SFTConfig"}
+
+
+def _library_key(config) -> str:
+    for key, name in _NAMES.items():
+        if type(config).__name__ == name or any(c.__name__ == name for c in type(config).__mro__):
+            return key
+    raise TypeError(f"not a library config: {type(config).__name__}")
+
+
+def _bnb(**kwargs):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**kwargs)
+
+
+def changed_settings(cfg: FinetuneConfig) -> dict:
+    """The settings of `cfg` that differ from its profile's recipe, each under its own name."""
+    mine, recipe_ = flat_settings(cfg), flat_settings(make_config(cfg.profile))
+    return {k: v for k, v in mine.items() if recipe_.get(k) != v and k not in ("profile", "use_cpu")}
+
+
+def flat_settings(cfg: FinetuneConfig) -> dict:
+    """Every setting by its own name (project and library fields; the names do not overlap): the CLI's defaults."""
+    out = dict(cfg.project_settings())
+    out.update({k: v for k, v in bnb_constructor_arguments(cfg.bnb).items()})
+    for key in ("lora", "sft"):
+        obj = getattr(cfg, key)
+        out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+    return {k: _jsonable(v) if k != "bnb_4bit_compute_dtype" else _jsonable(v) for k, v in out.items()}
