@@ -1,8 +1,9 @@
-"""Structure checks on LLM.ipynb. The pytest suite checks what holds for any copy a user saves (short cells,
-one parameters cell); `.ci/run` also checks the committed file carries no outputs:
+"""Structure checks on LLM.ipynb. The pytest suite checks what holds for any copy a user saves (short cells, one
+parameters cell, the recipe cells); `.ci/run` also checks the committed file carries no outputs:
 
     python tests/notebook_checks.py --committed LLM.ipynb
 """
+import ast
 import sys
 from pathlib import Path
 
@@ -21,19 +22,35 @@ def notebook_problems(path: Path, committed: bool = False) -> list[str]:
             problems.append(f"cell {i} has outputs: clear them before committing (JupyterLab: Kernel > Restart "
                             "Kernel and Clear Outputs of All Cells…, then save; or use the nbstripout filter, README)")
         logic = [l for l in cell.source.splitlines() if l.strip() and not l.startswith(("import ", "from "))]
-        if len(logic) > MAX_CELL_LINES:
+        if len(logic) > MAX_CELL_LINES and not _one_statement(cell.source):  # a config written out may be long
             problems.append(f"cell {i} has {len(logic)} lines: move logic into llmhelpers")
-    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    if len(params) != 1 or not all(k in params[0].source for k in ("PROFILE", "OVERRIDES", "make_config")):
-        problems.append("there must be one cell tagged 'parameters' that sets PROFILE, holds OVERRIDES and builds "
-                        "cfg with make_config")
+    params = tagged(nb, "parameters")
+    if len(params) != 1 or not all(k in params[0].source for k in ("PROFILE", "OVERRIDES", "load_profile")):
+        problems.append("there must be one cell tagged 'parameters' that sets PROFILE, holds OVERRIDES and loads "
+                        "the profile")
+    recipe = tagged(nb, "recipe")
+    built = {name for cell in recipe for name in ("BitsAndBytesConfig(", "LoraConfig(", "SFTConfig(") if name in cell.source}
+    if len(recipe) != 3 or len(built) != 3:
+        problems.append("there must be three cells tagged 'recipe' that build BitsAndBytesConfig, LoraConfig and "
+                        "SFTConfig")
     return problems
 
 
+def tagged(nb, tag: str) -> list:
+    return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+
+
+def _one_statement(source: str) -> bool:
+    try:
+        return len(ast.parse(source).body) == 1
+    except SyntaxError:
+        return False
+
+
 def pristine_notebook(path: Path):
-    """The notebook as the tests run it: outputs cleared and the parameters cell as committed (git's HEAD), so a
-    user's saved outputs and edited OVERRIDES or PROFILE never change what the test command checks. Other edits to
-    the notebook are kept (they are changes to test). Without git, the parameters cell is taken as it is."""
+    """The notebook as the tests run it: outputs cleared and the parameters and recipe cells as committed (git's
+    HEAD), so a user's saved outputs and edited settings never change what the test command checks. Other edits to
+    the notebook are kept (they are changes to test). Without git, the cells are taken as they are."""
     import subprocess
 
     nb = nbformat.read(path, as_version=4)
@@ -46,9 +63,11 @@ def pristine_notebook(path: Path):
         committed = nbformat.reads(text, as_version=4)
     except (OSError, subprocess.CalledProcessError, ValueError):
         return nb
-    params = lambda book: [c for c in book.cells if "parameters" in c.metadata.get("tags", [])]
-    if len(params(nb)) == 1 and len(params(committed)) == 1:
-        params(nb)[0].source = params(committed)[0].source
+    for tag in ("parameters", "recipe"):
+        mine, theirs = tagged(nb, tag), tagged(committed, tag)
+        if len(mine) == len(theirs):
+            for cell, original in zip(mine, theirs):
+                cell.source = original.source
     return nb
 
 

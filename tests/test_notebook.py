@@ -1,6 +1,6 @@
 """LLM.ipynb executed top to bottom in the smoke profile (as CI does), then what a user does next in the same
-kernel: edit the parameters cell, re-run it and the training cells (a second run beside the first), re-run the
-finished training cell (nothing trained), and change a model setting (refused). Then what it left behind: per-run
+kernel: edit the recipe cells (LoRA rank, learning rate, steps), re-run from there (a second run beside the first),
+re-run the finished training cell (nothing trained), and change a model setting (refused). Then what it left behind: per-run
 adapters, TensorBoard series, evaluation JSONL, merged model, attention figure, the runs index."""
 import json
 import os
@@ -15,7 +15,10 @@ NOTEBOOK = ROOT / "LLM.ipynb"
 sys.path.insert(0, str(Path(__file__).parent))
 from notebook_checks import notebook_problems, pristine_notebook  # noqa: E402
 
-EDITED_PARAMETERS = 'OVERRIDES = {"learning_rate": 1e-4, "max_steps": 10}'
+# the user's edits to the recipe cells, as (cell text, edited text)
+LORA_EDIT = ("    r=16,", "    r=8,")
+SFT_EDITS = [("    learning_rate=2e-4,", "    learning_rate=1e-4,"),
+             ("    num_train_epochs=3.0,", "    num_train_epochs=3.0,\n    max_steps=10,")]
 
 
 def user_saved_copy(tmp_path) -> Path:
@@ -26,8 +29,10 @@ def user_saved_copy(tmp_path) -> Path:
             cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="some output\n")]
             cell.execution_count = 1
         if "parameters" in cell.metadata.get("tags", []):
-            cell.source = ('PROFILE = "smoke"\nOVERRIDES = {"learning_rate": 1e-3, "lora_r": 8}\n'
-                           "cfg = make_config(PROFILE, **OVERRIDES)\nprint(cfg.summary())")
+            cell.source = ('PROFILE = "smoke"\nOVERRIDES = {"math_samples": 3}\n'
+                           "profile = load_profile(PROFILE)\nprint(profile)")
+        if "recipe" in cell.metadata.get("tags", []):
+            cell.source = cell.source.replace(*LORA_EDIT)
     (tmp_path / "repo").mkdir(parents=True)
     saved = tmp_path / "repo" / "LLM.ipynb"
     nbformat.write(nb, saved)
@@ -59,6 +64,8 @@ def test_the_tests_run_the_committed_parameters_not_a_users_edits(tmp_path):
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert "OVERRIDES = {}" in params.source and 'PROFILE = "smoke"' not in params.source, \
         "the tests would run a user's edited parameters instead of the committed ones"
+    assert any(LORA_EDIT[0] in c.source for c in nb.cells if "recipe" in c.metadata.get("tags", [])), \
+        "the tests would run a user's edited recipe instead of the committed one"
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
@@ -81,21 +88,28 @@ def smoke_run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("notebook")
     nb = pristine_notebook(NOTEBOOK)  # a user's saved outputs and edited parameters do not change the test
-    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    edited = nbformat.from_dict(dict(params))
-    edited.source = params.source.replace("OVERRIDES = {}", EDITED_PARAMETERS)
-    assert edited.source != params.source, "the committed parameters cell no longer holds `OVERRIDES = {}`"
-    training = cell_index(nb, "## 6. Training")
-    train_cell = next(c for c in nb.cells[training:] if c.source.startswith("result = train("))
+    lora_cell, sft_cell = (next(c for c in nb.cells if c.source.startswith(start))
+                           for start in ("lora_config = ", "sft_config = "))
+    cfg_cell = next(c for c in nb.cells if c.source.startswith("cfg = make_config("))
+    edited_lora, edited_sft = nbformat.from_dict(dict(lora_cell)), nbformat.from_dict(dict(sft_cell))
+    edited_lora.source = lora_cell.source.replace(*LORA_EDIT)
+    for old, new in SFT_EDITS:
+        edited_sft.source = edited_sft.source.replace(old, new)
+    assert edited_lora.source != lora_cell.source and edited_sft.source.count("\n") == sft_cell.source.count("\n") + 1
+    lora_step = cell_index(nb, "## 5. LoRA")
+    train_cell = next(c for c in nb.cells[lora_step:] if c.source.startswith("result = train("))
     refuse = nbformat.v4.new_code_cell(
-        'cfg = make_config(PROFILE, **{**OVERRIDES, "bnb_4bit_quant_type": "fp4"})\n'
+        'cfg = cfg.replace(bnb_4bit_quant_type="fp4")\n'
         "try:\n    check_ready_to_train(cfg, model, data)\nexcept ValueError as err:\n    print('REFUSED:', err)")
     earliest = nbformat.v4.new_code_cell(  # the training cell re-run after a model setting changed
         "try:\n    train(trainer, cfg)\nexcept ValueError as err:\n    print('EARLIEST:', err)")
     stale = nbformat.v4.new_code_cell(
-        'cfg = make_config(PROFILE, **{**OVERRIDES, "learning_rate": 5e-4})\n'
+        'cfg = make_config(PROFILE, bnb=bnb_config, lora=lora_config, sft=sft_config).replace(learning_rate=5e-4)\n'
         "try:\n    train(trainer, cfg)\nexcept ValueError as err:\n    print('STALE TRAINER:', err)")
-    nb.cells += ([edited] + [nbformat.from_dict(dict(c)) for c in nb.cells[training:]]
+    # the user edits the LoRA and SFTConfig cells and re-runs from the LoRA config cell's step: config cells, then
+    # the LoRA section onwards (the model and data in memory are still right)
+    nb.cells += ([edited_lora, edited_sft, nbformat.from_dict(dict(cfg_cell))]
+                 + [nbformat.from_dict(dict(c)) for c in nb.cells[lora_step:]]
                  + [nbformat.from_dict(dict(train_cell)), refuse, earliest, stale])
     env_before = os.environ.get("LLM_PROFILE")
     os.environ["LLM_PROFILE"] = "smoke"  # the kernel inherits it, as with `LLM_PROFILE=smoke jupyter execute`
@@ -117,7 +131,7 @@ def runs(out):
     from llmhelpers.config.profiles import make_config
 
     first = make_config("smoke").run_dir.name
-    second = make_config("smoke", learning_rate=1e-4, max_steps=10).run_dir.name
+    second = make_config("smoke", learning_rate=1e-4, max_steps=10, r=8).run_dir.name
     return out / "runs" / first, out / "runs" / second
 
 
@@ -126,7 +140,7 @@ def test_each_run_keeps_its_own_adapters_evaluation_merge_and_figure(smoke_run):
     for run, lr in zip(runs(out), (3e-3, 1e-4)):
         final = run / "final"
         assert (final / "adapter_model.safetensors").stat().st_size > 0
-        assert json.loads((final / "finetune_config.json").read_text())["learning_rate"] == lr
+        assert json.loads((final / "finetune_config.json").read_text())["sft"]["learning_rate"] == lr
         rows = [json.loads(l) for l in (run / "eval" / "finetuned.jsonl").read_text().splitlines()]
         assert rows and {"correct", "finished_thinking", "thinking_tokens", "output"} <= set(rows[0])
         assert len(rows) == len((run / "eval" / "base.jsonl").read_text().splitlines())
@@ -157,8 +171,9 @@ def test_the_index_lists_both_runs(smoke_run):
     first, second = runs(out)
     assert {first.name, second.name} <= set(index)
     assert index[second.name]["settings"]["learning_rate"] == 1e-4 and index[second.name]["status"] == "finished"
+    assert index[second.name]["changed"] == {"learning_rate": 1e-4, "max_steps": 10, "r": 8}
     assert index[first.name]["metrics"]["global_step"] == 30 and index[second.name]["metrics"]["global_step"] == 10
-    assert first.name in outputs_text(nb.cells) and second.name.startswith("lr1e-4_r16_b4_s10-")
+    assert first.name in outputs_text(nb.cells) and second.name.startswith("lr1e-4_r8_b4_s10-")
     table_rows = [l for l in outputs_text(nb.cells).splitlines() if l.startswith(first.name)]
     assert table_rows and table_rows[0].rstrip().endswith("final/"), table_rows  # printed after the adapters saved
 
@@ -185,7 +200,10 @@ def test_edited_parameters_train_a_new_run_and_a_finished_rerun_trains_nothing(s
     out, nb = smoke_run
     _, second = runs(out)
     saved = json.loads((second / "finetune_config.json").read_text())
-    assert saved["learning_rate"] == 1e-4 and saved["max_steps"] == 10
+    assert saved["sft"]["learning_rate"] == 1e-4 and saved["sft"]["max_steps"] == 10 and saved["lora"]["r"] == 8
+    adapter = json.loads((second / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8  # the LoRA cell's edit is what trained
+    assert "kept as written in the cells: learning_rate=0.0001, max_steps=10" in outputs_text(nb.cells)
     assert sorted(p.name for p in second.glob("checkpoint-*")) == ["checkpoint-10"] or \
         max(int(p.name.split("-")[1]) for p in second.glob("checkpoint-*")) == 10
     text = outputs_text(nb.cells)
@@ -197,11 +215,11 @@ def test_edited_parameters_train_a_new_run_and_a_finished_rerun_trains_nothing(s
 def test_a_changed_model_setting_and_a_stale_trainer_are_refused(smoke_run):
     _, nb = smoke_run
     text = outputs_text(nb.cells)
-    assert "REFUSED: the model in memory was loaded with bnb_4bit_quant_type='nf4'" in text
-    assert "section 3" in text
-    assert "STALE TRAINER: this trainer was built for the run" in text and "re-run the cell that builds" in text
-    # one message names the earliest cell to re-run (the model's), not the trainer's first and the model's next
-    assert "EARLIEST: the model in memory was loaded with bnb_4bit_quant_type='nf4'" in text
+    assert "REFUSED: the model in memory was loaded with bnb_config.bnb_4bit_quant_type='nf4'" in text
+    assert "Re-run the step that loads the model (load_base_model)" in text
+    assert "STALE TRAINER: this trainer was built for the run" in text and "re-run the step that builds" in text
+    # one message names the earliest step to re-run (the model's), not the trainer's first and the model's next
+    assert "EARLIEST: the model in memory was loaded with bnb_config.bnb_4bit_quant_type='nf4'" in text
 
 
 def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):
@@ -212,3 +230,21 @@ def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):
     assert "'ok': True" in text and "reasoning tokens put" in text and "pass@1" in text and "hit budget" in text and "maj@k" in text
     committed = "".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells)
     assert "ResumableSFTTrainer(" in committed and committed.count("attach_lora(") == 1  # no second attach
+
+
+def test_the_recipe_cells_are_configs_full_yaml():
+    """The notebook's written-out recipe and configs/full.yaml (what the command line reads) are one recipe: the cells,
+    run with PROFILE="full", give the same run as make_config("full")."""
+    from llmhelpers.config.profiles import make_config
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    imports = next(c for c in nb.cells if c.cell_type == "code" and "from llmhelpers" in c.source)
+    cells = [c for c in nb.cells if {"parameters", "recipe"} & set(c.metadata.get("tags", []))]
+    namespace = {}
+    exec(imports.source, namespace)
+    namespace["os"].environ.pop("LLM_PROFILE", None)
+    for cell in cells:
+        exec(cell.source.replace("print(profile)", ""), namespace)
+    cfg = make_config("full", bnb=namespace["bnb_config"], lora=namespace["lora_config"], sft=namespace["sft_config"])
+    assert cfg.training_settings() == make_config("full").training_settings()
+    assert cfg.run_id == make_config("full").run_id

@@ -44,11 +44,21 @@ class Profile:
     bnb: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)
     sft: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # by apply: values written in a cell that the profile left alone
 
     def apply(self, config):
-        """`config` with this profile's changes (a new object; the same one when there are none)."""
+        """`config` with this profile's changes (a new object; the same one when there are none). A change is made
+        only where `config` still holds the recipe's value (configs/full.yaml's, or the library default it leaves
+        as is): a value you wrote yourself in the cell is kept, and `kept` says which."""
         key = _library_key(config)
-        changes = getattr(self, key)
+        written = recipe(RECIPE)[key]
+        changes, self.kept[key] = {}, {}
+        for name, value in getattr(self, key).items():
+            current = _jsonable(getattr(config, name, None))
+            if current == _jsonable(written[name] if name in written else _library_default(key, name)):
+                changes[name] = value
+            else:
+                self.kept[key][name] = current
         if not changes:
             return config
         if key == "bnb":
@@ -57,9 +67,12 @@ class Profile:
             return dataclasses.replace(config, **changes)
 
     def __str__(self) -> str:
-        parts = [f"{key}: " + ", ".join(f"{k}={v!r}" for k, v in getattr(self, key).items())
+        parts = [f"{_NAMES.get(key, 'project settings')}: " + ", ".join(f"{k}={v!r}" for k, v in getattr(self, key).items())
                  for key in ("project", *LIBRARY_CONFIGS) if getattr(self, key)]
-        return f"profile {self.name}: " + ("; ".join(parts) if parts else "the recipe as written")
+        kept = [f"{k}={v!r}" for changes in self.kept.values() for k, v in changes.items()]
+        text = f"profile {self.name}: " + ("\n  ".join(["changes the recipe:", *parts]) if parts else
+                                           "the recipe as written")
+        return text + (f"\n  kept as written in the cells: {', '.join(kept)}" if kept else "")
 
 
 def load_profile(name: str) -> Profile:
@@ -119,6 +132,20 @@ def make_config(profile: str = RECIPE, /, bnb=None, lora=None, sft=None, **overr
 
 
 _NAMES = {"bnb": "BitsAndBytesConfig", "lora": "LoraConfig", "sft": "SFTConfig"}
+
+
+def _library_default(key: str, name: str):
+    import inspect
+
+    if key == "bnb":
+        from transformers import BitsAndBytesConfig
+
+        return inspect.signature(BitsAndBytesConfig.__init__).parameters[name].default
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    f = {f.name: f for f in dataclasses.fields(LoraConfig if key == "lora" else SFTConfig)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _library_key(config) -> str:
