@@ -128,6 +128,7 @@ def test_run_id_tracks_training_settings_only():
     assert cfg.replace(eval_limit=5, logging_steps=1, report_to="none").run_id == cfg.run_id
     assert cfg.replace(learning_rate=1e-4).run_id != cfg.run_id
     assert cfg.replace(use_dora=True).run_id != cfg.run_id and cfg.replace(adam_beta2=0.9).run_id != cfg.run_id
+    assert cfg.replace(bnb_4bit_quant_type="fp4").run_id != cfg.run_id
     assert cfg.run_dir.parent.name == "runs" and cfg.run_dir.name.endswith(cfg.run_id)
     assert cfg.run_name.startswith("lr2e-4_r16_t16k_ep3-")  # one step: 16,384 packed tokens
     assert cfg.replace(learning_rate=1e-4, r=8, max_steps=500).run_name.startswith("lr1e-4_r8_t16k_s500-")

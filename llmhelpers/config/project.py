@@ -330,8 +330,8 @@ def _jsonable(x):
 
 def library_settings(config) -> dict:
     """Every field of a library config as JSON values (BitsAndBytesConfig: its constructor arguments)."""
-    if not dataclasses.is_dataclass(config):
-        return bnb_arguments(config)
+    if not dataclasses.is_dataclass(config) or type(config).__name__ == "BitsAndBytesConfig":
+        return bnb_arguments(config)  # a dataclass of one field (quant_method); its settings are constructor arguments
     return {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)
             if f.init and not f.name.startswith("_")}
 
