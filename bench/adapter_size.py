@@ -21,10 +21,10 @@ from llmhelpers.config.profiles import make_config  # noqa: E402
 cfg = make_config()
 model = Qwen2ForCausalLM(Qwen2Config(**R1_15B)).to(torch.bfloat16)
 total = sum(p.numel() for p in model.parameters())
-model = get_peft_model(model, cfg.lora_config())
+model = get_peft_model(model, cfg.lora)
 trainable, _ = model.get_nb_trainable_parameters()
 with tempfile.TemporaryDirectory() as d:
     model.save_pretrained(d, safe_serialization=True)
     size = os.path.getsize(Path(d) / "adapter_model.safetensors")
-print(f"base parameters {total:,}; LoRA r={cfg.lora_r} on {cfg.lora_target_modules}: {trainable:,} trainable "
+print(f"base parameters {total:,}; LoRA r={cfg.lora.r} on {cfg.lora.target_modules}: {trainable:,} trainable "
       f"({trainable / total:.2%}); adapter_model.safetensors {size / 1e6:.1f} MB")

@@ -41,11 +41,11 @@ def random_nf4_loader(arch: dict, seed: int = 0):
             shapes = {k: v.shape for k, v in Qwen2ForCausalLM(config).state_dict().items()}
         device = "cuda" if torch.cuda.is_available() else "cpu"
         gen = torch.Generator(device=device).manual_seed(seed)
-        state = {k: (torch.ones(shape, dtype=cfg.torch_dtype(), device=device) if "norm" in k else
-                     torch.randn(shape, generator=gen, dtype=cfg.torch_dtype(), device=device).mul_(0.02))
+        state = {k: (torch.ones(shape, dtype=cfg.compute_dtype, device=device) if "norm" in k else
+                     torch.randn(shape, generator=gen, dtype=cfg.compute_dtype, device=device).mul_(0.02))
                  for k, shape in shapes.items()}
         model = Qwen2ForCausalLM.from_pretrained(None, config=config, state_dict=state,
-                                                 quantization_config=cfg.bnb_config(), dtype=cfg.torch_dtype(),
+                                                 quantization_config=cfg.bnb, dtype=cfg.compute_dtype,
                                                  device_map=device_map())
         del state
         if torch.cuda.is_available():
@@ -103,3 +103,13 @@ def peak_bf16_flops() -> float:
     if "A100" in name:
         return 312e12
     return float(os.environ.get("PEAK_FLOPS", "nan"))
+
+
+def packing(tokens: int) -> dict:
+    """SFTConfig arguments for micro-batches of one packed row of `tokens` tokens; 0 = the padded alternative
+    (16 sequences of up to 2,048 tokens per micro-batch, length-grouped)."""
+    if tokens:
+        return dict(packing=True, max_length=tokens, pad_to_multiple_of=tokens, per_device_train_batch_size=1,
+                    per_device_eval_batch_size=1, train_sampling_strategy="random")
+    return dict(packing=False, max_length=2048, pad_to_multiple_of=None, per_device_train_batch_size=16,
+                per_device_eval_batch_size=16, train_sampling_strategy="group_by_length")

@@ -12,14 +12,14 @@ cd "$(dirname "$0")/.."
 mkdir -p "$DEST"
 python3 bench/synth_data.py /tmp/synth_mci.jsonl 6000
 python3 -c "import sys; sys.path.insert(0, 'bench'); from common import random_r1_model; random_r1_model()"
-COMMON=(--set model_id=/tmp/r1-1.5b-random --set math_dataset=/tmp/synth_mci.jsonl --set math_samples=0
-        --set science_dataset=data/samples/scibench.jsonl --set max_steps="$STEPS" --set eval_steps=1000
-        --set save_steps=1000 --set logging_steps=1 --set accuracy_callback=false --set report_to=none)
-run() {  # name, gpus, pack_tokens
+COMMON=(--model_id /tmp/r1-1.5b-random --math_dataset /tmp/synth_mci.jsonl --math_samples 0
+        --science_dataset data/samples/scibench.jsonl --max_steps "$STEPS" --eval_steps 1000
+        --save_steps 1000 --logging_steps 1 --accuracy_callback false --report_to none)
+run() {  # name, gpus, tokens per packed row
   local launch=(accelerate launch --num_processes "$2" --mixed_precision bf16)
   [ "$2" = 2 ] && launch=(accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes 2)
   CUDA_VISIBLE_DEVICES=$([ "$2" = 1 ] && echo 0 || echo 0,1) "${launch[@]}" -m llmhelpers "${COMMON[@]}" \
-    --set output_dir="/tmp/mg-$1" --set pack_tokens="$3" > "/tmp/mg-$1.log" 2>&1
+    --output_dir "/tmp/mg-$1" --max_length "$3" --pad_to_multiple_of "$3" > "/tmp/mg-$1.log" 2>&1
   echo "== $1 (exit $?)" >> "$DEST/multi-gpu.txt"
   grep -h "RESULT\|activation checkpointing" "/tmp/mg-$1.log" >> "$DEST/multi-gpu.txt" || tail -20 "/tmp/mg-$1.log" >> "$DEST/multi-gpu.txt"
 }

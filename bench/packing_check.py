@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gpu_name, random_r1_model, synthetic_rows  # noqa: E402
+from common import gpu_name, packing, random_r1_model, synthetic_rows  # noqa: E402
 
 LEAK_FREE_MEAN_DIFF = 0.05  # bf16 noise between two kernels over the same sequence is ~0.02 (2026-11-30)
 
@@ -61,11 +61,11 @@ def main():
         ds = Dataset.from_dict(rows)
         return build_trainer(cfg, model, load_tokenizer(cfg), DataBundle(ds, ds, [], [], [], DataReport()))
 
-    packed = trainer_for(pack_tokens=8192 if not args.tiny else 1024)
+    packed = trainer_for(**packing(8192 if not args.tiny else 1024))
     # the losses first: each model's first forward (bitsandbytes on the CPU changes its 4-bit layout at the first one)
     losses = {}
-    for name, trainer in (("packed", packed), ("padded", trainer_for(pack_tokens=0, per_device_train_batch_size=8,
-                                                                     per_device_eval_batch_size=8))):
+    for name, trainer in (("packed", packed), ("padded", trainer_for(**{**packing(0), "per_device_train_batch_size": 8,
+                                                                        "per_device_eval_batch_size": 8}))):
         (batch,) = list(trainer.get_eval_dataloader())
         batch = trainer._prepare_inputs(batch)
         with torch.no_grad():

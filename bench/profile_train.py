@@ -30,7 +30,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set gradient_checkpointing=False (values read as Python)")
+                        help="a setting of the project or a library config by its own name, e.g. --set "
+                             "activation_checkpointing=False (values read as Python)")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main():
     else:
         model_dir, profile_name, vocab = random_r1_model(), "full", 151000
     cfg = make_config(profile_name, model_id=str(model_dir), output_dir="/tmp/bench-profile/run", report_to="none",
-                      max_steps=args.warmup + args.steps, save_steps=10_000, eval_steps=10_000, warmup_ratio=0.0,
+                      max_steps=args.warmup + args.steps, save_steps=10_000, eval_steps=10_000, warmup_steps=0,
                       **overrides)
     trainer = bench_trainer(cfg, synthetic_rows(16 * (args.warmup + args.steps + 2), vocab=vocab))
     cuda = torch.cuda.is_available()

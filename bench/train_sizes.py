@@ -66,7 +66,7 @@ def main():
         from llmhelpers.model.tiny import build_tiny_r1
 
         model_dir = build_tiny_r1(Path("/tmp/bench-sizes/tiny-r1"))
-        archs, extra = {"tiny": TINY}, dict(profile="smoke", max_length=2048)
+        archs, extra = {"tiny": TINY}, dict(profile="smoke", max_example_tokens=2048)
         vocab = TINY["vocab_size"]
     else:
         model_dir = random_r1_model()  # its tokenizer; the weights come from random_nf4_loader

@@ -22,24 +22,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import R1_15B, gpu_name, peak_bf16_flops, random_r1_model, synthetic_rows  # noqa: E402
+from common import R1_15B, gpu_name, packing, peak_bf16_flops, random_r1_model, synthetic_rows  # noqa: E402
 
 PROMPT_TOKENS = 64  # synthetic_rows' default masked prompt length
 
 CONFIGS = {
     "seed": dict(profile="seed"),
-    "seed+grouped": dict(profile="seed", group_by_length=True),
+    "seed+grouped": dict(profile="seed", train_sampling_strategy="group_by_length"),
     "mb8x2+grouped+liger+fp32": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, upcast_to_fp32=True),
     "mb16x1+grouped+liger+fp32": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1,
                                       upcast_to_fp32=True),
     "mb8x2+grouped+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2),
     "mb16x1+grouped+liger": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
     "default": dict(),  # packed rows of 16,384 tokens, checkpointing chosen by memory
-    "pack8k": dict(pack_tokens=8192),
-    "padded": dict(pack_tokens=0),  # the previous default: 16 padded sequences, length-grouped
+    "pack8k": packing(8192),
+    "padded": packing(0),  # the previous default: 16 padded sequences, length-grouped
     "fits-24gb": dict(memory_limit_gib=22.0),  # the default's policy under a 22 GiB cap
-    "pack32k": dict(pack_tokens=32768),
-    "pack8k-24gb": dict(pack_tokens=8192, memory_limit_gib=22.0),
+    "pack32k": packing(32768),
+    "pack8k-24gb": dict(packing(8192), memory_limit_gib=22.0),
 }
 
 
@@ -125,7 +125,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     spec = dict(spec)
     profile = spec.pop("profile", "full")
     cfg = make_config(profile, model_id=str(model_dir), output_dir=f"/tmp/bench-train/{name}", max_steps=warmup + steps,
-                      save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_ratio=0.0, **spec)
+                      save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_steps=0, **spec)
     trainer = bench_trainer(cfg, rows, load_model)
     from llmhelpers.training.memory import choose_checkpointed_layers
 
@@ -143,8 +143,8 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     trained = sum(l - PROMPT_TOKENS for l in lengths)  # minus each row's masked prompt
     out = {
         "config": name, "pack_tokens": cfg.pack_tokens,
-        "micro_batch": trainer.args.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
-        "grouped": cfg.group_by_length, "liger": getattr(trainer.model, "llm_liger", False),
+        "micro_batch": trainer.args.per_device_train_batch_size, "accumulation": cfg.sft.gradient_accumulation_steps,
+        "grouped": cfg.sft.train_sampling_strategy == "group_by_length", "liger": getattr(trainer.model, "llm_liger", False),
         "checkpointing": decided, "sequences_per_step": round(len(lengths) / steps, 1),
         "warmup_seconds": round(marks["t0"] - started, 1),  # model compile, first steps
         "steps": steps, "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
@@ -212,7 +212,7 @@ def loss_equivalence(model_dir: Path, rows) -> dict:
             apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
         features = [trainer.train_dataset[i] for i in range(16)]
         total = torch.tensor(sum(sum(1 for l in f["labels"][1:] if l != -100) for f in features)).cuda()
-        micro = cfg.per_device_train_batch_size
+        micro = cfg.sft.per_device_train_batch_size
         model.eval()
         acc = 0.0
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -225,7 +225,7 @@ def loss_equivalence(model_dir: Path, rows) -> dict:
         return acc, state
 
     seed_loss, lora_state = loss_over(seed_cfg)
-    fast_loss, _ = loss_over(fast_cfg, lora_state, liger=fast_cfg.use_liger_kernel)
+    fast_loss, _ = loss_over(fast_cfg, lora_state, liger=fast_cfg.liger_kernels)
     rel = abs(fast_loss - seed_loss) / seed_loss
     return {"seed_loss": seed_loss, "default_loss": fast_loss, "relative_diff": rel, "tolerance": 1e-2,
             "ok": rel <= 1e-2}

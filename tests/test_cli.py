@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from llmhelpers.config.profiles import make_config
-from llmhelpers.config.project import FinetuneConfig
 from llmhelpers.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

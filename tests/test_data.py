@@ -1,7 +1,6 @@
 """Dataset adapters and build_datasets: real schemas, \\r\\n in code, answer-only SciBench solutions,
 powers of ten in units, malformed rows counted by reason, no empty reasoning trained, length drops."""
 import json
-from dataclasses import replace
 
 import pytest
 

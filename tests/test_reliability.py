@@ -99,39 +99,39 @@ def test_save_total_limit_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
 def test_save_total_limit_of_one_is_refused_with_best_model_tracking():
     with pytest.raises(ValueError, match="save_total_limit"):
         make_config(save_total_limit=1)
-    assert make_config(save_total_limit=1, load_best_model_at_end=False).save_total_limit == 1
+    assert make_config(save_total_limit=1, load_best_model_at_end=False).sft.save_total_limit == 1
 
 
 def test_disk_check_stops_before_training(tmp_path, tiny_model_dir, monkeypatch):
-    from llmhelpers import training
     from llmhelpers.data.sources import build_datasets
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import checkpoints, trainer as training
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=4,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
     tok = load_tokenizer(cfg)
     trainer = training.build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
-    monkeypatch.setattr(training, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(checkpoints, "free_bytes", lambda path: 1000)
     with pytest.raises(DiskSpaceError, match="training needs about"):
         training.train(trainer, cfg)
     assert trainer.state.global_step == 0
 
 
 def test_disk_check_stops_before_a_checkpoint_that_would_not_fit(tmp_path, tiny_model_dir, monkeypatch):
-    from llmhelpers import training
     from llmhelpers.data.sources import build_datasets
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
+    from llmhelpers.training import checkpoints, trainer as training
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=6,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
     tok = load_tokenizer(cfg)
     trainer = training.build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
-    monkeypatch.setattr(training, "free_bytes",
+    monkeypatch.setattr(checkpoints, "free_bytes",
                         lambda path: 10**12 if trainer.state.global_step < 4 else 1000)  # the disk fills up
     with pytest.raises(DiskSpaceError, match="checkpoint 4"):
         training.train(trainer, cfg)
     kept = sorted(p.name for p in cfg.run_dir.glob("checkpoint-*"))
-    assert kept == ["checkpoint-2"] and training.is_complete_checkpoint(cfg.run_dir / "checkpoint-2")
+    assert kept == ["checkpoint-2"] and checkpoints.is_complete_checkpoint(cfg.run_dir / "checkpoint-2")
 
 
 def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_dir):

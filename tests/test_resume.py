@@ -116,7 +116,7 @@ def test_training_resumes_past_a_damaged_checkpoint_to_the_configured_step(tmp_p
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
     from llmhelpers.training.trainer import build_trainer, train
 
-    cfg = make_config("smoke", **{**finished_run.to_dict(), "output_dir": str(tmp_path / "out"), "profile": "smoke"})
+    cfg = finished_run.replace(output_dir=str(tmp_path / "out"))
     shutil.copytree(finished_run.run_dir, cfg.run_dir)
     (cfg.run_dir / "run_complete.json").unlink()
     truncate(cfg.run_dir / "checkpoint-4" / "optimizer.pt")
@@ -142,7 +142,7 @@ def test_missing_optimizer_state_is_an_error_unless_allowed(tmp_path, finished_r
 
 
 def test_checkpoint_counts_only_after_fsync_and_marker(tmp_path, finished_run, monkeypatch):
-    from llmhelpers import training
+    from llmhelpers.training import checkpoints
 
     ckpt = tmp_path / "checkpoint-4"
     shutil.copytree(finished_run.run_dir / "checkpoint-4", ckpt)
@@ -150,9 +150,9 @@ def test_checkpoint_counts_only_after_fsync_and_marker(tmp_path, finished_run, m
     assert checkpoint_problem(ckpt)[0] == "incomplete"
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(training.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+    monkeypatch.setattr(checkpoints.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                           real_fsync(fd)))
-    training.mark_complete(ckpt)
+    checkpoints.mark_complete(ckpt)
     files = {str(p) for p in ckpt.iterdir() if p.name != COMPLETE_MARKER}
     marker_at = synced.index(str(ckpt / f".{COMPLETE_MARKER}.tmp"))
     assert files <= set(synced[:marker_at]) and str(ckpt) in synced[:marker_at]  # data first, then the marker
@@ -163,7 +163,7 @@ def test_checkpoint_counts_only_after_fsync_and_marker(tmp_path, finished_run, m
 def test_set_aside_folders_are_reported_with_their_size(tmp_path, finished_run, capsys):
     from llmhelpers.training.trainer import prepare_run
 
-    cfg = make_config("smoke", **{**finished_run.to_dict(), "output_dir": str(tmp_path / "out"), "profile": "smoke"})
+    cfg = finished_run.replace(output_dir=str(tmp_path / "out"))
     shutil.copytree(finished_run.run_dir, cfg.run_dir)
     truncate(cfg.run_dir / "checkpoint-4" / "adapter_model.safetensors")
     assert prepare_run(cfg).name == "checkpoint-2"
@@ -222,7 +222,7 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
         with RunLock(tmp_path):  # the CLI holds it for the whole run, train() takes it again
             pass
         assert (tmp_path / RunLock.NAME).exists()
-        other = subprocess.run([sys.executable, "-c", "import sys; from llmhelpers.training.trainer import RunLock\n"
+        other = subprocess.run([sys.executable, "-c", "import sys; from llmhelpers.training.run_lock import RunLock\n"
                                 f"RunLock({str(tmp_path)!r}).acquire()"], capture_output=True, text=True)
         assert other.returncode != 0 and "RunLockedError" in other.stderr
     assert not (tmp_path / RunLock.NAME).exists()
@@ -294,9 +294,9 @@ def test_two_processes_taking_over_a_dead_holders_lock_never_both_hold_it(tmp_pa
     import socket
 
     (tmp_path / RunLock.NAME).write_text(json.dumps({"pid": 2**22 - 1, "host": socket.gethostname(), "since": "x"}))
-    script = ("import sys, time\nfrom llmhelpers import training\nfrom llmhelpers.training.trainer import RunLock\n"
-              "training._alive = lambda pid, start: time.sleep(1) or False\n"
-              f"try:\n    RunLock({str(tmp_path)!r}).acquire()\nexcept training.RunLockedError:\n    sys.exit(3)\n"
+    script = ("import sys, time\nfrom llmhelpers.training import run_lock\n"
+              "run_lock._alive = lambda pid, start: time.sleep(1) or False\n"
+              f"try:\n    run_lock.RunLock({str(tmp_path)!r}).acquire()\nexcept run_lock.RunLockedError:\n    sys.exit(3)\n"
               "time.sleep(2)")
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(2)]

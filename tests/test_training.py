@@ -2,8 +2,6 @@
 resume from the last complete checkpoint, atomic adapter saves, merge check, attention maps, and
 proof of learning (greedy decoding gives <think>...</think> and the right boxed answer)."""
 import json
-import shutil
-from dataclasses import replace
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from llmhelpers.config.project import (LIBRARY_CONFIGS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
                                        bnb_constructor_arguments, keep_accelerator_state, library_owner)

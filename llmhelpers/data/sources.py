@@ -221,6 +221,12 @@ def load_math500(cfg) -> tuple[list[Example], DataReport]:
 
 
 # --- reading rows ------------------------------------------------------------------------------------
+
+def percentile(xs, q: float):
+    """The q-quantile of xs by nearest rank (0 for none): report lengths and thinking lengths."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else 0
+
 @dataclass
 class SourceCounts:
     rows: int = 0
@@ -243,9 +249,8 @@ class DataReport:
     def percentiles(self) -> dict[str, int]:
         if not self.lengths:
             return {}
-        xs = sorted(self.lengths)
-        pick = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
-        return {"min": xs[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": xs[-1]}
+        return {"min": min(self.lengths), "p50": percentile(self.lengths, 0.5), "p90": percentile(self.lengths, 0.9),
+                "p99": percentile(self.lengths, 0.99), "max": max(self.lengths)}
 
     def total(self, attr: str) -> int:
         return sum(getattr(c, attr) for c in self.sources.values())

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from llmhelpers.data.chat import END_THINK
 from llmhelpers.data.chat import render_prompt
+from llmhelpers.data.sources import percentile
 from llmhelpers.inference.generation import generate
 from llmhelpers.inference.tool_use import tool_runner
 from llmhelpers.evaluation.grading import final_answer, is_correct
@@ -51,11 +52,6 @@ class EvalRow:
     tool_calls: int = 0  # python blocks executed for this answer (0 with tool execution off)
     tool_errors: int = 0  # blocks that raised, timed out, or could not run
     tool_timeouts: int = 0
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else 0.0
 
 
 def majority_correct(rows: list[EvalRow]) -> bool:
@@ -101,7 +97,7 @@ class EvalResult:
                 "no_think_end": sum(not r.finished_thinking for r in rows) / n,
                 "no_answer": sum(not r.answered for r in rows) / n,
                 "mean_thinking_tokens": sum(thinking) / n,
-                "p90_thinking_tokens": _percentile(thinking, 0.9),
+                "p90_thinking_tokens": percentile(thinking, 0.9),
                 "tool_calls_per_answer": sum(r.tool_calls for r in rows) / n,
                 "tool_errors": sum(r.tool_errors for r in rows),
                 "tool_timeouts": sum(r.tool_timeouts for r in rows),
@@ -182,9 +178,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
             base = evaluate(model, tokenizer, examples, cfg, "base", save_dir)
         return [base, *_finetuned_runs(model, tokenizer, examples, cfg, save_dir)]
 
-    from peft import PeftModel
-
-    from llmhelpers.model.loading import load_base_model, quiet_peft
+    from llmhelpers.model.loading import add_adapters, load_base_model
 
     if adapter_dir is None:
         raise ValueError("eval_bf16=True merges the saved adapters into a bf16 base: pass adapter_dir= "
@@ -192,8 +186,7 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
     check_adapter_matches(adapter_dir, cfg)
     plain = load_base_model(cfg, quantized=False)
     base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)
-    with quiet_peft():
-        merged = PeftModel.from_pretrained(plain, str(adapter_dir)).merge_and_unload()
+    merged = add_adapters(plain, adapter_dir, cfg).merge_and_unload()
     tuned = _finetuned_runs(merged, tokenizer, examples, cfg, save_dir)
     del plain, merged
     gc.collect()

@@ -67,7 +67,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
         torch.manual_seed(seed)
     flat = [i for i in ids for _ in range(samples)]
-    batch_size = batch_size or auto_batch_size(model, max(map(len, ids), default=0) + max_new_tokens)
+    if not batch_size:  # model.generate keeps its own cache and logits: a smaller share than the engine's
+        from llmhelpers.inference.engine import auto_slots
+
+        batch_size = auto_slots(model, max(map(len, ids), default=0) + max_new_tokens, share=0.7, cap=256)
     if tools is not None:  # rounds of model.generate, paused at each output fence (tool_use.ToolRunner)
         return tools.generate_in_rounds(model, tokenizer, flat, max_new_tokens, batch_size, do_sample, temperature,
                                         top_p, progress)
@@ -144,17 +147,3 @@ def hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, bat
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
-
-
-def auto_batch_size(model, max_tokens: int, share: float = 0.7) -> int:
-    """How many sequences of `max_tokens` fit their KV cache in `share` of the free GPU memory (model.generate
-    path; the engine sizes its slots the same way in llmhelpers.inference.engine.auto_slots)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return 8
-    from llmhelpers.inference.engine import kv_bytes_per_token
-
-    per_seq = kv_bytes_per_token(model.config, model.dtype) * max_tokens + 2 * model.config.vocab_size * 4
-    free, _ = torch.cuda.mem_get_info()
-    return int(max(1, share * free // per_seq))

@@ -190,13 +190,17 @@ def trainable_parameters(model) -> str:
 
 def load_adapter_model(cfg, adapter_dir, attn_implementation: str | None = None):
     """The 4-bit base with saved adapters on top, e.g. for eager-attention visualisation."""
+    check_adapter_matches(adapter_dir, cfg)
+    return add_adapters(load_base_model(cfg, attn_implementation=attn_implementation), adapter_dir, cfg).eval()
+
+
+def add_adapters(base, adapter_dir, cfg):
+    """Saved adapters on a loaded base model (4-bit or plain), after checking they were trained on this model."""
     from peft import PeftModel
 
     check_adapter_matches(adapter_dir, cfg)
-    base = load_base_model(cfg, attn_implementation=attn_implementation)
     with quiet_peft():
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return model.eval()
+        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def check_adapter_matches(adapter_dir, cfg) -> None:

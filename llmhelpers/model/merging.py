@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmhelpers.config.project import CONFIG_NAME
-from llmhelpers.training.checkpoints import atomic_save, ensure_free_space
+from llmhelpers.training.checkpoints import save_model_folder
 
 # Mean |logit difference| allowed between base+adapter and merged weights. In fp32 the merge is
 # exact up to rounding; in bf16 W + BA is rounded once more to bf16 (8-bit mantissa).
@@ -20,16 +19,13 @@ CONFIDENT_MARGIN = 0.5  # logits; several times the largest bf16 merge differenc
 def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | Path,
                    out_dir: str | Path | None = None) -> dict:
     import torch
-    from peft import PeftModel
 
-    from llmhelpers.model.loading import check_adapter_matches, load_base_model, quiet_peft
+    from llmhelpers.model.loading import add_adapters, check_adapter_matches, load_base_model
 
     adapter_dir = Path(adapter_dir)
-    check_adapter_matches(adapter_dir, cfg)
+    check_adapter_matches(adapter_dir, cfg)  # before the bf16 base is loaded
     base = load_base_model(cfg, quantized=False)
-    with quiet_peft():
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
-    model.eval()
+    model = add_adapters(base, adapter_dir, cfg).eval()
     enc = tokenizer(sample_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
     with torch.inference_mode():
         before = model(**enc).logits.float()
@@ -53,14 +49,8 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
     }
     check["ok"] = check["mean_abs_diff"] <= check["tolerance"] and check["top1_agreement_confident"] >= 0.99
 
-    def write(folder: Path):
-        merged.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        cfg.save(folder / CONFIG_NAME)
-
-    target = Path(out_dir or adapter_dir.parent / "merged")
     weights = sum(p.numel() * p.element_size() for p in merged.parameters())
-    ensure_free_space(target.parent, int(weights * 1.1), "the merged model")
-    check["path"] = str(atomic_save(write, target))
+    target = Path(out_dir or adapter_dir.parent / "merged")
+    check["path"] = str(save_model_folder(merged, tokenizer, cfg, target, int(weights * 1.1), "the merged model"))
     del merged, model, base
     return check

@@ -175,6 +175,20 @@ def choose_resume_checkpoint(run_dir: Path, allow_fresh_optimizer: bool = False)
     return None
 
 
+def save_model_folder(model, tokenizer, cfg, target: Path, need: int, what: str) -> Path:
+    """Weights (safetensors), tokenizer and the config JSON in one folder, written atomically after checking that
+    `need` bytes are free: the adapters' `final/`, the merged model's `merged/`."""
+    from llmhelpers.config.project import CONFIG_NAME
+
+    def write(folder: Path):
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        cfg.save(folder / CONFIG_NAME)
+
+    ensure_free_space(Path(target).parent, need, what)
+    return atomic_save(write, Path(target))
+
+
 def atomic_save(save_fn, target: Path) -> Path:
     """Write into a temporary sibling folder, then rename: a cut-off save never looks complete."""
     target = Path(target)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -20,9 +18,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import SFTTrainer
 
 from llmhelpers.config.project import CONFIG_NAME
-from llmhelpers.training.checkpoints import (atomic_save, checkpoint_bytes, checkpoint_step, choose_resume_checkpoint,
+from llmhelpers.training.checkpoints import (checkpoint_bytes, checkpoint_step, choose_resume_checkpoint,
                                             ensure_free_space, last_complete_checkpoint, mark_complete,
-                                            set_aside_folders)
+                                            save_model_folder, set_aside_folders)
 from llmhelpers.training.packing import PackedMask, trailing_padding
 from llmhelpers.training.run_lock import RunLock
 
@@ -470,16 +468,10 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
 
 def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
     """Adapters (safetensors), tokenizer and config JSON in one folder."""
-    def write(folder: Path):
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        cfg.save(folder / CONFIG_NAME)
-
     from llmhelpers.training.runs import record_run
 
-    target = Path(target or cfg.final_dir)
-    ensure_free_space(target.parent, checkpoint_bytes(model, cfg), "saving the adapters")
-    saved = atomic_save(write, target)
+    saved = save_model_folder(model, tokenizer, cfg, Path(target or cfg.final_dir), checkpoint_bytes(model, cfg),
+                              "saving the adapters")
     record_run(cfg, adapter_dir=str(saved))
     return saved
 

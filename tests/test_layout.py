@@ -1,0 +1,67 @@
+"""The package's shape: one subpackage per subsystem, no import circles (module-level or inside functions), every
+module importable on its own."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "llmhelpers"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """The llmhelpers modules a file imports, anywhere in it (a function-level import counts)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; the package uses absolute ones")
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] + [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+        found |= {n for n in names if n in MODULES}
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = {name: imports_of(path) - {name} for name, path in MODULES.items()}
+    # a module's package __init__ runs first when it is imported: the packages hold no imports, so no hidden edges
+    assert all(not graph[n] for n in MODULES if MODULES[n].name == "__init__.py"), "package __init__ files import"
+    cycles = []
+    for start in graph:  # depth-first search for a path back to start
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(path + [start])
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_one_subpackage_per_subsystem():
+    packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert packages == ["config", "data", "evaluation", "export", "inference", "model", "training"]
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert top == ["cli", "environment", "paths", "plots"]
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first in a fresh set of llmhelpers modules (third-party ones stay loaded: this is about
+    the package's own import order)."""
+    code = ("import importlib, sys\nbad = []\nfor name in sys.argv[1:]:\n"
+            "    for m in [m for m in sys.modules if m == 'llmhelpers' or m.startswith('llmhelpers.')]:\n"
+            "        del sys.modules[m]\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as err:\n        bad.append(f'{name}: {type(err).__name__}: {err}')\n"
+            "print('\\n'.join(bad))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *sorted(MODULES)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "", proc.stdout
