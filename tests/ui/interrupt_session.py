@@ -7,8 +7,9 @@ re-run on the same trainer.
     python tests/ui/interrupt_session.py CLONE_DIR SCREENSHOT_DIR
 
 CLONE_DIR is a fresh clone whose environment is the active one. The session: open LLM.ipynb in JupyterLab 4
-(LLM_PROFILE=smoke), Run > Run All Cells; edit the parameters cell (a learning rate, 60 steps, LoRA rank 8) by typing
-into it; run it, then Run > Run Selected Cell and All Below from the LoRA cell; Kernel > Interrupt Kernel during
+(LLM_PROFILE=smoke), Run > Run All Cells; edit the recipe cells by typing into them (LoRA rank 8; in SFTConfig a
+learning rate and 60 steps) and run them and the config cell, then Run > Run Selected Cell and All Below from the
+LoRA step's cell; Kernel > Interrupt Kernel during
 training; re-run the training cell alone; then save. Prints what each step showed and writes a screenshot per step.
 """
 import json
@@ -112,23 +113,35 @@ try:
     print("run all: training cell said:", output(train_cell)[-300:].replace("\n", " | "))
     shot("run-all")
 
-    # edit the parameters cell by typing, as a user does
-    params = cell_index("PROFILE = ")
-    select(params)
-    editor = cells()[params].find_element(By.CSS_SELECTOR, ".cm-content")
-    editor.click()
-    ActionChains(driver).key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).send_keys(Keys.DELETE).perform()
-    for line in ['PROFILE = os.environ.get("LLM_PROFILE", "full")',
-                 'OVERRIDES = {"learning_rate": 1e-3, "max_steps": 60, "lora_r": 8}',
-                 "cfg = make_config(PROFILE, **OVERRIDES)", "print(cfg.summary())"]:
-        editor.send_keys(line)
-        editor.send_keys(Keys.ENTER)
-        ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.HOME).key_up(Keys.SHIFT).send_keys(Keys.DELETE).perform()
+    # edit the recipe cells by typing, as a user does: LoRA rank 8; in SFTConfig a learning rate and 60 steps
+    def retype(i: int, lines: list[str]) -> None:
+        select(i)
+        editor = cells()[i].find_element(By.CSS_SELECTOR, ".cm-content")
+        editor.click()
+        ActionChains(driver).key_down(Keys.CONTROL).send_keys("a").key_up(Keys.CONTROL).send_keys(Keys.DELETE).perform()
+        for n, line in enumerate(lines):
+            editor.send_keys(line)
+            if n < len(lines) - 1:
+                editor.send_keys(Keys.ENTER)  # the editor indents the next line: remove it, the text has its own
+                ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.HOME).key_up(Keys.SHIFT).send_keys(Keys.DELETE).perform()
+        ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        idle()
+
+    lora_cell, sft_cell = cell_index("lora_config = "), cell_index("sft_config = ")
+    lora_text = cells()[lora_cell].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text
+    sft_text = cells()[sft_cell].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text
+    retype(lora_cell, lora_text.replace("    r=16,", "    r=8,").splitlines())
+    retype(sft_cell, sft_text.replace("    learning_rate=2e-4,", "    learning_rate=1e-3,")
+           .replace("    num_train_epochs=3.0,", "    num_train_epochs=3.0,\n    max_steps=60,").splitlines())
+    print("edited LoRA cell:", cells()[lora_cell].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text.replace("\n", " | ")[:300])
+    print("SFTConfig cell said:", output(sft_cell)[:300].replace("\n", " | "))
+    shot("edited-recipe")
+    # the recipe's object as the config cell shows it: a profile change kept where the cell says otherwise
+    select(cell_index("cfg = make_config("))
     ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
     idle()
-    print("edited parameters:", cells()[params].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text.replace("\n", " | "))
-    print("parameters cell said:", output(params)[:400].replace("\n", " | "))
-    shot("edited-parameters")
+    print("config cell said:", output(cell_index("cfg = make_config("))[:600].replace("\n", " | "))
+    shot("config-cell")
 
     # from the LoRA cell down, then Kernel > Interrupt Kernel in the middle of training
     select(cell_index("model = attach_lora("))

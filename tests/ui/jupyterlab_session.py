@@ -5,10 +5,10 @@
 
 It copies the repository's notebook into a fresh folder, starts JupyterLab there with LLM_PROFILE=smoke, then:
 1. Run All, waits for every cell, screenshots the parameters, training and attention sections;
-2. edits OVERRIDES in the parameters cell (learning rate and steps), re-runs that cell, then re-runs from the
+2. edits the SFTConfig cell (learning rate and steps), re-runs it and the config cell, then re-runs from the
    trainer cell to the end, as a user tweaking a hyperparameter does;
 3. re-runs the training cell once more (a finished run: nothing is trained);
-4. turns `eval_without_tools` off in the parameters cell and re-runs only it and the accuracy cell;
+4. turns `eval_without_tools` off in OVERRIDES and re-runs only the parameters, config and accuracy cells;
 and fails if any cell shows a traceback. Screenshots and a JSON summary go to --out.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 
 ROOT = Path(__file__).resolve().parents[2]
-EDITED = 'OVERRIDES = {"learning_rate": 1e-4, "max_steps": 10}'
+SFT_EDIT = ("    learning_rate=2e-4,", "    learning_rate=1e-4,\n    max_steps=10,")
 
 
 def free_port() -> int:
@@ -156,7 +156,7 @@ def main() -> int:
         trainer_cell = cell_index(driver, "check_ready_to_train(cfg, model, data)")
         train_cell = cell_index(driver, "result = train(trainer, cfg)")
         runs_cell = cell_index(driver, "print(runs_table(")
-        summary["shots"] += [shot(driver, out, "1-parameters", params), shot(driver, out, "2-recipe", params + 4),
+        summary["shots"] += [shot(driver, out, "1-parameters", params), shot(driver, out, "2-recipe", cell_index(driver, "cfg = make_config(")),
                              shot(driver, out, "3-training", train_cell), shot(driver, out, "4-runs", runs_cell),
                              shot(driver, out, "5-attention", cell_index(driver, "attn_model = ")),
                              shot(driver, out, "5a-tool-replay", cell_index(driver, "with tool_runner(")),
@@ -164,14 +164,16 @@ def main() -> int:
                              shot(driver, out, "5c-accuracy", cell_index(driver, "eval_problems = "))]
         summary["tool_replay_output"] = outputs_of(driver, cell_index(driver, "with tool_runner("))
 
-        # A user edits the parameters cell and re-runs it, then the cells from the trainer on.
+        # A user edits the SFTConfig cell and re-runs it and the config cell, then the cells from the trainer on.
+        sft_cell, cfg_cell = cell_index(driver, "sft_config = "), cell_index(driver, "cfg = make_config(")
         driver.execute_script(
             f"const c = {NB}.content.widgets[arguments[0]].model.sharedModel;"
-            "c.setSource(c.getSource().replace('OVERRIDES = {}', arguments[1]));", params, EDITED)
-        select(driver, params)
-        command(driver, "notebook:run-cell")
-        wait_idle(driver)
-        summary["edited_parameters_output"] = outputs_of(driver, params)
+            "c.setSource(c.getSource().replace(arguments[1], arguments[2]));", sft_cell, *SFT_EDIT)
+        for cell in (sft_cell, cfg_cell):
+            select(driver, cell)
+            command(driver, "notebook:run-cell")
+            wait_idle(driver)
+        summary["edited_parameters_output"] = outputs_of(driver, cfg_cell)
         select(driver, trainer_cell)
         command(driver, "notebook:run-all-below")
         time.sleep(3)
@@ -192,11 +194,12 @@ def main() -> int:
         # An evaluation-only tweak: no second grading without tools; re-run the parameters and the accuracy cell only.
         driver.execute_script(
             f"const c = {NB}.content.widgets[arguments[0]].model.sharedModel;"
-            "c.setSource(c.getSource().replace(arguments[1], arguments[2]));", params, EDITED,
-            EDITED[:-1] + ', "eval_without_tools": False}')
-        select(driver, params)
-        command(driver, "notebook:run-cell")
-        wait_idle(driver)
+            "c.setSource(c.getSource().replace(arguments[1], arguments[2]));", params, "OVERRIDES = {}",
+            'OVERRIDES = {"eval_without_tools": False}')
+        for cell in (params, cfg_cell):
+            select(driver, cell)
+            command(driver, "notebook:run-cell")
+            wait_idle(driver)
         accuracy_cell = cell_index(driver, "eval_problems = ")
         select(driver, accuracy_cell)
         command(driver, "notebook:run-cell")
