@@ -144,3 +144,22 @@ def test_trainer_args_are_the_sft_config_in_the_run_folder():
 
 def non_output_fields(sft) -> dict:
     return {f.name: getattr(sft, f.name) for f in dataclasses.fields(sft) if f.name != "output_dir"}
+
+
+def test_early_stopping_is_transformers_callback_on_the_eval_loss():
+    from transformers import EarlyStoppingCallback
+
+    cfg = make_config("smoke", early_stopping_patience=2)
+    (stop,) = [c for c in _callbacks(cfg) if isinstance(c, EarlyStoppingCallback)]
+    assert stop.early_stopping_patience == 2 and cfg.run_id != make_config("smoke").run_id
+    assert not [c for c in _callbacks(make_config("smoke")) if isinstance(c, EarlyStoppingCallback)]
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        make_config("smoke", early_stopping_patience=2, load_best_model_at_end=False)
+
+
+def _callbacks(cfg):
+    import torch
+
+    from llmhelpers.training.trainer import run_callbacks
+
+    return run_callbacks(cfg, torch.nn.Linear(2, 2))

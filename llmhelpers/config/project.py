@@ -44,6 +44,9 @@ class FinetuneConfig:
     # MathCodeInstruct's ```output blocks were written by an interpreter, not the model: train on the code and the
     # opening fence, never on predicting what the interpreter prints (MathCoder executes the code at inference).
     mask_tool_output: bool = True
+    # Stop when eval loss (metric_for_best_model) has not improved for this many evaluations, with transformers'
+    # EarlyStoppingCallback (0 = train to the end); the best checkpoint is restored (load_best_model_at_end).
+    early_stopping_patience: int = 0
     liger_kernels: bool = True  # Liger's fused RMSNorm/SwiGLU/RoPE Triton kernels (CUDA only; TRL's switch is deprecated)
 
     # --- data ----------------------------------------------------------------------------------------------------
@@ -499,8 +502,11 @@ def _check(cfg: FinetuneConfig) -> None:
     for key in ("eval_max_new_tokens", "accuracy_callback_size", "eval_samples", "tool_timeout", "tool_max_calls",
                 "tool_max_sandboxes"):
         need(getattr(cfg, key) > 0, key, "must be > 0")
-    for key in ("math_samples", "science_samples", "heldout_max", "eval_limit", "eval_batch_size", "tool_workers"):
+    for key in ("math_samples", "science_samples", "heldout_max", "eval_limit", "eval_batch_size", "tool_workers",
+                "early_stopping_patience"):
         need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 means all)")
+    need(not cfg.early_stopping_patience or (cfg.sft.load_best_model_at_end and cfg.sft.eval_strategy != "no"),
+         "early_stopping_patience", "needs evaluation steps and load_best_model_at_end=True (SFTConfig)")
     need(cfg.checkpoint_layers >= -1, "checkpoint_layers", "must be -1 (chosen by memory) or a number of layers >= 0")
     need(cfg.memory_limit_gib >= 0, "memory_limit_gib", "must be >= 0 (0 = the whole GPU)")
     need(cfg.max_example_tokens >= 64, "max_example_tokens", "must be >= 64 tokens")

@@ -269,8 +269,14 @@ def run_totals_at(checkpoint) -> dict:
 
 
 def run_callbacks(cfg, model) -> list:
-    """The callbacks every run gets: a tokens/s meter (trainer.throughput) and the disk guard."""
-    return [ThroughputMeter(), DiskGuard(cfg, model)]
+    """The callbacks every run gets: a tokens/s meter (trainer.throughput) and the disk guard; with
+    early_stopping_patience, transformers' EarlyStoppingCallback on the eval loss."""
+    callbacks = [ThroughputMeter(), DiskGuard(cfg, model)]
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return callbacks
 
 
 def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
