@@ -40,6 +40,9 @@ CONFIGS = {
     "fits-24gb": dict(memory_limit_gib=22.0),  # the default's policy under a 22 GiB cap
     "pack32k": packing(32768),
     "pack8k-24gb": dict(packing(8192), memory_limit_gib=22.0),
+    # issue #22: LoRA dropout launches a kernel per adapted layer, forward and backward; a CPU-bound step pays for it
+    "default-nodrop": dict(lora_dropout=0.0),
+    "pack8k-nodrop": dict(packing(8192), lora_dropout=0.0),
 }
 
 
