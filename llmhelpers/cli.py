@@ -1,8 +1,12 @@
-"""Headless training: the notebook's cells in order, for `python -m llmhelpers` and
+"""Headless training: the notebook's steps in order, for `python -m llmhelpers` and
 `accelerate launch -m llmhelpers` (one process per GPU, DDP).
 
     python -m llmhelpers --profile smoke
-    accelerate launch --config_file configs/accelerate_ddp.yaml -m llmhelpers --profile full --set learning_rate=1e-4
+    accelerate launch --config_file configs/accelerate_ddp.yaml -m llmhelpers --profile full --learning_rate 1e-4
+
+Every setting is a flag of its own name: SFTConfig's (--learning_rate, --report_to wandb, --max_steps), LoraConfig's
+(--r, --use_dora true, --use_rslora true), BitsAndBytesConfig's (--bnb_4bit_quant_type) and the project's
+(--math_samples, --eval_set math500); defaults come from configs/<profile>.yaml, or from --config (a saved config).
 
 Each process loads its own 4-bit model on its own device; the Trainer shards the data per
 process; only the main process writes checkpoints, adapters, logs and evaluation files, and it

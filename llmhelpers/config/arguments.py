@@ -12,9 +12,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from llmhelpers.config.profiles import _bnb, load_profile, make_config, profile_names
-from llmhelpers.config.project import (BNB_ARGUMENTS, LIBRARY_CONFIGS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
-                                       bnb_constructor_arguments, non_default_fields)
+from llmhelpers.config.profiles import make_config, profile_names
+from llmhelpers.config.project import (BNB_ARGUMENTS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
+                                       bnb_arguments, non_default_fields)
 
 
 @dataclass
@@ -115,7 +115,7 @@ def parse(argv: list[str] | None, prog: str = "llmhelpers", description: str | N
     if known.profile not in profile_names():
         _fail(prog, f"unknown profile {known.profile!r}; choose one of {profile_names()}")
     defaults = {k: v for k, v in base.project_settings().items() if k != "profile"}
-    defaults.update({k: _jsonable(v) for k, v in bnb_constructor_arguments(base.bnb).items()})
+    defaults.update(bnb_arguments(base.bnb))
     defaults.update(non_default_fields(base.lora))
     defaults.update(non_default_fields(base.sft))
     dests = {a.dest for a in parser._actions}
@@ -151,19 +151,14 @@ def _as_default(value):
 
 
 def _apply(base: FinetuneConfig, project, lora, bnb, sft) -> FinetuneConfig:
-    lora_changes = {}
+    """`base` with the parsed values: the SFTConfig as parsed, LoRA and bitsandbytes fields where they differ."""
+    changes = {}
     for f in dataclasses.fields(lora):
         value = getattr(lora, f.name)
         if _jsonable(value) != _as_default(_jsonable(getattr(base.lora, f.name))):
             if f.name == "target_modules" and isinstance(value, str) and value != "all-linear":
                 value = [m.strip() for m in value.split(",") if m.strip()]  # peft reads a plain string as a regex
-            lora_changes[f.name] = value
-    bnb_changes = {f.name: getattr(bnb, f.name) for f in dataclasses.fields(bnb)
-                   if getattr(bnb, f.name) != _jsonable(getattr(base.bnb, f.name, None))}
-    objects = {"lora": dataclasses.replace(base.lora, **lora_changes) if lora_changes else base.lora,
-               "bnb": _bnb(**{**bnb_constructor_arguments(base.bnb), **bnb_changes}) if bnb_changes else base.bnb,
-               "sft": sft}
-    return dataclasses.replace(base, **vars(project), **objects)
-
-
-__all__ = ["RunArguments", "parse", "build_parser", "load_profile", "LIBRARY_CONFIGS"]
+            changes[f.name] = value
+    changes.update({f.name: getattr(bnb, f.name) for f in dataclasses.fields(bnb)
+                    if getattr(bnb, f.name) != _jsonable(getattr(base.bnb, f.name, None))})
+    return base.replace(**vars(project), **changes, sft=sft)

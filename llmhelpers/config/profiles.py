@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from llmhelpers.config.project import (LIBRARY_CONFIGS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
-                                       bnb_constructor_arguments, keep_accelerator_state, library_owner)
+from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
+                                       bnb_constructor_arguments, changed_bnb, keep_accelerator_state, library_owner)
 from llmhelpers.paths import REPO_ROOT
 
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -61,12 +61,12 @@ class Profile:
         if not changes:
             return config
         if key == "bnb":
-            return _bnb(**{**bnb_constructor_arguments(config), **changes})
+            return changed_bnb(config, **changes)
         with keep_accelerator_state():
             return dataclasses.replace(config, **changes)
 
     def __str__(self) -> str:
-        parts = [f"{_NAMES.get(key, 'project settings')}: " + ", ".join(f"{k}={v!r}" for k, v in getattr(self, key).items())
+        parts = [f"{LIBRARY_CLASS_NAMES.get(key, 'project settings')}: " + ", ".join(f"{k}={v!r}" for k, v in getattr(self, key).items())
                  for key in ("project", *LIBRARY_CONFIGS) if getattr(self, key)]
         kept = [f"{k}={v!r}" for changes in self.kept.values() for k, v in changes.items()]
         text = f"profile {self.name}: " + ("\n  ".join(["changes the recipe:", *parts]) if parts else
@@ -101,10 +101,12 @@ def library_configs(name: str = RECIPE, **changes) -> dict:
 
         sft["use_cpu"] = not torch.cuda.is_available()  # also makes several CPU processes (gloo) form one DDP group
     from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
     from trl import SFTConfig
 
     with keep_accelerator_state():
-        return {"bnb": _bnb(**kwargs["bnb"]), "lora": LoraConfig(**kwargs["lora"]), "sft": SFTConfig(**sft)}
+        return {"bnb": BitsAndBytesConfig(**kwargs["bnb"]), "lora": LoraConfig(**kwargs["lora"]),
+                "sft": SFTConfig(**sft)}
 
 
 def make_config(profile: str = RECIPE, /, bnb=None, lora=None, sft=None, **overrides) -> FinetuneConfig:
@@ -120,17 +122,15 @@ def make_config(profile: str = RECIPE, /, bnb=None, lora=None, sft=None, **overr
     if any(v is not None for v in given.values()):
         if any(v is None for v in given.values()):
             raise ValueError("give all three library configs (bnb, lora, sft) or none")
-        for key in library:
+        if library:
+            key = next(iter(library))
             owner = library_owner(key)
-            raise ValueError(f"{key} is a {_NAMES[owner]} setting: set it where {owner}'s config is built "
-                             f"(the notebook's recipe cells), not among the project settings")
+            raise ValueError(f"{key} is a {LIBRARY_CLASS_NAMES[owner]} setting: set it where {owner}'s config is "
+                             f"built (the notebook's recipe cells), not among the project settings")
         objects = given
     else:
         objects = library_configs(profile, **library)
     return FinetuneConfig(**{**prof.project, **project, "profile": profile, **objects})
-
-
-_NAMES = {"bnb": "BitsAndBytesConfig", "lora": "LoraConfig", "sft": "SFTConfig"}
 
 
 def _library_default(key: str, name: str):
@@ -148,16 +148,10 @@ def _library_default(key: str, name: str):
 
 
 def _library_key(config) -> str:
-    for key, name in _NAMES.items():
+    for key, name in LIBRARY_CLASS_NAMES.items():
         if type(config).__name__ == name or any(c.__name__ == name for c in type(config).__mro__):
             return key
     raise TypeError(f"not a library config: {type(config).__name__}")
-
-
-def _bnb(**kwargs):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(**kwargs)
 
 
 def changed_settings(cfg: FinetuneConfig) -> dict:
@@ -167,10 +161,10 @@ def changed_settings(cfg: FinetuneConfig) -> dict:
 
 
 def flat_settings(cfg: FinetuneConfig) -> dict:
-    """Every setting by its own name (project and library fields; the names do not overlap): the CLI's defaults."""
+    """Every setting by its own name (project and library fields; the names do not overlap), as JSON values."""
     out = dict(cfg.project_settings())
-    out.update({k: v for k, v in bnb_constructor_arguments(cfg.bnb).items()})
+    out.update(bnb_constructor_arguments(cfg.bnb))
     for key in ("lora", "sft"):
         obj = getattr(cfg, key)
         out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
-    return {k: _jsonable(v) if k != "bnb_4bit_compute_dtype" else _jsonable(v) for k, v in out.items()}
+    return {k: _jsonable(v) for k, v in out.items()}

@@ -185,9 +185,7 @@ class FinetuneConfig:
             routed["project" if key in PROJECT_FIELDS or key in LIBRARY_CONFIGS else library_owner(key)][key] = value
         objects = {}
         if routed["bnb"]:
-            from transformers import BitsAndBytesConfig
-
-            objects["bnb"] = BitsAndBytesConfig(**{**bnb_constructor_arguments(self.bnb), **routed["bnb"]})
+            objects["bnb"] = changed_bnb(self.bnb, **routed["bnb"])
         for key in ("lora", "sft"):
             if routed[key]:
                 with keep_accelerator_state():
@@ -345,8 +343,8 @@ BNB_ARGUMENTS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bi
 
 
 def bnb_arguments(bnb) -> dict:
-    """A BitsAndBytesConfig's constructor arguments (it is not a dataclass), dtypes by name."""
-    return {k: _jsonable(getattr(bnb, k, None)) for k in BNB_ARGUMENTS}
+    """A BitsAndBytesConfig's constructor arguments (it is not a dataclass) as JSON values, dtypes by name."""
+    return {k: _jsonable(v) for k, v in bnb_constructor_arguments(bnb).items()}
 
 
 def bnb_constructor_arguments(bnb) -> dict:
@@ -354,6 +352,13 @@ def bnb_constructor_arguments(bnb) -> dict:
     import copy
 
     return {k: copy.deepcopy(getattr(bnb, k)) for k in BNB_ARGUMENTS if hasattr(bnb, k)}
+
+
+def changed_bnb(bnb, **changes):
+    """A new BitsAndBytesConfig: `bnb`'s arguments with `changes` (it is not a dataclass one could replace)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**{**bnb_constructor_arguments(bnb), **changes})
 
 
 def library_fields() -> dict[str, set[str]]:
@@ -464,7 +469,7 @@ QWEN2_LINEAR_LAYERS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 _CHOICES = {"eval_set": ("heldout", "math500"), "gguf_outtype": ("", "q8_0", "f16", "bf16")}
 
 
-_LIBRARY_NAMES = {"bnb": "BitsAndBytesConfig", "lora": "LoraConfig", "sft": "SFTConfig"}
+LIBRARY_CLASS_NAMES = {"bnb": "BitsAndBytesConfig", "lora": "LoraConfig", "sft": "SFTConfig"}
 _NUMBER = (int, float)
 _LIBRARY_RULES = [  # (config, field, types, rule, why): what would otherwise fail late or train nonsense silently
     ("sft", "learning_rate", _NUMBER, lambda v: v > 0, "must be > 0"),
@@ -523,11 +528,11 @@ def _check(cfg: FinetuneConfig) -> None:
         value = getattr(getattr(cfg, owner), key)
         if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:
             names = " or ".join(k.__name__ for k in kind)
-            raise TypeError(f"{key} ({_LIBRARY_NAMES[owner]}) must be {names}, got {type(value).__name__} {value!r}")
+            raise TypeError(f"{key} ({LIBRARY_CLASS_NAMES[owner]}) must be {names}, got {type(value).__name__} {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{key}={value!r} is invalid: must be a finite number ({_LIBRARY_NAMES[owner]})")
+            raise ValueError(f"{key}={value!r} is invalid: must be a finite number ({LIBRARY_CLASS_NAMES[owner]})")
         if not ok(value):
-            raise ValueError(f"{key}={value!r} is invalid: {rule} ({_LIBRARY_NAMES[owner]})")
+            raise ValueError(f"{key}={value!r} is invalid: {rule} ({LIBRARY_CLASS_NAMES[owner]})")
     need(cfg.bnb.load_in_4bit, "bnb.load_in_4bit", "must be True: this is QLoRA (a 4-bit base under LoRA)")
     need(bool(sft.output_dir) and not Path(sft.output_dir).is_file(), "sft.output_dir",
          "must name a directory (not an existing file)")
