@@ -211,10 +211,18 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         return
+    quiet = 0
     for _ in range(1000):
         tree = descendants(pid)
         if not tree:
-            break
+            # a process killed mid-fork or mid-exit hands its child to the root a moment later: the tree counts as
+            # empty only when it stays empty
+            quiet += 1
+            if quiet == 3:
+                break
+            time.sleep(0.01)
+            continue
+        quiet = 0
         for p in tree:
             try:
                 os.kill(p, signal.SIGKILL)
