@@ -211,7 +211,7 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         return
-    quiet = 0
+    quiet, killed = 0, set()
     for _ in range(1000):
         tree = descendants(pid)
         if not tree:
@@ -226,6 +226,7 @@ def kill_tree(pid: int) -> None:
         for p in tree:
             try:
                 os.kill(p, signal.SIGKILL)
+                killed.add(p)
             except ProcessLookupError:
                 pass
     try:
@@ -236,6 +237,23 @@ def kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    _wait_dead(killed)
+
+
+def _wait_dead(pids: set[int], limit: float = 2.0) -> None:
+    """Return once every pid is gone or a zombie: SIGKILL is only delivered, and on a loaded machine a process can take
+    a while to exit; the caller's "everything is stopped" should hold when kill_tree returns."""
+    deadline = time.monotonic() + limit
+    while pids and time.monotonic() < deadline:
+        for p in list(pids):
+            try:
+                state = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "gone"
+            if state in ("Z", "X", "gone"):
+                pids.discard(p)
+        if pids:
+            time.sleep(0.005)
 
 
 # The worker: a tiny REPL reading JSON lines on a private copy of its stdin (stdin itself becomes /dev/null) and
