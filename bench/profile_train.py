@@ -1,14 +1,23 @@
 """Where a training step of the project's default recipe spends its time (issue #13: profile first, then attack the
-top of the table): torch.profiler over a few optimizer steps after warm-up, kernels sorted by GPU time.
+top of the table; issue #22: where the CPU time of a step goes): torch.profiler over a few optimizer steps after
+warm-up, then Python's cProfile over as many more.
 
-    python bench/profile_train.py --out bench/results/<date>-<gpu>-train-profile.txt
+    python bench/profile_train.py --out bench/results/<date>-<gpu>-train-profile.txt [--json SUMMARY.json]
     python bench/profile_train.py --dry-run          # tiny model, smoke settings, on the CPU
 
 Same model, rows and trainer as bench/train_throughput.py (R1-1.5B architecture, random weights, NF4 + LoRA).
+The profiled steps are split into phases (profiler ranges opened and closed by callbacks): `phase: forward+backward`
+(on_step_begin to on_pre_optimizer_step, gradient clipping included), `phase: optimizer` (the optimizer step),
+`phase: scheduler+zero_grad`, `phase: between steps` (logging, the next batch, collation). A phase whose CPU time is
+well above its GPU time is where the CPU holds the GPU back.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -16,8 +25,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import random_r1_model, synthetic_rows  # noqa: E402
+from common import gpu_name, random_r1_model, synthetic_rows  # noqa: E402
 from train_throughput import bench_trainer  # noqa: E402
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+class Phases:
+    """Profiler ranges from callback to callback (a range cannot wrap code the Trainer runs itself)."""
+
+    def __init__(self):
+        self.open = None
+
+    def switch(self, name: str | None) -> None:
+        from torch.autograd.profiler import record_function
+
+        if self.open is not None:
+            self.open.__exit__(None, None, None)
+        self.open = record_function(f"phase: {name}") if name else None
+        if self.open is not None:
+            self.open.__enter__()
 
 
 def main():
@@ -33,8 +60,10 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of the project or a library config by its own name, e.g. --set "
                              "activation_checkpointing=False (values read as Python)")
+    parser.add_argument("--no-cprofile", action="store_true", help="skip the cProfile window")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="write the per-step summary here")
     args = parser.parse_args()
     import ast
 
@@ -45,38 +74,88 @@ def main():
         model_dir, profile_name, vocab = build_tiny_r1(Path("/tmp/bench-profile/tiny-r1")), "smoke", 1020
     else:
         model_dir, profile_name, vocab = random_r1_model(), "full", 151000
+    windows = 1 if args.no_cprofile else 2
+    total = args.warmup + windows * args.steps
     cfg = make_config(profile_name, model_id=str(model_dir), output_dir="/tmp/bench-profile/run", report_to="none",
-                      max_steps=args.warmup + args.steps, save_steps=10_000, eval_steps=10_000, warmup_steps=0,
-                      **overrides)
-    trainer = bench_trainer(cfg, synthetic_rows(16 * (args.warmup + args.steps + 2), vocab=vocab))
+                      max_steps=total, save_steps=10_000, eval_steps=10_000, warmup_steps=0, **overrides)
+    trainer = bench_trainer(cfg, synthetic_rows(64 * (total + 2), vocab=vocab))
     cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-
-    window = {}
+    python_profile = cProfile.Profile()
+    window, phases = {}, Phases()
+    first, second = args.warmup, args.warmup + args.steps
 
     class Window(TrainerCallback):
+        def in_profile(self, state):
+            return first <= state.global_step < second
+
+        def on_step_begin(self, a, state, control, **kw):
+            if self.in_profile(state):
+                phases.switch("forward+backward")
+
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            if self.in_profile(state):
+                phases.switch("optimizer")
+
+        def on_optimizer_step(self, a, state, control, **kw):
+            if self.in_profile(state):
+                phases.switch("scheduler+zero_grad")
+
         def on_step_end(self, a, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            if state.global_step == args.warmup:
+            step = state.global_step
+            if step == first:
+                sync()
                 prof.__enter__()
                 window["start"] = time.perf_counter()
-            if state.global_step == args.warmup + args.steps:
+            elif step == second:
+                phases.switch(None)
+                sync()
                 window["seconds"] = time.perf_counter() - window["start"]
+                prof.__exit__(None, None, None)
+                if windows == 2:
+                    window["py_start"] = time.perf_counter()
+                    python_profile.enable()
+            elif step == total and windows == 2:
+                sync()
+                python_profile.disable()
+                window["py_seconds"] = time.perf_counter() - window["py_start"]
+            if first <= step < second:
+                phases.switch("between steps")
 
     trainer.add_callback(Window())
     trainer.train()
-    if cuda:
-        torch.cuda.synchronize()
-    prof.__exit__(None, None, None)
-    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
-    # wall time of the profiled steps (profiler overhead included) against the GPU time in the table: a step whose
-    # wall time is well above its GPU time waits on the CPU (launches, Python, synchronisations)
-    steps = f"profiled {args.steps} optimizer steps: {window['seconds']:.3f} s wall, " \
-            f"{window['seconds'] / args.steps:.3f} s per step (gpu: {torch.cuda.get_device_name() if cuda else 'none'})"
-    print(table, steps, sep="\n")
+    averages = prof.key_averages()
+    by_gpu = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
+    by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=50)
+    steps = args.steps
+    phase_rows = {e.key.removeprefix("phase: "): {
+        "cpu_s_per_step": round(e.cpu_time_total / 1e6 / steps, 4),
+        "gpu_s_per_step": round(getattr(e, "device_time_total", 0) / 1e6 / steps, 4)}
+        for e in averages if e.key.startswith("phase: ")}
+    summary = {
+        "gpu": gpu_name() if cuda else "none", "profile": profile_name, "overrides": {k: str(v) for k, v in
+                                                                                     overrides.items()},
+        "tokens_per_row": cfg.sft.max_length, "steps": steps,
+        "wall_s_per_step_profiled": round(window["seconds"] / steps, 4),
+        "gpu_busy_s_per_step": round(sum(e.self_device_time_total for e in averages) / 1e6 / steps, 4),
+        "cpu_self_s_per_step": round(sum(e.self_cpu_time_total for e in averages) / 1e6 / steps, 4),
+        "kernel_launches_per_step": sum(e.count for e in averages if e.key in LAUNCHES) // steps,
+        "phases": phase_rows,
+    }
+    text = [cfg.summary(), str(overrides), json.dumps(summary, indent=1), "", "== by GPU time", by_gpu, "",
+            "== by self CPU time", by_cpu]
+    if windows == 2:
+        summary["wall_s_per_step_cprofile"] = round(window["py_seconds"] / steps, 4)
+        for key in ("tottime", "cumulative"):
+            stream = io.StringIO()
+            pstats.Stats(python_profile, stream=stream).sort_stats(key).print_stats(45)
+            text += ["", f"== cProfile over {steps} more steps, by {key}", stream.getvalue()]
+    print("\n".join(text[:3]))
     if args.out:
-        Path(args.out).write_text(f"{cfg.summary()}\n{overrides}\n{steps}\n\n{table}\n")
+        Path(args.out).write_text("\n".join(text) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ CONFIGS = {
     # issue #22: LoRA dropout launches a kernel per adapted layer, forward and backward; a CPU-bound step pays for it
     "default-nodrop": dict(lora_dropout=0.0),
     "pack8k-nodrop": dict(packing(8192), lora_dropout=0.0),
+    # issue #22: the per-step CPU cost. bitsandbytes' paged 8-bit Adam steps each of the 392 LoRA tensors from Python;
+    # torch's fused Adam steps them all in a few kernels (the LoRA states are 0.1 GB in fp32, so 8 bits save nothing)
+    "pack8k-adamw": dict(packing(8192), optim="adamw_torch_fused"),
+    "default-adamw": dict(optim="adamw_torch_fused"),
+    "pack8k-noliger": dict(packing(8192), liger_kernels=False),
 }
 
 
