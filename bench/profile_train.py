@@ -79,6 +79,9 @@ def main():
     cfg = make_config(profile_name, model_id=str(model_dir), output_dir="/tmp/bench-profile/run", report_to="none",
                       max_steps=total, save_steps=10_000, eval_steps=10_000, warmup_steps=0, **overrides)
     trainer = bench_trainer(cfg, synthetic_rows(64 * (total + 2), vocab=vocab))
+    from llmhelpers.training.memory import choose_checkpointed_layers
+
+    decided = choose_checkpointed_layers(trainer, cfg)  # what train() does before step 1
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
@@ -136,7 +139,7 @@ def main():
     summary = {
         "gpu": gpu_name() if cuda else "none", "profile": profile_name, "overrides": {k: str(v) for k, v in
                                                                                      overrides.items()},
-        "tokens_per_row": cfg.sft.max_length, "steps": steps,
+        "tokens_per_row": cfg.sft.max_length, "steps": steps, "checkpointing": decided,
         "wall_s_per_step_profiled": round(window["seconds"] / steps, 4),
         "gpu_busy_s_per_step": round(sum(e.self_device_time_total for e in averages) / 1e6 / steps, 4),
         "cpu_self_s_per_step": round(sum(e.self_cpu_time_total for e in averages) / 1e6 / steps, 4),

@@ -48,6 +48,9 @@ CONFIGS = {
     "pack8k-adamw": dict(packing(8192), optim="adamw_torch_fused"),
     "default-adamw": dict(optim="adamw_torch_fused"),
     "pack8k-noliger": dict(packing(8192), liger_kernels=False),
+    # peft's own LoRA forward instead of the fused layer (llmhelpers.model.fused_lora)
+    "pack8k-peft": dict(packing(8192), fused_lora=False),
+    "default-peft": dict(fused_lora=False),
 }
 
 

@@ -86,7 +86,7 @@ def loaded_with(cfg, quantized: bool) -> dict:
 def lora_settings(cfg) -> dict:
     """What attached adapters depend on: the LoraConfig's fields and how the base was prepared for them."""
     settings = {f"lora_config.{k}": v for k, v in library_settings(cfg.lora).items()}
-    settings.update({"upcast_to_fp32": cfg.upcast_to_fp32, "liger_kernels": cfg.liger_kernels,
+    settings.update({"upcast_to_fp32": cfg.upcast_to_fp32, "liger_kernels": cfg.liger_kernels, "fused_lora": cfg.fused_lora,
                      "sft_config.activation_checkpointing": bool(cfg.sft.activation_checkpointing)})
     return settings
 
@@ -154,6 +154,10 @@ def attach_lora(model, cfg):
     with quiet_peft():
         # a copy: peft fills in fields of the config it is given (base model name, ...); the notebook's stays as written
         peft_model = get_peft_model(model, copy.deepcopy(cfg.lora))
+    if cfg.fused_lora:
+        from llmhelpers.model.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(peft_model)
     model.llm_lora_settings = lora_settings(cfg)
     return peft_model
 

@@ -1,0 +1,140 @@
+"""One autograd node per LoRA layer on a 4-bit base: the same computation as peft's `lora.Linear4bit`, with far
+less work on the CPU.
+
+Per adapted linear layer and training step, peft's forward runs ~10 Python frames (its checks, the dropout module,
+two nn.Linear, bitsandbytes' Linear4bit and MatMul4Bit) and records ~9 autograd nodes (MatMul4Bit, clone, dropout,
+two casts, two matmuls, mul, add), each of which the backward walks again. A step of the 1.5B model has 196 such
+layers, so on rows of 8,192 tokens the GPU waited on the CPU for about half of each step (issue #22:
+bench/profile_train.py). Here the whole layer is one `torch.autograd.Function` whose backward is written out:
+
+    forward     y  = base(x) + s * B(A(dropout(x)))          base: bitsandbytes' own 4-bit op (gemm_4bit)
+    backward    dx = dy @ W  +  dropout'(s * dy @ B @ A)     W: the 4-bit weight dequantized, as bitsandbytes does
+                dA = (s * dy @ B)^T @ dropout(x)             dB = (s * dy)^T @ A(dropout(x))
+
+The forward runs the same ops as peft's (bitsandbytes' gemm_4bit for the base, the same dropout kernel and RNG
+draws, the same linears and casts, under whatever autocast is active), so its output is bit-identical; the backward
+computes each gradient with the matmul autograd would use, so gradients differ only where bf16 sums of the branches
+meet in another order (`tests/test_fused_lora.py` measures both on a 4-bit model). Activation checkpointing works as
+before: the saved tensors go through `save_for_backward`, so a checkpointed layer drops and recomputes them, and the
+dropout mask is drawn again from the restored RNG state.
+
+Only the training path is replaced (grad enabled, one plain LoRA adapter, adapters active and not merged, on CUDA or
+without dropout); anything else (evaluation under no_grad, DoRA and other variants, several adapters, adapters
+disabled for the base model's answers, dropout on the CPU, where F.dropout draws its mask another way) runs peft's
+own forward.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+FUSED_FLAG = "llm_fused_lora"  # set on each layer whose forward this module replaced
+
+
+def _base_output(x, weight, quant_state, bias):
+    """bitsandbytes' Linear4bit forward without its autograd node: the op MatMul4Bit.forward calls."""
+    packed = weight.view(-1, 1)
+    if not quant_state.nested:
+        return torch.ops.bitsandbytes.gemm_4bit.default(x, packed, quant_state.shape, quant_state.absmax,
+                                                        quant_state.blocksize, quant_state.quant_type, bias=bias)
+    return torch.ops.bitsandbytes.gemm_4bit.default(
+        x, packed, quant_state.shape, quant_state.state2.absmax, quant_state.blocksize, quant_state.quant_type,
+        bias=bias, absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code,
+        absmax_offset=quant_state.offset)
+
+
+class LoraOn4bit(torch.autograd.Function):
+    """y = base_4bit(x) + scaling * lora_B(lora_A(dropout(x))), as peft computes it, in one node."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scaling, dropout_p, cast_input):
+        base = _base_output(x, weight, quant_state, bias)
+        inner = x.to(lora_a.dtype) if cast_input else x  # peft casts the input when no autocast is active
+        if dropout_p > 0:
+            dropped, mask = torch.native_dropout(inner, dropout_p, True)  # the kernel F.dropout runs on CUDA
+        else:
+            dropped, mask = inner, None
+        down = torch.nn.functional.linear(dropped, lora_a)  # autocast, if active, casts as it does for peft
+        up = torch.nn.functional.linear(down, lora_b)
+        update = up * scaling
+        if cast_input:
+            update = update.to(base.dtype)
+        ctx.quant_state, ctx.scaling, ctx.dropout_p = quant_state, scaling, dropout_p
+        ctx.weight = weight  # a frozen parameter: kept as is, like bitsandbytes does
+        ctx.dtypes = (x.dtype, inner.dtype, up.dtype, lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(dropped, mask, down, lora_a, lora_b)
+        return base + update
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as bnb_functional
+
+        dropped, mask, down, lora_a, lora_b = ctx.saved_tensors
+        x_dtype, inner_dtype, compute_dtype, a_dtype, b_dtype = ctx.dtypes
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        # the LoRA branch, in the dtype its matmuls ran in (under autocast: the autocast dtype)
+        grad_up = (grad.to(compute_dtype) * ctx.scaling).reshape(-1, grad.shape[-1])
+        down_2d = down.reshape(-1, down.shape[-1])
+        weight_b = lora_b.to(compute_dtype)
+        grad_down = grad_up.mm(weight_b)
+        grad_a = grad_b = grad_x = None
+        if need_b:
+            grad_b = grad_up.t().mm(down_2d).to(b_dtype)
+        if need_a:
+            dropped_2d = dropped.reshape(-1, dropped.shape[-1]).to(compute_dtype)
+            grad_a = grad_down.t().mm(dropped_2d).to(a_dtype)
+        if need_x:
+            grad_dropped = grad_down.mm(lora_a.to(compute_dtype)).to(inner_dtype).view(dropped.shape)
+            if mask is not None:
+                grad_dropped = torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1.0 / (1.0 - ctx.dropout_p))
+            weight = bnb_functional.dequantize_4bit(ctx.weight.view(-1, 1), ctx.quant_state).to(grad.dtype)
+            grad_x = torch.matmul(grad, weight) + grad_dropped.to(x_dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+
+
+def _fusable(layer, x, kwargs) -> str | None:
+    """The adapter name when this call can run fused, else None (peft's forward handles it)."""
+    if kwargs or not torch.is_grad_enabled() or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or layer.lora_A[name].bias is not None \
+            or layer.lora_B[name].bias is not None:
+        return None
+    base = layer.get_base_layer()
+    if getattr(base, "compute_dtype", None) not in (None, x.dtype) or base.weight.quant_state is None:
+        return None
+    return name
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    name = None if args else _fusable(self, x, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    if p > 0 and not x.is_cuda:  # F.dropout draws its mask otherwise off CUDA: keep peft's exact numbers there
+        return type(self).forward(self, x, *args, **kwargs)
+    bias = base.bias.to(x.dtype) if base.bias is not None else None
+    return LoraOn4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight,
+                            base.weight.quant_state, bias, self.scaling[name], p, not torch.is_autocast_enabled())
+
+
+def fuse_lora_layers(model) -> int:
+    """Run every peft LoRA layer on a bitsandbytes 4-bit linear through LoraOn4bit when training; returns how many.
+    The parameters, the state dict and saving are peft's as before: only the forward is replaced, per instance."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except ImportError:  # peft without bitsandbytes support: nothing to fuse
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear4bit) and not getattr(module, FUSED_FLAG, False):
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, FUSED_FLAG, True)
+            count += 1
+    return count

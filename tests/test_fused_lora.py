@@ -1,0 +1,157 @@
+"""The fused LoRA-on-4-bit layer (llmhelpers.model.fused_lora) against peft's own forward and autograd, on the tiny
+model loaded in real NF4 (bitsandbytes on the CPU): the same logits bit for bit, the same gradients up to the order
+in which the branches' gradients are summed, dropout included, checkpointing included."""
+import copy
+
+import pytest
+import torch
+
+from llmhelpers.config.profiles import make_config
+from llmhelpers.model.fused_lora import FUSED_FLAG, LoraOn4bit, fuse_lora_layers
+from llmhelpers.model.loading import attach_lora, load_base_model
+
+
+def lora_model(tiny_model_dir, tmp_path, **changes):
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir),
+                      fused_lora=False, lora_dropout=0.0, activation_checkpointing=False, **changes)
+    model = attach_lora(load_base_model(cfg), cfg)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would hide every error in the LoRA branch
+            param.data.normal_(0, 0.05)
+    model.train()
+    return model, cfg
+
+
+def loss_and_grads(model, batch, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**batch)
+        logits = out.logits.detach().clone()
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits, out.loss.detach(), grads
+
+
+def batch_of(vocab: int):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab - 10, (2, 24), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def assert_same_training_math(reference, fused, grad_rtol):
+    logits_ref, loss_ref, grads_ref = reference
+    logits_fused, loss_fused, grads_fused = fused
+    assert torch.equal(logits_ref, logits_fused)  # the forward runs the same ops
+    assert torch.equal(loss_ref, loss_fused)
+    assert grads_ref.keys() == grads_fused.keys() and len(grads_ref) > 0
+    for name, grad in grads_ref.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_fused[name], grad, rtol=grad_rtol, atol=grad_rtol * grad.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_layers_train_the_same_numbers_as_peft(tiny_model_dir, tmp_path):
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    batch = batch_of(model.config.vocab_size)
+    reference = loss_and_grads(model, batch)
+    layers = model.config.num_hidden_layers
+    assert fuse_lora_layers(model) == 7 * layers  # q k v o gate up down
+    assert fuse_lora_layers(model) == 0  # already fused: nothing done twice
+    calls = []
+    original = LoraOn4bit.apply
+    LoraOn4bit.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        fused = loss_and_grads(model, batch)
+    finally:
+        LoraOn4bit.apply = original
+    assert len(calls) == 7 * layers  # every adapted layer ran fused
+    assert_same_training_math(reference, fused, grad_rtol=1e-5)  # fp32 compute: only summation order differs
+
+
+def test_fused_layers_under_bf16_autocast_and_checkpointing(tiny_model_dir, tmp_path):
+    model, cfg = lora_model(tiny_model_dir, tmp_path, bnb_4bit_compute_dtype="bfloat16")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = batch_of(model.config.vocab_size)
+    reference = loss_and_grads(model, batch, autocast=True)
+    fuse_lora_layers(model)
+    fused = loss_and_grads(model, batch, autocast=True)
+    # bf16 gradients: the base and LoRA contributions to a hidden state are summed in another order
+    assert_same_training_math(reference, fused, grad_rtol=2e-2)
+
+
+def test_evaluation_and_disabled_adapters_run_peft_forward(tiny_model_dir, tmp_path):
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    fuse_lora_layers(model)
+    batch = batch_of(model.config.vocab_size)
+    calls = []
+    original = LoraOn4bit.apply
+    LoraOn4bit.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            model(**batch)
+        with model.disable_adapter():
+            model(**batch)
+    finally:
+        LoraOn4bit.apply = original
+    assert calls == []
+
+
+def test_dropout_matches_autograd_with_the_same_mask(tiny_model_dir, tmp_path):
+    """p > 0: the fused backward against autograd over the same ops and the same RNG draws (native_dropout)."""
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    base = layer.get_base_layer()
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    x = torch.randn(3, 5, base.in_features, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    grad_out = torch.randn(3, 5, base.out_features, generator=torch.Generator().manual_seed(3))
+    p, scaling = 0.3, 2.0
+
+    def fused():
+        torch.manual_seed(7)
+        return LoraOn4bit.apply(x, a, b, base.weight, base.weight.quant_state, base.bias, scaling, p, False)
+
+    def reference():
+        torch.manual_seed(7)
+        with torch.no_grad():
+            weight = __import__("bitsandbytes").functional.dequantize_4bit(base.weight.view(-1, 1),
+                                                                          base.weight.quant_state)
+        dropped, _ = torch.native_dropout(x, p, True)
+        return torch.nn.functional.linear(x, weight, base.bias) + (dropped @ a.t() @ b.t()) * scaling
+
+    results = []
+    for run in (fused, reference):
+        out = run()
+        out.backward(grad_out)
+        results.append((out.detach().clone(), x.grad.clone(), a.grad.clone(), b.grad.clone()))
+        for t in (x, a, b):
+            t.grad = None
+    (out_f, *grads_f), (out_r, *grads_r) = results
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_f, grads_r):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the mask was used: without dropout the LoRA gradients differ
+    out = LoraOn4bit.apply(x, a, b, base.weight, base.weight.quant_state, base.bias, scaling, 0.0, False)
+    out.backward(grad_out)
+    assert not torch.allclose(a.grad, grads_f[1], rtol=1e-3, atol=1e-3)
+
+
+def test_attach_lora_fuses_by_default_and_records_it(tiny_model_dir, tmp_path):
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir))
+    assert cfg.fused_lora
+    model = attach_lora(load_base_model(cfg), cfg)
+    fused = [m for m in model.modules() if getattr(m, FUSED_FLAG, False)]
+    assert len(fused) == 7 * model.config.num_hidden_layers
+    assert model.llm_lora_settings["fused_lora"] is True
+    # a speed setting, not a training one: the same run (the same numbers up to summation order)
+    assert cfg.replace(fused_lora=False).run_id == cfg.run_id
+    # the adapters in memory say how they were attached: a changed setting asks for the LoRA step again
+    from llmhelpers.model.loading import check_lora_matches
+
+    with pytest.raises(ValueError, match="fused_lora"):
+        check_lora_matches(model, cfg.replace(fused_lora=False))
+    # the saved adapter is peft's, unchanged by the fused forward
+    state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
+    assert state and all(k.endswith(".weight") for k in state)
