@@ -19,7 +19,7 @@ def test_full_profile_is_the_recipe():
     assert cfg.bnb.load_in_4bit and cfg.bnb.bnb_4bit_quant_type == "nf4" and cfg.bnb.bnb_4bit_use_double_quant
     assert str(cfg.compute_dtype) == "torch.bfloat16"
     sft = cfg.sft
-    assert sft.learning_rate == 2e-4 and sft.num_train_epochs == 3.0 and sft.optim.value == "paged_adamw_8bit"
+    assert sft.learning_rate == 2e-4 and sft.num_train_epochs == 3.0 and sft.optim.value == "adamw_torch_fused"
     assert sft.packing and sft.max_length == sft.pad_to_multiple_of == 16384 and cfg.pack_tokens == 16384
     assert sft.per_device_train_batch_size == 1 and sft.completion_only_loss is True
     assert sft.activation_checkpointing and sft.activation_checkpointing_kwargs == {"use_reentrant": False}

@@ -162,3 +162,12 @@ def test_attention_maps_and_reasoning_share(cfg):
     assert "".join(labels[q0:q1]).startswith("What is 2 plus 3?")
     shares = reasoning_to_question(attn, spans)
     assert len(shares) == 2 and all(0 < s < 1 for s in shares)
+
+
+def test_paged_optimizers_are_refused_on_several_processes_before_step_1():
+    from llmhelpers.training.trainer import check_optimizer_resumes
+
+    check_optimizer_resumes("paged_adamw_8bit", 1)  # one GPU: resumes fine
+    check_optimizer_resumes("adamw_torch_fused", 2)
+    with pytest.raises(ValueError, match="cannot resume.*adamw_torch_fused"):
+        check_optimizer_resumes("paged_adamw_8bit", 2)

@@ -282,9 +282,11 @@ def run_callbacks(cfg, model) -> list:
 def build_trainer(cfg, model, tokenizer, data, callbacks=(), **sft_overrides):
     """The notebook's trainer cell in one call (used by the CLI and the tests)."""
     check_ready_to_train(cfg, model, data)
+    args = dataclasses.replace(cfg.trainer_args(), **sft_overrides)
+    check_optimizer_resumes(args.optim, args.world_size)
     trainer = ResumableSFTTrainer(
         model=model,
-        args=dataclasses.replace(cfg.trainer_args(), **sft_overrides),
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
@@ -305,6 +307,17 @@ def check_ready_to_train(cfg, model, data) -> None:
     check_model_matches(model, cfg)
     check_data_matches(getattr(data, "key", None), cfg)
     check_lora_matches(model, cfg)
+
+
+def check_optimizer_resumes(optim, world_size: int) -> None:
+    """bitsandbytes' paged optimizers train on several GPUs but cannot resume there: the first step after loading
+    their state fails ("Error invalid argument ... pythonInterface.cpp", measured on 2 x H200 with
+    paged_adamw_8bit; bitsandbytes issues #782 and #1708). Refuse before step 1 rather than after a kill."""
+    name = getattr(optim, "value", optim)
+    if world_size > 1 and "paged" in str(name):
+        raise ValueError(f"SFTConfig optim={name!r} cannot resume a run on {world_size} processes (bitsandbytes' "
+                         "paged optimizers fail on the first step after a resume there): use "
+                         "optim='adamw_torch_fused' (the recipe's) or a non-paged one such as 'adamw_8bit'.")
 
 
 def check_data_matches(key, cfg) -> None:
