@@ -145,6 +145,9 @@ def test_attach_lora_fuses_by_default_and_records_it(tiny_model_dir, tmp_path):
     fused = [m for m in model.modules() if getattr(m, FUSED_FLAG, False)]
     assert len(fused) == 7 * model.config.num_hidden_layers
     assert model.llm_lora_settings["fused_lora"] is True
+    from llmhelpers.model.loading import trainable_parameters
+
+    assert f"; {len(fused)} LoRA layers fused for training steps" in trainable_parameters(model)
     # a speed setting, not a training one: the same run (the same numbers up to summation order)
     assert cfg.replace(fused_lora=False).run_id == cfg.run_id
     # the adapters in memory say how they were attached: a changed setting asks for the LoRA step again

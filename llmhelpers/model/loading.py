@@ -188,8 +188,13 @@ def quiet_peft():
 
 
 def trainable_parameters(model) -> str:
+    from llmhelpers.model.fused_lora import FUSED_FLAG
+
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit packed weights at full size
-    return f"trainable params: {trainable:,} of {total:,} ({trainable / total:.3%})"
+    line = f"trainable params: {trainable:,} of {total:,} ({trainable / total:.3%})"
+    fused = sum(1 for m in model.modules() if getattr(m, FUSED_FLAG, False))
+    return line + (f"; {fused} LoRA layers fused for training steps (fused_lora: on a GPU, or without dropout)"
+                   if fused else "")
 
 
 def load_adapter_model(cfg, adapter_dir, attn_implementation: str | None = None):
