@@ -97,6 +97,23 @@ def test_evaluation_and_disabled_adapters_run_peft_forward(tiny_model_dir, tmp_p
     assert calls == []
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft: layers without a bias cannot merge one
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"lora_bias": True}])
+def test_lora_variants_run_peft_forward(tiny_model_dir, tmp_path, variant):
+    model, cfg = lora_model(tiny_model_dir, tmp_path, **variant)
+    reference = loss_and_grads(model, batch_of(model.config.vocab_size))
+    fuse_lora_layers(model)
+    calls = []
+    original = LoraOn4bit.apply
+    LoraOn4bit.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        fused = loss_and_grads(model, batch_of(model.config.vocab_size))
+    finally:
+        LoraOn4bit.apply = original
+    assert calls == []  # DoRA and LoRA biases are peft's to compute
+    assert torch.equal(reference[1], fused[1])
+
+
 def test_dropout_matches_autograd_with_the_same_mask(tiny_model_dir, tmp_path):
     """p > 0: the fused backward against autograd over the same ops and the same RNG draws (native_dropout)."""
     model, cfg = lora_model(tiny_model_dir, tmp_path)
