@@ -179,6 +179,30 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def describe(pids: list[int]) -> str:
+    """ppid, process group, session and state of each leftover and of its parents: where an escape ended up."""
+    lines = []
+    for pid in pids:
+        chain, p = [], pid
+        while p > 1 and len(chain) < 8:
+            try:
+                stat = open(f"/proc/{p}/stat").read()
+            except OSError:
+                chain.append(f"{p}: gone")
+                break
+            state, ppid, pgid, sid = stat.rsplit(")", 1)[1].split()[:4]
+            chain.append(f"{p} ({stat[stat.index('(') + 1:stat.rindex(')')]}) state {state} pgid {pgid} sid {sid}")
+            p = int(ppid)
+        lines.append(" <- ".join(chain))
+    return "; ".join(lines)
+
+
+def test_the_interpreter_is_the_subreaper_of_what_it_starts(box):
+    """What catches a double-forked escape: its orphans are handed to the interpreter, where the kill finds them."""
+    code = "import ctypes\nflag = ctypes.c_int(-1)\nctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)\nflag.value"
+    assert box.run(code).output == "1"  # PR_GET_CHILD_SUBREAPER
+
+
 ESCAPES = {
     "new session": "import subprocess\nsubprocess.Popen(['sleep', '{m}'], start_new_session=True)",
     "setsid": "import subprocess\nsubprocess.Popen(['setsid', 'sleep', '{m}'])",
@@ -200,10 +224,12 @@ def test_processes_that_leave_the_session_are_killed_by_a_timeout_and_by_close(h
             if end == "timeout":
                 assert box.run("import time\ntime.sleep(30)").timed_out
                 time.sleep(0.3)
-                assert processes_with(marker) == [], f"{how}: a process outlived the timeout"
+                left = processes_with(marker)
+                assert left == [], f"{how}: a process outlived the timeout: {describe(left)}"
                 box.run(ESCAPES[how].format(m=marker))
         time.sleep(0.3)
-        assert processes_with(marker) == [], f"{how}: a process outlived close()"
+        left = processes_with(marker)
+        assert left == [], f"{how}: a process outlived close(): {describe(left)}"
 
 
 def test_a_partial_line_on_the_reply_pipe_cannot_hold_run_past_its_timeout():
