@@ -48,19 +48,31 @@ def test_an_endless_loop_times_out_and_leaves_no_process(box):
     assert box.run("1 + 1").output == "2"  # a fresh interpreter (the old state is lost)
 
 
-def live_processes_in_group(pgid: int) -> list[int]:
-    """Processes of the group that still run (a killed child whose parent died may linger as a zombie until the
-    machine's init reaps it; it runs nothing)."""
+def proc_stat(pid: int) -> tuple[str, list[str]] | None:
+    """(command name, the fields after it: state, ppid, pgid, sid, ...) from /proc/<pid>/stat; None once gone.
+    Read here, not through the sandbox's own helpers, so the tests check the kill independently."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+
+
+def live_pids() -> list[tuple[int, list[str]]]:
+    """(pid, stat fields) of every process that is not a zombie."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry))
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[1][0] != "Z":
+                found.append((int(entry), stat[1]))
     return found
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Processes of the group that still run (a killed child whose parent died may linger as a zombie until the
+    machine's init reaps it; it runs nothing)."""
+    return [pid for pid, fields in live_pids() if int(fields[2]) == pgid]
 
 
 def test_cpu_time_is_limited_even_when_the_wall_clock_is_not():
@@ -167,15 +179,13 @@ def test_a_lone_surrogate_or_undecodable_bytes_give_text_and_keep_the_interprete
 
 def processes_with(marker: str) -> list[int]:
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
-                state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if marker in cmdline and state != "Z":
-                found.append(int(entry))
+    for pid, _ in live_pids():
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(pid)
     return found
 
 
@@ -185,13 +195,12 @@ def describe(pids: list[int]) -> str:
     for pid in pids:
         chain, p = [], pid
         while p > 1 and len(chain) < 8:
-            try:
-                stat = open(f"/proc/{p}/stat").read()
-            except OSError:
+            stat = proc_stat(p)
+            if stat is None:
                 chain.append(f"{p}: gone")
                 break
-            state, ppid, pgid, sid = stat.rsplit(")", 1)[1].split()[:4]
-            chain.append(f"{p} ({stat[stat.index('(') + 1:stat.rindex(')')]}) state {state} pgid {pgid} sid {sid}")
+            name, (state, ppid, pgid, sid) = stat[0], stat[1][:4]
+            chain.append(f"{p} ({name}) state {state} pgid {pgid} sid {sid}")
             p = int(ppid)
         lines.append(" <- ".join(chain))
     return "; ".join(lines)
