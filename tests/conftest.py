@@ -2,7 +2,7 @@
 import pytest
 
 from llmhelpers.data.sources import Example
-from llmhelpers.model.tiny import build_tiny_r1, build_tokenizer
+from llmhelpers.model.tiny import build_tiny_llama, build_tiny_r1, build_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,27 @@ def tok_original():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_r1(tmp_path_factory.mktemp("tiny") / "tiny-r1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny LlamaForCausalLM (no biases, tied embeddings) with a ChatML tokenizer that lacks R1's markers."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama")
+
+
+@pytest.fixture(scope="session", params=["qwen2", "llama"])
+def tiny_arch(request, tiny_model_dir, tiny_llama_dir):
+    """(architecture, model folder): the tests that take it run on the tiny Qwen2 and on the tiny Llama."""
+    return request.param, tiny_model_dir if request.param == "qwen2" else tiny_llama_dir
+
+
+def arch_config(tiny_arch, **changes):
+    """The smoke profile on one of the tiny models."""
+    from llmhelpers.config.profiles import make_config
+
+    arch, path = tiny_arch
+    where = {"tiny_model_dir": str(path)} if arch == "qwen2" else {"model_id": str(path)}
+    return make_config("smoke", **{**where, **changes})
 
 
 @pytest.fixture

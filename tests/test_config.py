@@ -163,3 +163,22 @@ def _callbacks(cfg):
     from llmhelpers.training.trainer import run_callbacks
 
     return run_callbacks(cfg, torch.nn.Linear(2, 2))
+
+
+def test_the_hub_token_reaches_no_file_card_index_or_trainer(tmp_path):
+    """Issue #29: hub_token set as an SFTConfig field was written to finetune_config.json, runs/index.json and the
+    model card, and pickled into every checkpoint's training_args.bin."""
+    from llmhelpers.export.model_card import model_card_text
+    from llmhelpers.training.runs import index_path, record_run
+
+    secret = "hf_SECRETtoken1234567890"
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), hub_token=secret)
+    assert cfg.sft.hub_token == secret  # the notebook's object is kept as the user wrote it
+    saved = cfg.save(tmp_path / "cfg.json").read_text()
+    record_run(cfg, status="training")
+    card = str(model_card_text(cfg, "adapters"))
+    for text in (saved, index_path(cfg.output_dir).read_text(), card, repr(cfg.to_dict()), repr(cfg.training_settings())):
+        assert secret not in text
+    assert cfg.trainer_args().hub_token is None
+    assert cfg.run_id == make_config("smoke", output_dir=str(tmp_path / "out")).run_id  # hashed out of the run id
+    assert FinetuneConfig.load(tmp_path / "cfg.json").sft.hub_token is None

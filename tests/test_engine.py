@@ -1,4 +1,4 @@
-"""The continuous-batching engine on the tiny Qwen2: the same greedy tokens as `model.generate`, finished
+"""The continuous-batching engine on the tiny Qwen2 and the tiny Llama: the same greedy tokens as `model.generate`, finished
 sequences free their slot (forward passes counted), seeded sampling is reproducible, a paused sequence resumes
 with appended text exactly as if that text had been in its prompt, and the Triton decode kernel matches the
 PyTorch reference (Triton's CPU interpreter)."""
@@ -16,12 +16,14 @@ from llmhelpers.inference.scheduler import PAUSE, Request
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
+def tiny(tiny_arch):
+    """The tiny Qwen2 (q/k/v biases, untied head) and the tiny Llama (no biases, tied head): every test runs on both."""
+    from conftest import arch_config
     from llmhelpers.data.chat import render_prompt
     from llmhelpers.data.sources import demo_examples
     from llmhelpers.model.loading import load_base_model, load_tokenizer
 
-    cfg = make_config("smoke", tiny_model_dir=str(tiny_model_dir))
+    cfg = arch_config(tiny_arch)
     tok = load_tokenizer(cfg)
     model = load_base_model(cfg, quantized=False).eval()
     prompts = [tok(render_prompt(e, tok), add_special_tokens=False)["input_ids"] for e in demo_examples()]
@@ -35,12 +37,13 @@ def hf_greedy(model, tok, ids, n):
     return out[0, len(ids):].tolist()
 
 
-def test_only_plain_qwen2_models_take_the_engine(tiny, tiny_model_dir):
+def test_only_plain_qwen2_and_llama_models_take_the_engine(tiny, tiny_arch):
+    from conftest import arch_config
     from llmhelpers.model.loading import load_base_model
 
     model, _, _ = tiny
     assert supports(model)
-    assert not supports(load_base_model(make_config("smoke", tiny_model_dir=str(tiny_model_dir))))  # 4-bit
+    assert not supports(load_base_model(arch_config(tiny_arch)))  # 4-bit
 
 
 def test_greedy_tokens_equal_model_generate(tiny):

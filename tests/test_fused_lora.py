@@ -175,3 +175,16 @@ def test_attach_lora_fuses_by_default_and_records_it(tiny_model_dir, tmp_path):
     # the saved adapter is peft's, unchanged by the fused forward
     state = copy.deepcopy({k: v for k, v in model.state_dict().items() if "lora_" in k})
     assert state and all(k.endswith(".weight") for k in state)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_base_biases_get_their_gradient(tiny_model_dir, tmp_path, bias):
+    """Issue #29: with LoraConfig(bias="all"|"lora_only") the fused layer computed no gradient for the base layers'
+    biases (q/k/v in Qwen2), so they stayed frozen; such layers now run peft's forward."""
+    model, cfg = lora_model(tiny_model_dir, tmp_path, bias=bias)
+    batch = batch_of(model.config.vocab_size)
+    reference = loss_and_grads(model, batch)
+    biases = [n for n in reference[2] if n.endswith("base_layer.bias")]
+    assert biases  # q_proj, k_proj, v_proj of each layer
+    fuse_lora_layers(model)
+    assert_same_training_math(reference, loss_and_grads(model, batch), grad_rtol=1e-5)

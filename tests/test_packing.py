@@ -18,10 +18,11 @@ LENGTHS = [30, 50, 20]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
+def tiny(tiny_arch):
+    """The tiny Qwen2 and the tiny Llama: the per-sequence mask holds on both."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_arch[1], dtype=torch.float32).eval()
 
 
 # rows of 1,024 tokens, one per micro-batch (SFTConfig's packing arguments)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
-                                       bnb_constructor_arguments, changed_bnb, keep_accelerator_state, library_owner)
+from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PROJECT_FIELDS, SECRET_FIELDS,
+                                       FinetuneConfig, _jsonable, bnb_constructor_arguments, changed_bnb,
+                                       keep_accelerator_state, library_owner)
 from llmhelpers.paths import REPO_ROOT
 
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -166,5 +167,5 @@ def flat_settings(cfg: FinetuneConfig) -> dict:
     out.update(bnb_constructor_arguments(cfg.bnb))
     for key in ("lora", "sft"):
         obj = getattr(cfg, key)
-        out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init})
+        out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init and f.name not in SECRET_FIELDS})
     return {k: _jsonable(v) for k, v in out.items()}

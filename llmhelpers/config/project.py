@@ -67,7 +67,9 @@ class FinetuneConfig:
     # The model authors' protocol (and open-r1's): sampling at temperature 0.6, top-p 0.95, several answers per
     # problem, long budgets. Greedy decoding makes R1 models loop, and a short budget cuts most answers off, so a
     # fine-tuned model that merely thinks shorter would "win".
-    eval_set: str = "heldout"  # "heldout" (eval split + SciBench problems without solutions) or "math500"
+    # "heldout" (eval split + SciBench problems without solutions), "math500", or a local .jsonl file of problems in
+    # MathCodeInstruct's schema, graded by their boxed answer (the small profile's held-out problems)
+    eval_set: str = "heldout"
     math500_dataset: str = "HuggingFaceH4/MATH-500"  # Hub id or a local .jsonl with MATH-500's fields
     eval_samples: int = 4  # answers per problem: pass@1 is their mean, maj@k their majority vote
     eval_max_new_tokens: int = 8192  # per-answer budget; 32768 is the authors' (set it for final numbers)
@@ -197,8 +199,9 @@ class FinetuneConfig:
 
     def trainer_args(self):
         """The SFTConfig the trainer runs with: `sft` with its output_dir pointed at this run's folder."""
-        with keep_accelerator_state():
-            return dataclasses.replace(self.sft, output_dir=str(self.run_dir))
+        with keep_accelerator_state():  # no secret: the trainer pickles its arguments into every checkpoint
+            return dataclasses.replace(self.sft, output_dir=str(self.run_dir),
+                                       **{k: None for k in SECRET_FIELDS if getattr(self.sft, k, None)})
 
     # --- what is shown and saved ----------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -332,12 +335,19 @@ def _jsonable(x):
     return str(x).removeprefix("torch.")
 
 
+# Secrets: never written to a saved config, the runs index, a card or a log, never hashed into the run id, and not
+# handed to the trainer (whose checkpoints pickle its arguments). The Hub push authenticates through
+# `huggingface-cli login` or HF_TOKEN.
+SECRET_FIELDS = frozenset({"hub_token"})
+
+
 def library_settings(config) -> dict:
-    """Every field of a library config as JSON values (BitsAndBytesConfig: its constructor arguments)."""
+    """Every field of a library config as JSON values (BitsAndBytesConfig: its constructor arguments), secrets left
+    out."""
     if not dataclasses.is_dataclass(config) or type(config).__name__ == "BitsAndBytesConfig":
         return bnb_arguments(config)  # a dataclass of one field (quant_method); its settings are constructor arguments
     return {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)
-            if f.init and not f.name.startswith("_")}
+            if f.init and not f.name.startswith("_") and f.name not in SECRET_FIELDS}
 
 
 BNB_ARGUMENTS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
@@ -392,7 +402,7 @@ def non_default_fields(config) -> dict:
     default = _default_instance(type(config))
     out = {}
     for f in dataclasses.fields(config):
-        if not f.init or f.name.startswith("_") or f.name in _MIRRORS:
+        if not f.init or f.name.startswith("_") or f.name in _MIRRORS or f.name in SECRET_FIELDS:
             continue
         value = _jsonable(getattr(config, f.name, None))
         if value != _jsonable(getattr(default, f.name, None)) or f.name in _ALWAYS_WRITTEN:
@@ -469,7 +479,8 @@ def _check_types(cfg: FinetuneConfig) -> None:
 # The linear layers of every R1-Distill-Qwen size (Qwen2ForCausalLM); lm_head is possible but not usual.
 QWEN2_LINEAR_LAYERS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                  "lm_head"})
-_CHOICES = {"eval_set": ("heldout", "math500"), "gguf_outtype": ("", "q8_0", "f16", "bf16")}
+_CHOICES = {"gguf_outtype": ("", "q8_0", "f16", "bf16")}
+EVAL_SETS = ("heldout", "math500")  # or a local .jsonl/.json file of problems in MathCodeInstruct's schema
 
 
 LIBRARY_CLASS_NAMES = {"bnb": "BitsAndBytesConfig", "lora": "LoraConfig", "sft": "SFTConfig"}
@@ -523,6 +534,8 @@ def _check(cfg: FinetuneConfig) -> None:
     need(0 < cfg.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
     for key in ("model_id", "math_dataset", "science_dataset"):
         need(getattr(cfg, key).strip() != "", key, "must not be empty")
+    need(cfg.eval_set in EVAL_SETS or cfg.eval_set.endswith((".jsonl", ".json")), "eval_set",
+         f"must be one of {EVAL_SETS} or a .jsonl/.json file of problems in MathCodeInstruct's schema")
     for key, choices in _CHOICES.items():
         need(getattr(cfg, key) in choices, key, f"must be one of {choices}")
     # what the project relies on in the libraries' configs, where the libraries do not check it themselves

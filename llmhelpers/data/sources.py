@@ -220,6 +220,23 @@ def load_math500(cfg) -> tuple[list[Example], DataReport]:
     return examples, report
 
 
+def load_problem_file(path: str) -> tuple[list[Example], DataReport]:
+    """Problems to grade from a local file in MathCodeInstruct's schema (the gold answer is the last \\boxed{} of
+    the assistant's text), bad rows counted; e.g. the small profile's held-out sets."""
+    report = DataReport()
+    counts = report.sources["mathcodeinstruct"]
+    from dataclasses import replace
+
+    from llmhelpers.paths import resolve
+
+    if not resolve(path).is_file():
+        raise DataError(f"eval_set {path!r}: no such file (give a local .jsonl of problems)")
+    examples = convert_rows(read_rows(str(resolve(path)), counts), from_mathcodeinstruct, counts)
+    if not examples:
+        raise DataError(f"no usable problems in {path}\n{report}")
+    return [replace(ex, source=Path(path).stem) for ex in examples], report
+
+
 # --- reading rows ------------------------------------------------------------------------------------
 
 def percentile(xs, q: float):

@@ -120,12 +120,16 @@ class EvalResult:
 
 def evaluation_set(data, cfg) -> list:
     """The problems graded: cfg.eval_set "heldout" (the eval split plus the SciBench problems without worked
-    solutions) or "math500" (cfg.math500_dataset), shuffled with the seed and capped at cfg.eval_limit, so that
+    solutions), "math500" (cfg.math500_dataset) or a file of problems in MathCodeInstruct's schema, shuffled with the seed and capped at cfg.eval_limit, so that
     every run grades the same problems."""
     if cfg.eval_set == "math500":
         from llmhelpers.data.sources import load_math500
 
         pool, _ = load_math500(cfg)
+    elif cfg.eval_set != "heldout":
+        from llmhelpers.data.sources import load_problem_file
+
+        pool, _ = load_problem_file(cfg.eval_set)
     else:
         pool = list(data.eval_examples) + list(data.heldout)
     random.Random(cfg.seed).shuffle(pool)

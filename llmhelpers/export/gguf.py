@@ -4,7 +4,8 @@
 
 The file is written with the `gguf` package (llama.cpp's own Python writer and reader), so no llama.cpp checkout or
 build is needed, and every tensor and metadata field is read back and compared (`verify_gguf`). What llama.cpp needs
-for a Qwen2 R1 distill: the hyperparameters, every weight under llama.cpp's tensor names, the byte-level BPE
+for a Qwen2 R1 distill (or a Llama model: R1-Distill-Llama, SmolLM2, with q/k rows reordered as llama.cpp's converter
+does): the hyperparameters, every weight under llama.cpp's tensor names, the byte-level BPE
 tokenizer (tokens, token types, merges, and the pre-tokenizer name llama.cpp uses for this model family,
 "deepseek-r1-qwen"), bos / eos / pad ids and the chat template. Rows of the embedding past the tokenizer's tokens
 (the real model has 151,936 rows for 151,665 tokens) become unused "[PAD<i>]" tokens, as llama.cpp's converter
@@ -24,6 +25,51 @@ from pathlib import Path
 
 PRE_TOKENIZER = "deepseek-r1-qwen"  # llama.cpp's name for the R1-distill Qwen pre-tokenizer (its regex)
 OUTTYPES = ("f16", "bf16", "q8_0")
+# transformers architecture -> (llama.cpp architecture, its default pre-tokenizer). A model converted from a GGUF
+# (llmhelpers.model.gguf_source) keeps its source's pre-tokenizer name (SmolLM2: "smollm") in gguf_source.json.
+ARCHITECTURES = {"Qwen2ForCausalLM": ("QWEN2", PRE_TOKENIZER), "LlamaForCausalLM": ("LLAMA", "llama-bpe")}
+
+
+def architecture(config: dict, model_dir: Path) -> str:
+    for name in config.get("architectures") or []:
+        if name in ARCHITECTURES:
+            return name
+    raise ValueError(f"{model_dir} holds {config.get('architectures')}; this exporter writes "
+                     f"{' or '.join(ARCHITECTURES)}")
+
+
+def rope_theta(config: dict) -> float:
+    """transformers 5 keeps it under rope_parameters (the 14B/32B distills: 1e6); older configs at the top level."""
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def default_pre_tokenizer(model_dir: Path, arch: str) -> str:
+    stamp = Path(model_dir) / "gguf_source.json"
+    if stamp.is_file():
+        pre = json.loads(stamp.read_text()).get("tokenizer_pre")
+        if pre:
+            return pre
+    return ARCHITECTURES[arch][1]
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def llama_permute(data, heads: int):
+    """llama.cpp's Llama graph rotates interleaved pairs; transformers' rotates halves: its convert_hf_to_gguf.py
+    reorders the rows of q_proj and k_proj per head, and so does this (Qwen2 uses the halves layout there too)."""
+    return data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+
+def _as_written(name: str, data, arch: str, config: dict):
+    if arch == "LlamaForCausalLM":
+        if name.endswith("self_attn.q_proj.weight"):
+            return llama_permute(data, config["num_attention_heads"])
+        if name.endswith("self_attn.k_proj.weight"):
+            return llama_permute(data, config["num_key_value_heads"])
+    return data
 
 
 def _types(outtype: str):
@@ -97,7 +143,7 @@ def _encode(data, outtype: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str = PRE_TOKENIZER) -> Path:
+def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str | None = None) -> Path:
     """Write the merged model in `model_dir` (config.json, safetensors, tokenizer) as one GGUF file."""
     import gguf
     from transformers import AutoTokenizer
@@ -106,15 +152,15 @@ def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str = PRE_
         raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
     model_dir, out = Path(model_dir), Path(out)
     config = json.loads((model_dir / "config.json").read_text())
-    if "Qwen2ForCausalLM" not in config.get("architectures", []):
-        raise ValueError(f"{model_dir} holds {config.get('architectures')}; this exporter writes Qwen2 (R1 distills)")
+    arch = architecture(config, model_dir)
+    gguf_arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[arch][0])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens, types = vocabulary(tokenizer, config["vocab_size"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf_arch, config["num_hidden_layers"])
     file_type, _ = _types(outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf_arch])
     writer.add_name(model_dir.parent.name if model_dir.name == "merged" else model_dir.name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -122,20 +168,23 @@ def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str = PRE_
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(rope_theta(config))
+    if arch == "LlamaForCausalLM":
+        writer.add_rope_dimension_count(_head_dim(config))
+        writer.add_vocab_size(config["vocab_size"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_file_type(file_type)
     if outtype == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer)
+    writer.add_tokenizer_pre(pre_tokenizer or default_pre_tokenizer(model_dir, arch))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges(model_dir))
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(True)  # the R1 template starts with bos
+    writer.add_add_bos_token(adds_bos(tokenizer))  # R1's tokenizer puts bos first; ChatML's (SmolLM2) does not
     writer.add_chat_template(tokenizer.chat_template)
     for name, data in _weights(model_dir):
         if name.endswith("rotary_emb.inv_freq"):
@@ -143,7 +192,7 @@ def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str = PRE_
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise ValueError(f"no llama.cpp name for tensor {name}")
-        encoded, qtype = _encode(data, outtype)
+        encoded, qtype = _encode(_as_written(name, data, arch, config), outtype)
         writer.add_tensor(new, encoded, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -151,6 +200,11 @@ def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str = PRE_
     writer.close()
     tmp.replace(out)  # a cut-off export never looks complete
     return out
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether plain tokenization puts bos in front (llama.cpp's add_bos_token)."""
+    return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 # --- reading it back -----------------------------------------------------------------------------------------------
@@ -192,30 +246,35 @@ def verify_gguf(path, model_dir) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = gguf_metadata(path)
     tokens, types = vocabulary(tokenizer, config["vocab_size"])
+    arch = architecture(config, model_dir)
+    gguf_arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[arch][0])
+    a = gguf.MODEL_ARCH_NAMES[gguf_arch]
     expected = {
-        "general.architecture": "qwen2", "qwen2.block_count": config["num_hidden_layers"],
-        "qwen2.context_length": config["max_position_embeddings"], "qwen2.embedding_length": config["hidden_size"],
-        "qwen2.feed_forward_length": config["intermediate_size"],
-        "qwen2.attention.head_count": config["num_attention_heads"],
-        "qwen2.attention.head_count_kv": config["num_key_value_heads"],
+        "general.architecture": a, f"{a}.block_count": config["num_hidden_layers"],
+        f"{a}.context_length": config["max_position_embeddings"], f"{a}.embedding_length": config["hidden_size"],
+        f"{a}.feed_forward_length": config["intermediate_size"],
+        f"{a}.attention.head_count": config["num_attention_heads"],
+        f"{a}.attention.head_count_kv": config["num_key_value_heads"],
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges(model_dir), "tokenizer.ggml.bos_token_id": tokenizer.bos_token_id,
         "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id, "tokenizer.chat_template": tokenizer.chat_template,
+        "tokenizer.ggml.add_bos_token": adds_bos(tokenizer),
     }
     wrong = [k for k, v in expected.items() if meta.get(k) != v]
-    for key, value in (("qwen2.rope.freq_base", config.get("rope_theta", 10000.0)),
-                       ("qwen2.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])):
+    for key, value in ((f"{a}.rope.freq_base", rope_theta(config)),
+                       (f"{a}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])):
         if abs(meta.get(key, float("nan")) - value) > 1e-6 * abs(value):
             wrong.append(key)
     if wrong:
         raise ValueError(f"{path}: metadata differs from the model folder: {wrong}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf_arch, config["num_hidden_layers"])
     written = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     worst, checked = {}, 0
     for name, reference in _weights(model_dir):
         if name.endswith("rotary_emb.inv_freq"):
             continue
         tensor = written.pop(names.get_name(name, try_suffixes=(".weight", ".bias")))
+        reference = _as_written(name, reference, arch, config)
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(reference.shape)
         excess = abs(values - reference) - _tolerance(tensor.tensor_type, reference)
         if (excess > 0).any():
@@ -240,8 +299,17 @@ OLLAMA_TEMPLATE = (
     "{{- if eq .Role \"user\" }}<｜User｜>{{ .Content }}"
     "{{- else if eq .Role \"assistant\" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}"
     "{{- end }}"
-    "{{- if and $last (ne .Role \"assistant\") }}<｜Assistant｜><think>\n{{- end }}"
+    "{{- if and $last (ne .Role \"assistant\") }}<｜Assistant｜><think>\n{{ end }}"
     "{{- end }}"
+)
+# ChatML (SmolLM2 and other Llama models with <|im_start|> turns), with SmolLM2's default system turn. The R1 markers
+# are text for these models: the answer opens <think> itself (llmhelpers.data.chat).
+OLLAMA_CHATML_TEMPLATE = (
+    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+    "{{- else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "{{ end }}"
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n"
 )
 
 
@@ -249,10 +317,12 @@ def write_modelfile(gguf_path, context: int = 16384) -> Path:
     """An Ollama Modelfile beside the GGUF: `ollama create <name> -f Modelfile`. Sampling as the model's authors
     evaluate it (temperature 0.6, top-p 0.95); a context that leaves room for long thinking."""
     gguf_path = Path(gguf_path)
+    chatml = "<|im_start|>" in (gguf_metadata(gguf_path).get("tokenizer.chat_template") or "")
+    template, stops = ((OLLAMA_CHATML_TEMPLATE, ("<|im_end|>", "<|im_start|>")) if chatml else
+                       (OLLAMA_TEMPLATE, ("<｜end▁of▁sentence｜>", "<｜User｜>")))
     text = (f"FROM ./{gguf_path.name}\n"
-            f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
-            'PARAMETER stop "<｜end▁of▁sentence｜>"\n'
-            'PARAMETER stop "<｜User｜>"\n'
+            f'TEMPLATE """{template}"""\n'
+            + "".join(f'PARAMETER stop "{stop}"\n' for stop in stops) +
             "PARAMETER temperature 0.6\n"
             "PARAMETER top_p 0.95\n"
             f"PARAMETER num_ctx {context}\n")

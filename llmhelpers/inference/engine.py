@@ -1,4 +1,4 @@
-"""A continuous-batching decoder for Qwen2 models (every R1-Distill-Qwen size), for evaluation.
+"""A continuous-batching decoder for Qwen2 and Llama models (every R1 distill, SmolLM2), for evaluation.
 
 Why not `model.generate`: reasoning answers end at very different lengths (hundreds to thousands of tokens),
 and a static batch keeps decoding until its longest member stops; its Python loop also bounds the GPU. Here:
@@ -39,11 +39,15 @@ class Sampling:
     top_p: float = 0.95
 
 
-def supports(model) -> bool:
-    """The engine runs Qwen2-architecture models whose linear layers are plain nn.Linear (not 4-bit, no adapters)."""
-    from transformers import Qwen2ForCausalLM
+# The decoder layouts the engine runs: Qwen2 (q/k/v biases, untied head: every R1-Distill-Qwen) and Llama (no biases,
+# tied or untied head: R1-Distill-Llama, SmolLM2). The same layer walk serves both: a bias is part of nn.Linear and
+# a tied head is the embedding matrix under lm_head.
+ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 
-    if type(model) is not Qwen2ForCausalLM:
+
+def supports(model) -> bool:
+    """The engine runs Qwen2 or Llama models whose linear layers are plain nn.Linear (not 4-bit, no adapters)."""
+    if type(model).__name__ not in ARCHITECTURES or type(model).__module__.split(".")[:2] != ["transformers", "models"]:
         return False
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return bool(linears) and all(type(m) is torch.nn.Linear for m in linears)
@@ -243,12 +247,12 @@ def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, 
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None):
         if not supports(model):
-            raise ValueError("the engine needs a Qwen2 model with plain nn.Linear layers (bf16/fp32, merged); "
-                             "use model.generate for 4-bit or adapter-wrapped models")
-        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+            raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
+                             "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
+        import importlib
 
         self.model, self.slots, self.max_len = model, slots, max_len
-        self.rope = apply_rotary_pos_emb
+        self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE
         c = model.config
         self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.hq, self.hkv = c.num_attention_heads, c.num_key_value_heads

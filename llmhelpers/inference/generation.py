@@ -32,13 +32,36 @@ def _raw_row(tokenizer, row: list[int]) -> tuple[list[int], bool]:
     return (row[:min(ends)], True) if ends else (row, False)
 
 
-def generation_record(tokenizer, row: list[int], end_think: int, hit: bool | None = None) -> Generation:
+def end_think_id(tokenizer) -> int | None:
+    """The id of `</think>` when it is one token (R1's tokenizer); None where it is text of several tokens (a
+    tokenizer without R1's markers, e.g. SmolLM2's: the project keeps the markers as text there)."""
+    i = tokenizer.convert_tokens_to_ids(END_THINK)
+    return i if isinstance(i, int) and i != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(i) == END_THINK \
+        else None
+
+
+def thinking_length(tokenizer, row: list[int], end_think: int | None) -> int:
+    """Tokens before `</think>` in `row`, or len(row) when it never came."""
+    if end_think is not None:
+        return row.index(end_think) if end_think in row else len(row)
+    pieces = tokenizer.convert_ids_to_tokens(row)  # the marker has no space or byte that a tokenizer would rewrite
+    at = "".join(pieces).find(END_THINK)
+    if at < 0:
+        return len(row)
+    for i, piece in enumerate(pieces):
+        at -= len(piece)
+        if at < 0:
+            return i  # the token in which the marker starts
+    return len(row)
+
+
+def generation_record(tokenizer, row: list[int], end_think: int | None, hit: bool | None = None) -> Generation:
     """One answer's record from its new token ids (cut after eos when the row runs on past it)."""
     if tokenizer.eos_token_id in row:
         n, stopped = row.index(tokenizer.eos_token_id) + 1, True
     else:
         n, stopped = len(row), False
-    think = row.index(end_think) if end_think in row[:n] else n
+    think = thinking_length(tokenizer, row[:n], end_think)
     return Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n,
                       (not stopped) if hit is None else hit, think)
 
@@ -51,7 +74,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     With `tools` (an open `llmhelpers.inference.tool_use.ToolRunner`), python blocks followed by an output fence are executed
     and their real output is appended before generation continues; each Generation records its tool runs.
 
-    Qwen2 models with plain weights (bf16/fp32, base or merged) run on the continuous-batching engine
+    Qwen2 and Llama models with plain weights (bf16/fp32, base or merged) run on the continuous-batching engine
     (`llmhelpers.inference.engine`): finished answers free their slot at once, and on a GPU the decode step is a CUDA
     graph. Other models (4-bit, adapters attached: the training model) use `model.generate` in batches of
     prompts of similar length. batch_size 0 sizes the batch (or the engine's slots) to free GPU memory.
@@ -110,7 +133,7 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
             bar.close()
         if was_training:
             model.train()
-    end_think = tokenizer.convert_tokens_to_ids(END_THINK)
+    end_think = end_think_id(tokenizer)
     out = [generation_record(tokenizer, r.new_ids, end_think, r.hit_budget) for r in requests]
     if tools is not None:
         out = [g.with_tools(tools.record(id(r)), r.appended) for g, r in zip(out, requests)]
@@ -134,7 +157,7 @@ def hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, bat
 
         batches = tqdm(batches, desc="generating", unit="batch")
     tokenizer.padding_side = "left"
-    end_think = tokenizer.convert_tokens_to_ids(END_THINK)
+    end_think = end_think_id(tokenizer)
     for batch in batches:
         enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
         stop = dict(stop_strings=stop_strings, tokenizer=tokenizer) if stop_strings else {}

@@ -27,9 +27,9 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from llmhelpers.data.chat import END_THINK, clip_text
+from llmhelpers.data.chat import clip_text
 from llmhelpers.inference.scheduler import PAUSE
-from llmhelpers.inference.generation import generation_record, hf_generate
+from llmhelpers.inference.generation import end_think_id, generation_record, hf_generate
 from llmhelpers.inference.sandbox import Sandbox, safe_text
 
 OUTPUT_FENCE = re.compile(r"```output[ \t]*\n\s*\Z")  # the model has just opened an output block
@@ -251,7 +251,7 @@ class ToolRunner:
             live = list(paused)
         for key in keys:
             self.release(key)
-        end_think = tokenizer.convert_tokens_to_ids(END_THINK)
+        end_think = end_think_id(tokenizer)
         return [generation_record(tokenizer, row, end_think, hit[i]).with_tools(self.record(keys[i]), appended[i])
                 for i, row in enumerate(new)]
 

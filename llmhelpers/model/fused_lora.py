@@ -21,7 +21,7 @@ dropout mask is drawn again from the restored RNG state.
 Only the training path is replaced (grad enabled, one plain LoRA adapter, adapters active and not merged, on CUDA or
 without dropout); anything else (evaluation under no_grad, DoRA and other variants, several adapters, adapters
 disabled for the base model's answers, dropout on the CPU, where F.dropout draws its mask another way) runs peft's
-own forward.
+own forward; so does a layer whose base bias is trained (LoraConfig bias="all" or "lora_only").
 """
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def _fusable(layer, x, kwargs) -> str | None:
     base = layer.get_base_layer()
     if getattr(base, "compute_dtype", None) not in (None, x.dtype) or base.weight.quant_state is None:
         return None
+    if base.bias is not None and base.bias.requires_grad:  # LoraConfig(bias="all"|"lora_only"): the backward
+        return None  # here computes no bias gradient, so peft's forward trains the bias
     return name
 
 

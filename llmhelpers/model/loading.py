@@ -12,11 +12,21 @@ from pathlib import Path
 
 from llmhelpers.config.project import bnb_arguments, library_settings
 from llmhelpers.paths import resolve
+from llmhelpers.model.gguf_source import convert as convert_gguf
+from llmhelpers.model.gguf_source import is_gguf_source
 from llmhelpers.model.tiny import build_tiny_r1
 
 
+def _beside_runs(output_dir: str) -> Path:
+    target = Path(output_dir)
+    return target if target.is_absolute() else Path.cwd() / target
+
+
 def model_path(cfg) -> str:
-    """The Hub id, or for the smoke profile the local tiny model (built on first use)."""
+    """The Hub id or a local folder; for the smoke profile the local tiny model (built on first use); for a GGUF
+    file (`model_id` a .gguf path or pip:<package>/<file>.gguf) its bf16 folder, converted on first use."""
+    if is_gguf_source(cfg.model_id):
+        return str(convert_gguf(cfg.model_id, _beside_runs(cfg.output_dir)))
     if cfg.is_tiny:
         target = Path(cfg.tiny_model_dir) if cfg.tiny_model_dir else Path(cfg.output_dir) / "tiny-r1"  # beside the runs
         return str(build_tiny_r1(target if target.is_absolute() else Path.cwd() / target))
@@ -163,7 +173,7 @@ def attach_lora(model, cfg):
 
 
 def apply_liger(model, cfg) -> bool:
-    """Liger's fused RMSNorm, SwiGLU and RoPE Triton kernels on this model (CUDA only), through Liger's own API: TRL
+    """Liger's fused RMSNorm, SwiGLU and RoPE Triton kernels on this model (CUDA only; Qwen2 and Llama), through Liger's own API: TRL
     1.16 deprecates its use_liger_kernel switch. The loss stays TRL's fused LM head (Liger's fused linear
     cross-entropy would replace the model's forward, which TRL patches)."""
     import importlib.util
@@ -172,10 +182,13 @@ def apply_liger(model, cfg) -> bool:
 
     if not (cfg.liger_kernels and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")):
         return False
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    import liger_kernel.transformers as liger
 
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)
+    apply = {"qwen2": liger.apply_liger_kernel_to_qwen2, "llama": liger.apply_liger_kernel_to_llama}.get(
+        model.config.model_type)
+    if apply is None:
+        return False
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     return True
 
 

@@ -6,6 +6,7 @@ the merged weights in the same precision, on the same model object (one copy in 
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from llmhelpers.training.checkpoints import save_model_folder
@@ -20,7 +21,8 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
                    out_dir: str | Path | None = None) -> dict:
     import torch
 
-    from llmhelpers.model.loading import add_adapters, check_adapter_matches, load_base_model
+    from llmhelpers.model.gguf_source import STAMP
+    from llmhelpers.model.loading import add_adapters, check_adapter_matches, load_base_model, model_path
 
     adapter_dir = Path(adapter_dir)
     check_adapter_matches(adapter_dir, cfg)  # before the bf16 base is loaded
@@ -52,5 +54,8 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
     weights = sum(p.numel() * p.element_size() for p in merged.parameters())
     target = Path(out_dir or adapter_dir.parent / "merged")
     check["path"] = str(save_model_folder(merged, tokenizer, cfg, target, int(weights * 1.1), "the merged model"))
+    source = Path(model_path(cfg)) / STAMP  # a base converted from GGUF: the export reads its pre-tokenizer there
+    if source.is_file():
+        shutil.copyfile(source, target / STAMP)
     del merged, model, base
     return check

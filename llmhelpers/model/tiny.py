@@ -1,4 +1,5 @@
-"""A tiny, locally built stand-in for DeepSeek-R1-Distill-Qwen-1.5B.
+"""Tiny, locally built stand-ins: for DeepSeek-R1-Distill-Qwen-1.5B (`build_tiny_r1`) and for a Llama model with a
+ChatML tokenizer that is not R1's, as SmolLM2 has (`build_tiny_llama`, for the tests of every path on Llama).
 
 The smoke profile, the tests and the command line all use `build_tiny_r1` so that the
 real loading code (tokenizer from disk, 4-bit NF4 model from safetensors) runs without
@@ -135,5 +136,62 @@ def build_tiny_r1(path: str | Path, revision: str = "current", seed: int = 0, hi
     config_path = path / "tokenizer_config.json"
     saved = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**saved, "unk_token": None}, indent=2, ensure_ascii=False))
+    stamp.write_text(json.dumps(spec))
+    return path
+
+
+# SmolLM2-Instruct's chat template (ChatML with a default system turn), as its GGUF carries it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_chatml_tokenizer(vocab_size: int = 1024, samples_dir: Path | None = None):
+    """A byte-level BPE tokenizer with ChatML's special tokens and SmolLM2's template, and no R1 marker among its
+    tokens: `<think>` and `</think>` are text of several tokens, as in SmolLM2's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmhelpers.paths import samples_dir as default_samples_dir
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=CHATML_SPECIAL, show_progress=False)
+    tok.train_from_iterator(_corpus(samples_dir or default_samples_dir()), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+                                   padding_side="left")
+
+
+def build_tiny_llama(path: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                     init_std: float = 0.3, force: bool = False) -> Path:
+    """Build (once) and save a tiny LlamaForCausalLM (no biases, tied embeddings, as SmolLM2) with a ChatML
+    tokenizer at `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    stamp = path / "tiny_llama.json"
+    spec = {"seed": seed, "hidden_size": hidden_size, "num_layers": num_layers, "init_std": init_std, "tokenizer": 1}
+    if not force and stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return path
+    tokenizer = build_chatml_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+        max_position_embeddings=4096, initializer_range=init_std, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     stamp.write_text(json.dumps(spec))
     return path
