@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 HELDOUT_SETS = {"held_out": "data/small/heldout.jsonl", "held_out_templates": "data/small/heldout_templates.jsonl"}
 
 
+SAMPLED_MERGED = True  # --no-sampled-merged: the merged folder greedy only (a shorter after stage)
 OVERRIDES: dict = {}  # --set key=value (JSON values): e.g. a short answer budget for a check on the CPU
 
 
@@ -142,26 +143,37 @@ def stage_after(work: Path, limit: int, trained: dict) -> dict:
     import gc
 
     from llmhelpers.evaluation.protocol import evaluate
-    from llmhelpers.model.loading import add_adapters, load_adapter_model, load_base_model, load_tokenizer
+    from llmhelpers.model.loading import (add_adapters, load_adapter_model, load_base_model, load_tokenizer,
+                                          use_trained_base_weights)
     from llmhelpers.model.merging import merge_adapters
 
     cfg = small_config(work, **({"max_steps": trained["global_step"]} if trained.get("max_steps") else {}))
     adapter_dir = Path(trained["adapter_dir"])
     tokenizer = load_tokenizer(cfg)
-    out = {}
-    merged = add_adapters(load_base_model(cfg, quantized=False), adapter_dir, cfg).merge_and_unload().eval()
+    partial = work / "after.partial.json"
+    out = json.loads(partial.read_text()) if partial.exists() else {}  # a stage killed midway keeps what it measured
+
+    def keep(key, value):
+        out[key] = value
+        partial.write_text(json.dumps(out, indent=2, default=str))
+
+    plain = load_base_model(cfg, quantized=False)
+    use_trained_base_weights(plain, cfg)  # what the project's evaluation and merge do (see merging.py)
+    merged = add_adapters(plain, adapter_dir, cfg).merge_and_unload().eval()
     for name, path in HELDOUT_SETS.items():
-        out[name] = measure(merged, tokenizer, cfg, problems(path, limit), f"after-{name}", work)
-    del merged
+        if name not in out:
+            keep(name, measure(merged, tokenizer, cfg, problems(path, limit), f"after-{name}", work))
+    del merged, plain
     gc.collect()
     held_out = problems(HELDOUT_SETS["held_out"], limit)
     greedy = cfg.replace(eval_do_sample=False)
-    # the adapters as trained: on the 4-bit base (model.generate; the engine serves plain weights only)
-    qlora = load_adapter_model(cfg, adapter_dir)
-    out["adapters_greedy_accuracy_tools"] = evaluate(qlora, tokenizer, held_out, greedy, "adapters-4bit-greedy",
-                                                     work / "eval", progress=False, samples=1).accuracy
-    del qlora
-    gc.collect()
+    if "adapters_greedy_accuracy_tools" not in out:
+        # the adapters as trained: on the 4-bit base (model.generate; the engine serves plain weights only)
+        qlora = load_adapter_model(cfg, adapter_dir)
+        keep("adapters_greedy_accuracy_tools", evaluate(qlora, tokenizer, held_out, greedy, "adapters-4bit-greedy",
+                                                        work / "eval", progress=False, samples=1).accuracy)
+        del qlora
+        gc.collect()
     # the merged folder on disk (merge_adapters: the logit check, then saved), reloaded as a user would
     check = merge_adapters(cfg, tokenizer, [ex.question for ex in held_out[:4]], adapter_dir)
     out["merge_check"] = check
@@ -171,10 +183,11 @@ def stage_after(work: Path, limit: int, trained: dict) -> dict:
 
     reloaded = AutoModelForCausalLM.from_pretrained(check["path"], dtype=cfg.compute_dtype,
                                                     device_map=device_map()).eval()
-    out["merged_greedy_accuracy_tools"] = evaluate(reloaded, tokenizer, held_out, greedy, "merged-folder-greedy",
-                                                   work / "eval", progress=False, samples=1).accuracy
-    out["merged_accuracy_tools"] = evaluate(reloaded, tokenizer, held_out, cfg, "merged-folder",
-                                            work / "eval", progress=False).accuracy
+    keep("merged_greedy_accuracy_tools", evaluate(reloaded, tokenizer, held_out, greedy, "merged-folder-greedy",
+                                                  work / "eval", progress=False, samples=1).accuracy)
+    if SAMPLED_MERGED:
+        keep("merged_accuracy_tools", evaluate(reloaded, tokenizer, held_out, cfg, "merged-folder", work / "eval",
+                                               progress=False).accuracy)
     return out
 
 
@@ -207,7 +220,7 @@ def report(work: Path) -> tuple[dict, list[str]]:
         "before": before["held_out"], "after": after["held_out"],
         "held_out_templates": {"problems": before["held_out_templates"]["problems"],
                                "before": before["held_out_templates"], "after": after["held_out_templates"]},
-        "merged_accuracy_tools": after["merged_accuracy_tools"],
+        "merged_accuracy_tools": after.get("merged_accuracy_tools"),
         "merged_greedy_accuracy_tools": after["merged_greedy_accuracy_tools"],
         "adapters_greedy_accuracy_tools": after["adapters_greedy_accuracy_tools"],
         "merge_check": after["merge_check"],
@@ -234,9 +247,13 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="problems per set (0 = all)")
     parser.add_argument("--max_steps", type=int, default=0, help="a short training (0 = the profile's epochs)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--no-sampled-merged", action="store_true",
+                        help="grade the reloaded merged folder greedily only (its pass@1 is the in-memory merge's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a setting of the small profile changed for every stage (a quick check)")
     args = parser.parse_args()
+    global SAMPLED_MERGED
+    SAMPLED_MERGED = not args.no_sampled_merged
     for item in args.set:
         key, _, value = item.partition("=")
         OVERRIDES[key] = json.loads(value)

@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$work/gpu.
 status=0
 for stage in "$@"; do
   python3 bench/real_weights.py --work "$work" --stage "$stage" --out "$work/real-weights.json" 2>&1 \
-    | grep -v -E "it/s\]|s/it\]" | tee -a "$work/log-$stage.txt" || status=$?
+    | grep --line-buffered -v -E "it/s\]|s/it\]" | tee -a "$work/log-$stage.txt" || status=$?
   tar -czf "$out/results.tar.gz" -C "$work" --exclude=./outputs . || true
   if [ "$stage" = train ]; then
     final=$(ls -d "$work"/outputs/runs/*/final | head -1)

@@ -146,6 +146,23 @@ def test_merge_matches_adapter_logits(cfg):
 
     with safe_open(f"{check['path']}/model.safetensors", "pt") as f:
         assert not any("lora" in k for k in f.keys())
+    # The merged model is the trained one: the adapters on the 4-bit base give its logits. Merged into the original
+    # weights instead (the NF4 rounding left out), they do not.
+    from transformers import AutoModelForCausalLM
+
+    from llmhelpers.model.loading import add_adapters
+
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = enc["attention_mask"].bool()
+    trained_model = trainer.model.eval()
+    merged = AutoModelForCausalLM.from_pretrained(check["path"], dtype=torch.float32).eval()
+    naive = add_adapters(load_base_model(trainer_cfg, quantized=False), adapter_dir, trainer_cfg).merge_and_unload()
+    with torch.no_grad():
+        trained = trained_model(**enc).logits[mask]
+        as_trained = (merged(**enc).logits[mask] - trained).abs().max()
+        original = (naive(**enc).logits[mask] - trained).abs().max()
+    assert as_trained < 1e-3, as_trained
+    assert original > 20 * as_trained, (original, as_trained)
 
 
 def test_attention_maps_and_reasoning_share(cfg):

@@ -161,8 +161,8 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
     """Grade the base model and the fine-tuned one on the same problems: [base, finetuned], plus "finetuned-no-tools"
     (the fine-tuned model writing its own outputs) when cfg.tool_execution and cfg.eval_without_tools.
 
-    With cfg.eval_bf16 (default) the base is loaded once in the compute dtype, evaluated, then the saved
-    adapters are merged into it in memory and it is evaluated again: what a merged deployment runs, and
+    With cfg.eval_bf16 (default) the base is loaded once in the compute dtype, evaluated, then its 4-bit layers are
+    set to the NF4 values training saw and the saved adapters are merged into it in memory and it is evaluated again: what a merged deployment runs, and
     about 5x the speed of generating with the 4-bit training model (BENCHMARKS.md); `adapter_dir` is
     the folder save_adapters returned. Otherwise the
     adapter of `model` (the 4-bit training model) is switched off and on in place: slower, no extra memory.
@@ -182,14 +182,15 @@ def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_di
             base = evaluate(model, tokenizer, examples, cfg, "base", save_dir)
         return [base, *_finetuned_runs(model, tokenizer, examples, cfg, save_dir)]
 
-    from llmhelpers.model.loading import add_adapters, load_base_model
+    from llmhelpers.model.loading import add_adapters, load_base_model, use_trained_base_weights
 
     if adapter_dir is None:
         raise ValueError("eval_bf16=True merges the saved adapters into a bf16 base: pass adapter_dir= "
                          "(what save_adapters returned)")
     check_adapter_matches(adapter_dir, cfg)
     plain = load_base_model(cfg, quantized=False)
-    base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)
+    base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)  # the model as published
+    use_trained_base_weights(plain, cfg)  # the NF4 values the adapters were trained on
     merged = add_adapters(plain, adapter_dir, cfg).merge_and_unload()
     tuned = _finetuned_runs(merged, tokenizer, examples, cfg, save_dir)
     del plain, merged

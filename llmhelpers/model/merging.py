@@ -1,7 +1,8 @@
 """Merge LoRA adapters into a full-precision (bf16) base and check the merge.
 
-Merging into 4-bit weights would bake quantization error into the result, so the base is
-reloaded in the compute dtype. The check compares logits of base+adapter (unmerged) with
+The adapters were trained on the NF4 base, so they are merged into those weights: the base is reloaded in the
+compute dtype with each 4-bit layer's weight set to its NF4 value, dequantized (`use_trained_base_weights`). Merged
+into the original weights instead, the fine-tuned model is not the trained one (FINETUNING_GUIDE.md measures it). The check compares logits of base+adapter (unmerged) with
 the merged weights in the same precision, on the same model object (one copy in memory).
 """
 from __future__ import annotations
@@ -22,11 +23,13 @@ def merge_adapters(cfg, tokenizer, sample_texts: list[str], adapter_dir: str | P
     import torch
 
     from llmhelpers.model.gguf_source import STAMP
-    from llmhelpers.model.loading import add_adapters, check_adapter_matches, load_base_model, model_path
+    from llmhelpers.model.loading import (add_adapters, check_adapter_matches, load_base_model, model_path,
+                                          use_trained_base_weights)
 
     adapter_dir = Path(adapter_dir)
     check_adapter_matches(adapter_dir, cfg)  # before the bf16 base is loaded
     base = load_base_model(cfg, quantized=False)
+    use_trained_base_weights(base, cfg)  # the NF4 values training saw, not the original weights
     model = add_adapters(base, adapter_dir, cfg).eval()
     enc = tokenizer(sample_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(base.device)
     with torch.inference_mode():
