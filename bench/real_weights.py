@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 HELDOUT_SETS = {"held_out": "data/small/heldout.jsonl", "held_out_templates": "data/small/heldout_templates.jsonl"}
 
 
+SETS = set(HELDOUT_SETS)  # --sets: the problem sets measured (the others keep what after.partial.json holds)
 SAMPLED_MERGED = True  # --no-sampled-merged: the merged folder greedy only (a shorter after stage)
 OVERRIDES: dict = {}  # --set key=value (JSON values): e.g. a short answer budget for a check on the CPU
 
@@ -161,7 +162,7 @@ def stage_after(work: Path, limit: int, trained: dict) -> dict:
     use_trained_base_weights(plain, cfg)  # what the project's evaluation and merge do (see merging.py)
     merged = add_adapters(plain, adapter_dir, cfg).merge_and_unload().eval()
     for name, path in HELDOUT_SETS.items():
-        if name not in out:
+        if name not in out and name in SETS:
             keep(name, measure(merged, tokenizer, cfg, problems(path, limit), f"after-{name}", work))
     del merged, plain
     gc.collect()
@@ -247,13 +248,15 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="problems per set (0 = all)")
     parser.add_argument("--max_steps", type=int, default=0, help="a short training (0 = the profile's epochs)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--sets", default="", help=f"comma-separated, among {sorted(HELDOUT_SETS)} (default: all)")
     parser.add_argument("--no-sampled-merged", action="store_true",
                         help="grade the reloaded merged folder greedily only (its pass@1 is the in-memory merge's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a setting of the small profile changed for every stage (a quick check)")
     args = parser.parse_args()
-    global SAMPLED_MERGED
+    global SAMPLED_MERGED, SETS
     SAMPLED_MERGED = not args.no_sampled_merged
+    SETS = set(args.sets.split(",")) if args.sets else SETS
     for item in args.set:
         key, _, value = item.partition("=")
         OVERRIDES[key] = json.loads(value)

@@ -182,3 +182,18 @@ def test_the_hub_token_reaches_no_file_card_index_or_trainer(tmp_path):
     assert cfg.trainer_args().hub_token is None
     assert cfg.run_id == make_config("smoke", output_dir=str(tmp_path / "out")).run_id  # hashed out of the run id
     assert FinetuneConfig.load(tmp_path / "cfg.json").sft.hub_token is None
+
+
+@pytest.mark.parametrize("key", ["label_smoothing_factor", "neftune_noise_alpha", "adam_epsilon", "adam_beta1",
+                                 "adam_beta2", "llm_int8_threshold", "warmup_steps", "lora_dropout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_library_values_are_refused(key, value):
+    """Issue #29: `--label_smoothing_factor nan` trained every adapter value into NaN and called the run finished."""
+    with pytest.raises(ValueError, match=f"{key}=(nan|inf).*finite"):
+        make_config("smoke", **{key: value})
+
+
+@pytest.mark.parametrize("key", ["save_steps", "eval_steps", "logging_steps"])
+def test_zero_step_intervals_are_refused(key):
+    with pytest.raises(ValueError, match=f"{key}=0 is invalid"):
+        make_config("smoke", **{key: 0})

@@ -17,7 +17,8 @@ from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PRO
 from llmhelpers.paths import REPO_ROOT
 
 CONFIGS_DIR = REPO_ROOT / "configs"
-RECIPE = "full"  # the profile whose file holds the whole recipe; the others change it
+RECIPE = "full"
+STEP_INTERVALS = ("save_steps", "eval_steps", "logging_steps")  # the profile whose file holds the whole recipe; the others change it
 
 
 def profile_names() -> list[str]:
@@ -97,6 +98,9 @@ def library_configs(name: str = RECIPE, **changes) -> dict:
     for key, value in changes.items():
         kwargs[library_owner(key)][key] = value
     sft = kwargs["sft"]
+    for key in STEP_INTERVALS:  # SFTConfig turns eval_steps=0 into logging_steps silently: refused before it can
+        if isinstance(sft.get(key), (int, float)) and not sft[key] > 0:
+            raise ValueError(f"{key}={sft[key]!r} is invalid: must be > 0 (SFTConfig)")
     if "use_cpu" not in sft:  # the notebook's cell says use_cpu=not torch.cuda.is_available()
         import torch
 

@@ -502,6 +502,17 @@ _LIBRARY_RULES = [  # (config, field, types, rule, why): what would otherwise fa
 ]
 
 
+def _check_finite(cfg: FinetuneConfig) -> None:
+    """No NaN or infinity in any numeric field of the three library configs: a NaN label_smoothing_factor trained
+    every adapter value into NaN and the run called itself finished (issue #29)."""
+    for key in LIBRARY_CONFIGS:
+        for name, value in library_settings(getattr(cfg, key)).items():
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{name}={v!r} is invalid: must be a finite number ({LIBRARY_CLASS_NAMES[key]})")
+
+
 def _check(cfg: FinetuneConfig) -> None:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
@@ -549,6 +560,11 @@ def _check(cfg: FinetuneConfig) -> None:
             raise ValueError(f"{key}={value!r} is invalid: must be a finite number ({LIBRARY_CLASS_NAMES[owner]})")
         if not ok(value):
             raise ValueError(f"{key}={value!r} is invalid: {rule} ({LIBRARY_CLASS_NAMES[owner]})")
+    _check_finite(cfg)
+    for key in ("save_steps", "eval_steps", "logging_steps"):  # 0 would mean "never" to no one; TRL takes it
+        value = getattr(sft, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"{key}={value!r} is invalid: must be > 0 (SFTConfig)")
     need(cfg.bnb.load_in_4bit, "bnb.load_in_4bit", "must be True: this is QLoRA (a 4-bit base under LoRA)")
     need(bool(sft.output_dir) and not Path(sft.output_dir).is_file(), "sft.output_dir",
          "must name a directory (not an existing file)")
