@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     from llmhelpers.data.sources import DataError
     from llmhelpers.training.checkpoints import CheckpointError, DiskSpaceError
     from llmhelpers.training.run_lock import RunLockedError
-    from llmhelpers.training.trainer import TrainingInterrupted
+    from llmhelpers.training.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
         result = run(cfg, evaluate_after=args.evaluate, allow_fresh_optimizer=args.allow_fresh_optimizer)
-    except (DataError, RunLockedError, CheckpointError, DiskSpaceError, FileNotFoundError) as err:
+    except (DataError, RunLockedError, CheckpointError, DiskSpaceError, FileNotFoundError, TrainingDiverged) as err:
         sys.stderr.write(f"llmhelpers: error: {err}\n")  # a clear message, not a traceback
         return 1
     except TrainingInterrupted as err:

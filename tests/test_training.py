@@ -188,3 +188,26 @@ def test_paged_optimizers_are_refused_on_several_processes_before_step_1():
     check_optimizer_resumes("adamw_torch_fused", 2)
     with pytest.raises(ValueError, match="cannot resume.*adamw_torch_fused"):
         check_optimizer_resumes("paged_adamw_8bit", 2)
+
+
+def test_a_loss_that_turns_nan_stops_the_run_as_failed_and_keeps_the_last_good_checkpoint(cfg):
+    """Issue #29: the Trainer filters NaN losses out of its logs, so NaN adapters trained to the end, "finished"."""
+    from safetensors.torch import load_file
+
+    from llmhelpers.training.runs import read_index
+    from llmhelpers.training.trainer import TrainingDiverged
+
+    run_cfg = cfg.replace(max_steps=6, save_steps=2, eval_steps=2, logging_steps=1)
+    trainer, tok, data = make_trainer(run_cfg)
+    norm = trainer.model.get_base_model().model.norm  # the last hidden state (TRL's loss reads the head's weight)
+    norm.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.state.global_step >= 3 else out)
+    with pytest.raises(TrainingDiverged, match="training diverged at step 4: the loss was not finite") as err:
+        train(trainer, run_cfg)
+    assert "checkpoint-2" in str(err.value)
+    entry = read_index(run_cfg.output_dir)[run_cfg.run_name]
+    assert entry["status"] == "failed" and "diverged" in entry["error"]
+    assert not (run_cfg.run_dir / "run_complete.json").exists()
+    kept = last_complete_checkpoint(run_cfg.run_dir)
+    assert kept.name == "checkpoint-2" and not (run_cfg.run_dir / "checkpoint-4").exists()
+    weights = load_file(kept / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())

@@ -171,5 +171,6 @@ def flat_settings(cfg: FinetuneConfig) -> dict:
     out.update(bnb_constructor_arguments(cfg.bnb))
     for key in ("lora", "sft"):
         obj = getattr(cfg, key)
-        out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init and f.name not in SECRET_FIELDS})
+        out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+                    if f.init and f.name not in SECRET_FIELDS})
     return {k: _jsonable(v) for k, v in out.items()}

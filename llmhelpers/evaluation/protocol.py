@@ -120,8 +120,8 @@ class EvalResult:
 
 def evaluation_set(data, cfg) -> list:
     """The problems graded: cfg.eval_set "heldout" (the eval split plus the SciBench problems without worked
-    solutions), "math500" (cfg.math500_dataset) or a file of problems in MathCodeInstruct's schema, shuffled with the seed and capped at cfg.eval_limit, so that
-    every run grades the same problems."""
+    solutions), "math500" (cfg.math500_dataset) or a file of problems in MathCodeInstruct's schema; shuffled with the
+    seed and capped at cfg.eval_limit, so that every run grades the same problems."""
     if cfg.eval_set == "math500":
         from llmhelpers.data.sources import load_math500
 

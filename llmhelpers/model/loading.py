@@ -173,8 +173,8 @@ def attach_lora(model, cfg):
 
 
 def apply_liger(model, cfg) -> bool:
-    """Liger's fused RMSNorm, SwiGLU and RoPE Triton kernels on this model (CUDA only; Qwen2 and Llama), through Liger's own API: TRL
-    1.16 deprecates its use_liger_kernel switch. The loss stays TRL's fused LM head (Liger's fused linear
+    """Liger's fused RMSNorm, SwiGLU and RoPE Triton kernels on this model (CUDA only; Qwen2 and Llama), through
+    Liger's own API: TRL 1.16 deprecates its use_liger_kernel switch. The loss stays TRL's fused LM head (Liger's fused linear
     cross-entropy would replace the model's forward, which TRL patches)."""
     import importlib.util
 

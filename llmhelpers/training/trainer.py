@@ -37,6 +37,37 @@ class DiskGuard(TrainerCallback):
             ensure_free_space(self.cfg.run_dir, self.need, f"checkpoint {state.global_step}")
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or a trained weight became NaN or infinite: the run stops, before any checkpoint holds it."""
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops the run at the first log, evaluation or save after a step whose loss was not finite, or before a save
+    of non-finite trained weights (a NaN gradient reaches the weights through the optimizer step). The Trainer would
+    go on: its logging filters NaN losses out (logging_nan_inf_filter), so a run of NaN adapters ended "finished"
+    with a train loss of 0.0. Checked only when the Trainer logs, evaluates or saves: one GPU sync then, none per step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
+                or state.global_step >= state.max_steps):
+            return
+        import torch
+
+        what = None
+        flag = self.trainer.llm_nonfinite_steps
+        if flag is not None and int(flag) > 0:
+            what = f"the loss was not finite in {int(flag)} step(s) up to this one"
+        elif control.should_save:
+            weights = [p for p in self.trainer.model.parameters() if p.requires_grad]
+            if weights and not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
+                what = "a trained weight is not finite"
+        if what:
+            raise TrainingDiverged(f"training diverged at step {state.global_step}: {what}")
+
+
 class ThroughputMeter(TrainerCallback):
     """Trained-sequence tokens per second between log events, from TRL's global `num_tokens` count."""
 
@@ -156,6 +187,9 @@ class ResumableSFTTrainer(SFTTrainer):
         # has switched checkpointing on for every layer
         self.checkpointed_layers: int | None = None
         self.add_callback(KeepCheckpointedLayers(self))
+        # steps whose loss was not finite (a device tensor: counted without a sync; StopOnNonFinite reads it)
+        self.llm_nonfinite_steps = None
+        self.add_callback(StopOnNonFinite(self))
         # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.training.packing)
         self.packed_mask = PackedMask(self.model) if self.padding_free else None
         # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
@@ -196,16 +230,19 @@ class ResumableSFTTrainer(SFTTrainer):
                 callback.reset()
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if self.packed_mask is None:
-            return super().training_step(model, inputs, *args, **kwargs)
-        with self.packed_mask.applied(self.model, inputs):  # forward and backward (checkpoint recomputation too)
-            loss = super().training_step(model, inputs, *args, **kwargs)
-        # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on
         import torch
 
-        padding = torch.tensor(trailing_padding(inputs["position_ids"]), device=inputs["position_ids"].device)
-        self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding).sum().item())
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        if self.packed_mask is None:
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        else:
+            with self.packed_mask.applied(self.model, inputs):  # forward and backward (checkpoint recomputation too)
+                loss = super().training_step(model, inputs, *args, **kwargs)
+            # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on
+            padding = torch.tensor(trailing_padding(inputs["position_ids"]), device=inputs["position_ids"].device)
+            self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding).sum().item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.int64)
+        self.llm_nonfinite_steps = bad if self.llm_nonfinite_steps is None else self.llm_nonfinite_steps + bad
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
@@ -469,10 +506,18 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
                   f"({decided['why']}" + (f": {decided['per_layer_gib']} GiB per layer kept, expected peak "
                                           f"{decided['expected_peak_gib']} of {decided['limit_gib']} GiB)"
                                           if decided["why"] == "measured" else ")"))
+        trainer.llm_nonfinite_steps = None
         try:
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except KeyboardInterrupt:
             raise TrainingInterrupted(interrupt_message(trainer, cfg)) from None  # one line, not 135 of traceback
+        except TrainingDiverged as err:
+            kept = last_complete_checkpoint(cfg.run_dir)
+            message = (f"{err}. Kept {kept or 'no checkpoint'} (written before it); nothing after it is saved. Lower "
+                       "learning_rate or check the data and the settings, then run start_over(cfg) or resume.")
+            if main:
+                record_run(cfg, status="failed", error=message)
+            raise TrainingDiverged(message) from None
         if main:
             (cfg.run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
             metrics = {"global_step": output.global_step, **output.metrics,
