@@ -6,6 +6,8 @@ held-out problems before and after fine-tuning, with and without tool execution.
     python bench/real_weights.py --work /tmp/rw --stage after      # merged model, adapters on 4-bit, merged folder
     python bench/real_weights.py --work /tmp/rw --stage report --out bench/results/<date>-<gpu>-real-weights.json
     python bench/real_weights.py --work /tmp/rw --stage all ...    # all four
+    python bench/real_weights.py --work /tmp/rw --stage loss       # both sets' losses, before and after
+    python bench/real_weights.py --work /tmp/rw --stage recover    # after.json from a cut-off after stage's answers
 
 Stages keep their results in --work (a killed stage re-runs alone). Per set of problems (held-out: new numbers on the
 training templates; held-out templates: never seen in training) and model: pass@1 of the R1 protocol (eval_samples
@@ -115,6 +117,61 @@ def measure(model, tokenizer, cfg, examples, label: str, work: Path) -> dict:
     return out
 
 
+def recovered(work: Path, label: str, examples) -> dict:
+    """What `measure` reports, rebuilt from the graded answers a cut-off stage saved (eval/<label>-*.jsonl); a
+    measure whose file is missing is None."""
+    from llmhelpers.evaluation.protocol import EvalResult, EvalRow
+
+    out = {}
+    for tools in (True, False):
+        suffix = "tools" if tools else "no_tools"
+        for kind, key in (("", f"accuracy_{suffix}"), ("-greedy", f"greedy_accuracy_{suffix}")):
+            path = work / "eval" / f"{label}-{suffix}{kind}.jsonl"
+            rows = [EvalRow(**{k: v for k, v in json.loads(line).items() if k != "label"})
+                    for line in path.read_text().splitlines()] if path.exists() else None
+            out[key] = EvalResult(label, rows).accuracy if rows else None
+            if kind == "":
+                out[f"lenient_accuracy_{suffix}"] = lenient_accuracy(rows, examples) if rows else None
+            if rows and tools and kind == "":
+                out["format_rate"] = sum(r.finished_thinking and r.answered for r in rows) / len(rows)
+                out["mean_answer_tokens"] = sum(r.new_tokens for r in rows) / len(rows)
+                out["tool_calls_per_answer"] = sum(r.tool_calls for r in rows) / len(rows)
+                out["hit_budget"] = sum(r.hit_budget for r in rows) / len(rows)
+    out["problems"], out["recovered_from_saved_answers"] = len(examples), True
+    return out
+
+
+def stage_loss(work: Path, limit: int) -> dict:
+    """The completion loss of both sets' worked solutions, before (the base) and after (merged as trained): the one
+    measure that saved answers cannot give back."""
+    from llmhelpers.model.loading import add_adapters, load_base_model, load_tokenizer, use_trained_base_weights
+
+    cfg = small_config(work)
+    tokenizer = load_tokenizer(cfg)
+    trained = json.loads((work / "train.json").read_text())
+    plain = load_base_model(cfg, quantized=False).eval()
+    out = {"before": {name: completion_loss(plain, tokenizer, problems(path, limit), cfg)
+                      for name, path in HELDOUT_SETS.items()}}
+    use_trained_base_weights(plain, cfg)
+    merged = add_adapters(plain, trained["adapter_dir"], cfg).merge_and_unload().eval()
+    out["after"] = {name: completion_loss(merged, tokenizer, problems(path, limit), cfg)
+                    for name, path in HELDOUT_SETS.items()}
+    return out
+
+
+def stage_recover(work: Path, limit: int) -> dict:
+    """after.json from a cut-off after stage: its partial results, then what its saved answers give, then the losses
+    of the loss stage."""
+    partial = work / "after.partial.json"
+    out = json.loads(partial.read_text()) if partial.exists() else {}
+    losses = json.loads((work / "loss.json").read_text()) if (work / "loss.json").exists() else {}
+    for name, path in HELDOUT_SETS.items():
+        if name not in out:
+            out[name] = recovered(work, f"after-{name}", problems(path, limit))
+            out[name]["eval_loss"] = losses.get("after", {}).get(name)
+    return out
+
+
 def stage_before(work: Path, limit: int) -> dict:
     from llmhelpers.model.loading import load_base_model, load_tokenizer
 
@@ -221,10 +278,14 @@ def report(work: Path) -> tuple[dict, list[str]]:
         "before": before["held_out"], "after": after["held_out"],
         "held_out_templates": {"problems": before["held_out_templates"]["problems"],
                                "before": before["held_out_templates"], "after": after["held_out_templates"]},
-        "merged_accuracy_tools": after.get("merged_accuracy_tools"),
-        "merged_greedy_accuracy_tools": after["merged_greedy_accuracy_tools"],
+        # the reloaded merged folder when the after stage graded it, else the in-memory merge (the same weights,
+        # which merge_adapters saves)
+        "merged_accuracy_tools": after.get("merged_accuracy_tools", after["held_out"]["accuracy_tools"]),
+        "merged_accuracy_source": "reloaded merged folder" if "merged_accuracy_tools" in after else
+                                  "in-memory merge (as trained)",
+        "merged_greedy_accuracy_tools": after.get("merged_greedy_accuracy_tools"),
         "adapters_greedy_accuracy_tools": after["adapters_greedy_accuracy_tools"],
-        "merge_check": after["merge_check"],
+        "merge_check": after.get("merge_check"),
         "gguf": json.loads(gguf_path.read_text()) if gguf_path.exists() else None,
         "train_seconds": trained["train_seconds"], "train_steps": trained["global_step"],
         "train_loss": trained["train_loss"],
@@ -244,7 +305,8 @@ def report(work: Path) -> tuple[dict, list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/real-weights")
-    parser.add_argument("--stage", choices=["before", "train", "after", "report", "all"], default="all")
+    parser.add_argument("--stage", choices=["before", "train", "after", "loss", "recover", "report", "all"],
+                        default="all")
     parser.add_argument("--limit", type=int, default=0, help="problems per set (0 = all)")
     parser.add_argument("--max_steps", type=int, default=0, help="a short training (0 = the profile's epochs)")
     parser.add_argument("--out", default="")
@@ -278,6 +340,11 @@ def main() -> int:
         started = time.time()
         if stage == "before":
             value = stage_before(work, args.limit)
+        elif stage == "loss":
+            value = stage_loss(work, args.limit)
+        elif stage == "recover":
+            value = stage_recover(work, args.limit)
+            stage = "after"
         elif stage == "train":
             value = stage_train(work, args.limit, args.max_steps)
             value["max_steps"] = args.max_steps

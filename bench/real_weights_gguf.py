@@ -6,7 +6,9 @@ dtype), exported as f16 and q8_0 GGUF through `llmhelpers.export`, read back, th
 
 - greedy_token_match: the share of 20 held-out prompts on which llama.cpp with the f16 file generates exactly the
   greedy tokens of transformers (the merged model, fp32) up to eos or --max_new_tokens;
-- q8_0_answer_match: the share on which the q8_0 file's greedy answer has the same boxed answer.
+- q8_0_answer_match: the share on which the q8_0 file's greedy answer has the same boxed answer, and
+  q8_0_code_match the share with the same python block. No interpreter runs here: after its block the model writes
+  the "output" itself, a guess where near-ties are common, so the boxed answers diverge more than the code.
 Exits non-zero when greedy_token_match < 0.95.
 """
 from __future__ import annotations
@@ -37,6 +39,13 @@ def adapters_from(source: Path, work: Path) -> Path:
     with tarfile.open(joined) as tar:
         tar.extractall(target, filter="data")
     return target
+
+
+def python_block(text: str) -> str | None:
+    """The answer's first python block: what the model wrote before any (here not executed) output."""
+    start = text.find("```python")
+    end = text.find("```", start + 9) if start >= 0 else -1
+    return text[start:end] if end >= 0 else None
 
 
 def llama_cpp_greedy(llm, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
@@ -82,7 +91,7 @@ def main() -> int:
     readback = {t: verify_gguf(p, merged) for t, p in files.items()}
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     eos = tokenizer.eos_token_id
-    rows, token_match, answer_match = [], 0, 0
+    rows, token_match, answer_match, code_match = [], 0, 0, 0
     engines = {t: llama_cpp.Llama(model_path=str(p), n_ctx=2048, verbose=False, n_threads=2) for t, p in files.items()}
     for ex in examples:
         prompt = tokenizer(render_prompt(ex, tokenizer), add_special_tokens=False)["input_ids"]
@@ -92,16 +101,21 @@ def main() -> int:
                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
         f16 = llama_cpp_greedy(engines["f16"], prompt, args.max_new_tokens, eos)
         q8 = llama_cpp_greedy(engines["q8_0"], prompt, args.max_new_tokens, eos)
-        answers = [last_boxed(tokenizer.decode(ids, skip_special_tokens=True)) for ids in (hf, f16, q8)]
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in (hf, f16, q8)]
+        answers = [last_boxed(text) for text in texts]
+        codes = [python_block(text) for text in texts]
         same = f16 == hf
         first = next((i for i, (a, b) in enumerate(zip(hf, f16)) if a != b), None if same else min(len(hf), len(f16)))
         token_match += same
         answer_match += answers[2] == answers[0]
+        code_match += codes[2] == codes[0]
         rows.append({"id": ex.id, "gold": ex.gold, "tokens": len(hf), "f16_same_tokens": same,
-                     "first_divergence": first, "answers": dict(zip(("transformers", "f16", "q8_0"), answers))})
+                     "first_divergence": first, "answers": dict(zip(("transformers", "f16", "q8_0"), answers)),
+                     "texts": dict(zip(("transformers", "f16", "q8_0"), texts))})
     version = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     result = {"greedy_token_match": token_match / len(examples), "q8_0_answer_match": answer_match / len(examples),
+              "q8_0_code_match": code_match / len(examples),
               "prompts": len(examples), "max_new_tokens": args.max_new_tokens, "llama_cpp_python": version,
               "merge_check": check, "readback": readback, "where": "CPU (llama.cpp), adapters trained on the GPU",
               "rows": rows}

@@ -220,7 +220,7 @@ def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact
 
     model, tok, prompts = tiny
     rng = random.Random(0)
-    texts = ["```output\n7\n```", "```output\n" + "1234567890 " * 4 + "\n```"]  # under and over feed_max tokens
+    texts = ["```output\n7\n```", "```output\n" + "1234567890 " * 6 + "\n```"]  # under and over feed_max tokens
     plan = [(prompts[i % 3], rng.randint(12, 30), rng.randint(1, 8), tok(texts[i % 2], add_special_tokens=False)
              ["input_ids"]) for i in range(20)]
     assert len(plan[1][3]) > 32 >= len(plan[0][3])
