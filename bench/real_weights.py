@@ -142,20 +142,21 @@ def recovered(work: Path, label: str, examples) -> dict:
 
 
 def stage_loss(work: Path, limit: int) -> dict:
-    """The completion loss of both sets' worked solutions, before (the base) and after (merged as trained): the one
-    measure that saved answers cannot give back."""
+    """The completion loss of the worked solutions (--sets), after (merged as trained) and before (the base, where
+    before.json lacks it): the one measure that saved answers cannot give back."""
     from llmhelpers.model.loading import add_adapters, load_base_model, load_tokenizer, use_trained_base_weights
 
     cfg = small_config(work)
     tokenizer = load_tokenizer(cfg)
     trained = json.loads((work / "train.json").read_text())
+    before = json.loads((work / "before.json").read_text()) if (work / "before.json").exists() else {}
+    sets = {name: path for name, path in HELDOUT_SETS.items() if name in SETS}
     plain = load_base_model(cfg, quantized=False).eval()
     out = {"before": {name: completion_loss(plain, tokenizer, problems(path, limit), cfg)
-                      for name, path in HELDOUT_SETS.items()}}
+                      for name, path in sets.items() if "eval_loss" not in before.get(name, {})}}
     use_trained_base_weights(plain, cfg)
     merged = add_adapters(plain, trained["adapter_dir"], cfg).merge_and_unload().eval()
-    out["after"] = {name: completion_loss(merged, tokenizer, problems(path, limit), cfg)
-                    for name, path in HELDOUT_SETS.items()}
+    out["after"] = {name: completion_loss(merged, tokenizer, problems(path, limit), cfg) for name, path in sets.items()}
     return out
 
 
@@ -289,7 +290,11 @@ def report(work: Path) -> tuple[dict, list[str]]:
         "gguf": json.loads(gguf_path.read_text()) if gguf_path.exists() else None,
         "train_seconds": trained["train_seconds"], "train_steps": trained["global_step"],
         "train_loss": trained["train_loss"],
-        **environment(),
+        # the GPU the stages ran on (real_weights.sh writes gpu.txt), and where this report was assembled
+        "gpu": (work / "gpu.txt").read_text().strip() if (work / "gpu.txt").exists() else environment()["gpu"],
+        "stage_environments": {k: v.get("environment") for k, v in (("before", before), ("train", trained),
+                                                                     ("after", after))},
+        "report_environment": environment(),
     }
     gain = result["after"]["accuracy_tools"] - result["before"]["accuracy_tools"]
     result["targets"] = {
@@ -350,6 +355,7 @@ def main() -> int:
             value["max_steps"] = args.max_steps
         else:
             value = stage_after(work, args.limit, json.loads((work / "train.json").read_text()))
+        value["environment"] = environment()  # the machine and library versions this stage ran with
         (work / f"{stage}.json").write_text(json.dumps(value, indent=2, default=str))
         print(f"stage {stage}: {time.time() - started:.0f} s", flush=True)
     return 0
