@@ -197,3 +197,32 @@ def test_non_finite_library_values_are_refused(key, value):
 def test_zero_step_intervals_are_refused(key):
     with pytest.raises(ValueError, match=f"{key}=0 is invalid"):
         make_config("smoke", **{key: 0})
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    """Issue #29: `--config` at a FIFO hung, and /dev/zero was read until memory ran out."""
+    import os
+
+    path = {"fifo": tmp_path / "cfg.fifo", "device": "/dev/zero", "folder": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(ValueError, match="not a regular file"):
+        FinetuneConfig.load(path)
+
+
+def test_one_malformed_profile_file_fails_alone_naming_its_line(tmp_path, monkeypatch):
+    """Issue #29: one malformed YAML file in configs/ made every profile fail."""
+    import shutil
+
+    import llmhelpers.config.profiles as profiles
+
+    configs = tmp_path / "configs"
+    shutil.copytree(profiles.CONFIGS_DIR, configs)
+    (configs / "broken.yaml").write_text("sft:\n  learning_rate: 1e-3\n  max_steps: [1, 2\n")
+    monkeypatch.setattr(profiles, "CONFIGS_DIR", configs)
+    assert "smoke" in profile_names() and "broken" not in profile_names()
+    assert make_config("smoke").profile == "smoke"
+    with pytest.raises(ValueError, match=r"profile 'broken': .*broken.yaml line \d+: not valid YAML") as err:
+        load_profile("broken")
+    assert "\n" not in str(err.value)

@@ -140,3 +140,43 @@ def test_llama_cpp_reads_the_file_tokenizes_like_transformers_and_generates_the_
         if len(ours) == 8:
             break
     assert ours == hf
+
+
+def test_the_export_refuses_what_would_lose_files_or_ship_a_broken_model(tiny_model_dir, tmp_path, capsys):
+    """Issue #29: NaN weights were exported and "verified"; --out at the model's own safetensors overwrote them; an
+    existing file and a hand-written Modelfile were replaced silently; a folder as --out left a hidden temp file; an
+    adapter folder got "config.json is missing"; the --help example `python -m llmhelpers.export.gguf` did nothing."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, model)
+    source = (model / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="not a .gguf"):
+        export_gguf(model, model / "model.safetensors", "f16")
+    assert (model / "model.safetensors").read_bytes() == source
+    with pytest.raises(ValueError, match="is a folder"):
+        export_gguf(model, tmp_path, "f16")
+    out = tmp_path / "m.gguf"
+    assert main(["--model", str(model), "--out", str(out), "--outtype", "f16"]) == 0
+    (tmp_path / "Modelfile").write_text("my own Modelfile\n")
+    assert main(["--model", str(model), "--out", str(out), "--outtype", "f16"]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "Modelfile").read_text() == "my own Modelfile\n"
+    assert main(["--model", str(model), "--out", str(out), "--outtype", "f16", "--overwrite"]) == 0
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="up_proj.weight holds NaN"):
+        export_gguf(model, tmp_path / "nan.gguf", "q8_0")
+    assert not (tmp_path / "nan.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
+    adapters = tmp_path / "final"
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="merge first"):
+        export_gguf(adapters, tmp_path / "a.gguf")
+    help_text = subprocess.run([sys.executable, "-m", "llmhelpers.export.gguf", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "--overwrite" in help_text and "python -m llmhelpers.export --model" in help_text

@@ -211,3 +211,47 @@ def test_a_loss_that_turns_nan_stops_the_run_as_failed_and_keeps_the_last_good_c
     assert kept.name == "checkpoint-2" and not (run_cfg.run_dir / "checkpoint-4").exists()
     weights = load_file(kept / "adapter_model.safetensors")
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_a_finished_run_without_its_records_gets_them_from_the_last_checkpoint(cfg, damage):
+    """Issue #29: killed right after its last checkpoint, a run re-ran as "already finished" with train_loss None,
+    no run_complete.json or log_history.json, and the index still saying `training`; an empty run_complete.json
+    gave a traceback on every re-run."""
+    from llmhelpers.training.runs import read_index, record_run
+
+    run_cfg = cfg.replace(max_steps=4, save_steps=2, eval_steps=2)
+    trainer, _, _ = make_trainer(run_cfg)
+    expected = train(trainer, run_cfg).training_loss
+    run = run_cfg.run_dir
+    (run / "log_history.json").unlink()
+    if damage == "missing":
+        (run / "run_complete.json").unlink()
+    else:
+        (run / "run_complete.json").write_text("")
+    record_run(run_cfg, status="training")  # what the index said when the process died
+    again, _, _ = make_trainer(run_cfg)
+    out = train(again, run_cfg)
+    assert out.global_step == 4 and out.training_loss == pytest.approx(expected, rel=1e-6)
+    assert json.loads((run / "run_complete.json").read_text())["train_loss"] == pytest.approx(expected, rel=1e-6)
+    assert (run / "log_history.json").exists()
+    assert read_index(run_cfg.output_dir)[run_cfg.run_name]["status"] == "finished"
+
+
+def test_an_unreadable_index_is_rebuilt_from_the_run_folders_and_kept_aside(tmp_path, tiny_model_dir):
+    """Issue #29: an unreadable index.json made the next record drop every other run (5 -> 1)."""
+    from llmhelpers.training.runs import index_path, read_index, record_run
+
+    runs = [make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir),
+                        learning_rate=lr) for lr in (1e-3, 2e-3, 3e-3)]
+    for run_cfg in runs:
+        run_cfg.save(run_cfg.run_dir / "finetune_config.json")
+        record_run(run_cfg, status="training")
+    (runs[0].run_dir / "run_complete.json").write_text(json.dumps({"global_step": 8, "train_loss": 1.5}))
+    index_path(runs[0].output_dir).write_text("{ not json")
+    record_run(runs[2], status="finished")
+    index = read_index(runs[0].output_dir)
+    assert set(index) == {r.run_name for r in runs}
+    assert index[runs[0].run_name]["status"] == "finished" and index[runs[0].run_name]["metrics"]["train_loss"] == 1.5
+    assert index[runs[1].run_name]["status"] == "unknown" and index[runs[2].run_name]["status"] == "finished"
+    assert len(list(index_path(runs[0].output_dir).parent.glob("index.damaged-*.json"))) == 1

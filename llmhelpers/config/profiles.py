@@ -22,7 +22,15 @@ STEP_INTERVALS = ("save_steps", "eval_steps", "logging_steps")  # the profile wh
 
 
 def profile_names() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if _read(p.stem) is not None)
+    """The profiles in configs/; a file that does not parse is left out here (reading that profile says why)."""
+    names = []
+    for path in CONFIGS_DIR.glob("*.yaml"):
+        try:
+            if _read(path.stem) is not None:
+                names.append(path.stem)
+        except ValueError:
+            continue
+    return sorted(names)
 
 
 def _read(name: str) -> dict | None:
@@ -31,7 +39,13 @@ def _read(name: str) -> dict | None:
     path = CONFIGS_DIR / f"{name}.yaml"
     if not path.is_file():
         return None
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:  # only this profile fails, naming the file and line
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"profile {name!r}: {path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict) or not set(data) <= {"project", *LIBRARY_CONFIGS}:
         return None  # not a profile (e.g. an accelerate config)
     return data

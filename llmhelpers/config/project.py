@@ -262,6 +262,8 @@ class FinetuneConfig:
     def load(cls, path: str | Path) -> "FinetuneConfig":
         """A config file that `save` wrote (or one written by hand in its shape)."""
         path = Path(path)
+        if path.exists() and not path.is_file():  # a FIFO would hang the read, /dev/zero fill the memory
+            raise ValueError(f"config file {path}: not a regular file")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as err:

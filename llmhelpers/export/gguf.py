@@ -1,6 +1,6 @@
 """Taking the merged model elsewhere: a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile.
 
-    python -m llmhelpers.export.gguf --format gguf --model outputs/<name>/runs/<run>/merged --out model.gguf --outtype q8_0
+    python -m llmhelpers.export --model outputs/<name>/runs/<run>/merged --out model.gguf --outtype q8_0
 
 The file is written with the `gguf` package (llama.cpp's own Python writer and reader), so no llama.cpp checkout or
 build is needed, and every tensor and metadata field is read back and compared (`verify_gguf`). What llama.cpp needs
@@ -143,14 +143,44 @@ def _encode(data, outtype: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str | None = None) -> Path:
-    """Write the merged model in `model_dir` (config.json, safetensors, tokenizer) as one GGUF file."""
-    import gguf
-    from transformers import AutoTokenizer
+def check_destination(model_dir: Path, out: Path, overwrite: bool = False) -> None:
+    """Refuse what would lose files: a folder as the output, a file of the model folder, an existing file unless
+    `overwrite`, and a model folder that holds adapters instead of a merged model."""
+    if (model_dir / "adapter_config.json").exists() and not (model_dir / "config.json").exists():
+        raise ValueError(f"{model_dir} holds LoRA adapters, not a merged model: merge first (merge_after_training, "
+                         "or merge_adapters in the notebook), then export its merged/ folder")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/config.json is missing: give the merged model's folder")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the .gguf file to write")
+    if out.resolve().parent == model_dir.resolve() and out.suffix != ".gguf":
+        raise ValueError(f"--out {out} would write into the model folder over a file that is not a .gguf")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
 
+
+def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str | None = None,
+                overwrite: bool = True) -> Path:
+    """Write the merged model in `model_dir` (config.json, safetensors, tokenizer) as one GGUF file. A failed write
+    leaves no file behind (not even the temporary one)."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
     model_dir, out = Path(model_dir), Path(out)
+    check_destination(model_dir, out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        return _write_gguf(model_dir, out, tmp, outtype, pre_tokenizer)
+    except OSError as err:  # a full disk, a file-size limit: one line, and no half-written file
+        raise ValueError(f"writing {out} failed: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_gguf(model_dir: Path, out: Path, tmp: Path, outtype: str, pre_tokenizer: str | None) -> Path:
+    import gguf
+    import numpy as np
+    from transformers import AutoTokenizer
+
     config = json.loads((model_dir / "config.json").read_text())
     arch = architecture(config, model_dir)
     gguf_arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[arch][0])
@@ -159,7 +189,6 @@ def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str | None
     names = gguf.get_tensor_name_map(gguf_arch, config["num_hidden_layers"])
     file_type, _ = _types(outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf_arch])
     writer.add_name(model_dir.parent.name if model_dir.name == "merged" else model_dir.name)
     writer.add_context_length(config["max_position_embeddings"])
@@ -192,6 +221,9 @@ def export_gguf(model_dir, out, outtype: str = "q8_0", pre_tokenizer: str | None
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise ValueError(f"no llama.cpp name for tensor {name}")
+        if not np.isfinite(data).all():
+            writer.close()
+            raise ValueError(f"tensor {name} holds NaN or infinite values: the model is broken; nothing exported")
         encoded, qtype = _encode(_as_written(name, data, arch, config), outtype)
         writer.add_tensor(new, encoded, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -338,11 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the merged model folder (merge_adapters' merged/ folder)")
     parser.add_argument("--out", required=True, help="the .gguf file to write (a Modelfile is written beside it)")
     parser.add_argument("--outtype", choices=OUTTYPES, default="q8_0")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file and Modelfile")
     args = parser.parse_args(argv)
+    modelfile = Path(args.out).with_name("Modelfile")
     try:
-        path = export_gguf(args.model, args.out, args.outtype)
+        if modelfile.exists() and not args.overwrite:
+            raise FileExistsError(f"{modelfile} exists: pass --overwrite to replace it (and the .gguf)")
+        path = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite)
         report = verify_gguf(path, args.model)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         sys.stderr.write(f"{parser.prog}: error: {err}\n")
         return 1
     modelfile = write_modelfile(path)
@@ -350,3 +386,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['tensors']} tensors within tolerance, max |error| by type {report['max_abs_error_by_type']}")
     return 0
 
+
+if __name__ == "__main__":  # `python -m llmhelpers.export.gguf` works as `python -m llmhelpers.export` does
+    raise SystemExit(main())

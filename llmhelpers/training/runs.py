@@ -45,13 +45,46 @@ def read_index(output_dir) -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
+def rebuilt_index(output_dir) -> dict[str, dict]:
+    """The index rebuilt from the run folders (each holds its finetune_config.json; a finished one its
+    run_complete.json): what record_run starts from when index.json cannot be read."""
+    index = {}
+    for run in sorted((Path(output_dir) / "runs").glob("*/finetune_config.json")):
+        folder = run.parent
+        try:
+            metrics = json.loads((folder / "run_complete.json").read_text())
+        except (OSError, ValueError):
+            metrics = None
+        index[folder.name] = {"run": folder.name, "run_dir": str(folder), "rebuilt": True,
+                              "status": "finished" if isinstance(metrics, dict) else "unknown",
+                              **({"metrics": metrics} if isinstance(metrics, dict) else {})}
+    return index
+
+
+def _index_for_update(output_dir) -> dict[str, dict]:
+    path = index_path(output_dir)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return data
+    except (OSError, ValueError):
+        pass
+    aside = path.with_name(f"index.damaged-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.replace(aside)
+    print(f"{path} could not be read: kept as {aside.name}, and the index rebuilt from the run folders")
+    return rebuilt_index(output_dir)
+
+
 def record_run(cfg, **fields) -> dict:
-    """Create or update this run's entry; `fields` (status, metrics, adapter_dir, ...) are merged in."""
+    """Create or update this run's entry; `fields` (status, metrics, adapter_dir, ...) are merged in. An index that
+    cannot be read is kept aside and rebuilt from the run folders: no other run's entry is lost."""
     from llmhelpers.config.profiles import changed_settings, flat_settings
 
     path = index_path(cfg.output_dir)
     with _locked(path):
-        index = read_index(cfg.output_dir)
+        index = _index_for_update(cfg.output_dir)
         entry = index.get(cfg.run_name, {"created": time.strftime("%Y-%m-%d %H:%M:%S")})
         entry.update(run=cfg.run_name, run_dir=str(cfg.run_dir), profile=cfg.profile,
                      settings={k: v for k, v in flat_settings(cfg).items() if k in KEY_SETTINGS},

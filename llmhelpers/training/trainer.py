@@ -436,6 +436,15 @@ def reset_adapters(model, seed: int) -> None:
                 module.reset_lora_parameters(name, init_lora_weights=True)
 
 
+def _read_json_object(path: Path) -> dict | None:
+    """A JSON object file, or None when it is missing, empty or damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _load_finished(trainer, cfg, last: Path):
     """A finished run re-run: its weights (the best checkpoint if kept, else the last) and its state, no step."""
     from transformers.trainer_utils import TrainOutput
@@ -446,9 +455,18 @@ def _load_finished(trainer, cfg, last: Path):
     trainer._load_from_checkpoint(str(source))
     trainer.state = state
     done = cfg.run_dir / RUN_COMPLETE
-    metrics = json.loads(done.read_text()) if done.exists() else {
-        "global_step": state.global_step,
-        "train_loss": next((r["train_loss"] for r in reversed(state.log_history) if "train_loss" in r), None)}
+    metrics = _read_json_object(done)
+    if metrics is None:  # killed after its last checkpoint, or the file is empty or damaged: complete the records
+        metrics = {"global_step": state.global_step,
+                   "train_loss": run_totals_at(last)["loss_sum"] / max(state.global_step, 1),
+                   "best_eval_loss": state.best_metric, "records_completed_from": last.name}
+        if trainer.is_world_process_zero():
+            from llmhelpers.training.runs import record_run
+
+            (cfg.run_dir / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
+            done.write_text(json.dumps(metrics, indent=1))
+            record_run(cfg, status="finished", metrics=metrics)
+            print(f"the run's records were incomplete (killed after its last checkpoint?): written from {last.name}")
     print(f"this run already finished at step {state.global_step}: nothing trained; weights loaded from "
           f"{source.name}. To train it again, run start_over(cfg) first.")
     return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
