@@ -243,8 +243,14 @@ class AccuracyCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.examples or not state.is_world_process_zero:
             return
-        result = evaluate(model, self.tokenizer, self.examples, self.cfg, label=f"step-{state.global_step}",
-                          progress=False, samples=1)  # one answer each: a trend during training, not the protocol
+        import torch
+
+        # the answers are sampled (and seeded): the training RNG is put back afterwards, so dropout and anything else
+        # drawn after this save draw what they would have without the callback (a resume is exact with it on)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            result = evaluate(model, self.tokenizer, self.examples, self.cfg, label=f"step-{state.global_step}",
+                              progress=False, samples=1)  # one answer each: a trend during training, not the protocol
         self.history.append((state.global_step, result.accuracy))
         if self.trainer is not None:
             self.trainer.log({"eval_accuracy": result.accuracy})
