@@ -226,3 +226,13 @@ def test_one_malformed_profile_file_fails_alone_naming_its_line(tmp_path, monkey
     with pytest.raises(ValueError, match=r"profile 'broken': .*broken.yaml line \d+: not valid YAML") as err:
         load_profile("broken")
     assert "\n" not in str(err.value)
+
+
+def test_an_unknown_reporter_and_a_contradictory_push_are_refused_before_anything_loads():
+    """Issue #29: `report_to nonsense` failed a minute later with a traceback; push_to_hub=True with the project's
+    push off created a Hub repository named after the run."""
+    with pytest.raises(ValueError, match="report_to='nonsense' is invalid"):
+        make_config("smoke", report_to=["nonsense"])
+    with pytest.raises(ValueError, match="sft.push_to_hub=True is invalid"):
+        make_config("smoke", push_to_hub=True)
+    assert make_config("smoke", report_to=["tensorboard"]).sft.report_to == ["tensorboard"]

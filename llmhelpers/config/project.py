@@ -567,6 +567,15 @@ def _check(cfg: FinetuneConfig) -> None:
         value = getattr(sft, key)
         if value is not None and not value > 0:
             raise ValueError(f"{key}={value!r} is invalid: must be > 0 (SFTConfig)")
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [r for r in (sft.report_to or []) if r not in INTEGRATION_TO_CALLBACK and r not in ("all", "none")]
+    if unknown:  # the Trainer would fail only when it is built, after the model and data have loaded
+        raise ValueError(f"report_to={unknown[0]!r} is invalid: must be one of "
+                         f"{sorted([*INTEGRATION_TO_CALLBACK, 'all', 'none'])} (SFTConfig)")
+    need(not sft.push_to_hub, "sft.push_to_hub",
+         "must be False: set hub_repo_id, and the project pushes the adapters with their card (the Trainer's own "
+         "push would create a repository named after the run folder)")
     need(cfg.bnb.load_in_4bit, "bnb.load_in_4bit", "must be True: this is QLoRA (a 4-bit base under LoRA)")
     need(bool(sft.output_dir) and not Path(sft.output_dir).is_file(), "sft.output_dir",
          "must name a directory (not an existing file)")
