@@ -12,13 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PROJECT_FIELDS, SECRET_FIELDS,
-                                       FinetuneConfig, _jsonable, bnb_constructor_arguments, changed_bnb,
-                                       keep_accelerator_state, library_owner)
+                                       STEP_INTERVALS, FinetuneConfig, _jsonable, bnb_constructor_arguments,
+                                       changed_bnb, keep_accelerator_state, library_owner)
 from llmhelpers.paths import REPO_ROOT
 
 CONFIGS_DIR = REPO_ROOT / "configs"
-RECIPE = "full"
-STEP_INTERVALS = ("save_steps", "eval_steps", "logging_steps")  # the profile whose file holds the whole recipe; the others change it
+RECIPE = "full"  # the profile whose file holds the whole recipe; the others change it
 
 
 def profile_names() -> list[str]:

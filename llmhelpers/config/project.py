@@ -341,6 +341,7 @@ def _jsonable(x):
 # handed to the trainer (whose checkpoints pickle its arguments). The Hub push authenticates through
 # `huggingface-cli login` or HF_TOKEN.
 SECRET_FIELDS = frozenset({"hub_token"})
+STEP_INTERVALS = ("save_steps", "eval_steps", "logging_steps")  # SFTConfig fields that must be > 0
 
 
 def library_settings(config) -> dict:
@@ -563,7 +564,7 @@ def _check(cfg: FinetuneConfig) -> None:
         if not ok(value):
             raise ValueError(f"{key}={value!r} is invalid: {rule} ({LIBRARY_CLASS_NAMES[owner]})")
     _check_finite(cfg)
-    for key in ("save_steps", "eval_steps", "logging_steps"):  # 0 would mean "never" to no one; TRL takes it
+    for key in STEP_INTERVALS:  # 0 would mean "never" to no one; TRL takes it
         value = getattr(sft, key)
         if value is not None and not value > 0:
             raise ValueError(f"{key}={value!r} is invalid: must be > 0 (SFTConfig)")
