@@ -41,6 +41,21 @@ def arch_config(tiny_arch, **changes):
     return make_config("smoke", **{**where, **changes})
 
 
+def greedy_tokens_match(llm, model, prompt: list[int], n: int = 8) -> bool:
+    """llama.cpp's greedy continuation of `prompt` (token ids) equals transformers' for `n` tokens."""
+    import torch
+
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    llm.reset()
+    ours = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        ours.append(token)
+        if len(ours) == n:
+            break
+    return ours == hf
+
+
 @pytest.fixture
 def example():
     return Example(question="What is 6 times 7?\n\nPlease reason step by step, and put your final answer within \\boxed{}.",

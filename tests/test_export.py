@@ -131,15 +131,9 @@ def test_llama_cpp_reads_the_file_tokenizes_like_transformers_and_generates_the_
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok(chat, add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prompt = tok(chat, add_special_tokens=False)["input_ids"][:40]
-    with torch.no_grad():
-        hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-    llm.reset()
-    ours = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        ours.append(token)
-        if len(ours) == 8:
-            break
-    assert ours == hf
+    from conftest import greedy_tokens_match
+
+    assert greedy_tokens_match(llm, model, prompt)
 
 
 def test_the_export_refuses_what_would_lose_files_or_ship_a_broken_model(tiny_model_dir, tmp_path, capsys):

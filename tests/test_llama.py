@@ -215,12 +215,6 @@ def test_the_merged_llama_runs_in_llama_cpp_with_the_same_greedy_tokens(tiny_lla
     prompt = tok(chat, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == prompt
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-    llm.reset()
-    ours = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
-        ours.append(token)
-        if len(ours) == 8:
-            break
-    assert ours == hf
+    from conftest import greedy_tokens_match
+
+    assert greedy_tokens_match(llm, model, prompt)
