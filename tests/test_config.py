@@ -199,6 +199,18 @@ def test_zero_step_intervals_are_refused(key):
         make_config("smoke", **{key: 0})
 
 
+def test_a_wrong_dtype_name_or_an_absurd_tool_timeout_fails_in_one_line_before_loading():
+    """Issue #29: `bnb_4bit_compute_dtype nonsense` was an AttributeError traceback from inside transformers, and
+    `tool_timeout=1e300` made every tool call fail."""
+    with pytest.raises(ValueError, match="bnb_4bit_compute_dtype='nonsense' is invalid: must be one of float32"):
+        make_config("smoke", bnb_4bit_compute_dtype="nonsense")
+    with pytest.raises(ValueError, match="bnb_4bit_quant_storage='int9' is invalid"):
+        make_config("smoke", bnb_4bit_quant_storage="int9")
+    with pytest.raises(ValueError, match="tool_timeout=1e\\+300 is invalid: must be <= 3600"):
+        make_config("smoke", tool_timeout=1e300)
+    assert str(make_config("smoke", bnb_4bit_compute_dtype="bfloat16").compute_dtype) == "torch.bfloat16"
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
 def test_a_config_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
     """Issue #29: `--config` at a FIFO hung, and /dev/zero was read until memory ran out."""

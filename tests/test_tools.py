@@ -40,7 +40,7 @@ def test_state_persists_across_blocks(box):
 
 def test_an_endless_loop_times_out_and_leaves_no_process(box):
     started = time.monotonic()
-    pid = box.proc.pid
+    pid = box.interpreter_pid  # the group every process of the code stays in
     r = box.run("import subprocess, time\nsubprocess.Popen(['sleep', '60'])\nwhile True: time.sleep(0.1)")
     assert r.timed_out and not r.ok and time.monotonic() - started < box.timeout + 2
     time.sleep(0.2)
@@ -206,17 +206,26 @@ def describe(pids: list[int]) -> str:
     return "; ".join(lines)
 
 
-def test_the_interpreter_is_the_subreaper_of_what_it_starts(box):
-    """What catches a double-forked escape: its orphans are handed to the interpreter, where the kill finds them."""
-    code = "import ctypes\nflag = ctypes.c_int(-1)\nctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)\nflag.value"
-    assert box.run(code).output == "1"  # PR_GET_CHILD_SUBREAPER
+def test_the_keeper_is_the_subreaper_of_what_the_code_starts(box):
+    """What catches a double-forked escape: its orphans are handed to the keeper, where the kill finds them."""
+    code = ("import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    if os.fork() == 0:\n        time.sleep(0.3)\n"
+            "        os.write(w, str(os.getppid()).encode())\n        os._exit(0)\n    os._exit(0)\n"
+            "int(os.read(r, 32))")
+    assert box.run(code).output == str(box.proc.pid)
+
+
+def test_leaving_the_interpreters_process_group_is_refused(box):
+    for code in ("os.setsid()", "os.setpgid(0, 0)", "subprocess.Popen(['sleep', '1'], start_new_session=True)"):
+        assert box.run(f"import os, subprocess\n{code}").output.startswith("PermissionError"), code
+    assert box.run("subprocess.run(['setsid', 'true']).returncode").output.endswith("1")  # setsid(1) fails
 
 
 ESCAPES = {
-    "new session": "import subprocess\nsubprocess.Popen(['sleep', '{m}'], start_new_session=True)",
-    "setsid": "import subprocess\nsubprocess.Popen(['setsid', 'sleep', '{m}'])",
-    "double fork": "import os, subprocess\nif os.fork() == 0:\n    os.setsid()\n    subprocess.Popen(['sleep', '{m}'])\n"
-                   "    os._exit(0)",
+    "double fork": "import os, subprocess\nif os.fork() == 0:\n    subprocess.Popen(['sleep', '{m}'])\n    os._exit(0)",
+    "double fork, setsid tried": "import os, subprocess\nif os.fork() == 0:\n    try:\n        os.setsid()\n"
+                                 "    except OSError:\n        pass\n    subprocess.Popen(['sleep', '{m}'])\n    os._exit(0)",
+    "new session tried": "import subprocess\ntry:\n    subprocess.Popen(['sleep', '{m}'], start_new_session=True)\n"
+                         "except OSError:\n    subprocess.Popen(['sleep', '{m}'])",
 }
 
 
@@ -304,3 +313,194 @@ def test_print_and_subprocess_output_keep_their_order_and_functions_pickle(box):
     r = box.run("from multiprocessing import Pool\ndef sq(n):\n    return n * n\nwith Pool(2) as p:\n"
                 "    r = p.map(sq, range(4))\nr")
     assert r.output == "[0, 1, 4, 9]"
+
+
+# --- findings of the adversarial round of issue #29: each failed before the fix ------------------------------------
+def _clone_parent_escape(marker: str) -> str:
+    """Code that makes a process with clone(CLONE_PARENT) twice (its parent would be the sandbox's parent's parent:
+    outside every tree) which then leaves the session and execs a sleep; the raw syscall, as ctypes gives it."""
+    import platform
+
+    nr = {"x86_64": 56, "aarch64": 220}[platform.machine()]
+    return (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"def clone_parent():\n    return libc.syscall({nr}, 0x8000 | 17, 0, 0, 0, 0)\n"
+            f"pid = clone_parent()\n"
+            f"if pid == 0:\n    if clone_parent() == 0:\n        os.setsid()\n        os.execvp('sleep', ['sleep', '{marker}'])\n"
+            f"    os._exit(0)\n"
+            f"(pid, ctypes.get_errno())")
+
+
+def test_clone_parent_cannot_leave_the_tree():
+    import random
+
+    marker = f"{random.randint(10**6, 10**7)}.{random.randint(1, 999)}"
+    with Sandbox(timeout=5, cpu_seconds=5) as box:
+        assert box.confined
+        r = box.run(_clone_parent_escape(marker))
+        assert r.output == "(-1, 1)"  # refused: EPERM
+        assert box.run("import subprocess\nsubprocess.run(['true']).returncode").output == "0"  # forking still works
+    time.sleep(0.3)
+    assert processes_with(marker) == [], describe(processes_with(marker))
+
+
+def test_the_code_cannot_signal_or_trace_the_keeper_or_signal_every_process(box):
+    keeper = box.proc.pid
+    assert box.run("import os\nos.getppid()").output == str(keeper)
+    for call in ("os.kill(os.getppid(), 9)", "os.kill(-os.getppid(), 9)", "os.kill(-1, 0)",
+                 "os.kill(os.getppid(), signal.SIGSTOP)", "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)"):
+        r = box.run(f"import os, signal\n{call}")
+        assert r.output.startswith(("PermissionError", "OSError: [Errno 38]")), (call, r.output)
+    r = box.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno()")  # PTRACE_ATTACH
+    assert r.output == "(-1, 1)"
+    assert box.proc.poll() is None and box.run("'alive'").output == "'alive'"
+
+
+def test_processes_of_an_interpreter_that_dies_abruptly_are_killed():
+    import random
+
+    marker = f"{random.randint(10**6, 10**7)}.{random.randint(1, 999)}"
+    with Sandbox(timeout=5, cpu_seconds=5) as box:
+        r = box.run(f"import os, subprocess\nsubprocess.Popen(['setsid', 'sleep', '{marker}'])\n"
+                    "import time; time.sleep(0.3)\nos._exit(3)")
+        assert not r.ok and "exit code 3" in r.output
+        time.sleep(0.3)
+        assert processes_with(marker) == [], describe(processes_with(marker))  # the keeper killed what was left
+        assert box.run("1 + 1").output == "2"
+
+
+FORGE = ("import sys\ng = sys._getframe(1).f_globals\n"
+         "g['send']({{'tag': g['request']['tag'], 'output': 'x' * {n}, 'ok': True, 'timed_out': False, "
+         "'truncated': False}})\n")
+
+
+def test_a_forged_reply_is_capped_here_and_later_outputs_stay_in_place():
+    with Sandbox(timeout=5, cpu_seconds=5, max_output_chars=2000) as box:
+        started = time.monotonic()
+        r = box.run(FORGE.format(n=8_000_000))  # 8 MB: longer than any honest reply, not read past the cap
+        assert "garbled" in r.output and time.monotonic() - started < 3
+        r = box.run(FORGE.format(n=20_000) + "g['cap'] = 10**9")  # within the byte cap, and the code lifts its own
+        assert r.truncated and len(r.output) <= 2000 + 60 and r.output.endswith("[output truncated at 2000 characters]")
+        assert [box.run(c).output for c in ("1", "'x' * 3000 == 'x' * 3000", "3")] == ["1", "True", "3"]
+        assert len(box.run("'y' * 5000").output) <= 2000 + 60  # the code's raised cap changed nothing here
+
+
+def test_a_forged_reply_never_becomes_more_tokens_than_the_cap(tok_current):
+    from llmhelpers.inference.tool_use import ToolRunner
+
+    with ToolRunner(tok_current, timeout=5, max_output_chars=300) as tools:
+        ids = tools.execute(1, "```python\n" + FORGE.format(n=3000) + "\n```\n```output\n")
+        text = tok_current.decode(ids)
+        assert len(ids) <= 300 + 30 and text.startswith("x" * 200) and "[output truncated at 300" in text
+        emoji = tools.execute(2, "```python\nprint('\\U0001F600' * 300)\n```\n```output\n")  # 300 characters,
+        assert len(emoji) <= 300 + 30  # about 4 byte tokens each: cut at the token cap
+        assert tok_current.decode(emoji).endswith("[output truncated at 300 tokens]\n```")
+
+
+def test_cpu_time_is_enforced_here_when_the_code_lifts_its_own_limit():
+    with Sandbox(timeout=30, cpu_seconds=1) as box:
+        started = time.monotonic()
+        r = box.run("import resource, signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+                    "resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+                    "while True: pass")
+        assert r.timed_out and r.output.startswith("CPUTimeLimit") and time.monotonic() - started < 10
+        assert box.run("1 + 1").output == "2"
+
+
+def test_interpreter_start_up_does_not_count_against_the_first_blocks_timeout(monkeypatch):
+    from llmhelpers.inference import sandbox
+
+    monkeypatch.setattr(sandbox, "_WORKER", "import time\ntime.sleep(1.5)\n" + sandbox._WORKER)  # a slow start
+    box = Sandbox(timeout=1, cpu_seconds=1)
+    try:
+        assert box.run("1 / 0").output == "ZeroDivisionError: division by zero"
+    finally:
+        box.close()
+
+
+def test_sigcont_and_fork_chains_cannot_hold_a_timeout():
+    chain = ("import os, signal, time\nme = os.getpid()\n"
+             "def chain():\n    while True:\n        if os.fork() == 0:\n"
+             "            try: os.kill(me, signal.SIGCONT)\n            except OSError: pass\n"
+             "            continue\n        os._exit(0)\n"
+             "if os.fork() == 0: chain()\nwhile True: time.sleep(0.01)")
+    with Sandbox(timeout=2, cpu_seconds=2) as box:
+        keeper, interpreter = box.proc.pid, box.interpreter_pid
+        started = time.monotonic()
+        r = box.run(chain)
+        assert r.timed_out and time.monotonic() - started < 8
+        time.sleep(0.5)
+        assert [pid for pid, fields in live_pids() if int(fields[1]) == keeper] == []
+        assert box.run("1 + 1").output == "2"
+    time.sleep(0.5)
+    assert live_processes_in_group(interpreter) == []  # nothing of the chain runs on, below init or elsewhere
+
+
+def test_a_folder_flood_is_stopped_and_the_folder_emptied():
+    with Sandbox(timeout=20, cpu_seconds=20, max_workdir_files=2000, max_workdir_bytes=16 * 2**20) as box:
+        started = time.monotonic()
+        r = box.run("import os\nos.makedirs('d')\nfor i in range(200_000): open(f'd/{i}', 'w').close()")
+        assert not r.ok and "more than 2,000 files" in r.output and time.monotonic() - started < 10
+        assert os.listdir(box.workdir) in ([], ["._output"])
+        r = box.run("for i in range(8): open(f'f{i}', 'wb').write(b'x' * 4 * 2**20)\n'written'")
+        assert not r.ok and "more than 16 MiB" in r.output
+        assert box.run("1 + 1").output == "2"
+
+
+NPROC_SCRIPT = r'''
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])  # a copy: only the standard library
+sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+with sandbox.Sandbox(timeout=20, cpu_seconds=10, max_processes=32) as box:
+    out = box.run("import os, time\nn = 0\ntry:\n    while n < 500:\n        if os.fork() == 0:\n"
+                  "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+                  "    err = type(e).__name__\nn, err").output
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user may enter (pytest's own tmp_path sits in a folder only its user may)."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="llm-nproc-")
+    os.chmod(folder, 0o777)
+    yield __import__("pathlib").Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_fork_loop_is_stopped_by_the_process_limit_for_an_ordinary_user(shared_tmp):
+    """RLIMIT_NPROC never applies to root: as root the check runs as `nobody`, with a Python that user may run and
+    a copy of the sandbox's module (it needs only the standard library)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from llmhelpers.inference import sandbox
+
+    tmp_path = shared_tmp
+    module = shutil.copy(sandbox.__file__, tmp_path / "sandbox.py")
+    os.chmod(module, 0o644)
+
+    def as_nobody():
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+
+    for python in (sys.executable, shutil.which("python3", path="/usr/bin:/bin")):
+        try:
+            proc = subprocess.run([python, "-I", "-c", NPROC_SCRIPT, str(module)], capture_output=True, text=True,
+                                  timeout=120, preexec_fn=as_nobody, cwd=tmp_path,
+                                  env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path), "HOME": str(tmp_path)})
+            break
+        except (PermissionError, TypeError):
+            continue
+    else:
+        pytest.skip("no Python that the user `nobody` may run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n, err = eval(json.loads(proc.stdout))
+    assert err == "BlockingIOError" and n < 40  # EAGAIN near 32 forks, far from 500

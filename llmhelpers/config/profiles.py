@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PROJECT_FIELDS, SECRET_FIELDS,
-                                       STEP_INTERVALS, FinetuneConfig, _jsonable, bnb_constructor_arguments,
+                                       STEP_INTERVALS, FinetuneConfig, _jsonable, bnb_constructor_arguments, build_bnb,
                                        changed_bnb, keep_accelerator_state, library_owner)
 from llmhelpers.paths import REPO_ROOT
 
@@ -119,11 +119,10 @@ def library_configs(name: str = RECIPE, **changes) -> dict:
 
         sft["use_cpu"] = not torch.cuda.is_available()  # also makes several CPU processes (gloo) form one DDP group
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
     from trl import SFTConfig
 
     with keep_accelerator_state():
-        return {"bnb": BitsAndBytesConfig(**kwargs["bnb"]), "lora": LoraConfig(**kwargs["lora"]),
+        return {"bnb": build_bnb(kwargs["bnb"]), "lora": LoraConfig(**kwargs["lora"]),
                 "sft": SFTConfig(**sft)}
 
 

@@ -370,11 +370,26 @@ def bnb_constructor_arguments(bnb) -> dict:
     return {k: copy.deepcopy(getattr(bnb, k)) for k in BNB_ARGUMENTS if hasattr(bnb, k)}
 
 
-def changed_bnb(bnb, **changes):
-    """A new BitsAndBytesConfig: `bnb`'s arguments with `changes` (it is not a dataclass one could replace)."""
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_bnb(arguments: dict):
+    """BitsAndBytesConfig(**arguments), with the dtype names checked first: the constructor resolves them with
+    getattr(torch, name), and a typo surfaced as an AttributeError traceback."""
+    import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(**{**bnb_constructor_arguments(bnb), **changes})
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        value = arguments.get(key)
+        if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+            choices = COMPUTE_DTYPES if key == "bnb_4bit_compute_dtype" else ("uint8", *COMPUTE_DTYPES)
+            raise ValueError(f"{key}={value!r} is invalid: must be one of {', '.join(choices)} (BitsAndBytesConfig)")
+    return BitsAndBytesConfig(**arguments)
+
+
+def changed_bnb(bnb, **changes):
+    """A new BitsAndBytesConfig: `bnb`'s arguments with `changes` (it is not a dataclass one could replace)."""
+    return build_bnb({**bnb_constructor_arguments(bnb), **changes})
 
 
 def library_fields() -> dict[str, set[str]]:
@@ -540,6 +555,7 @@ def _check(cfg: FinetuneConfig) -> None:
         need(getattr(cfg, key) >= 0, key, "must be >= 0 (0 means all)")
     need(not cfg.early_stopping_patience or (cfg.sft.load_best_model_at_end and cfg.sft.eval_strategy != "no"),
          "early_stopping_patience", "needs evaluation steps and load_best_model_at_end=True (SFTConfig)")
+    need(cfg.tool_timeout <= 3600, "tool_timeout", "must be <= 3600 s (a block's wall clock; its CPU limit follows it)")
     need(cfg.checkpoint_layers >= -1, "checkpoint_layers", "must be -1 (chosen by memory) or a number of layers >= 0")
     need(cfg.memory_limit_gib >= 0, "memory_limit_gib", "must be >= 0 (0 = the whole GPU)")
     need(cfg.max_example_tokens >= 64, "max_example_tokens", "must be >= 64 tokens")

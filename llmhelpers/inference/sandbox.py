@@ -13,12 +13,18 @@ block and feeds the real output back). `Sandbox` is that interpreter:
   `TypeName: message`. Output is always valid text: undecodable bytes and lone surrogates are escaped.
 - **Isolation.** The code runs in a separate Python process started fresh for each sandbox, in its own session,
   with a temporary working directory (removed afterwards) as cwd, HOME and TMPDIR, an environment that holds only
-  an allowlist of harmless variables (no tokens or credentials such as HF_TOKEN), and /dev/null as its stdin. The
-  interpreter is a child subreaper: processes the code starts stay in its tree even after `setsid` or a double
-  fork, and a timeout or `close()` kills that whole tree.
-- **Limits.** Per run: a wall-clock timeout on every read of the reply (the tree is killed; the sandbox restarts
-  empty on the next run), a CPU-time limit (an exception in the code: the state is kept), and an output cap. Per
-  process: an address-space limit and a cap on the size of any file it writes (its captured output included).
+  an allowlist of harmless variables (no tokens or credentials such as HF_TOKEN), and /dev/null as its stdin. Its
+  parent, the *keeper*, is a child subreaper: processes the code starts stay in its tree (a double fork, the
+  interpreter's death); a seccomp filter keeps them in the interpreter's process group (no `setsid`, `setpgid`) and
+  tree (no `CLONE_PARENT`) and away from the keeper (no signal, `ptrace`, memory access); a timeout or `close()`
+  kills the group at once and then whatever else is below the keeper.
+- **Limits, enforced here whatever the code does to its own process.** Per run: a wall-clock timeout on every read
+  of the reply (the tree is killed; the sandbox restarts empty on the next run), a CPU-time limit (an exception in
+  the code that keeps the state; should the code lift it, this process's own reading of the interpreter's CPU time
+  kills the tree), the output (cut here to `max_output_chars` whatever the reply says, and a reply longer than that
+  can be is not read past), and the working directory's files and bytes (checked every second and after each
+  block). Per process: address space, the size of any file it writes, and (for a user other than root) the number
+  of processes.
 
 Not isolated (FINETUNING_GUIDE.md says it too): the filesystem (the code runs as your user and can read and write
 what you can, `~/.cache/huggingface/token` and `/proc/<pid>/environ` of your other processes included), the
@@ -37,17 +43,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 # Only these survive into the sandbox's environment: nothing that could carry a token or credential.
 ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "VIRTUAL_ENV")
-MAX_REPLY_BYTES = 64 * 2**20  # a reply longer than this is not the worker's (its outputs are capped far below)
+START_TIMEOUT = 60.0  # seconds for a new interpreter to say it is ready; not counted in any block's timeout
+POLL_SECONDS = 0.25  # how often a running block's CPU time is read
+DISK_CHECK_SECONDS = 1.0  # how often a running block's working directory is measured
+CPU_GRACE_SECONDS = 2.0  # the interpreter's own limit fires first (it keeps the state); this one kills
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
 class RunResult:
     output: str  # the text that goes inside the ```output fence
-    ok: bool  # False when the code raised or timed out
+    ok: bool  # False when the code raised or timed out (as the interpreter reports it, except for limits)
     timed_out: bool = False
     truncated: bool = False
 
@@ -57,14 +68,29 @@ def safe_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def truncation_note(limit: int, unit: str = "characters") -> str:
+    return f"\n... [output truncated at {limit} {unit}]"
+
+
+class SandboxStartError(RuntimeError):
+    pass
+
+
 class Sandbox:
     def __init__(self, timeout: float = 10.0, cpu_seconds: int = 10, memory_bytes: int = 4 * 2**30,
-                 max_output_chars: int = 4000, max_file_bytes: int = 64 * 2**20):
+                 max_output_chars: int = 4000, max_file_bytes: int = 64 * 2**20, max_processes: int = 128,
+                 max_workdir_files: int = 10_000, max_workdir_bytes: int = 2**30):
         self.timeout, self.cpu_seconds, self.memory_bytes = timeout, cpu_seconds, memory_bytes
-        self.max_output_chars, self.max_file_bytes = max_output_chars, max_file_bytes
-        self.proc: subprocess.Popen | None = None
+        self.max_output_chars, self.max_file_bytes, self.max_processes = max_output_chars, max_file_bytes, max_processes
+        self.max_workdir_files, self.max_workdir_bytes = max_workdir_files, max_workdir_bytes
+        # the longest reply the worker can honestly send: every character JSON-escaped as a surrogate pair
+        self.max_reply_bytes = 12 * (max_output_chars + len(truncation_note(max_output_chars))) + 1024
+        self.proc: subprocess.Popen | None = None  # the keeper
+        self.interpreter_pid: int | None = None
+        self.confined = False  # whether the seccomp filter is in place (Linux on x86_64 or aarch64)
         self.workdir: str | None = None
         self._pending = b""  # bytes read past the last reply line
+        self._previous_tag = ""
 
     # --- process lifecycle ---
     def _start(self) -> None:
@@ -76,27 +102,45 @@ class Sandbox:
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         memory, file_size = self.memory_bytes, self.max_file_bytes
 
-        def confine():  # runs in the child before Python starts; only lowers limits (no privilege needed)
+        def limits():  # runs in the child before Python starts; only lowers limits (no privilege needed)
             import resource
 
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))  # an output flood cannot fill the disk
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))  # per file; the folder: _disk_over
 
-        self._pending = b""
+        self._pending, self._previous_tag = b"", ""
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _WORKER, str(self.cpu_seconds), str(self.max_output_chars),
-             *sys.path],
+             str(self.max_processes), *sys.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir, env=env,
-            start_new_session=True, preexec_fn=confine, bufsize=0)
+            start_new_session=True, preexec_fn=limits, bufsize=0)
+        # the interpreter says it is ready before any code runs: start-up never counts against a block's timeout
+        line = self._read_line(time.monotonic() + START_TIMEOUT)
+        try:
+            hello = json.loads(line or b"null")
+            self.interpreter_pid, self.confined = int(hello["ready"]), bool(hello["confined"])
+        except (ValueError, KeyError, TypeError):
+            status = self.proc.poll()
+            self._kill()
+            raise SandboxStartError(f"the sandbox's interpreter did not start within {START_TIMEOUT:g} s" if line is None
+                                    else f"the sandbox's interpreter failed at start-up (exit code {status})")
+        if not self.confined:
+            warnings.warn("the sandbox's seccomp filter is not available here (Linux on x86_64 or aarch64 only): "
+                          "code can start processes outside the sandbox's tree", RuntimeWarning, stacklevel=3)
 
     def _kill(self) -> None:
-        """Kill the interpreter and every process it started (its tree: it is their subreaper), then reap it."""
+        """Kill every process below the keeper, and the keeper (it exits on its own once they are reaped)."""
         if self.proc is None:
             return
-        proc, self.proc = self.proc, None
-        kill_tree(proc.pid)
-        proc.wait()
+        proc, group, self.proc, self.interpreter_pid = self.proc, self.interpreter_pid, None, None
+        # the group is named only while the keeper lives: it reaps the interpreter only to end the group itself
+        kill_tree(proc.pid, group if proc.poll() is None else None)
+        try:
+            proc.wait(timeout=2)  # the keeper reaps what was killed, then exits
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         for pipe in (proc.stdin, proc.stdout):
             try:
                 pipe.close()
@@ -132,11 +176,12 @@ class Sandbox:
         else:
             return RunResult("Error: the interpreter could not be started", ok=False)
         deadline = time.monotonic() + self.timeout
-        line = self._read_line(deadline)
-        if line is None:
-            self._kill()
-            return RunResult(f"TimeoutError: the code ran longer than {self.timeout:g} s and was stopped",
-                             ok=False, timed_out=True)
+        line = self._read_reply(deadline)
+        while isinstance(line, bytes) and self._previous_tag and self._previous_tag.encode() in line[:64]:
+            line = self._read_reply(deadline)  # the real reply of a block whose code forged one: stale, skipped
+        self._previous_tag = tag
+        if isinstance(line, RunResult):
+            return line
         if not line:  # the pipe closed: the process died (a limit, or the code exited it) or the code closed it
             try:
                 code_ = self.proc.wait(timeout=1)
@@ -149,14 +194,81 @@ class Sandbox:
                              timed_out=code_ in (-signal.SIGXCPU, -signal.SIGKILL))
         try:
             reply = json.loads(line)
-            if reply["tag"] != tag:
+            if reply["tag"] != tag or not isinstance(reply["output"], str):
                 raise ValueError("wrong tag")
-            return RunResult(safe_text(reply["output"]), bool(reply["ok"]), timed_out=bool(reply["timed_out"]),
-                             truncated=bool(reply["truncated"]))
+            output, truncated = safe_text(reply["output"]), bool(reply["truncated"])
         except (ValueError, KeyError, TypeError):  # the code wrote into the reply pipe: nothing it says is trusted
             self._kill()
             return RunResult("Error: the interpreter's reply was garbled (the code wrote to its control pipe); "
                              "its state is lost", ok=False)
+        limit = self.max_output_chars + len(truncation_note(self.max_output_chars))
+        if len(output) > limit:  # the reply is the code's to forge: the cap is this process's
+            output, truncated = output[:self.max_output_chars] + truncation_note(self.max_output_chars), True
+        over = self._disk_over()
+        if over:
+            return self._restart_empty(over)
+        return RunResult(output, bool(reply["ok"]), timed_out=bool(reply["timed_out"]), truncated=truncated)
+
+    def _read_reply(self, deadline: float) -> bytes | RunResult:
+        """The block's reply line, read while this process watches the limits the code could lift in its own
+        process: the wall clock, the interpreter's CPU time, the working directory's size."""
+        cpu_start, checked = self._cpu_seconds(), time.monotonic()
+        while True:
+            now = time.monotonic()
+            line = self._read_line(min(deadline, now + POLL_SECONDS))
+            if line is not None:
+                return line
+            if time.monotonic() >= deadline:
+                self._kill()
+                return RunResult(f"TimeoutError: the code ran longer than {self.timeout:g} s and was stopped",
+                                 ok=False, timed_out=True)
+            if self._cpu_seconds() - cpu_start > self.cpu_seconds + CPU_GRACE_SECONDS:
+                self._kill()
+                return RunResult(f"CPUTimeLimit: the code used more than {self.cpu_seconds} s of CPU time and was "
+                                 "stopped; its state is lost", ok=False, timed_out=True)
+            if time.monotonic() - checked >= DISK_CHECK_SECONDS:
+                checked = time.monotonic()
+                over = self._disk_over()
+                if over:
+                    return self._restart_empty(over)
+
+    def _cpu_seconds(self) -> float:
+        """CPU time (user + system) the interpreter has used, from /proc: the code cannot change this reading."""
+        try:
+            fields = open(f"/proc/{self.interpreter_pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def _disk_over(self) -> str | None:
+        """What the working directory holds past its limits, or None (the walk stops as soon as one is passed)."""
+        files = size = 0
+        todo = [self.workdir]
+        while todo:
+            try:
+                entries = list(os.scandir(todo.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                files += 1
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
+                    size += entry.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:
+                    pass
+                if files > self.max_workdir_files:
+                    return f"more than {self.max_workdir_files:,} files"
+                if size > self.max_workdir_bytes:
+                    return f"more than {self.max_workdir_bytes / 2**20:,.0f} MiB"
+        return None
+
+    def _restart_empty(self, what: str) -> RunResult:
+        self._kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        os.makedirs(self.workdir, exist_ok=True)
+        return RunResult(f"OSError: the code wrote {what} into its working directory; the folder was emptied and "
+                         "the interpreter's state is lost", ok=False)
 
     def _read_line(self, deadline: float) -> bytes | None:
         """One reply line, read under the deadline (a partial line and silence cannot block past it); None on
@@ -170,8 +282,8 @@ class Sandbox:
             if not chunk:
                 return b""
             self._pending += chunk
-            if len(self._pending) > MAX_REPLY_BYTES:
-                return b"{}\n"  # garbled: rejected by the caller
+            if len(self._pending) > self.max_reply_bytes:
+                return b"{}\n"  # longer than any honest reply: garbled, rejected by the caller
         line, _, self._pending = self._pending.partition(b"\n")
         return line
 
@@ -204,15 +316,25 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and everything below it. The root is stopped first so that it starts nothing new, and, being
-    a subreaper, it inherits the orphans of each killed generation: repeating until none is left gets them all."""
+def kill_tree(pid: int, group: int | None = None, limit: float = 10.0) -> None:
+    """SIGKILL everything below `pid` (the keeper), then let it go on: it reaps them, and exits once the interpreter is
+    gone (a killed process left unreaped would stay a zombie under an init that does not reap, as in many
+    containers). The root is stopped first, so that it reaps nothing meanwhile and every orphan of a killed
+    generation stays below it. `group` (the interpreter's process group, which the seccomp filter keeps every
+    process of the code in) is killed at once; then each pass stops, then kills, what it finds below the root, for
+    anything outside the group (no filter on this platform); repeating until the tree stays empty gets them all."""
     try:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         return
+    if group is not None:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     quiet, killed = 0, set()
-    for _ in range(1000):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         tree = descendants(pid)
         if not tree:
             # a process killed mid-fork or mid-exit hands its child to the root a moment later: the tree counts as
@@ -223,21 +345,18 @@ def kill_tree(pid: int) -> None:
             time.sleep(0.01)
             continue
         quiet = 0
-        for p in tree:
-            try:
-                os.kill(p, signal.SIGKILL)
-                killed.add(p)
-            except ProcessLookupError:
-                pass
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for p in tree:
+                try:
+                    os.kill(p, sig)
+                    killed.add(p)
+                except ProcessLookupError:
+                    pass
+    _wait_dead(killed)
     try:
-        os.killpg(pid, signal.SIGKILL)  # anything of its group that left the tree another way
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         pass
-    _wait_dead(killed)
 
 
 def _wait_dead(pids: set[int], limit: float = 2.0) -> None:
@@ -256,23 +375,134 @@ def _wait_dead(pids: set[int], limit: float = 2.0) -> None:
             time.sleep(0.005)
 
 
-# The worker: a tiny REPL reading JSON lines on a private copy of its stdin (stdin itself becomes /dev/null) and
-# answering one JSON line per block, tagged, on a private copy of stdout. The code's own stdout/stderr (Python and
-# file-descriptor level) go, in order, to a capture file whose size RLIMIT_FSIZE caps.
+# The worker runs as two processes. The *keeper* (the process `Sandbox` starts) is a child subreaper and does nothing
+# but reap: processes the code starts stay below it even after a double fork or the interpreter's own death,
+# and when the interpreter dies the keeper kills what is left and exits with the interpreter's status. The
+# *interpreter* (its child, in a session of its own) runs a seccomp filter that keeps the code from leaving its process
+# group (setsid, setpgid) or the tree (clone with CLONE_PARENT, clone3) or touching the keeper (any signal, ptrace,
+# another process's memory, kill(-1)),
+# then a tiny REPL: JSON lines in on a private copy of stdin (stdin itself becomes /dev/null), one tagged JSON line out
+# per block on a private copy of stdout. The code's stdout/stderr (Python and file-descriptor level) go, in order, to
+# a capture file whose size RLIMIT_FSIZE caps.
 _WORKER = r'''
-import ast, json, os, resource, signal, sys, types
-cpu, cap = int(sys.argv[1]), int(sys.argv[2])
-sys.path[:] = [p for p in sys.argv[3:] if p] or sys.path
+import ast, ctypes, json, os, platform, resource, signal, struct, sys, types
+cpu, cap, max_processes = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+sys.path[:] = [p for p in sys.argv[4:] if p] or sys.path
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of the code's processes come to the keeper
+if os.geteuid() != 0:  # RLIMIT_NPROC counts every process of the user, and never applies to root
+    mine = sum(1 for p in os.listdir("/proc") if p.isdigit() and os.stat(f"/proc/{p}").st_uid == os.getuid())
+    _, most = resource.getrlimit(resource.RLIMIT_NPROC)
+    allowed = mine + max_processes if most == resource.RLIM_INFINITY else min(mine + max_processes, most)
+    resource.setrlimit(resource.RLIMIT_NPROC, (allowed, allowed))
+keeper = os.getpid()
+interpreter = os.fork()
+if interpreter:
+    os.close(0); os.close(1)  # the pipes are the interpreter's: when it and its processes die, they close
+    def children():
+        found = []
+        for p in os.listdir("/proc"):
+            try:
+                if p.isdigit() and int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) == keeper:
+                    found.append(int(p))
+            except (OSError, IndexError, ValueError):
+                pass
+        return found
+    status = None
+    while True:
+        try:
+            pid, st = os.waitpid(-1, 0 if status is None else os.WNOHANG)
+        except ChildProcessError:  # nothing is left below the keeper
+            break
+        if pid == interpreter:
+            status = st
+        if status is not None:  # the interpreter is gone: what it left behind goes too
+            try:
+                os.killpg(interpreter, signal.SIGKILL)
+            except OSError:
+                pass
+            for p in children():
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            if pid == 0:
+                import time
+                time.sleep(0.01)
+    if status is not None and os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(keeper, os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else 1)
+
+os.setsid()  # a group and session of its own: kill(0, ...) of the code never reaches the keeper
+
+def confine():
+    """The seccomp filter (inherited by everything the code starts, never removable); False where unsupported."""
+    native = {"x86_64": (0xC000003E, dict(clone=56, clone3=435, setsid=112, setpgid=109, ptrace=101, kill=62,
+                                          tkill=200, tgkill=234,
+                                          rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_open=434,
+                                          pidfd_send_signal=424, process_vm_readv=310, process_vm_writev=311)),
+              "aarch64": (0xC00000B7, dict(clone=220, clone3=435, setsid=157, setpgid=154, ptrace=117, kill=129,
+                                           tkill=130, tgkill=131,
+                                           rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, pidfd_open=434,
+                                           pidfd_send_signal=424, process_vm_readv=270, process_vm_writev=271))}
+    if platform.machine() not in native:
+        return False
+    arch, nr = native[platform.machine()]
+    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050001, 0x00050026
+    LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
+    prog = []  # (code, jump if true, jump if false, k); jumps are relative, resolved below by labels
+    def load(offset): prog.append((LD, 0, 0, offset))
+    def ret(value): prog.append((RET, 0, 0, value))
+    def if_(op, k, then):  # jump to label `then` when true, else fall through
+        prog.append((op, then, None, k))
+    load(4); if_(JEQ, arch, "native"); ret(ENOSYS)  # another ABI (i386, x32): nothing runs through it
+    prog.append("native"); load(0)
+    if platform.machine() == "x86_64":
+        if_(JGE, 0x40000000, "nosys")
+    for name in ("clone3", "pidfd_send_signal"):
+        if_(JEQ, nr[name], "nosys")  # glibc falls back to clone for clone3; pidfds could name the keeper
+    # setsid/setpgid: every process of the code stays in the interpreter's group, which one killpg ends at once
+    # (a fork racing the kill cannot leave a survivor, as it can between two reads of /proc)
+    for name in ("setsid", "setpgid", "ptrace", "process_vm_readv", "process_vm_writev"):
+        if_(JEQ, nr[name], "deny")
+    if_(JEQ, nr["clone"], "clone")
+    for name in ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open"):
+        if_(JEQ, nr[name], "target")
+    ret(ALLOW)
+    prog.append("clone"); load(16); if_(JSET, 0x8000, "deny"); ret(ALLOW)  # CLONE_PARENT in the flags
+    prog.append("target"); load(16)  # the low 32 bits of the first argument: a pid, a group (negative) or -1
+    for pid in (keeper, (-keeper) & 0xFFFFFFFF, 0xFFFFFFFF):
+        if_(JEQ, pid, "deny")
+    load(24)  # tgkill's second argument is the thread: the keeper's only thread has its pid
+    if_(JEQ, keeper, "deny"); ret(ALLOW)
+    prog.append("deny"); ret(EPERM)
+    prog.append("nosys"); ret(ENOSYS)
+    labels, code = {}, []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
+    packed = b""
+    for i, (op, jt, jf, k) in enumerate(code):
+        if op in (JEQ, JSET, JGE):
+            jt, jf = labels[jt] - i - 1, 0
+        packed += struct.pack("HBBI", op, jt, jf, k)
+    buf = ctypes.create_string_buffer(packed)
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fprog = Prog(len(code), ctypes.addressof(buf))
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required for an unprivileged filter
+        return False
+    return libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+confined = confine()
 control = os.fdopen(os.dup(0), "rb")
 reply_fd = os.dup(1)
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 capture = open("._output", "w+b")
 os.dup2(capture.fileno(), 1); os.dup2(capture.fileno(), 2)
-try:  # PR_SET_CHILD_SUBREAPER: orphans of the code's processes stay below this one, where a kill finds them
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
-except Exception:
-    pass
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the file-size cap a write fails (EFBIG) instead of killing
 
 class CPUTimeLimit(BaseException):  # not an Exception: a bare `except Exception` in the code does not swallow it
@@ -341,6 +571,7 @@ sys.modules["__main__"] = main
 scope = main.__dict__
 me = os.getpid()
 out, err_out, stdin = Stream(1), Stream(2), open(os.devnull)
+send({"ready": me, "confined": confined})  # before any code runs: the parent can trust this line
 while True:
     line = control.readline()
     if not line:
@@ -380,7 +611,7 @@ while True:
         text = text.rstrip("\n").encode("utf-8", "backslashreplace").decode("utf-8")
         truncated = len(text) > cap
         if truncated:
-            text = text[:cap] + f"\n... [output truncated at {cap} characters]"
+            text = text[:cap] + f"\n... [output truncated at {cap} characters]"  # = truncation_note(cap)
     except BaseException as err:  # e.g. a MemoryError of an enormous final value
         text, ok, truncated = text_of(err), False, False
     send({"tag": request["tag"], "output": text, "ok": ok, "timed_out": timed_out, "truncated": truncated})

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from llmhelpers.data.chat import clip_text
 from llmhelpers.inference.scheduler import PAUSE
 from llmhelpers.inference.generation import end_think_id, generation_record, hf_generate
-from llmhelpers.inference.sandbox import Sandbox, safe_text
+from llmhelpers.inference.sandbox import Sandbox, safe_text, truncation_note
 
 OUTPUT_FENCE = re.compile(r"```output[ \t]*\n\s*\Z")  # the model has just opened an output block
 CODE_BEFORE_FENCE = re.compile(r"```python[ \t]*\n(.*?)```[ \t]*\n\s*```output[ \t]*\n\s*\Z", re.DOTALL)
@@ -72,6 +72,7 @@ class ToolRunner:
                  max_sandboxes: int = 64, max_output_chars: int = 2000):
         self.tokenizer = tokenizer
         self.timeout, self.max_calls, self.max_output_chars = timeout, max_calls, max_output_chars
+        self.max_output_tokens = max_output_chars  # a token is a character or more: the character cap binds first, mostly
         self.workers = workers or min(16, max(1, (os.cpu_count() or 2) - 1))  # a core stays with the decode loop
         self.max_sandboxes = max(1, max_sandboxes)
         # cache room per answer for appended outputs (engine path): an answer whose outputs need more stops early
@@ -146,7 +147,7 @@ class ToolRunner:
                           ok=False)
             record.runs.append(run)
             record.errors += 1
-            return self._tokenize(run.output + CLOSING)
+            return self._output_ids(run.output)
 
     def _tokenize(self, text: str) -> list[int]:
         # Special tokens are split: printed text that spells "<｜end▁of▁sentence｜>" is text, not an eos that would
@@ -180,7 +181,17 @@ class ToolRunner:
         record.runs.append(run)
         record.errors += not run.ok
         record.timeouts += run.timed_out
-        return self._tokenize(run.output + CLOSING)
+        return self._output_ids(run.output)
+
+    def _output_ids(self, output: str) -> list[int]:
+        """The ids appended after the output fence: the output and the closing fence, tokenized together as in the
+        training data, with the output cut at `max_output_tokens` (a cap on what the answer's context receives,
+        whatever the interpreter replied)."""
+        ids = self._tokenize(output + CLOSING)
+        if len(ids) <= self.max_output_tokens + 8:
+            return ids
+        return (self._tokenize(output)[:self.max_output_tokens]
+                + self._tokenize(truncation_note(self.max_output_tokens, "tokens") + CLOSING))
 
     def _sandbox(self, key: int) -> Sandbox:
         """The answer's sandbox (marked busy), started or rebuilt if needed; the least recently used idle one is
