@@ -53,6 +53,36 @@ def test_config_file_run(tmp_path, tiny_model_dir):
     assert state["global_step"] == 4
 
 
+def test_the_cli_merges_exports_and_writes_the_cards_and_a_rerun_rewrites_nothing(tmp_path, tiny_model_dir):
+    """Issue #29: the CLI accepted --merge_after_training and --gguf_outtype but never merged or exported, left peft's
+    empty card in final/ and TRL's generic one in the run folder, and a re-run replaced a finished run's card."""
+    cmd = [sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--output_dir", f"{tmp_path / 'out'}",
+           "--tiny_model_dir", f"{tiny_model_dir}", "--max_steps", "2", "--accuracy_callback", "false",
+           "--merge_after_training", "true", "--gguf_outtype", "f16"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = results(proc.stdout)
+    run_dir = Path(res["run_dir"])
+    files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert {"final/README.md", "merged/README.md", "merged/model.safetensors", "gguf/model.gguf",
+            "gguf/Modelfile"} <= files
+    assert "README.md" not in files  # no TRL card in the run folder
+    for card in ("final/README.md", "merged/README.md"):
+        text = (run_dir / card).read_text()
+        assert "[More Information Needed]" not in text and "fine-tuned version of [None]" not in text
+        assert f"`{run_dir.name}`" in text or run_dir.name in text  # the project's card names the run
+    assert res["gguf"] == str(run_dir / "gguf" / "model.gguf") and "'ok': True" in proc.stdout
+    before = {f: (run_dir / f).stat().st_mtime_ns for f in files}
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished at step 2" in again.stdout and "re-run this command with --fresh" in again.stdout
+    for folder in ("final", "merged", "gguf/model.gguf"):
+        assert f"kept {run_dir / folder}" in again.stdout
+    after = {f: (run_dir / f).stat().st_mtime_ns for f in before}
+    assert after == before  # nothing of the finished run was rewritten
+
+
 def test_library_fields_the_old_config_did_not_know_reach_the_trainer(tmp_path, tiny_model_dir):
     """Every SFTConfig and LoraConfig field is a flag: two SFTConfig fields and a LoraConfig one that the project's
     own config never declared end up in the trainer's arguments and the attached adapters."""

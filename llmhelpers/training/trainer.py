@@ -200,6 +200,10 @@ class ResumableSFTTrainer(SFTTrainer):
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = self.args.output_dir
 
+    def create_model_card(self, *args, **kwargs):
+        """Nothing: TRL's generic card ("a fine-tuned version of [None]") would sit in the run folder beside the
+        project's own (write_model_card, in final/ and merged/)."""
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from transformers.trainer_utils import TrainOutput
 
@@ -398,8 +402,9 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
     resume = None
     if state.is_main_process:  # validates (and sets aside) once; the other ranks read the outcome after the barrier
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / CONFIG_NAME)
         resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
+        if not finished(resume) or not (run_dir / CONFIG_NAME).exists():  # a finished run keeps the config it ran
+            cfg.save(run_dir / CONFIG_NAME)
         for name, size in set_aside_folders(run_dir):
             print(f"  set aside earlier: {name} ({size / 1e6:.1f} MB); delete it once you no longer need it")
     state.wait_for_everyone()
@@ -414,6 +419,10 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
         else:
             print(f"starting a new run in {run_dir}")
     return resume
+
+
+# How messages name the two ways on, in the notebook's words; the CLI puts its own (llmhelpers.cli.CLI_WORDS).
+WORDS = {"start over": "run start_over(cfg)", "resume": "re-run the training cell"}
 
 
 def finished(checkpoint: Path | None) -> bool:
@@ -449,6 +458,7 @@ def _load_finished(trainer, cfg, last: Path):
     """A finished run re-run: its weights (the best checkpoint if kept, else the last) and its state, no step."""
     from transformers.trainer_utils import TrainOutput
 
+    trainer.llm_already_finished = True  # the CLI keeps its folders (llmhelpers.cli.finish_run)
     state = TrainerState.load_from_json(str(last / "trainer_state.json"))
     best = state.best_model_checkpoint
     source = Path(best) if cfg.sft.load_best_model_at_end and best and Path(best).is_dir() else last
@@ -468,7 +478,7 @@ def _load_finished(trainer, cfg, last: Path):
             record_run(cfg, status="finished", metrics=metrics)
             print(f"the run's records were incomplete (killed after its last checkpoint?): written from {last.name}")
     print(f"this run already finished at step {state.global_step}: nothing trained; weights loaded from "
-          f"{source.name}. To train it again, run start_over(cfg) first.")
+          f"{source.name}. To train it again, {WORDS['start over']} first.")
     return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
 
 
@@ -481,9 +491,9 @@ def interrupt_message(trainer, cfg) -> str:
     where = f"training interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}"
     if kept is None:
         return (f"{where}: no checkpoint was written yet, so the next train(trainer, cfg) starts this run from "
-                "step 0. Re-run the training cell to do so.")
-    return (f"{where}: kept {kept} (step {checkpoint_step(kept)}); re-run the training cell to resume from it exactly (steps "
-            f"after {checkpoint_step(kept)} are trained again), or run start_over(cfg) first to start the run over.")
+                f"step 0. To do so, {WORDS['resume']}.")
+    return (f"{where}: kept {kept} (step {checkpoint_step(kept)}); {WORDS['resume']} to resume from it exactly (steps "
+            f"after {checkpoint_step(kept)} are trained again), or {WORDS['start over']} to start the run over.")
 
 
 def train(trainer, cfg, allow_fresh_optimizer: bool = False):
@@ -532,7 +542,7 @@ def train(trainer, cfg, allow_fresh_optimizer: bool = False):
         except TrainingDiverged as err:
             kept = last_complete_checkpoint(cfg.run_dir)
             message = (f"{err}. Kept {kept or 'no checkpoint'} (written before it); nothing after it is saved. Lower "
-                       "learning_rate or check the data and the settings, then run start_over(cfg) or resume.")
+                       f"learning_rate or check the data and the settings, then {WORDS['start over']} or resume.")
             if main:
                 record_run(cfg, status="failed", error=message)
             raise TrainingDiverged(message) from None
