@@ -3,12 +3,13 @@ tolerance, every metadata field equal), embedding rows past the tokenizer as unu
 changed model refused, the Ollama Modelfile, the model card's Hub metadata, the Hub push's arguments; and, where
 llama-cpp-python is installed, llama.cpp itself on the exported file."""
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from llmhelpers.export.gguf import OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf, write_modelfile
+from llmhelpers.export.gguf import OLLAMA_TEMPLATE, OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf, write_modelfile
 
 
 def test_the_tiny_models_tokenizer_has_a_row_for_every_token(tiny_model_dir):
@@ -76,7 +77,56 @@ def test_the_command_line_writes_the_file_and_a_modelfile(tiny_model_dir, tmp_pa
     assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile
     assert "PARAMETER temperature 0.6" in modelfile and "PARAMETER top_p 0.95" in modelfile
     assert "<｜Assistant｜><think>\n" in modelfile and "num_ctx 16384" in modelfile
+    assert f'TEMPLATE """{OLLAMA_TEMPLATE}"""' in modelfile  # the template test_the_ollama_templates_... renders
     assert main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.gguf")]) == 1
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 6 * 7?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 6 * 7?"}],
+    [{"role": "user", "content": "What is 6 * 7?"},
+     {"role": "assistant", "thinking": "Six sevens.\n```python\nprint(6 * 7)\n```", "content": "\\boxed{42}"},
+     {"role": "user", "content": "And 6 * 8?"}],
+]
+
+
+@pytest.mark.parametrize("kind", ["r1", "chatml"])
+def test_the_ollama_templates_render_what_the_hf_templates_render(kind, tok_current, tmp_path):
+    """Issue #29: the Modelfile's template dropped the newline after <think> (one token short of HF's prompt) and
+    kept earlier turns' reasoning, which HF's template removes. Rendered here by Go's own text/template, as Ollama
+    renders it, and compared with apply_chat_template, text and token ids."""
+    import shutil
+    import subprocess
+
+    from llmhelpers.export.gguf import OLLAMA_CHATML_TEMPLATE
+    from llmhelpers.model.tiny import build_chatml_tokenizer
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (.ci/run installs golang-go)")
+    tok, template = (tok_current, OLLAMA_TEMPLATE) if kind == "r1" else (build_chatml_tokenizer(),
+                                                                          OLLAMA_CHATML_TEMPLATE)
+    (tmp_path / "template").write_text(template, encoding="utf-8")
+    renderer = Path(__file__).parent / "go" / "render_ollama_template.go"
+    for chat in CHATS:
+        with_reasoning = [{"role": m["role"], "content": f"<think>\n{m['thinking']}\n</think>\n\n{m['content']}"
+                           if m.get("thinking") else m["content"]} for m in chat]
+        hf = tok.apply_chat_template(with_reasoning, tokenize=False, add_generation_prompt=True)
+        if kind == "r1":
+            hf = hf.removeprefix(tok.bos_token)  # llama.cpp puts the bos in front (add_bos_token)
+            sent = chat  # Ollama keeps a thinking model's reasoning in the Thinking field
+        else:
+            sent = with_reasoning  # no thinking model for Ollama: the reasoning is text of the content
+        go_env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
+        proc = subprocess.run([go, "run", str(renderer), str(tmp_path / "template")], input=json.dumps(sent),
+                              capture_output=True, text=True, timeout=300, env=go_env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout == hf
+        encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+        assert encode(proc.stdout) == encode(hf)
+    if kind == "r1":
+        assert "Six sevens" not in proc.stdout and "<｜Assistant｜>\n\n\\boxed{42}<｜end▁of▁sentence｜>" in proc.stdout
+        assert "<think>\n{{ .Thinking }}\n</think>" in template  # Ollama infers its thinking tags from this
 
 
 def test_the_model_card_has_valid_hub_metadata_and_the_evaluation(tmp_path):

@@ -321,27 +321,38 @@ def verify_gguf(path, model_dir) -> dict:
 
 
 # --- Ollama --------------------------------------------------------------------------------------------------------
-# The R1 chat format for Ollama's Go templates: a system text first, user turns after <｜User｜>, assistant turns after
-# <｜Assistant｜> ending with eos, and the current template revision's generation prompt (the assistant tag, then
-# "<think>" and a newline). Ollama adds nothing else (llama.cpp puts the bos in front, add_bos_token).
+# The R1 chat format for Ollama's Go templates, rendering what HF's template renders for a chat that ends with a user
+# turn: the system text first, user turns after <｜User｜>, the generation prompt of the current template revision
+# (the assistant tag, "<think>" and a newline). An earlier assistant turn keeps only its answer, as HF's template
+# keeps what follows "</think>": Ollama stores a thinking model's reasoning in the message's Thinking field, apart
+# from its Content, and "\n\n" stands where the reasoning ended. The `<think>…{{ .Thinking }}…</think>` list inside
+# the range over Messages is what makes Ollama treat the model as a thinking one and infer the two tags; a last
+# assistant message (a prefill to continue) keeps its reasoning. llama.cpp puts the bos in front (add_bos_token).
+# tests/test_export.py renders these with Go's text/template and compares them with apply_chat_template.
 OLLAMA_TEMPLATE = (
     "{{- if .System }}{{ .System }}{{ end }}"
     "{{- range $i, $_ := .Messages }}"
     "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
     "{{- if eq .Role \"user\" }}<｜User｜>{{ .Content }}"
-    "{{- else if eq .Role \"assistant\" }}<｜Assistant｜>{{ .Content }}{{- if not $last }}<｜end▁of▁sentence｜>{{- end }}"
+    "{{- else if eq .Role \"assistant\" }}<｜Assistant｜>"
+    "{{- if and $last .Thinking }}<think>\n{{ .Thinking }}\n</think>\n\n{{ end }}"
+    "{{- if and (not $last) .Thinking }}{{ \"\\n\\n\" }}{{ end }}"
+    "{{- .Content }}{{ if not $last }}<｜end▁of▁sentence｜>{{ end }}"
     "{{- end }}"
     "{{- if and $last (ne .Role \"assistant\") }}<｜Assistant｜><think>\n{{ end }}"
     "{{- end }}"
 )
-# ChatML (SmolLM2 and other Llama models with <|im_start|> turns), with SmolLM2's default system turn. The R1 markers
-# are text for these models: the answer opens <think> itself (llmhelpers.data.chat).
+# ChatML (SmolLM2 and other Llama models with <|im_start|> turns), with SmolLM2's default system turn when the chat
+# has none. Ollama keeps system messages among .Messages (and also joins them into .System): they are rendered from
+# the range only. The R1 markers are text for these models (llmhelpers.data.chat): Ollama sees no thinking model, and
+# earlier turns keep their reasoning, as SmolLM2's HF template does.
 OLLAMA_CHATML_TEMPLATE = (
-    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
-    "{{- else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "{{- range $i, $_ := .Messages }}"
+    "{{- if and (eq $i 0) (ne .Role \"system\") }}"
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     "{{ end }}"
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-    "<|im_start|>assistant\n"
+    "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n"
 )
 
 
