@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 
-def length_histogram(lengths: list[int], max_length: int, ax=None):
+def length_histogram(lengths: list[int], max_example_tokens: int, ax=None):
     import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(7, 3))[1]
     ax.hist(lengths, bins=40, color="#4c72b0")
-    ax.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    ax.axvline(max_example_tokens, color="red", linestyle="--", label=f"max_example_tokens={max_example_tokens}")
     ax.set(xlabel="tokens per example", ylabel="examples",
-           title=f"{len(lengths)} examples kept (train + eval), each at most max_length tokens")
+           title=f"{len(lengths)} examples kept (train + eval), each at most max_example_tokens")
     ax.legend()
     return ax.figure
 

@@ -20,6 +20,28 @@ def test_unknown_override_is_a_clean_error(capsys):
     assert err.value.code == 2 and "learning_rat" in capsys.readouterr().err
 
 
+def test_every_project_flag_has_help_and_shows_the_profiles_default(capsys):
+    """Issue #29: the project's ~50 flags had no help text and no default in --help."""
+    from llmhelpers.config.arguments import build_parser
+    from llmhelpers.config.project import PROJECT_FIELDS
+
+    parser = build_parser()
+    helps = {a.dest: a.help for a in parser._actions}
+    for name in PROJECT_FIELDS - {"profile"}:
+        assert helps[name].endswith("(default: %(default)s)") and len(helps[name]) > 30, name
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--help"])
+    out = capsys.readouterr().out
+    assert "wall-clock seconds per block" in out and "(default: 10.0)" in out
+
+
+def test_a_negative_number_reaches_the_values_own_check(capsys):
+    """Issue #29: `--learning_rate -1e-4` got argparse's "expected one argument"."""
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--learning_rate", "-1e-4"])
+    assert "learning_rate=-0.0001 is invalid: must be > 0" in capsys.readouterr().err
+
+
 def test_bad_value_is_a_clean_error(capsys):
     with pytest.raises(SystemExit):
         main(["--profile", "smoke", "--r", "0"])
@@ -101,6 +123,17 @@ def test_library_fields_the_old_config_did_not_know_reach_the_trainer(tmp_path, 
     assert trainer.model.peft_config["default"].use_rslora
     assert cfg.run_id != parse(["--profile", "smoke", "--output_dir", str(tmp_path / "out"), "--tiny_model_dir",
                                 str(tiny_model_dir)])[1].run_id
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_empty_run_folder(tmp_path, tiny_model_dir, capsys):
+    """Issue #29: a failed run left an empty folder among the runs."""
+    bad = tmp_path / "math.jsonl"
+    bad.write_text("not json\n")
+    code = main(["--profile", "smoke", "--output_dir", str(tmp_path / "out"), "--tiny_model_dir", str(tiny_model_dir),
+                 "--math_dataset", str(bad)])
+    assert code == 1 and "llmhelpers: error:" in capsys.readouterr().err
+    runs = tmp_path / "out" / "runs"
+    assert not runs.exists() or [p.name for p in runs.iterdir() if p.is_dir()] == []
 
 
 def test_config_file_errors_name_the_file(tmp_path, capsys):

@@ -151,6 +151,9 @@ def test_the_model_card_has_valid_hub_metadata_and_the_evaluation(tmp_path):
     assert "| mathcodeinstruct | 15000 |" in card.text and "| finetuned | 1 | 2 | 100.0% |" in card.text
     assert "`learning_rate=0.0001`" in card.text and "temperature 0.6" in card.text
     assert "finetuned-no-tools" in card.text
+    local = ModelCard.load(write_model_card(tmp_path / "small", make_config("small"), "adapters", report, results))
+    assert local.data.datasets is None and "MathLLMs/MathCodeInstruct" not in local.text  # issue #29
+    assert "local rows in MathCodeInstruct's schema (`train.jsonl`" in local.text
 
     calls = []
 

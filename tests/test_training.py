@@ -255,3 +255,32 @@ def test_an_unreadable_index_is_rebuilt_from_the_run_folders_and_kept_aside(tmp_
     assert index[runs[0].run_name]["status"] == "finished" and index[runs[0].run_name]["metrics"]["train_loss"] == 1.5
     assert index[runs[1].run_name]["status"] == "unknown" and index[runs[2].run_name]["status"] == "finished"
     assert len(list(index_path(runs[0].output_dir).parent.glob("index.damaged-*.json"))) == 1
+
+
+def _count_on_rank(rank: int, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from llmhelpers.training.trainer import nonfinite_steps_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        flag = torch.tensor(1) if rank == 1 else None  # only rank 1 saw a NaN loss (rank 0 never set its flag)
+        results[rank] = nonfinite_steps_on_every_rank(flag, "cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_process_stops_every_process():
+    """Issue #29: the non-finite check read each rank's own loss, so one rank stopped while the others waited in
+    their next collective until the timeout."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_count_on_rank, args=(port, results), nprocs=2, join=True)
+    assert dict(results) == {0: 1, 1: 1}

@@ -8,6 +8,7 @@ Defaults come from the profile (or a saved config), so a flag changes only what 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,12 +51,38 @@ def _simple(hint):
     return None
 
 
+def field_comments(cls) -> dict[str, str]:
+    """The comment of each field in a dataclass's source: the one after it (`name: type = default  # why`), else the
+    comment lines right above it. The project's settings are documented there, nanoGPT-style, and --help shows the
+    same words."""
+    import inspect
+
+    comments, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("# ---"):  # a section's title, not a field's comment
+            above = []
+        elif text.startswith("#") and line.startswith("    #"):
+            above.append(text.lstrip("# ").strip())
+        elif line.startswith("    ") and not line.startswith("     ") and ":" in text and not text.startswith(("def ", "@")):
+            name, _, rest = text.partition(":")
+            if name.isidentifier():
+                after = rest.split("  # ", 1)[1].strip() if "  # " in rest else ""
+                if after or above:
+                    comments[name] = after or " ".join(above)
+            above = []
+        elif not text:
+            above = []
+    return comments
+
+
 def _generated(name: str, source, names=None, exclude=(), init_arguments: bool = False) -> type:
     """A dataclass of `source`'s parseable fields (of a dataclass, or a class's __init__ arguments), defaults as
     there."""
     out = []
     if not init_arguments:
         hints = typing.get_type_hints(source)
+        comments = field_comments(source) if source is FinetuneConfig else {}
         for f in dataclasses.fields(source):
             kind = _simple(hints.get(f.name))
             if not f.init or f.name.startswith("_") or kind is None or f.name in exclude or (names and f.name not in names):
@@ -63,7 +90,8 @@ def _generated(name: str, source, names=None, exclude=(), init_arguments: bool =
             default = f.default if f.default is not dataclasses.MISSING else None
             if default is not None and not isinstance(default, (str, int, float, bool)):
                 default = None
-            out.append((f.name, kind, field(default=default, metadata={"help": (f.metadata or {}).get("help", "")})))
+            words = ((f.metadata or {}).get("help") or comments.get(f.name, "")).replace("%", "%%")
+            out.append((f.name, kind, field(default=default, metadata={"help": words})))
     else:
         import inspect
 
@@ -95,14 +123,36 @@ def build_parser(prog: str = "llmhelpers", description: str | None = None):
     parser = HfArgumentParser(parser_classes(), prog=prog, description=description,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: _fail(prog, message)  # one line, not the usage of some 250 flags
+    for action in parser._actions:  # the value this profile or config gives, which parse() sets as the default
+        if action.dest != "help" and "%(default)" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
     parser.allow_abbrev = False  # --learning_rat is a typo, not --learning_rate
     return parser
+
+
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """`--flag -1e-4` as `--flag=-1e-4`: argparse takes a value like -1e-4 (not a plain -1 or -0.5) for a flag and
+    says "expected one argument", where the value's own check has the useful message."""
+    import re
+
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if (token.startswith("--") and "=" not in token and i + 1 < len(argv)
+                and re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", argv[i + 1], re.IGNORECASE)):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
 
 
 def parse(argv: list[str] | None, prog: str = "llmhelpers", description: str | None = None):
     """(RunArguments, FinetuneConfig) from the command line; a bad flag or value exits with a message (code 2)."""
     import argparse
 
+    argv = _negative_values_attached(sys.argv[1:] if argv is None else list(argv))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--profile", default="full")
     pre.add_argument("--config", default=None)

@@ -27,7 +27,7 @@ class FinetuneConfig:
     profile: str = "full"  # the configs/<profile>.yaml this config starts from; make_config sets it
 
     # --- model -------------------------------------------------------------------------------------------------
-    model_id: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    model_id: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"  # Hub id, local folder, .gguf, or pip:<pkg>/<file>.gguf
     model_revision: str | None = None  # pin a Hub commit for reproducible runs
     tiny_model_dir: str = ""  # where the smoke profile builds its local tiny model ("" = <output_dir>/tiny-r1)
 
@@ -55,8 +55,8 @@ class FinetuneConfig:
     # --- data ----------------------------------------------------------------------------------------------------
     # A Hub id, a local .json/.jsonl file, or a folder of them.
     math_dataset: str = "MathLLMs/MathCodeInstruct"
-    science_dataset: str = "xw27/scibench"
-    dataset_revision: str | None = None
+    science_dataset: str = "xw27/scibench"  # as math_dataset: a Hub id, a local .json/.jsonl file, or a folder
+    dataset_revision: str | None = None  # a Hub revision (commit) of both datasets, for a reproducible pool
     allow_one_source: bool = False  # True: a source with no usable rows is left out instead of stopping the run
     math_samples: int = 15000  # of ~80k MathCodeInstruct rows
     science_samples: int = 0  # 0 = all; SciBench has only 692 rows, 112 with a worked solution
@@ -77,7 +77,7 @@ class FinetuneConfig:
     eval_bf16: bool = True  # evaluate on bf16 weights (base, then merged adapters): the fast engine runs those
     eval_do_sample: bool = True  # False = greedy (loops on R1 models; only for debugging)
     eval_temperature: float = 0.6  # the model authors' recommendation
-    eval_top_p: float = 0.95
+    eval_top_p: float = 0.95  # the model authors' recommendation
     eval_limit: int = 200  # problems per evaluation run (0 = all)
     # Tool execution (MathCoder's inference): python blocks the model writes are run in a sandbox process and their
     # real output is appended before it continues (llmhelpers.inference.tool_use; limits in FINETUNING_GUIDE.md).
@@ -88,7 +88,7 @@ class FinetuneConfig:
     tool_workers: int = 0  # blocks run at once (0 = min(16, CPU cores - 1): one core stays with generation)
     tool_max_sandboxes: int = 64  # interpreter processes alive at once (each holds ~30-100 MB once sympy is in)
     accuracy_callback: bool = False  # accuracy on a small fixed subset at each save
-    accuracy_callback_size: int = 16
+    accuracy_callback_size: int = 16  # problems in that subset (one sampled answer each: a trend, not the table)
 
     # --- outputs and sharing -----------------------------------------------------------------------------------------
     merge_after_training: bool = False  # needs ~3.5 GB disk and a bf16 copy of the base

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DATASETS = {"mathcodeinstruct": "MathLLMs/MathCodeInstruct", "scibench": "xw27/scibench"}
+
+
+def is_hub_dataset(spec: str) -> bool:
+    """Whether a dataset setting names a Hub dataset (owner/name), not a local file or folder."""
+    import re
+
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not Path(spec).exists()
+            and not spec.endswith((".json", ".jsonl", ".parquet")))
+
+
+def _source_text(name: str, spec: str, samples) -> str:
+    rows = f"{samples or 'all'} rows sampled"
+    if is_hub_dataset(spec):
+        return f"{name} ({spec}, {rows})"
+    return f"local rows in {name}'s schema (`{Path(spec).name}`, {rows}; not the Hub dataset)"
 
 
 def _data_section(report) -> str:
@@ -53,7 +67,7 @@ def model_card_text(cfg, kind: str, report=None, results=None):
     data = ModelCardData(
         base_model=cfg.model_id, library_name="peft" if kind == "adapters" else "transformers",
         license="mit", pipeline_tag="text-generation", language=["en"],
-        datasets=[DATASETS["mathcodeinstruct"], DATASETS["scibench"]],
+        datasets=[d for d in (cfg.math_dataset, cfg.science_dataset) if is_hub_dataset(d)] or None,
         tags=["qlora", "lora", "sft", "trl", "reasoning", "math", "science", "deepseek-r1"])
     sft, lora = cfg.sft, cfg.lora
     length = f"{sft.num_train_epochs:g} epochs" if sft.max_steps <= 0 else f"{sft.max_steps} steps"
@@ -73,8 +87,9 @@ R1-format chat: the problem as the user turn, the worked solution inside `<think
 
 ## Data
 
-MathCodeInstruct ({DATASETS["mathcodeinstruct"]}, {cfg.math_samples or "all"} rows sampled) and SciBench
-({DATASETS["scibench"]}: only its worked solutions are trained on; problems without one form the held-out set).
+{_source_text("MathCodeInstruct", cfg.math_dataset, cfg.math_samples)} and
+{_source_text("SciBench", cfg.science_dataset, cfg.science_samples)}: of SciBench only the worked solutions are
+trained on; problems without one form the held-out set.
 The interpreter outputs inside MathCodeInstruct's solutions are masked from the loss (the model learns to write code,
 not to invent what it prints).
 

@@ -74,6 +74,7 @@ class RunLock:
         if key in RunLock._held:
             RunLock._held[key][0] += 1
             return self
+        self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -102,7 +103,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self._mine()).encode(), 0)
         os.fsync(fd)
-        RunLock._held[key] = [1, fd]
+        RunLock._held[key] = [1, fd, self.created_dir]
         return self
 
     def release(self) -> None:
@@ -115,6 +116,11 @@ class RunLock:
             del RunLock._held[key]
             self.path.unlink(missing_ok=True)  # while still holding the flock: a waiter re-checks the inode
             os.close(held[1])
+            if held[2]:  # a run that failed before writing anything leaves no empty folder behind
+                try:
+                    self.path.parent.rmdir()
+                except OSError:  # not empty (or gone): nothing to tidy
+                    pass
 
     def __enter__(self):
         return self.acquire()

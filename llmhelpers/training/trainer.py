@@ -37,7 +37,15 @@ class DiskGuard(TrainerCallback):
             ensure_free_space(self.cfg.run_dir, self.need, f"checkpoint {state.global_step}")
 
 
-class TrainingDiverged(RuntimeError):
+class OneLineError:
+    """Shown by Jupyter as its one-line message: IPython prints `_render_traceback_()` instead of a traceback whose
+    frames are the library's, not the user's (the message says what happened and what to do)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class TrainingDiverged(OneLineError, RuntimeError):
     """The loss or a trained weight became NaN or infinite: the run stops, before any checkpoint holds it."""
 
 
@@ -57,15 +65,28 @@ class StopOnNonFinite(TrainerCallback):
         import torch
 
         what = None
-        flag = self.trainer.llm_nonfinite_steps
-        if flag is not None and int(flag) > 0:
-            what = f"the loss was not finite in {int(flag)} step(s) up to this one"
+        bad = nonfinite_steps_on_every_rank(self.trainer.llm_nonfinite_steps, args.device)
+        if bad > 0:
+            what = f"the loss was not finite in {bad} step(s) up to this one (on any process)"
         elif control.should_save:
             weights = [p for p in self.trainer.model.parameters() if p.requires_grad]
             if weights and not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
                 what = "a trained weight is not finite"
         if what:
             raise TrainingDiverged(f"training diverged at step {state.global_step}: {what}")
+
+
+def nonfinite_steps_on_every_rank(flag, device) -> int:
+    """The count of non-finite loss steps summed over the processes: each rank sees only its own loss, and a rank
+    that stopped alone would leave the others waiting in their next collective until the timeout. Every rank calls
+    this at the same steps (the Trainer's log/eval/save decisions depend on the step only)."""
+    import torch
+    import torch.distributed as dist
+
+    count = torch.zeros((), dtype=torch.int64, device=device) if flag is None else flag.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+    return int(count)
 
 
 class ThroughputMeter(TrainerCallback):
@@ -482,7 +503,7 @@ def _load_finished(trainer, cfg, last: Path):
     return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(OneLineError, KeyboardInterrupt):
     """Kernel > Interrupt or Ctrl-C during train(): says what was kept and what to do."""
 
 
