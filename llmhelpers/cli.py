@@ -160,7 +160,8 @@ def _main(argv: list[str] | None) -> int:
 
         start_over(cfg)  # the other ranks only read the run folder after the trainer's first barrier
     from llmhelpers.data.sources import DataError
-    from llmhelpers.training.checkpoints import CheckpointError, DiskSpaceError
+    from llmhelpers.storage import DiskSpaceError
+    from llmhelpers.training.checkpoints import CheckpointError
     from llmhelpers.training.run_lock import RunLockedError
     from llmhelpers.training.trainer import TrainingDiverged, TrainingInterrupted
 

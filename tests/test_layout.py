@@ -50,7 +50,23 @@ def test_one_subpackage_per_subsystem():
     packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
     assert packages == ["config", "data", "evaluation", "export", "inference", "model", "training"]
     top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
-    assert top == ["cli", "environment", "paths", "plots"]
+    assert top == ["cli", "environment", "paths", "plots", "storage"]
+
+
+# Each subsystem may import only from the layers below it: the model never reaches up into training (issue #30 found
+# model.merging importing training.checkpoints), evaluation never into training, and only the CLI sees everything.
+LAYERS = [{"paths", "environment", "plots"}, {"config", "data"}, {"storage"}, {"model"}, {"inference"},
+          {"evaluation"}, {"training", "export"}, {"cli"}]
+
+
+def test_imports_run_down_the_layers():
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    subsystem = lambda module: module.split(".")[1]
+    assert {subsystem(m) for m in MODULES if m != "llmhelpers"} == set(level), "a subsystem is missing from LAYERS"
+    upward = sorted(f"{name} -> {other}" for name, path in MODULES.items() if name != "llmhelpers"
+                    for other in imports_of(path)
+                    if other != "llmhelpers" and level[subsystem(other)] > level[subsystem(name)])
+    assert not upward, "imports that run up the layers: " + "; ".join(upward)
 
 
 def test_every_module_imports_on_its_own():

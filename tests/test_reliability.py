@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmhelpers.config.profiles import make_config
-from llmhelpers.training.checkpoints import DiskSpaceError
+from llmhelpers.storage import DiskSpaceError
 
 DRIVER = Path(__file__).parent / "kill_driver.py"
 STEPS = 6

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from llmhelpers.training.checkpoints import save_model_folder
+from llmhelpers.storage import save_model_folder
 
 # Mean |logit difference| allowed between base+adapter and merged weights. In fp32 the merge is
 # exact up to rounding; in bf16 W + BA is rounded once more to bf16 (8-bit mantissa).

@@ -1,19 +1,10 @@
-"""Checkpoint files: which are complete and intact, which a resume may use, setting damaged ones aside, and writes
-that are atomic (a temporary folder renamed into place) with the disk space checked first."""
+"""Checkpoint files: which are complete and intact, which a resume may use, and setting damaged ones aside."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
-
-
-from llmhelpers.environment import free_bytes
-
-
-class DiskSpaceError(RuntimeError):
-    """Not enough free disk for the next write; raised before writing, so nothing is half-written."""
 
 
 def checkpoint_bytes(model, cfg) -> int:
@@ -21,13 +12,6 @@ def checkpoint_bytes(model, cfg) -> int:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = 2 if "8bit" in str(getattr(cfg.sft.optim, "value", cfg.sft.optim)) else 8  # two Adam moments, 1 or 4 bytes each
     return trainable * (4 + optimizer) + 30 * 2**20
-
-
-def ensure_free_space(path: Path, need: int, what: str) -> None:
-    free = free_bytes(path)
-    if free < need:
-        raise DiskSpaceError(f"{what} needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
-                             f"{path}. Free some space (old runs under outputs/*/runs) or set output_dir elsewhere.")
 
 
 # --- checkpoints: completeness, validation, setting aside ------------------------------------------------
@@ -173,36 +157,3 @@ def choose_resume_checkpoint(run_dir: Path, allow_fresh_optimizer: bool = False)
         aside = set_aside(path, kind)
         print(f"checkpoint {path.name} is {kind} ({detail}): moved to {aside.name}; trying the previous one")
     return None
-
-
-def save_model_folder(model, tokenizer, cfg, target: Path, need: int, what: str) -> Path:
-    """Weights (safetensors), tokenizer and the config JSON in one folder, written atomically after checking that
-    `need` bytes are free: the adapters' `final/`, the merged model's `merged/`."""
-    from llmhelpers.config.project import CONFIG_NAME
-
-    def write(folder: Path):
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        cfg.save(folder / CONFIG_NAME)
-
-    ensure_free_space(Path(target).parent, need, what)
-    return atomic_save(write, Path(target))
-
-
-def atomic_save(save_fn, target: Path) -> Path:
-    """Write into a temporary sibling folder, then rename: a cut-off save never looks complete."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_fn(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
-    return target
-

@@ -18,9 +18,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import SFTTrainer
 
 from llmhelpers.config.project import CONFIG_NAME
+from llmhelpers.storage import ensure_free_space, save_model_folder
 from llmhelpers.training.checkpoints import (checkpoint_bytes, checkpoint_step, choose_resume_checkpoint,
-                                            ensure_free_space, last_complete_checkpoint, mark_complete,
-                                            save_model_folder, set_aside_folders)
+                                            last_complete_checkpoint, mark_complete, set_aside_folders)
 from llmhelpers.training.packing import PackedMask, trailing_padding
 from llmhelpers.training.run_lock import RunLock
 
