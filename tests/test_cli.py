@@ -52,6 +52,7 @@ def results(stdout: str) -> list[dict]:
     return [json.loads(l.split("RESULT ", 1)[1]) for l in stdout.splitlines() if l.startswith("RESULT ")]
 
 
+@pytest.mark.slow
 def test_config_file_run(tmp_path, tiny_model_dir):
     cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), max_steps=4,
                       eval_steps=2, save_steps=2, accuracy_callback=False)
@@ -75,6 +76,7 @@ def test_config_file_run(tmp_path, tiny_model_dir):
     assert state["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_the_cli_merges_exports_and_writes_the_cards_and_a_rerun_rewrites_nothing(tmp_path, tiny_model_dir):
     """Issue #29: the CLI accepted --merge_after_training and --gguf_outtype but never merged or exported, left peft's
     empty card in final/ and TRL's generic one in the run folder, and a re-run replaced a finished run's card."""
@@ -105,6 +107,7 @@ def test_the_cli_merges_exports_and_writes_the_cards_and_a_rerun_rewrites_nothin
     assert after == before  # nothing of the finished run was rewritten
 
 
+@pytest.mark.slow
 def test_library_fields_the_old_config_did_not_know_reach_the_trainer(tmp_path, tiny_model_dir):
     """Every SFTConfig and LoraConfig field is a flag: two SFTConfig fields and a LoraConfig one that the project's
     own config never declared end up in the trainer's arguments and the attached adapters."""
@@ -176,6 +179,7 @@ def test_read_only_output_dir_is_caught_before_anything_loads(tmp_path, capsys):
     assert "output_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches", ["padded", "packed"])
 def test_two_cpu_processes_through_accelerate(tmp_path, tiny_model_dir, batches):
     out = tmp_path / "out"
@@ -217,6 +221,7 @@ def test_full_profile_without_a_gpu_says_what_to_do(capsys):
     assert "no CUDA GPU" in err and "bf16=True" in err and "smoke" in err
 
 
+@pytest.mark.slow
 def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "llmhelpers", "--profile", "smoke", "--evaluate",
                            "--output_dir", f"{tmp_path / 'out'}", "--tiny_model_dir", f"{tiny_model_dir}",

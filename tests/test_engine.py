@@ -182,6 +182,7 @@ def test_a_pause_can_wait_for_a_future_while_the_others_decode(tiny):
     assert other.new_ids == hf_greedy(model, tok, prompts[1], 40)
 
 
+@pytest.mark.slow
 def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
     """Sorting-free top-p (rejection sampling) against the sorted reference, in Triton's CPU interpreter: the
     same support and frequencies within sampling noise, over a vocabulary spread across several blocks."""

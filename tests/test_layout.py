@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "llmhelpers"
 
 
@@ -69,6 +71,7 @@ def test_imports_run_down_the_layers():
     assert not upward, "imports that run up the layers: " + "; ".join(upward)
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     """Each module imported first in a fresh set of llmhelpers modules (third-party ones stay loaded: this is about
     the package's own import order)."""

@@ -15,6 +15,8 @@ NOTEBOOK = ROOT / "LLM.ipynb"
 sys.path.insert(0, str(Path(__file__).parent))
 from notebook_checks import notebook_problems, pristine_notebook  # noqa: E402
 
+pytestmark = pytest.mark.slow  # executes the notebook: `python -m pytest -m slow`
+
 # the user's edits to the recipe cells, as (cell text, edited text)
 LORA_EDIT = ("    r=16,", "    r=8,")
 SFT_EDITS = [("    learning_rate=2e-4,", "    learning_rate=1e-4,"),

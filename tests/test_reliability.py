@@ -13,6 +13,8 @@ import pytest
 from llmhelpers.config.profiles import make_config
 from llmhelpers.storage import DiskSpaceError
 
+pytestmark = pytest.mark.slow  # subprocess trainings and kills: `python -m pytest -m slow`
+
 DRIVER = Path(__file__).parent / "kill_driver.py"
 STEPS = 6
 

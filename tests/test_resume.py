@@ -18,6 +18,8 @@ from llmhelpers.training.checkpoints import (COMPLETE_MARKER, CheckpointError, c
                                             choose_resume_checkpoint, last_complete_checkpoint)
 from llmhelpers.training.run_lock import RunLock, RunLockedError
 
+pytestmark = pytest.mark.slow  # subprocess trainings and kills: `python -m pytest -m slow`
+
 DRIVER = Path(__file__).parent / "kill_driver.py"
 EPOCHS, STEPS_PER_EPOCH = 3, 9  # 35 smoke training rows, 2 x 2 sequences per step
 

@@ -98,6 +98,7 @@ def _prompts(tok):
             for q, _, _ in PROBLEMS]
 
 
+@pytest.mark.slow
 def test_masked_training_teaches_code_and_execution_makes_the_answer_the_executed_value(tool_user, tok_current):
     from llmhelpers.inference.generation import generate
 
@@ -120,6 +121,7 @@ def test_masked_training_teaches_code_and_execution_makes_the_answer_the_execute
     assert sum(final_answer(g.text) == str(v) for g, (_, _, v) in zip(without, PROBLEMS)) <= 2
 
 
+@pytest.mark.slow
 def test_evaluation_reports_tool_calls_and_both_modes(tool_user, tok_current):
     from llmhelpers.config.profiles import make_config
     from llmhelpers.evaluation.protocol import comparison_table, evaluate

@@ -101,6 +101,7 @@ def test_changed_hyperparameter_gets_its_own_run_and_start_over_moves_aside(cfg)
     assert list(cfg.run_dir.parent.glob(f"{cfg.run_name}-old-*/checkpoint-4"))
 
 
+@pytest.mark.slow
 def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
     """Same code path as the notebook, on four short problems: 300 steps take ~20 s on 2 CPU cores."""
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=300,
@@ -271,6 +272,7 @@ def _count_on_rank(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_one_process_stops_every_process():
     """Issue #29: the non-finite check read each rank's own loss, so one rank stopped while the others waited in
     their next collective until the timeout."""

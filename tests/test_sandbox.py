@@ -43,6 +43,7 @@ def test_state_persists_across_blocks(box):
     assert box.run("f(values).tolist()").output == "[0, 1, 4, 9]"
 
 
+@pytest.mark.slow
 def test_an_endless_loop_times_out_and_leaves_no_process(box):
     started = time.monotonic()
     pid = box.interpreter_pid  # the group every process of the code stays in
@@ -80,6 +81,7 @@ def live_processes_in_group(pgid: int) -> list[int]:
     return [pid for pid, fields in live_pids() if int(fields[2]) == pgid]
 
 
+@pytest.mark.slow
 def test_cpu_time_is_limited_even_when_the_wall_clock_is_not():
     with Sandbox(timeout=30, cpu_seconds=1) as box:
         started = time.monotonic()
@@ -153,6 +155,7 @@ def run_unprivileged(*blocks: str) -> list[str]:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_state_survives_blocks_that_really_spend_cpu_as_an_unprivileged_user():
     outputs = run_unprivileged(
         "import sympy as sp\nx = sp.symbols('x')\nroots = sp.solve(x**2 - 5*x + 6, x)",
@@ -162,6 +165,7 @@ def test_state_survives_blocks_that_really_spend_cpu_as_an_unprivileged_user():
     assert outputs == ["", "'spent'", "'spent more'", "5"]
 
 
+@pytest.mark.slow
 def test_hitting_the_cpu_limit_stops_the_block_and_keeps_the_state():
     with Sandbox(timeout=30, cpu_seconds=1) as box:
         box.run("kept = 41")
@@ -234,6 +238,7 @@ ESCAPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", sorted(ESCAPES))
 def test_processes_that_leave_the_session_are_killed_by_a_timeout_and_by_close(how):
     import random
@@ -402,6 +407,7 @@ def test_a_forged_reply_never_becomes_more_tokens_than_the_cap(tok_current):
         assert tok_current.decode(emoji).endswith("[output truncated at 300 tokens]\n```")
 
 
+@pytest.mark.slow
 def test_cpu_time_is_enforced_here_when_the_code_lifts_its_own_limit():
     with Sandbox(timeout=30, cpu_seconds=1) as box:
         started = time.monotonic()
@@ -423,6 +429,7 @@ def test_interpreter_start_up_does_not_count_against_the_first_blocks_timeout(mo
         box.close()
 
 
+@pytest.mark.slow
 def test_sigcont_and_fork_chains_cannot_hold_a_timeout():
     chain = ("import os, signal, time\nme = os.getpid()\n"
              "def chain():\n    while True:\n        if os.fork() == 0:\n"
