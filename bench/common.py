@@ -95,6 +95,50 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def provenance() -> dict:
+    """What a result needs to be compared later: the commit (and whether the tree had changes), the GPU, the library
+    versions, the exact command and the date."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for package in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"commit": git("rev-parse", "HEAD") or "unknown (not a git checkout)",
+            "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no")), "gpu": gpu_name(),
+            "versions": versions, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def finish_check(result: dict, out: str | None, passed: bool, verdict: str) -> None:
+    """Print and save a correctness check's result with its provenance, then exit non-zero when its verdict failed:
+    a GPU check is read by its exit status, as a test is."""
+    import json
+    import sys
+
+    result = {**result, "verdict": {"passed": passed, "rule": verdict}, "provenance": provenance()}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    if not passed:
+        sys.stderr.write(f"check FAILED: {verdict}\n")
+        raise SystemExit(1)
+
+
 def peak_bf16_flops() -> float:
     """Dense bf16 peak from NVIDIA's datasheets (H100/H200 SXM: 989 TFLOP/s)."""
     name = gpu_name()

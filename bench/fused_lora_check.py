@@ -13,7 +13,6 @@ bf16 autocast, training mode, every layer checkpointed as the recipe allows):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gpu_name, random_r1_model  # noqa: E402
+from common import finish_check, gpu_name, random_r1_model  # noqa: E402
+
+# the largest relative LoRA-gradient difference accepted: bf16 on a GPU (measured 0.026 on an H200, 2026-11-30), fp32
+# on a CPU (measured 1.3e-6)
+GRAD_TOLERANCE = {True: 0.05, False: 1e-4}
 
 
 def main():
@@ -93,9 +96,9 @@ def main():
         "fwd_bwd_s_peft": round(peft_s, 4), "fwd_bwd_s_fused": round(fused_s, 4),
         "speedup": round(peft_s / fused_s, 3),
     }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    tolerance = GRAD_TOLERANCE[cuda]
+    finish_check(result, args.out, result["logits_identical"] and grad_diff <= tolerance,
+                 f"logits identical to peft's and every LoRA gradient within {tolerance:g} (relative to its largest)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main():
     import torch
     from safetensors.torch import load_file, save_file
 
-    from common import gpu_name, random_r1_model
+    from common import finish_check, gpu_name, random_r1_model
     from synth_data import row
     from llmhelpers.data.chat import render_prompt
     from llmhelpers.config.profiles import make_config
@@ -66,9 +66,13 @@ def main():
     prompts = [render_prompt(e, tok) for e in demo_examples()]
     check = merge_adapters(cfg, tok, prompts, adapter_dir=perturbed, out_dir=Path(args.out) / "merged")
     print("MERGE", json.dumps({"gpu": gpu_name(), **check}), flush=True)
+    rows = {}
     for label in ("base", "finetuned"):
-        rows = (cfg.eval_dir / f"{label}.jsonl").read_text().splitlines()
-        print("EVAL", label, len(rows), "rows", flush=True)
+        rows[label] = len((cfg.eval_dir / f"{label}.jsonl").read_text().splitlines())
+        print("EVAL", label, rows[label], "rows", flush=True)
+    passed = check["ok"] and result.get("global_step", 0) > 0 and all(rows.values())
+    finish_check({"run": result, "merge": check, "eval_rows": rows}, str(Path(args.out) / "check.json"), passed,
+                 "training ran, both evaluations wrote their rows, and the perturbed merge is within its tolerance")
 
 
 if __name__ == "__main__":
