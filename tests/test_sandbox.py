@@ -379,8 +379,8 @@ def test_processes_of_an_interpreter_that_dies_abruptly_are_killed():
         assert box.run("1 + 1").output == "2"
 
 
-FORGE = ("import sys\ng = sys._getframe(1).f_globals\n"
-         "g['send']({{'tag': g['request']['tag'], 'output': 'x' * {n}, 'ok': True, 'timed_out': False, "
+FORGE = ("import sys\nworker = sys._getframe(1).f_locals\n"  # the REPL's frame: its send() and the request
+         "worker['send']({{'tag': worker['request']['tag'], 'output': 'x' * {n}, 'ok': True, 'timed_out': False, "
          "'truncated': False}})\n")
 
 
@@ -389,10 +389,10 @@ def test_a_forged_reply_is_capped_here_and_later_outputs_stay_in_place():
         started = time.monotonic()
         r = box.run(FORGE.format(n=8_000_000))  # 8 MB: longer than any honest reply, not read past the cap
         assert "garbled" in r.output and time.monotonic() - started < 3
-        r = box.run(FORGE.format(n=20_000) + "g['cap'] = 10**9")  # within the byte cap, and the code lifts its own
+        r = box.run(FORGE.format(n=20_000))  # within the byte cap, past the character cap
         assert r.truncated and len(r.output) <= 2000 + 60 and r.output.endswith("[output truncated at 2000 characters]")
         assert [box.run(c).output for c in ("1", "'x' * 3000 == 'x' * 3000", "3")] == ["1", "True", "3"]
-        assert len(box.run("'y' * 5000").output) <= 2000 + 60  # the code's raised cap changed nothing here
+        assert len(box.run("'y' * 5000").output) <= 2000 + 60  # an honest long output is cut at the cap too
 
 
 def test_a_forged_reply_never_becomes_more_tokens_than_the_cap(tok_current):
@@ -418,10 +418,12 @@ def test_cpu_time_is_enforced_here_when_the_code_lifts_its_own_limit():
         assert box.run("1 + 1").output == "2"
 
 
-def test_interpreter_start_up_does_not_count_against_the_first_blocks_timeout(monkeypatch):
+def test_interpreter_start_up_does_not_count_against_the_first_blocks_timeout(monkeypatch, tmp_path):
     from llmhelpers.inference import sandbox
 
-    monkeypatch.setattr(sandbox, "_WORKER", "import time\ntime.sleep(1.5)\n" + sandbox._WORKER)  # a slow start
+    slow = tmp_path / "slow_worker.py"  # a slow start: 1.5 s, then the real worker
+    slow.write_text(f"import runpy, sys, time\ntime.sleep(1.5)\nrunpy.run_path({sandbox.WORKER!r}, run_name='__main__')\n")
+    monkeypatch.setattr(sandbox, "WORKER", str(slow))
     box = Sandbox(timeout=1, cpu_seconds=1)
     try:
         assert box.run("1 / 0").output == "ZeroDivisionError: division by zero"
@@ -486,7 +488,7 @@ def shared_tmp():
 
 def test_a_fork_loop_is_stopped_by_the_process_limit_for_an_ordinary_user(shared_tmp):
     """RLIMIT_NPROC never applies to root: as root the check runs as `nobody`, with a Python that user may run and
-    a copy of the sandbox's module (it needs only the standard library)."""
+    a copy of the sandbox's two modules (they need only the standard library)."""
     import json
     import shutil
     import subprocess
@@ -496,7 +498,9 @@ def test_a_fork_loop_is_stopped_by_the_process_limit_for_an_ordinary_user(shared
 
     tmp_path = shared_tmp
     module = shutil.copy(sandbox.__file__, tmp_path / "sandbox.py")
+    worker = shutil.copy(sandbox.WORKER, tmp_path / "sandbox_worker.py")  # found beside sandbox.py
     os.chmod(module, 0o644)
+    os.chmod(worker, 0o644)
 
     def as_nobody():
         if os.geteuid() == 0:
@@ -516,3 +520,21 @@ def test_a_fork_loop_is_stopped_by_the_process_limit_for_an_ordinary_user(shared
     assert proc.returncode == 0, proc.stderr[-2000:]
     n, err = eval(json.loads(proc.stdout))
     assert err == "BlockingIOError" and n < 40  # EAGAIN near 32 forks, far from 500
+
+
+def test_the_seccomp_program_is_well_formed_and_names_the_keeper():
+    import struct
+
+    from llmhelpers.inference.sandbox_worker import SYSCALLS, seccomp_program
+
+    assert seccomp_program("riscv64", 1234) is None  # unsupported: the sandbox warns that the filter is missing
+    for machine in SYSCALLS:
+        program = seccomp_program(machine, 1234)
+        instructions = [struct.unpack("HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+        assert len(program) % 8 == 0 and len(instructions) < 64
+        for i, (op, jt, jf, k) in enumerate(instructions):
+            if op & 0x07 == 0x05:  # a conditional jump (BPF_JMP)
+                assert i + 1 + jt < len(instructions) and jf == 0  # it lands inside the program
+        assert instructions[-1][0] == 0x06 and instructions[-2][0] == 0x06  # it ends with returns
+        keeper_checks = [k for op, _, _, k in instructions if op == 0x15 and k in (1234, (-1234) & 0xFFFFFFFF)]
+        assert len(keeper_checks) == 3  # kill(keeper), kill(-keeper), tgkill(_, keeper)
