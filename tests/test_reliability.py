@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmhelpers.config.profiles import make_config
+from llmhelpers import storage
 from llmhelpers.storage import DiskSpaceError
 
 pytestmark = pytest.mark.slow  # subprocess trainings and kills: `python -m pytest -m slow`
@@ -113,7 +114,7 @@ def test_disk_check_stops_before_training(tmp_path, tiny_model_dir, monkeypatch)
                       eval_steps=2, save_steps=2, accuracy_callback=False)
     tok = load_tokenizer(cfg)
     trainer = training.build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
-    monkeypatch.setattr(checkpoints, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
     with pytest.raises(DiskSpaceError, match="training needs about"):
         training.train(trainer, cfg)
     assert trainer.state.global_step == 0
@@ -128,7 +129,7 @@ def test_disk_check_stops_before_a_checkpoint_that_would_not_fit(tmp_path, tiny_
                       eval_steps=2, save_steps=2, accuracy_callback=False)
     tok = load_tokenizer(cfg)
     trainer = training.build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
-    monkeypatch.setattr(checkpoints, "free_bytes",
+    monkeypatch.setattr(storage, "free_bytes",
                         lambda path: 10**12 if trainer.state.global_step < 4 else 1000)  # the disk fills up
     with pytest.raises(DiskSpaceError, match="checkpoint 4"):
         training.train(trainer, cfg)
