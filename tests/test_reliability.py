@@ -108,7 +108,7 @@ def test_save_total_limit_of_one_is_refused_with_best_model_tracking():
 def test_disk_check_stops_before_training(tmp_path, tiny_model_dir, monkeypatch):
     from llmhelpers.data.sources import build_datasets
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training import checkpoints, trainer as training
+    from llmhelpers.training import trainer as training
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), max_steps=4,
                       eval_steps=2, save_steps=2, accuracy_callback=False)

@@ -239,13 +239,17 @@ ESCAPES = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kill", ["group", "tree walk"])
 @pytest.mark.parametrize("how", sorted(ESCAPES))
-def test_processes_that_leave_the_session_are_killed_by_a_timeout_and_by_close(how):
+def test_processes_that_leave_the_session_are_killed_by_a_timeout_and_by_close(how, kill):
+    """`group`: the interpreter's process group killed at once (the filter keeps every process in it); `tree walk`:
+    the fallback where the filter is missing (kill_tree), forced here."""
     import random
 
     for end in ("timeout", "close"):
         marker = f"{random.randint(10**6, 10**7)}.{random.randint(1, 999)}"  # a sleep length no one else uses
         with Sandbox(timeout=3, cpu_seconds=3) as box:
+            box.confined = kill == "group"
             box.run(ESCAPES[how].format(m=marker))
             time.sleep(0.3)
             assert processes_with(marker), "the escape did not start (the test would prove nothing)"
@@ -254,6 +258,8 @@ def test_processes_that_leave_the_session_are_killed_by_a_timeout_and_by_close(h
                 time.sleep(0.3)
                 left = processes_with(marker)
                 assert left == [], f"{how}: a process outlived the timeout: {describe(left)}"
+                box.run("1")  # a fresh interpreter, which says whether it is confined
+                box.confined = kill == "group"
                 box.run(ESCAPES[how].format(m=marker))
         time.sleep(0.3)
         left = processes_with(marker)

@@ -54,6 +54,7 @@ START_TIMEOUT = 60.0  # seconds for a new interpreter to say it is ready; not co
 POLL_SECONDS = 0.25  # how often a running block's CPU time is read
 DISK_CHECK_SECONDS = 1.0  # how often a running block's working directory is measured
 CPU_GRACE_SECONDS = 2.0  # the interpreter's own limit fires first (it keeps the state); this one kills
+KEEPER_EXIT_SECONDS = 5.0  # after the group is killed, the keeper reaps it and exits; past this the tree is walked
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -132,17 +133,30 @@ class Sandbox:
                           "code can start processes outside the sandbox's tree", RuntimeWarning, stacklevel=3)
 
     def _kill(self) -> None:
-        """Kill every process below the keeper, and the keeper (it exits on its own once they are reaped)."""
+        """Kill every process of the code, and the keeper (it exits on its own once they are reaped).
+
+        With the seccomp filter in place every process of the code is in the interpreter's process group, so one
+        killpg ends them all at once (a fork racing it cannot leave a survivor), and the keeper, which exits only
+        when nothing is left below it, says when it is done: no /proc walk here, no sleep. Without the filter, or
+        should the keeper not exit, the tree is walked (kill_tree)."""
         if self.proc is None:
             return
         proc, group, self.proc, self.interpreter_pid = self.proc, self.interpreter_pid, None, None
-        # the group is named only while the keeper lives: it reaps the interpreter only to end the group itself
-        kill_tree(proc.pid, group if proc.poll() is None else None)
-        try:
-            proc.wait(timeout=2)  # the keeper reaps what was killed, then exits
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        done = False
+        if self.confined and group is not None and proc.poll() is None:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            done = _exited(proc, KEEPER_EXIT_SECONDS)
+        if not done:
+            # the group is named only while the keeper lives: it reaps the interpreter only to end the group itself
+            kill_tree(proc.pid, group if proc.poll() is None else None)
+            try:
+                proc.wait(timeout=2)  # the keeper reaps what was killed, then exits
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for pipe in (proc.stdin, proc.stdout):
             try:
                 pipe.close()
@@ -288,6 +302,26 @@ class Sandbox:
                 return b"{}\n"  # longer than any honest reply: garbled, rejected by the caller
         line, _, self._pending = self._pending.partition(b"\n")
         return line
+
+
+def _exited(proc: subprocess.Popen, limit: float) -> bool:
+    """Whether `proc` exits within `limit` seconds (then reaped): a pidfd waits for it without polling; where pidfds
+    are missing, Popen's own wait."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (an old kernel or Python), or already reaped
+        try:
+            proc.wait(timeout=limit)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        if not select.select([fd], [], [], limit)[0]:
+            return False
+    finally:
+        os.close(fd)
+    proc.wait()
+    return True
 
 
 def _process_table() -> dict[int, tuple[int, str]]:
