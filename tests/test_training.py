@@ -286,3 +286,20 @@ def test_a_nan_loss_on_one_process_stops_every_process():
     results = mp.Manager().dict()
     mp.spawn(_count_on_rank, args=(port, results), nprocs=2, join=True)
     assert dict(results) == {0: 1, 1: 1}
+
+
+def test_an_interrupt_or_a_divergence_shows_one_line_in_jupyter(capsys):
+    """Issue #29: the interrupt's one-line message sat under a ~10-line traceback of library frames. IPython shows
+    what `_render_traceback_` returns instead of the traceback (as the notebook's kernel does)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        for name in ("TrainingInterrupted", "TrainingDiverged"):
+            shell.run_cell(f"from llmhelpers.training.trainer import {name}\n"
+                           f"def deep():\n    raise {name}('what happened; what to do')\ndeep()")
+            out = capsys.readouterr()
+            shown = (out.out + out.err).strip().splitlines()
+            assert shown == [f"{name}: what happened; what to do"], shown
+    finally:
+        InteractiveShell.clear_instance()
