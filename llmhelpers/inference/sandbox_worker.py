@@ -220,6 +220,15 @@ class Stream:
         return False
 
 
+def pretty_printer():
+    """IPython's pretty printer (what a notebook cell shows), else repr."""
+    try:
+        from IPython.lib.pretty import pretty
+    except Exception:
+        return repr
+    return pretty
+
+
 def text_of(err) -> str:
     try:
         return f"{type(err).__name__}: {err}"
@@ -250,10 +259,7 @@ def serve(cpu: int, cap: int, confined: bool) -> None:
 
     signal.signal(signal.SIGXCPU, on_xcpu)
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)  # never raised (an unprivileged process may not); only the soft
-    try:
-        from IPython.lib.pretty import pretty
-    except Exception:
-        pretty = repr
+    pretty = None  # IPython's printer, imported at the first value shown: ~90 ms that most sandboxes never need
     main = types.ModuleType("__main__")  # the code's globals: a real __main__, so its functions pickle
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
@@ -282,6 +288,7 @@ def serve(cpu: int, cap: int, confined: bool) -> None:
             if last is not None:
                 value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), scope)
                 if value is not None:
+                    pretty = pretty or pretty_printer()
                     shown = pretty(value)
         except CPUTimeLimit as err:
             ok, timed_out, shown = False, True, text_of(err)
