@@ -251,20 +251,11 @@ def stage_after(work: Path, limit: int, trained: dict) -> dict:
 
 
 def environment() -> dict:
-    import subprocess
+    """The machine, library versions and commit this stage ran with (bench/common.provenance)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import provenance
 
-    import torch
-
-    versions = {}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger_kernel"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - absent is a fact to record
-            versions[name] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or None
-    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "versions": versions,
-            "commit": commit}
+    return provenance()
 
 
 def report(work: Path) -> tuple[dict, list[str]]:

@@ -250,11 +250,8 @@ class Sandbox:
 
     def _cpu_seconds(self) -> float:
         """CPU time (user + system) the interpreter has used, from /proc: the code cannot change this reading."""
-        try:
-            fields = open(f"/proc/{self.interpreter_pid}/stat").read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / _TICKS
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        fields = stat_fields(self.interpreter_pid)
+        return (int(fields[11]) + int(fields[12])) / _TICKS if fields else 0.0
 
     def _disk_over(self) -> str | None:
         """What the working directory holds past its limits, or None (the walk stops as soon as one is passed)."""
@@ -324,15 +321,21 @@ def _exited(proc: subprocess.Popen, limit: float) -> bool:
     return True
 
 
+def stat_fields(pid) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ... utime, stime at 11, 12); None
+    once the process is gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _process_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, state) of every process visible in /proc."""
     table = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields:
             table[int(entry)] = (int(fields[1]), fields[0])
     return table
 
@@ -401,11 +404,8 @@ def _wait_dead(pids: set[int], limit: float = 2.0) -> None:
     deadline = time.monotonic() + limit
     while pids and time.monotonic() < deadline:
         for p in list(pids):
-            try:
-                state = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                state = "gone"
-            if state in ("Z", "X", "gone"):
+            fields = stat_fields(p)
+            if fields is None or fields[0] in ("Z", "X"):
                 pids.discard(p)
         if pids:
             time.sleep(0.005)
