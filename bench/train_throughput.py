@@ -138,13 +138,14 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
     cfg = make_config(profile, model_id=str(model_dir), output_dir=f"/tmp/bench-train/{name}", max_steps=warmup + steps,
                       save_steps=10_000, eval_steps=10_000, logging_steps=1, report_to="none", warmup_steps=0, **spec)
     trainer = bench_trainer(cfg, rows, load_model)
-    from llmhelpers.training.memory import choose_checkpointed_layers
+    from llmhelpers.training.run import TrainingRun
 
-    decided = choose_checkpointed_layers(trainer, cfg)  # what train() does before step 1
-    counter, marks = measure_after_warmup(trainer, warmup)
-    started = time.perf_counter()
-    trainer.train()
-    _cuda("synchronize")
+    with TrainingRun(trainer, cfg) as run:  # as the notebook trains: the memory policy decides before step 1
+        counter, marks = measure_after_warmup(trainer, warmup)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=run.checkpoint)  # None: save_strategy="no" leaves no checkpoint
+        _cuda("synchronize")
+    decided = run.memory
     elapsed = time.perf_counter() - marks["t0"]
     # The collator has already been called for the micro-batches after the last step when prefetching; count
     # exactly the sequences of the measured steps.

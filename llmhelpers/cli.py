@@ -45,7 +45,8 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
     from llmhelpers.data.sources import build_datasets, load_examples
     from llmhelpers.evaluation.protocol import AccuracyCallback, evaluation_set
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer, trainable_parameters
-    from llmhelpers.training.trainer import build_trainer, throughput_meter, train
+    from llmhelpers.training.run import run_training
+    from llmhelpers.training.trainer import build_trainer, throughput_meter
 
     loaded = load_examples(cfg)  # bad data fails here, before the tokenizer and model are loaded
     tokenizer = load_tokenizer(cfg)
@@ -58,7 +59,7 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
         print(trainable_parameters(model))
     if cfg.accuracy_callback:
         AccuracyCallback(evaluation_set(data, cfg), tokenizer, cfg).attach(trainer)
-    output = train(trainer, cfg, allow_fresh_optimizer=allow_fresh_optimizer)
+    output = run_training(trainer, cfg, allow_fresh_optimizer=allow_fresh_optimizer)
     result = {"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
               "global_step": output.global_step, "train_loss": output.training_loss,
               "micro_batches_seen_by_this_rank": trainer.args.gradient_accumulation_steps * output.global_step,
@@ -85,7 +86,7 @@ def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bo
     from llmhelpers.export.gguf import export_gguf, verify_gguf, write_modelfile
     from llmhelpers.export.model_card import push_to_hub, write_model_card
     from llmhelpers.model.merging import merge_adapters
-    from llmhelpers.training.trainer import save_adapters
+    from llmhelpers.training.run import save_adapters
 
     finished_before = getattr(trainer, "llm_already_finished", False)
     written, result = set(), {}
@@ -136,14 +137,14 @@ CLI_WORDS = {"start over": "re-run this command with --fresh", "resume": "re-run
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmhelpers.training import trainer as trainer_module
+    from llmhelpers.training import run as run_module
 
-    notebook_words = dict(trainer_module.WORDS)
-    trainer_module.WORDS.update(CLI_WORDS)  # the messages name this command's flags, not the notebook's cells
+    notebook_words = dict(run_module.WORDS)
+    run_module.WORDS.update(CLI_WORDS)  # the messages name this command's flags, not the notebook's cells
     try:
         return _main(argv)
     finally:
-        trainer_module.WORDS.update(notebook_words)  # main() called in a notebook's or test's process
+        run_module.WORDS.update(notebook_words)  # main() called in a notebook's or test's process
 
 
 def _main(argv: list[str] | None) -> int:
@@ -156,14 +157,15 @@ def _main(argv: list[str] | None) -> int:
         sys.stderr.write(f"llmhelpers: error: {err}\n")
         raise SystemExit(2) from None
     if args.fresh and _launcher_rank() == 0:
-        from llmhelpers.training.trainer import start_over
+        from llmhelpers.training.run import start_over
 
         start_over(cfg)  # the other ranks only read the run folder after the trainer's first barrier
     from llmhelpers.data.sources import DataError
     from llmhelpers.storage import DiskSpaceError
     from llmhelpers.training.checkpoints import CheckpointError
     from llmhelpers.training.run_lock import RunLockedError
-    from llmhelpers.training.trainer import TrainingDiverged, TrainingInterrupted
+    from llmhelpers.training.run import TrainingInterrupted
+    from llmhelpers.training.trainer import TrainingDiverged
 
     try:
         result = run(cfg, evaluate_after=args.evaluate, allow_fresh_optimizer=args.allow_fresh_optimizer)

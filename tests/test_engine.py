@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-from llmhelpers.config.profiles import make_config
 from llmhelpers.inference.engine import Engine, Sampling, supports
 from llmhelpers.inference.scheduler import PAUSE, Request
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+
 from llmhelpers.config.profiles import make_config
 from llmhelpers.data.sources import Example, build_datasets
 from llmhelpers.evaluation.protocol import EvalResult, EvalRow, comparison_table, evaluate, evaluation_set
@@ -97,3 +98,45 @@ def test_evaluate_on_tiny_model(tiny_model_dir, tmp_path):
     assert (tmp_path / "tiny.jsonl").exists()
     # A random model never closes its thinking in 8 tokens: counted as out of budget, not as an answer.
     assert all(not r.correct for r in res.rows if not r.finished_thinking)
+
+
+def test_the_evaluation_cells_give_the_base_and_the_trained_model_and_can_be_re_run(tiny_trainer):
+    """Section 9: `base_for_evaluation` is the model as published (bf16 here: eval_bf16), `finetuned_for_evaluation`
+    the adapters merged into the NF4 values training saw, loaded afresh each time (a re-run cell merges once, not
+    twice); with eval_bf16=False both are the training model in place, adapters off and on."""
+    import torch
+
+    from llmhelpers.evaluation.protocol import base_for_evaluation, finetuned_for_evaluation
+    from llmhelpers.training.run import save_adapters
+
+    trainer, cfg, tok, _ = tiny_trainer()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # adapters that change the logits
+    adapter_dir = save_adapters(model, tok, cfg)
+    ids = torch.tensor([tok.encode("What is 2 + 3?")])
+    with torch.no_grad():
+        trained = model(ids).logits.float()
+        with model.disable_adapter():
+            base_4bit = model(ids).logits.float()
+        with base_for_evaluation(cfg, model) as base:
+            assert not getattr(base, "is_loaded_in_4bit", False)
+            published = base(ids).logits.float()
+        merged = []
+        for _ in range(2):
+            with finetuned_for_evaluation(cfg, model, adapter_dir) as tuned:
+                assert not any("lora" in name for name, _ in tuned.named_parameters())
+                merged.append(tuned(ids).logits.float())
+        assert torch.equal(merged[0], merged[1])
+        assert (merged[0] - trained).abs().max() < 1e-3  # the merged model is the trained one
+        assert (published - trained).abs().max() > 20 * (merged[0] - trained).abs().max()
+        in_place = cfg.replace(eval_bf16=False)
+        with base_for_evaluation(in_place, model) as base:
+            assert base is model and torch.equal(base(ids).logits.float(), base_4bit)
+        with finetuned_for_evaluation(in_place, model) as tuned:
+            assert torch.equal(tuned(ids).logits.float(), trained)
+    with pytest.raises(ValueError, match="pass adapter_dir="):
+        with finetuned_for_evaluation(cfg, model):
+            pass

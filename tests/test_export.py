@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmhelpers.export.gguf import OLLAMA_TEMPLATE, OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf, write_modelfile
+from llmhelpers.export.gguf import OLLAMA_TEMPLATE, OUTTYPES, export_gguf, gguf_metadata, main, verify_gguf
 
 
 def test_the_tiny_models_tokenizer_has_a_row_for_every_token(tiny_model_dir):

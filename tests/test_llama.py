@@ -3,7 +3,6 @@ no <think> token), as SmolLM2-135M-Instruct and R1-Distill-Llama are: a GGUF fil
 the R1 rendering with the markers as text and its mask audit, grading, the fused LoRA layer, Liger's dispatch,
 merging and the GGUF export (read back; llama.cpp where the `llama` extra is installed), and bad GGUF input."""
 import json
-import shutil
 
 import pytest
 import torch

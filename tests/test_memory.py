@@ -1,7 +1,5 @@
 """Activation checkpointing chosen by memory: the arithmetic that picks the layers, the per-layer switch, and the same
 losses whatever number of layers recompute (checkpointing changes memory, never the numbers)."""
-import pytest
-import torch
 
 from llmhelpers.training.memory import decoder_layers, layers_that_fit, set_checkpointed_layers
 from llmhelpers.config.profiles import make_config
@@ -17,33 +15,26 @@ def test_as_few_layers_recompute_as_fit_the_limit():
     assert layers_that_fit(8 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 28  # over even with all: all (the run will say)
 
 
-def test_the_per_layer_switch_and_unchanged_losses(tmp_path, tiny_model_dir):
-    from llmhelpers.data.sources import build_datasets
-    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training.trainer import build_trainer, train
+def test_the_per_layer_switch_and_unchanged_losses(tmp_path, tiny_model_dir, tiny_trainer):
+    from llmhelpers.training.run import run_training
 
     losses = {}
     for n in (2, 1, 0):
         cfg = make_config("smoke", output_dir=str(tmp_path / f"n{n}"), tiny_model_dir=str(tiny_model_dir),
                           max_steps=3, eval_steps=3, save_steps=3, logging_steps=1, accuracy_callback=False,
                           lora_dropout=0.0, checkpoint_layers=n)
-        tok = load_tokenizer(cfg)
-        trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
-        train(trainer, cfg)
+        trainer, *_ = tiny_trainer(cfg)
+        run_training(trainer, cfg)
         assert [layer.gradient_checkpointing for layer in decoder_layers(trainer.model)] == [i < n for i in range(2)]
         losses[n] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[0] == losses[1] == losses[2]
 
 
-def test_without_a_gpu_auto_means_every_layer_recomputes(tmp_path, tiny_model_dir, capsys):
+def test_without_a_gpu_auto_means_every_layer_recomputes(tmp_path, tiny_model_dir, capsys, tiny_trainer):
     from llmhelpers.training.memory import choose_checkpointed_layers
-    from llmhelpers.data.sources import build_datasets
-    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training.trainer import build_trainer
 
     cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), accuracy_callback=False)
-    tok = load_tokenizer(cfg)
-    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
+    trainer, *_ = tiny_trainer(cfg)
     set_checkpointed_layers(trainer.model, 0)
     decided = choose_checkpointed_layers(trainer, cfg)
     assert decided == {"checkpointed_layers": 2, "of": 2, "why": "no GPU to measure: all layers recompute"}

@@ -99,15 +99,17 @@ def smoke_run(tmp_path_factory):
         edited_sft.source = edited_sft.source.replace(old, new)
     assert edited_lora.source != lora_cell.source and edited_sft.source.count("\n") == sft_cell.source.count("\n") + 1
     lora_step = cell_index(nb, "## 5. LoRA")
-    train_cell = next(c for c in nb.cells[lora_step:] if c.source.startswith("result = train("))
+    train_cell = next(c for c in nb.cells[lora_step:] if c.source.startswith("with TrainingRun("))
     refuse = nbformat.v4.new_code_cell(
         'cfg = cfg.replace(bnb_4bit_quant_type="fp4")\n'
         "try:\n    check_ready_to_train(cfg, model, data)\nexcept ValueError as err:\n    print('REFUSED:', err)")
     earliest = nbformat.v4.new_code_cell(  # the training cell re-run after a model setting changed
-        "try:\n    train(trainer, cfg)\nexcept ValueError as err:\n    print('EARLIEST:', err)")
+        "try:\n    with TrainingRun(trainer, cfg) as run:\n        trainer.train(resume_from_checkpoint=run.checkpoint)\n"
+        "except ValueError as err:\n    print('EARLIEST:', err)")
     stale = nbformat.v4.new_code_cell(
         'cfg = make_config(PROFILE, bnb=bnb_config, lora=lora_config, sft=sft_config).replace(learning_rate=5e-4)\n'
-        "try:\n    train(trainer, cfg)\nexcept ValueError as err:\n    print('STALE TRAINER:', err)")
+        "try:\n    with TrainingRun(trainer, cfg) as run:\n        trainer.train(resume_from_checkpoint=run.checkpoint)\n"
+        "except ValueError as err:\n    print('STALE TRAINER:', err)")
     # the user edits the LoRA and SFTConfig cells and re-runs from the LoRA config cell's step: config cells, then
     # the LoRA section onwards (the model and data in memory are still right)
     nb.cells += ([edited_lora, edited_sft, nbformat.from_dict(dict(cfg_cell))]
@@ -231,7 +233,10 @@ def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):
     assert "usable" in text  # the first data report, before the split
     assert "'ok': True" in text and "reasoning tokens put" in text and "pass@1" in text and "hit budget" in text and "maj@k" in text
     committed = "".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells)
-    assert "ResumableSFTTrainer(" in committed and committed.count("attach_lora(") == 1  # no second attach
+    assert "ResumableSFTTrainer(" in committed and committed.count("get_peft_model(model") == 1  # no second attach
+    # the middle's library calls are in the cells, not behind one helper each (issue #30)
+    assert "trainer.train(resume_from_checkpoint=run.checkpoint)" in committed
+    assert committed.count("evaluate(") >= 3 and "evaluate_base_and_finetuned" not in committed
 
 
 def test_the_recipe_cells_are_configs_full_yaml():

@@ -2,9 +2,6 @@
 gives its logits alone; with the mask left out it does not), a packed batch's loss is the padded batch's, every row
 is trained once per epoch with the schedule's step count right, and a resume of a packed run is exact."""
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,7 +111,7 @@ def test_the_loss_of_a_packed_batch_equals_the_padded_batchs(tiny_model_dir, tmp
 
 
 def test_every_row_once_per_epoch_and_the_schedule_counts_packed_steps(tiny_model_dir, tmp_path):
-    from llmhelpers.training.trainer import train
+    from llmhelpers.training.run import run_training
 
     torch.manual_seed(2)
     ids = [torch.randint(5, 1000, (n,)).tolist() for n in (700, 600, 500, 400, 300, 200, 100, 90)]
@@ -127,6 +124,6 @@ def test_every_row_once_per_epoch_and_the_schedule_counts_packed_steps(tiny_mode
     seen = []
     trainer.add_callback(type("Seen", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, a, s, c, **k: seen.append(s.global_step)})())
-    out = train(trainer, cfg)
+    out = run_training(trainer, cfg)
     assert out.global_step == 2 * len(packs) == seen[-1]  # the learning-rate schedule ran over the real step count
     assert json.loads((Path(trainer.args.output_dir) / "run_complete.json").read_text())["global_step"] == 6

@@ -1,5 +1,6 @@
-"""Nothing lost, part two: the training order after a kill is the uninterrupted run's in every epoch;
-a damaged latest checkpoint is set aside and the newest intact one is resumed; missing optimizer state
+"""Nothing lost: a run killed in a step or in a checkpoint save, in any epoch, padded or packed, resumes as the
+uninterrupted run (same data, losses and weights to the bit); a damaged latest checkpoint is set aside and the
+newest intact one is resumed; missing optimizer state
 stops the run unless asked; checkpoints are fsynced before they count; one writer per run folder."""
 import json
 import os
@@ -24,12 +25,27 @@ DRIVER = Path(__file__).parent / "kill_driver.py"
 EPOCHS, STEPS_PER_EPOCH = 3, 9  # 35 smoke training rows, 2 x 2 sequences per step
 
 
-def driver(tmp_path, mode, step, out, log, tiny_model_dir, *extra):
+# --- the kill/resume matrix: SIGKILL in a step or while a checkpoint is written, in any epoch, padded or packed;
+# the resumed run must be the uninterrupted one: the same micro-batches in the same order (every row once per epoch),
+# the same loss at every step, the same recorded train loss and the same final weights, to the bit.
+PADDED = ["--max_steps", "-1", "--num_train_epochs", f"{EPOCHS}"]  # 35 smoke rows, 2 x 2 sequences per step
+# rows of 1,024 tokens, one per micro-batch: 6 packed rows per epoch
+PACKED = ["--max_steps", "12", "--packing", "true", "--max_length", "1024", "--pad_to_multiple_of", "1024",
+          "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1",
+          "--train_sampling_strategy", "random", "--gradient_accumulation_steps", "1"]
+STEPS = {"padded": EPOCHS * STEPS_PER_EPOCH, "packed": 12}
+STEPS_PER_EPOCH_OF = {"padded": STEPS_PER_EPOCH, "packed": 6}
+
+
+def driver(tmp_path, tiny_model_dir, batches, mode, step):
+    """The CLI under tests/kill_driver.py: checkpoints every 3 steps, the loss logged at every step, the accuracy
+    callback on (as the smoke profile and the notebook run: issue #29)."""
+    out, log = tmp_path / "out", tmp_path / "batches.log"
     args = ["--profile", "smoke", "--output_dir", f"{out}", "--tiny_model_dir", f"{tiny_model_dir}",
-            "--max_steps", "-1", "--num_train_epochs", f"{EPOCHS}", "--eval_steps", "3",
-            "--save_steps", "3", "--accuracy_callback", "false", "--logging_steps", "3", *extra]
-    return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--accuracy_callback", "true",
+            *(PACKED if batches == "packed" else PADDED)]
+    return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
 
 
 def per_step(log: Path) -> dict[int, list[str]]:
@@ -40,50 +56,78 @@ def per_step(log: Path) -> dict[int, list[str]]:
     return out
 
 
+def run_record(out: Path) -> tuple[dict, float, dict]:
+    """(step -> loss, the recorded train loss, the final adapter weights) of the one run under `out`."""
+    from safetensors.torch import load_file
+
+    run = next((out / "runs").glob("lr*"))
+    losses = {r["step"]: r["loss"] for r in json.loads((run / "log_history.json").read_text()) if "loss" in r}
+    recorded = json.loads((run / "run_complete.json").read_text())["train_loss"]
+    index = json.loads((out / "runs" / "index.json").read_text())
+    assert [r["metrics"]["train_loss"] for r in index.values()] == [recorded]
+    return losses, recorded, load_file(run / "final" / "adapter_model.safetensors")
+
+
 @pytest.fixture(scope="module")
-def epoch_run(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("epochs")
-    proc = driver(tmp, "none", 0, tmp / "out", tmp / "batches.log", tiny_model_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return per_step(tmp / "batches.log")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    """The reference runs, one per batch layout."""
+    runs = {}
+    for batches in ("padded", "packed"):
+        tmp = tmp_path_factory.mktemp(f"clean-{batches}")
+        proc = driver(tmp, tiny_model_dir, batches, "none", 0)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[batches] = per_step(tmp / "batches.log"), run_record(tmp / "out")
+    return runs
 
 
-@pytest.mark.parametrize("kill_at,resume_from", [(4, 3), (13, 12), (22, 21)], ids=["epoch0", "epoch1", "epoch2"])
-def test_resume_in_any_epoch_trains_on_the_same_data(tmp_path, tiny_model_dir, epoch_run, kill_at, resume_from):
-    clean = epoch_run
-    assert max(clean) == EPOCHS * STEPS_PER_EPOCH
-    out, log = tmp_path / "out", tmp_path / "batches.log"
-    killed = driver(tmp_path, "step", kill_at, out, log, tiny_model_dir)
+@pytest.mark.parametrize("batches,mode,kill_at,resume_from", [
+    ("padded", "step", 4, 3), ("padded", "save", 6, 3), ("padded", "step", 13, 12), ("padded", "step", 22, 21),
+    ("packed", "step", 10, 9)], ids=["step-epoch0", "save-epoch0", "step-epoch1", "step-epoch2", "packed-epoch1"])
+def test_a_killed_run_resumes_as_the_uninterrupted_run(tmp_path, tiny_model_dir, uninterrupted, batches, mode,
+                                                       kill_at, resume_from):
+    import torch
+
+    clean_batches, (clean_losses, clean_recorded, clean_weights) = uninterrupted[batches]
+    steps, per_epoch = STEPS[batches], STEPS_PER_EPOCH_OF[batches]
+    assert max(clean_batches) == steps
+    killed = driver(tmp_path, tiny_model_dir, batches, mode, kill_at)
     assert killed.returncode == -signal.SIGKILL
-    log.unlink()
-    resumed = driver(tmp_path, "none", 0, out, log, tiny_model_dir)
+    (run_dir,) = [p for p in (tmp_path / "out").glob("runs/*") if p.is_dir()]
+    assert not (run_dir / "final").exists()
+    if mode == "save":  # the cut-off checkpoint exists but has no trainer_state.json
+        assert not (run_dir / f"checkpoint-{kill_at}" / "trainer_state.json").exists()
+    (tmp_path / "batches.log").unlink()
+    resumed = driver(tmp_path, tiny_model_dir, batches, "none", 0)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"checkpoint-{resume_from} (step {resume_from} of {EPOCHS * STEPS_PER_EPOCH})" in resumed.stdout
-    after = per_step(log)
-    assert min(after) == resume_from + 1 and max(after) == EPOCHS * STEPS_PER_EPOCH
-    different = [s for s in after if after[s] != clean[s]]
+    assert f"resuming from {run_dir}/checkpoint-{resume_from} (step {resume_from} of {steps})" in resumed.stdout
+    if mode == "save":
+        assert list(run_dir.glob(f"incomplete-checkpoint-{kill_at}-*"))
+    after = per_step(tmp_path / "batches.log")
+    assert min(after) == resume_from + 1 and max(after) == steps  # no step trained twice, none left out
+    different = [s for s in after if after[s] != clean_batches[s]]
     assert not different, f"steps {different} trained on other data than the uninterrupted run"
-    # every training row seen exactly once per epoch, as without the kill
-    epoch = (resume_from) // STEPS_PER_EPOCH
-    rows = lambda run: sorted(h for s in range(epoch * STEPS_PER_EPOCH + 1, (epoch + 1) * STEPS_PER_EPOCH + 1)
-                              for h in run[s])
-    assert rows({**clean, **after}) == rows(clean)
+    epoch = resume_from // per_epoch  # every row seen exactly once in the epoch of the resume, as without the kill
+    rows = lambda run: sorted(h for s in range(epoch * per_epoch + 1, (epoch + 1) * per_epoch + 1) for h in run[s])
+    assert rows({**clean_batches, **after}) == rows(clean_batches)
+    losses, recorded, weights = run_record(tmp_path / "out")
+    assert losses == clean_losses  # every step, the resumed ones included, exactly
+    assert recorded == pytest.approx(clean_recorded, rel=1e-9)  # the mean over all steps, not the resumed ones
+    assert recorded == pytest.approx(sum(clean_losses.values()) / steps, rel=1e-6)
+    assert weights.keys() == clean_weights.keys()
+    assert all(w.dtype == torch.float32 and torch.equal(w, clean_weights[k]) for k, w in weights.items())
 
 
 # --- damaged checkpoints --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model_dir):
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_trainer):
     """A smoke run of 4 steps with checkpoints at 2 and 4 (copied per test before damaging it)."""
-    from llmhelpers.data.sources import build_datasets
-    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training.trainer import build_trainer, train
+    from llmhelpers.training.run import run_training
 
     cfg = make_config("smoke", output_dir=str(tmp_path_factory.mktemp("ckpt") / "out"),
                       tiny_model_dir=str(tiny_model_dir), max_steps=4, eval_steps=2, save_steps=2,
                       accuracy_callback=False)
-    tok = load_tokenizer(cfg)
-    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
-    train(trainer, cfg)
+    trainer, *_ = tiny_trainer(cfg)
+    run_training(trainer, cfg)
     return cfg
 
 
@@ -113,21 +157,18 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp
     assert "checkpoint-4 is damaged" in capsys.readouterr().out
 
 
-def test_training_resumes_past_a_damaged_checkpoint_to_the_configured_step(tmp_path, finished_run):
-    from llmhelpers.data.sources import build_datasets
-    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training.trainer import build_trainer, train
+def test_training_resumes_past_a_damaged_checkpoint_to_the_configured_step(tmp_path, finished_run, tiny_trainer):
+    from llmhelpers.training.run import run_training
 
     cfg = finished_run.replace(output_dir=str(tmp_path / "out"))
     shutil.copytree(finished_run.run_dir, cfg.run_dir)
     (cfg.run_dir / "run_complete.json").unlink()
     truncate(cfg.run_dir / "checkpoint-4" / "optimizer.pt")
-    tok = load_tokenizer(cfg)
-    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
+    trainer, *_ = tiny_trainer(cfg)
     steps = []
     trainer.add_callback(type("Rec", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, a, s, c, **k: steps.append(s.global_step)})())
-    out = train(trainer, cfg)
+    out = run_training(trainer, cfg)
     assert steps == [3, 4] and out.global_step == 4
     assert checkpoint_problem(cfg.run_dir / "checkpoint-4") is None
 
@@ -163,7 +204,7 @@ def test_checkpoint_counts_only_after_fsync_and_marker(tmp_path, finished_run, m
 
 
 def test_set_aside_folders_are_reported_with_their_size(tmp_path, finished_run, capsys):
-    from llmhelpers.training.trainer import prepare_run
+    from llmhelpers.training.run import prepare_run
 
     cfg = finished_run.replace(output_dir=str(tmp_path / "out"))
     shutil.copytree(finished_run.run_dir, cfg.run_dir)
@@ -233,64 +274,6 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_another(tmp_path):
         RunLock(tmp_path).acquire()
 
 
-# --- a resume continues the same numbers (issue #18): losses, recorded train loss and final weights -----------------
-# rows of 1,024 tokens, one per micro-batch: 6 packed rows per epoch
-PACKED = ["--packing", "true", "--max_length", "1024", "--pad_to_multiple_of", "1024", "--per_device_train_batch_size", "1",
-          "--per_device_eval_batch_size", "1", "--train_sampling_strategy", "random", "--gradient_accumulation_steps", "1"]
-
-
-def exact_run(tmp_path, tiny_model_dir, mode, step, *extra):
-    out, log = tmp_path / "out", tmp_path / "batches.log"
-    args = ["--profile", "smoke", "--output_dir", f"{out}", "--tiny_model_dir", f"{tiny_model_dir}",
-            "--max_steps", "12", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1",
-            "--accuracy_callback", "true", *extra]  # as the smoke profile (and the notebook) runs: issue #29
-    return subprocess.run([sys.executable, str(DRIVER), mode, str(step), str(log), "--", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600), out
-
-
-def run_record(out: Path) -> tuple[dict, float, dict]:
-    """(step -> loss, the recorded train loss, the final adapter weights) of the one run under `out`."""
-    from safetensors.torch import load_file
-
-    run = next((out / "runs").glob("lr*"))
-    losses = {r["step"]: r["loss"] for r in json.loads((run / "log_history.json").read_text()) if "loss" in r}
-    recorded = json.loads((run / "run_complete.json").read_text())["train_loss"]
-    index = json.loads((out / "runs" / "index.json").read_text())
-    assert [r["metrics"]["train_loss"] for r in index.values()] == [recorded]
-    return losses, recorded, load_file(run / "final" / "adapter_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir):
-    runs = {}
-    for name, extra in (("padded", []), ("packed", PACKED)):
-        tmp = tmp_path_factory.mktemp(f"exact-{name}")
-        proc, out = exact_run(tmp, tiny_model_dir, "none", 0, *extra)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = run_record(out)
-    return runs
-
-
-@pytest.mark.parametrize("batches,kill_at", [("padded", 4), ("padded", 8), ("packed", 10)])  # packed: mid-epoch 1
-def test_a_resumed_run_is_the_uninterrupted_run_to_the_bit(tmp_path, tiny_model_dir, uninterrupted, batches,
-                                                            kill_at):
-    import torch
-
-    extra = PACKED if batches == "packed" else []
-    killed, out = exact_run(tmp_path, tiny_model_dir, "step", kill_at, *extra)
-    assert killed.returncode == -signal.SIGKILL
-    resumed, _ = exact_run(tmp_path, tiny_model_dir, "none", 0, *extra)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"checkpoint-{kill_at - kill_at % 3}" in resumed.stdout
-    losses, recorded, weights = run_record(out)
-    clean_losses, clean_recorded, clean_weights = uninterrupted[batches]
-    assert losses == clean_losses  # every step, the resumed ones included, exactly
-    assert recorded == pytest.approx(clean_recorded, rel=1e-9)  # the mean over all 12 steps, not the resumed ones
-    assert recorded == pytest.approx(sum(clean_losses.values()) / 12, rel=1e-6)
-    assert weights.keys() == clean_weights.keys()
-    assert all(w.dtype == torch.float32 and torch.equal(w, clean_weights[k]) for k, w in weights.items())
-
-
 def test_two_processes_taking_over_a_dead_holders_lock_never_both_hold_it(tmp_path):
     """The takeover window widened to a second (the dead holder's liveness check sleeps): one process wins."""
     import socket
@@ -307,20 +290,17 @@ def test_two_processes_taking_over_a_dead_holders_lock_never_both_hold_it(tmp_pa
 
 
 # --- Kernel > Interrupt, then the training cell re-run on the same trainer (issue #23) ------------------------------
-def in_process_run(out, tiny_model_dir, interrupt_at=None):
+def in_process_run(tiny_trainer, out, tiny_model_dir, interrupt_at=None):
     """A 12-step smoke run in this process; with interrupt_at, a KeyboardInterrupt (what Kernel > Interrupt raises)
     lands after that step, then train() is called again on the same trainer, as a re-run cell does."""
     import torch
     import transformers
 
-    from llmhelpers.data.sources import build_datasets
-    from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
-    from llmhelpers.training.trainer import TrainingInterrupted, build_trainer, train
+    from llmhelpers.training.run import TrainingInterrupted, run_training
 
     cfg = make_config("smoke", output_dir=str(out), tiny_model_dir=str(tiny_model_dir), max_steps=12, eval_steps=3,
                       save_steps=3, logging_steps=1, accuracy_callback=False)
-    tok = load_tokenizer(cfg)
-    trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, build_datasets(cfg, tok))
+    trainer, *_ = tiny_trainer(cfg)
 
     class Interrupt(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -331,7 +311,7 @@ def in_process_run(out, tiny_model_dir, interrupt_at=None):
     if interrupt_at:
         trainer.add_callback(Interrupt())
         with pytest.raises(TrainingInterrupted) as caught:
-            train(trainer, cfg)
+            run_training(trainer, cfg)
         message = str(caught.value)
         interrupt_at = None
         # peft's adapter loading may put new Parameter objects in place (it did when it upcast a bf16 checkpoint):
@@ -340,7 +320,7 @@ def in_process_run(out, tiny_model_dir, interrupt_at=None):
             for name, param in list(module.named_parameters(recurse=False)):
                 if param.requires_grad:
                     setattr(module, name, torch.nn.Parameter(param.detach().clone()))
-    result = train(trainer, cfg)
+    result = run_training(trainer, cfg)
     stepped = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert stepped == {id(p) for p in trainer.model.parameters() if p.requires_grad}
     losses = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
@@ -349,11 +329,11 @@ def in_process_run(out, tiny_model_dir, interrupt_at=None):
     return message, result, losses, tokens, weights
 
 
-def test_interrupt_then_rerun_on_the_same_trainer_trains_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
+def test_interrupt_then_rerun_on_the_same_trainer_trains_as_an_uninterrupted_run(tmp_path, tiny_model_dir, tiny_trainer):
     import torch
 
-    _, clean, clean_losses, clean_tokens, clean_weights = in_process_run(tmp_path / "a", tiny_model_dir)
-    message, result, losses, tokens, weights = in_process_run(tmp_path / "b", tiny_model_dir, interrupt_at=8)
+    _, clean, clean_losses, clean_tokens, clean_weights = in_process_run(tiny_trainer, tmp_path / "a", tiny_model_dir)
+    message, result, losses, tokens, weights = in_process_run(tiny_trainer, tmp_path / "b", tiny_model_dir, interrupt_at=8)
     assert "interrupted at step 8 of 12: kept" in message and "checkpoint-6 (step 6)" in message
     assert "re-run the training cell" in message
     assert {s: losses[s] for s in range(7, 13)} == {s: clean_losses[s] for s in range(7, 13)}

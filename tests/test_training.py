@@ -9,12 +9,13 @@ from transformers import TrainerCallback
 
 from llmhelpers.data.chat import encode, render_prompt
 from llmhelpers.config.profiles import make_config
-from llmhelpers.data.sources import DataBundle, DataReport, Example, build_datasets
+from llmhelpers.data.sources import DataBundle, DataReport, Example
 from llmhelpers.inference.generation import generate
 from llmhelpers.evaluation.grading import is_correct
 from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
 from llmhelpers.training.checkpoints import choose_resume_checkpoint, is_complete_checkpoint, last_complete_checkpoint
-from llmhelpers.training.trainer import build_trainer, log_history, prepare_run, save_adapters, start_over, train
+from llmhelpers.training.run import log_history, prepare_run, run_training, save_adapters, start_over
+from llmhelpers.training.trainer import build_trainer
 
 
 class StepRecorder(TrainerCallback):
@@ -31,13 +32,6 @@ def cfg(tmp_path, tiny_model_dir):
                        accuracy_callback=False, max_steps=8, eval_steps=4, save_steps=4)
 
 
-def make_trainer(cfg):
-    tok = load_tokenizer(cfg)
-    data = build_datasets(cfg, tok)
-    model = attach_lora(load_base_model(cfg), cfg)
-    return build_trainer(cfg, model, tok, data), tok, data
-
-
 def test_base_is_4bit_nf4_and_only_lora_trains(cfg):
     import bitsandbytes as bnb
 
@@ -51,17 +45,17 @@ def test_base_is_4bit_nf4_and_only_lora_trains(cfg):
     assert not any("lm_head" in n for n in trainable)
 
 
-def test_trainer_consumes_encode_features(cfg):
-    trainer, tok, data = make_trainer(cfg)
+def test_trainer_consumes_encode_features(cfg, tiny_trainer):
+    trainer, _, tok, data = tiny_trainer(cfg)
     row = trainer.train_dataset[0]
     ref = encode(data.train_examples[0], tok)
     assert row["input_ids"] == ref["input_ids"]
     assert row["labels"] == [i if m else -100 for i, m in zip(ref["input_ids"], ref["completion_mask"])]
 
 
-def test_train_resume_and_save(cfg):
-    trainer, tok, data = make_trainer(cfg)
-    out = train(trainer, cfg)
+def test_train_resume_and_save(cfg, tiny_trainer):
+    trainer, _, tok, data = tiny_trainer(cfg)
+    out = run_training(trainer, cfg)
     assert out.global_step == cfg.sft.max_steps
     run = cfg.run_dir
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
@@ -78,10 +72,10 @@ def test_train_resume_and_save(cfg):
     assert choose_resume_checkpoint(run).name == "checkpoint-4"
     assert not (run / "checkpoint-8").exists() and list(run.glob("incomplete-checkpoint-8-*"))
 
-    trainer2, _, _ = make_trainer(cfg)
+    trainer2, _, _, _ = tiny_trainer(cfg)
     steps_run = StepRecorder()
     trainer2.add_callback(steps_run)
-    out2 = train(trainer2, cfg)
+    out2 = run_training(trainer2, cfg)
     assert out2.global_step == cfg.sft.max_steps
     assert steps_run.steps == [5, 6, 7, 8]  # resumed after step 4: no step trained twice
 
@@ -118,7 +112,7 @@ def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
     ds = Dataset.from_dict({k: [f[k] for f in feats] for k in ("input_ids", "completion_mask")})
     data = DataBundle(ds, ds, examples, examples, [], DataReport())
     trainer = build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tok, data)
-    train(trainer, cfg)
+    run_training(trainer, cfg)
     losses = log_history(trainer)["loss"]
     assert losses[-1] < 0.1 * losses[0], f"loss fell only from {losses[0]:.3f} to {losses[-1]:.3f}"
     gens = generate(trainer.model, tok, [render_prompt(e, tok) for e in examples], max_new_tokens=40)
@@ -127,11 +121,11 @@ def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
         assert is_correct(g.text, ex), g.text
 
 
-def test_merge_matches_adapter_logits(cfg):
+def test_merge_matches_adapter_logits(cfg, tiny_trainer):
     from llmhelpers.model.merging import merge_adapters
 
-    trainer, tok, data = make_trainer(cfg.replace(max_steps=4, save_steps=4, eval_steps=4))
-    train(trainer, trainer_cfg := cfg.replace(max_steps=4, save_steps=4, eval_steps=4))
+    trainer, _, tok, data = tiny_trainer(cfg.replace(max_steps=4, save_steps=4, eval_steps=4))
+    run_training(trainer, trainer_cfg := cfg.replace(max_steps=4, save_steps=4, eval_steps=4))
     # Make the adapter non-trivial so that a wrong merge would show.
     with torch.no_grad():
         for n, p in trainer.model.named_parameters():
@@ -191,7 +185,7 @@ def test_paged_optimizers_are_refused_on_several_processes_before_step_1():
         check_optimizer_resumes("paged_adamw_8bit", 2)
 
 
-def test_a_loss_that_turns_nan_stops_the_run_as_failed_and_keeps_the_last_good_checkpoint(cfg):
+def test_a_loss_that_turns_nan_stops_the_run_as_failed_and_keeps_the_last_good_checkpoint(cfg, tiny_trainer):
     """Issue #29: the Trainer filters NaN losses out of its logs, so NaN adapters trained to the end, "finished"."""
     from safetensors.torch import load_file
 
@@ -199,11 +193,11 @@ def test_a_loss_that_turns_nan_stops_the_run_as_failed_and_keeps_the_last_good_c
     from llmhelpers.training.trainer import TrainingDiverged
 
     run_cfg = cfg.replace(max_steps=6, save_steps=2, eval_steps=2, logging_steps=1)
-    trainer, tok, data = make_trainer(run_cfg)
+    trainer, _, tok, data = tiny_trainer(run_cfg)
     norm = trainer.model.get_base_model().model.norm  # the last hidden state (TRL's loss reads the head's weight)
     norm.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.state.global_step >= 3 else out)
     with pytest.raises(TrainingDiverged, match="training diverged at step 4: the loss was not finite") as err:
-        train(trainer, run_cfg)
+        run_training(trainer, run_cfg)
     assert "checkpoint-2" in str(err.value)
     entry = read_index(run_cfg.output_dir)[run_cfg.run_name]
     assert entry["status"] == "failed" and "diverged" in entry["error"]
@@ -215,15 +209,15 @@ def test_a_loss_that_turns_nan_stops_the_run_as_failed_and_keeps_the_last_good_c
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty"])
-def test_a_finished_run_without_its_records_gets_them_from_the_last_checkpoint(cfg, damage):
+def test_a_finished_run_without_its_records_gets_them_from_the_last_checkpoint(cfg, damage, tiny_trainer):
     """Issue #29: killed right after its last checkpoint, a run re-ran as "already finished" with train_loss None,
     no run_complete.json or log_history.json, and the index still saying `training`; an empty run_complete.json
     gave a traceback on every re-run."""
     from llmhelpers.training.runs import read_index, record_run
 
     run_cfg = cfg.replace(max_steps=4, save_steps=2, eval_steps=2)
-    trainer, _, _ = make_trainer(run_cfg)
-    expected = train(trainer, run_cfg).training_loss
+    trainer, _, _, _ = tiny_trainer(run_cfg)
+    expected = run_training(trainer, run_cfg).training_loss
     run = run_cfg.run_dir
     (run / "log_history.json").unlink()
     if damage == "missing":
@@ -231,8 +225,8 @@ def test_a_finished_run_without_its_records_gets_them_from_the_last_checkpoint(c
     else:
         (run / "run_complete.json").write_text("")
     record_run(run_cfg, status="training")  # what the index said when the process died
-    again, _, _ = make_trainer(run_cfg)
-    out = train(again, run_cfg)
+    again, _, _, _ = tiny_trainer(run_cfg)
+    out = run_training(again, run_cfg)
     assert out.global_step == 4 and out.training_loss == pytest.approx(expected, rel=1e-6)
     assert json.loads((run / "run_complete.json").read_text())["train_loss"] == pytest.approx(expected, rel=1e-6)
     assert (run / "log_history.json").exists()
@@ -295,11 +289,77 @@ def test_an_interrupt_or_a_divergence_shows_one_line_in_jupyter(capsys):
 
     shell = InteractiveShell.instance()
     try:
-        for name in ("TrainingInterrupted", "TrainingDiverged"):
-            shell.run_cell(f"from llmhelpers.training.trainer import {name}\n"
+        for module, name in (("run", "TrainingInterrupted"), ("trainer", "TrainingDiverged")):
+            shell.run_cell(f"from llmhelpers.training.{module} import {name}\n"
                            f"def deep():\n    raise {name}('what happened; what to do')\ndeep()")
             out = capsys.readouterr()
             shown = (out.out + out.err).strip().splitlines()
             assert shown == [f"{name}: what happened; what to do"], shown
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_trainer_train_runs_only_inside_its_run_and_from_the_runs_checkpoint(cfg, tiny_trainer):
+    """The notebook's cell is `with TrainingRun(trainer, cfg) as run: trainer.train(resume_from_checkpoint=
+    run.checkpoint)`. Outside it, nothing would hold the lock or write the records; another checkpoint than the run's
+    choice would train over the run's own."""
+    from llmhelpers.training.run import TrainingRun
+
+    trainer, cfg, _, _ = tiny_trainer(cfg.replace(max_steps=4, save_steps=2, eval_steps=2))
+    with pytest.raises(RuntimeError, match=r"train this trainer inside its run.*TrainingRun\(trainer, cfg\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list(cfg.run_dir.glob("checkpoint-*"))
+    with TrainingRun(trainer, cfg) as run:
+        assert run.checkpoint is None and "starting from step 0" in repr(run)
+        with pytest.raises(ValueError, match="this run continues from step 0 .*not elsewhere"):
+            trainer.train(resume_from_checkpoint="elsewhere")
+        out = trainer.train(resume_from_checkpoint=run.checkpoint)
+    assert out.global_step == 4 and (cfg.run_dir / "run_complete.json").exists()
+    assert trainer.llm_run is None  # the run is over: a later bare trainer.train() is refused again
+    with TrainingRun(trainer, cfg) as run:
+        assert run.finished and run.checkpoint.endswith("checkpoint-4")
+        again = trainer.train(resume_from_checkpoint=True)  # transformers' "the last checkpoint": the run's choice
+    assert again.global_step == 4 and trainer.llm_already_finished
+
+
+def test_finish_lora_refuses_adapters_that_are_not_cfgs(cfg):
+    """The LoRA cell: prepare_for_lora, get_peft_model(model, copy of lora_config), finish_lora. A lora_config edited
+    after cfg was built, or a model not prepared for cfg, is refused with the step to re-run."""
+    import copy
+    import dataclasses
+
+    from peft import get_peft_model
+
+    from llmhelpers.model.loading import finish_lora, prepare_for_lora
+
+    model = prepare_for_lora(load_base_model(cfg), cfg)
+    with pytest.raises(ValueError, match="attached with r=4, but cfg has r=16: lora_config changed after cfg"):
+        finish_lora(get_peft_model(model, dataclasses.replace(cfg.lora, r=4)), cfg)
+    unprepared = load_base_model(cfg)
+    with pytest.raises(ValueError, match="run prepare_for_lora"):
+        finish_lora(get_peft_model(unprepared, copy.deepcopy(cfg.lora)), cfg)
+    before = cfg.run_name
+    tuned = finish_lora(get_peft_model(prepare_for_lora(load_base_model(cfg), cfg), copy.deepcopy(cfg.lora)), cfg)
+    assert cfg.lora.target_modules == "all-linear" and cfg.run_name == before  # the copy took peft's writes
+    assert sum(p.numel() for p in tuned.parameters() if p.requires_grad) > 0
+
+
+def test_every_private_library_member_the_trainer_uses_is_listed_and_still_there():
+    """One list (trainer.PRIVATE_MEMBERS) of the libraries' private members; an upgrade that renames one fails here."""
+    import inspect
+    import re
+
+    import accelerate
+    import transformers
+    import trl
+
+    from llmhelpers.training import trainer as trainer_module
+
+    sources = {"Trainer": inspect.getsource(transformers.Trainer), "SFTTrainer": inspect.getsource(trl.SFTTrainer),
+               "Accelerator": inspect.getsource(accelerate.Accelerator)}
+    missing = [(cls, what) for cls, what in trainer_module.PRIVATE_MEMBERS if what not in sources[cls]]
+    assert not missing, missing
+    listed = {what.split()[-1].removeprefix("self.") for _, what in trainer_module.PRIVATE_MEMBERS}
+    used = set(re.findall(r"(?:self|trainer|accelerator)\.(_[a-z][a-z_]*)", inspect.getsource(trainer_module)))
+    own = {"_loss_sum_before", "_own_optimizer", "_calls", "_start_afresh", "_session_loss_sum", "_load_finished"}
+    assert used - own <= listed, used - own - listed

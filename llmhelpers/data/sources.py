@@ -554,7 +554,7 @@ def build_datasets(cfg, tokenizer, loaded: LoadedExamples | None = None) -> Data
     def to_dataset(part):
         dataset = Dataset.from_dict({"input_ids": [f["input_ids"] for _, f in part],
                                      "completion_mask": [f["completion_mask"] for _, f in part]})
-        dataset.llm_data_key = data_key(cfg)  # the trainer keeps it: train() can name the data cell as stale
+        dataset.llm_data_key = data_key(cfg)  # the trainer keeps it: TrainingRun can name the data cell as stale
         return dataset
 
     return DataBundle(train=to_dataset(train_part), eval=to_dataset(eval_part),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,55 +157,84 @@ def evaluate(model, tokenizer, examples, cfg, label: str, save_dir: str | Path |
     return result
 
 
-def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_dir=None, save_dir=None
-                                ) -> list[EvalResult]:
-    """Grade the base model and the fine-tuned one on the same problems: [base, finetuned], plus "finetuned-no-tools"
-    (the fine-tuned model writing its own outputs) when cfg.tool_execution and cfg.eval_without_tools.
+@contextmanager
+def base_for_evaluation(cfg, model=None):
+    """The base model to grade, freed on exit. With cfg.eval_bf16 (default): loaded in the compute dtype, the model as
+    published, on the engine's fast path (about 5x the 4-bit training model's speed, BENCHMARKS.md). Otherwise
+    `model`, the 4-bit training model, with its adapters switched off: slower, no extra memory."""
+    from llmhelpers.model.loading import check_model_matches, load_base_model
 
-    With cfg.eval_bf16 (default) the base is loaded once in the compute dtype, evaluated, then its 4-bit layers are
-    set to the NF4 values training saw and the saved adapters are merged into it in memory and it is evaluated again: what a merged deployment runs, and
-    about 5x the speed of generating with the 4-bit training model (BENCHMARKS.md); `adapter_dir` is
-    the folder save_adapters returned. Otherwise the
-    adapter of `model` (the 4-bit training model) is switched off and on in place: slower, no extra memory.
-    """
-    import gc
-
-    import torch
-
-    from llmhelpers.model.loading import check_adapter_matches, check_model_matches
-
-    save_dir = save_dir or cfg.eval_dir
     if not cfg.eval_bf16:
         if model is None:
             raise ValueError("eval_bf16=False evaluates the training model in place: pass model=")
         check_model_matches(model, cfg)
         with model.disable_adapter():
-            base = evaluate(model, tokenizer, examples, cfg, "base", save_dir)
-        return [base, *_finetuned_runs(model, tokenizer, examples, cfg, save_dir)]
+            yield model
+        return
+    plain = load_base_model(cfg, quantized=False)
+    try:
+        yield plain
+    finally:
+        del plain
+        _free_memory()
 
-    from llmhelpers.model.loading import add_adapters, load_base_model, use_trained_base_weights
 
+@contextmanager
+def finetuned_for_evaluation(cfg, model=None, adapter_dir=None):
+    """The fine-tuned model to grade, freed on exit. With cfg.eval_bf16 (default): the base loaded in the compute
+    dtype, its 4-bit layers set to the NF4 values training saw, and the saved adapters (`adapter_dir`, what
+    save_adapters returned) merged in: what a merged deployment runs. Otherwise `model`, the training model with its
+    adapters on."""
+    from llmhelpers.model.loading import (add_adapters, check_adapter_matches, check_model_matches, load_base_model,
+                                          use_trained_base_weights)
+
+    if not cfg.eval_bf16:
+        if model is None:
+            raise ValueError("eval_bf16=False evaluates the training model in place: pass model=")
+        check_model_matches(model, cfg)
+        yield model
+        return
     if adapter_dir is None:
         raise ValueError("eval_bf16=True merges the saved adapters into a bf16 base: pass adapter_dir= "
                          "(what save_adapters returned)")
     check_adapter_matches(adapter_dir, cfg)
     plain = load_base_model(cfg, quantized=False)
-    base = evaluate(plain, tokenizer, examples, cfg, "base", save_dir)  # the model as published
     use_trained_base_weights(plain, cfg)  # the NF4 values the adapters were trained on
     merged = add_adapters(plain, adapter_dir, cfg).merge_and_unload()
-    tuned = _finetuned_runs(merged, tokenizer, examples, cfg, save_dir)
-    del plain, merged
+    try:
+        yield merged
+    finally:
+        del plain, merged
+        _free_memory()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return [base, *tuned]
 
 
-def _finetuned_runs(model, tokenizer, examples, cfg, save_dir) -> list[EvalResult]:
+def evaluate_finetuned(model, tokenizer, examples, cfg, save_dir=None) -> list[EvalResult]:
+    """"finetuned", plus "finetuned-no-tools" (the model writing its own outputs, as Ollama runs it) when
+    cfg.tool_execution and cfg.eval_without_tools."""
     runs = [evaluate(model, tokenizer, examples, cfg, "finetuned", save_dir)]
     if cfg.tool_execution and cfg.eval_without_tools:
         runs.append(evaluate(model, tokenizer, examples, cfg, "finetuned-no-tools", save_dir, tool_execution=False))
     return runs
+
+
+def evaluate_base_and_finetuned(cfg, tokenizer, examples, model=None, adapter_dir=None, save_dir=None
+                                ) -> list[EvalResult]:
+    """The notebook's two evaluation cells in one call (the CLI's --evaluate): [base, finetuned(, no-tools)]."""
+    save_dir = save_dir or cfg.eval_dir
+    with base_for_evaluation(cfg, model) as base_model:
+        base = evaluate(base_model, tokenizer, examples, cfg, "base", save_dir)
+    with finetuned_for_evaluation(cfg, model, adapter_dir) as tuned_model:
+        return [base, *evaluate_finetuned(tuned_model, tokenizer, examples, cfg, save_dir)]
 
 
 def comparison_table(results: list[EvalResult]) -> str:

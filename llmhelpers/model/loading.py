@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from llmhelpers.config.project import bnb_arguments, library_settings
@@ -15,6 +14,10 @@ from llmhelpers.paths import resolve
 from llmhelpers.model.gguf_source import convert as convert_gguf
 from llmhelpers.model.gguf_source import is_gguf_source
 from llmhelpers.model.tiny import build_tiny_r1
+
+# peft 0.21 asks transformers 5 for its old `is_gradient_checkpointing` name, which warns at every get_peft_model and
+# PeftModel.from_pretrained (the notebook's LoRA cell calls get_peft_model itself): this one message is dropped.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _beside_runs(output_dir: str) -> Path:
@@ -124,7 +127,7 @@ def check_lora_matches(model, cfg) -> None:
     diff = _first_difference(recorded, lora_settings(cfg)) if recorded else None
     if diff:
         raise ValueError(f"the LoRA adapters in memory were attached with {diff}. Re-run the LoRA step "
-                         "(attach_lora) and the steps after it.")
+                         "(prepare_for_lora, get_peft_model, finish_lora) and the steps after it.")
 
 
 def _keep_cpu_4bit_layout(model) -> None:
@@ -138,12 +141,20 @@ def _keep_cpu_4bit_layout(model) -> None:
 
 
 def attach_lora(model, cfg):
-    """Prepare a 4-bit model for training (fp32 norms, input grads) and wrap it with fresh LoRA adapters.
+    """The notebook's LoRA cell in one call (the CLI, the tests and the benches): fresh adapters from cfg.lora."""
+    from peft import get_peft_model
 
-    Re-running on a model that already has adapters removes them first (without merging), so a
-    notebook cell can be re-run after a LoRA setting changed and always starts from a fresh adapter.
-    """
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    # a copy: peft writes the layer names it found into the config it is given; cfg's stays as written
+    peft_model = get_peft_model(prepare_for_lora(model, cfg), copy.deepcopy(cfg.lora))
+    return finish_lora(peft_model, cfg)
+
+
+def prepare_for_lora(model, cfg):
+    """A 4-bit model made ready for `get_peft_model`: the base frozen (or peft's fp32 recipe with upcast_to_fp32),
+    activation checkpointing switched on (every layer can recompute; the run decides how many do), Liger's kernels
+    on a GPU. Adapters already on it are removed first (without merging), so a re-run LoRA cell always starts from
+    fresh adapters."""
+    from peft import PeftModel, prepare_model_for_kbit_training
 
     check_model_matches(model, cfg)
     if isinstance(model, PeftModel):
@@ -161,15 +172,40 @@ def attach_lora(model, cfg):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     model.llm_liger = apply_liger(model, cfg)
-    with quiet_peft():
-        # a copy: peft fills in fields of the config it is given (base model name, ...); the notebook's stays as written
-        peft_model = get_peft_model(model, copy.deepcopy(cfg.lora))
+    model.llm_prepared_with = lora_settings(cfg)
+    return model
+
+
+def finish_lora(peft_model, cfg):
+    """After `get_peft_model`: checks that the adapters are cfg's LoraConfig on a base prepared for cfg (else names
+    the cell to re-run), runs each LoRA layer as one fused autograd step (cfg.fused_lora) and records the settings
+    the later steps' staleness checks compare."""
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError("finish_lora takes the model get_peft_model returned")
+    base = peft_model.get_base_model()
+    if getattr(base, "llm_prepared_with", None) != lora_settings(cfg):
+        raise ValueError("the model was not prepared for these settings: run prepare_for_lora(model, cfg) on it "
+                         "before get_peft_model (re-run the LoRA step)")
+    attached = library_settings(peft_model.peft_config["default"])
+    wanted = library_settings(cfg.lora)
+    diff = next((f"{key}={attached.get(key)!r}, but cfg has {key}={value!r}" for key, value in wanted.items()
+                 if key not in PEFT_FILLS_IN and attached.get(key) != value), None)
+    if diff:
+        raise ValueError(f"the adapters were attached with {diff}: lora_config changed after cfg was built. Re-run "
+                         "the cell that builds cfg (make_config), then the LoRA step.")
     if cfg.fused_lora:
         from llmhelpers.model.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(peft_model)
-    model.llm_lora_settings = lora_settings(cfg)
+    base.llm_lora_settings = lora_settings(cfg)
     return peft_model
+
+
+# LoraConfig fields that get_peft_model writes into the config it is given (peft 0.21): the layers that
+# target_modules="all-linear" matched, the base model's name.
+PEFT_FILLS_IN = ("target_modules", "base_model_name_or_path", "revision")
 
 
 def apply_liger(model, cfg) -> bool:
@@ -190,14 +226,6 @@ def apply_liger(model, cfg) -> bool:
         return False
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     return True
-
-
-@contextmanager
-def quiet_peft():
-    """peft 0.21 asks transformers 5 for its old `is_gradient_checkpointing` name, which warns on every wrap."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def trainable_parameters(model) -> str:
@@ -251,8 +279,7 @@ def add_adapters(base, adapter_dir, cfg):
     from peft import PeftModel
 
     check_adapter_matches(adapter_dir, cfg)
-    with quiet_peft():
-        return PeftModel.from_pretrained(base, str(adapter_dir))
+    return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def check_adapter_matches(adapter_dir, cfg) -> None:

@@ -157,3 +157,14 @@ def choose_resume_checkpoint(run_dir: Path, allow_fresh_optimizer: bool = False)
         aside = set_aside(path, kind)
         print(f"checkpoint {path.name} is {kind} ({detail}): moved to {aside.name}; trying the previous one")
     return None
+
+
+RUN_COMPLETE = "run_complete.json"  # in the run folder: the finished run's metrics
+
+
+def finished(checkpoint: Path | None) -> bool:
+    """Whether this checkpoint is the last step of its run."""
+    if checkpoint is None:
+        return False
+    info = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return info.get("max_steps", 0) > 0 and info["global_step"] >= info["max_steps"]

@@ -23,7 +23,7 @@ def decoder_layers(model) -> list:
 
 def set_checkpointed_layers(model, n: int) -> int:
     """The first `n` decoder layers recompute in the backward pass, the others keep their activations. Needs
-    gradient checkpointing switched on (attach_lora), which gives every layer its checkpoint function. A
+    gradient checkpointing switched on (prepare_for_lora), which gives every layer its checkpoint function. A
     ResumableSFTTrainer keeps the choice (`trainer.checkpointed_layers`) across the Trainer's own switching-on."""
     layers = decoder_layers(model)
     n = max(0, min(n, len(layers)))

@@ -1,6 +1,6 @@
 """The runs index: one line per run under `output_dir/runs`, with its key hyperparameters and results.
 
-`train()` records a run when it starts and when it finishes, `save_adapters` adds where the adapters
+`TrainingRun` records a run when it starts and when it finishes, `save_adapters` adds where the adapters
 went, and `runs_table(output_dir)` shows them side by side (the notebook prints it after training).
 The index is `output_dir/runs/index.json`; several processes may update it, so writes take a file
 lock and replace the file atomically.

@@ -1,10 +1,8 @@
-"""The trainer, resume-or-start logic, and saving.
+"""The trainer: TRL's SFTTrainer with what packed rows and exact resumes need, and its callbacks.
 
-Training consumes the features from `chat.encode` (input_ids + completion_mask): TRL sees
-a pre-tokenized dataset and only turns the mask into labels. Everything a run writes lives
-under `cfg.run_dir` (one folder per training-relevant config), so re-running the cell
-resumes the same run, a finished run is not trained again, and a changed hyperparameter
-starts its own run beside it.
+Training consumes the features from `chat.encode` (input_ids + completion_mask): TRL sees a pre-tokenized dataset
+and only turns the mask into labels. The run around the trainer (its lock, the resume choice, the memory policy,
+its records) is `llmhelpers.training.run`.
 """
 from __future__ import annotations
 
@@ -17,12 +15,9 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
-from llmhelpers.config.project import CONFIG_NAME
-from llmhelpers.storage import ensure_free_space, save_model_folder
-from llmhelpers.training.checkpoints import (checkpoint_bytes, checkpoint_step, choose_resume_checkpoint,
-                                            last_complete_checkpoint, mark_complete, set_aside_folders)
+from llmhelpers.storage import ensure_free_space
+from llmhelpers.training.checkpoints import RUN_COMPLETE, checkpoint_bytes, mark_complete
 from llmhelpers.training.packing import PackedMask, trailing_padding
-from llmhelpers.training.run_lock import RunLock
 
 
 class DiskGuard(TrainerCallback):
@@ -169,6 +164,24 @@ class EpochSeededRandomSampler:
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
+# The libraries' private members ResumableSFTTrainer overrides, calls or reads, all in this one list; read from
+# transformers 5.24 (Trainer) and TRL 1.16 (SFTTrainer). tests/test_training.py checks that each one is still in the
+# installed versions' source, so an upgrade that renames one fails there, not in a user's run.
+PRIVATE_MEMBERS = {
+    ("Trainer", "def _get_train_sampler"): "overridden: the (seed, epoch) samplers",
+    ("Trainer", "def _save_checkpoint"): "overridden: the run's sums and the completion marker after its files",
+    ("Trainer", "def _load_from_checkpoint"): "called: a finished run's weights",
+    ("Trainer", "def _get_output_dir"): "called: the folder _save_checkpoint wrote",
+    ("Trainer", "self._tr_loss"): "read: the loss of the steps not yet logged",
+    ("Trainer", "self._total_loss_scalar"): "read: the loss of the steps logged",
+    ("Trainer", "self._initial_global_step"): "read: the step this train() call started from",
+    ("SFTTrainer", "self._total_train_tokens"): "read and set: TRL's num_tokens count",
+    ("SFTTrainer", "self._metrics"): "read and reset: TRL's per-mode metric lists",
+    ("Accelerator", "self._optimizers"): "cleared: the optimizers accelerate prepared (a second train() call)",
+    ("Accelerator", "self._schedulers"): "cleared: likewise the schedulers",
+}
+
+
 class ResumableSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with what packed rows and runs that lose nothing need:
 
@@ -202,7 +215,9 @@ class ResumableSFTTrainer(SFTTrainer):
         self._loss_sum_before = 0.0  # the sum of per-step losses of the steps before this call (a resume)
         self._own_optimizer = self.optimizer is None  # built by the trainer, so it can be built again
         self._calls = 0
-        # the data settings it was built with (TRL may replace the dataset object): train() checks them
+        self.llm_run = None  # the TrainingRun this trainer trains in (llmhelpers.training.run), set by its `with`
+        self.llm_last_output = None
+        # the data settings it was built with (TRL may replace the dataset object): TrainingRun checks them
         self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
         # how many layers recompute (llmhelpers.training.memory); re-applied at each train start, after the Trainer
         # has switched checkpointing on for every layer
@@ -226,8 +241,24 @@ class ResumableSFTTrainer(SFTTrainer):
         project's own (write_model_card, in final/ and merged/)."""
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trains inside its run (`with TrainingRun(trainer, cfg) as run:`), from `run.checkpoint`; a finished run's
+        checkpoint is loaded, weights and state, and nothing is trained."""
         from transformers.trainer_utils import TrainOutput
 
+        run = self.llm_run
+        if run is None:
+            raise RuntimeError("train this trainer inside its run, which holds the run's lock, chooses the checkpoint "
+                               "and writes the records: `with TrainingRun(trainer, cfg) as run: "
+                               "trainer.train(resume_from_checkpoint=run.checkpoint)`")
+        if resume_from_checkpoint is True:  # transformers' "the last checkpoint": the run's choice
+            resume_from_checkpoint = run.checkpoint
+        if str(resume_from_checkpoint or "") != str(run.checkpoint or ""):
+            raise ValueError(f"this run continues from {run.checkpoint or 'step 0'} (run.checkpoint), not "
+                             f"{resume_from_checkpoint}: pass resume_from_checkpoint=run.checkpoint. To start the "
+                             "run over, start_over(cfg) first.")
+        if run.finished:
+            self.llm_last_output = self._load_finished(Path(run.checkpoint))
+            return self.llm_last_output
         if self._calls:
             self._start_afresh()
         self._calls += 1
@@ -235,7 +266,31 @@ class ResumableSFTTrainer(SFTTrainer):
         self._loss_sum_before = totals.get("loss_sum", 0.0)
         self._total_train_tokens = totals.get("num_tokens", 0)
         out = super().train(resume_from_checkpoint, *args, **kwargs)
-        return TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss), out.metrics)
+        self.llm_last_output = TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss),
+                                           out.metrics)
+        return self.llm_last_output
+
+    def _load_finished(self, last: Path):
+        """A finished run re-run: its weights (the best checkpoint if kept, else the last) and its state, no step.
+        Its metrics come from run_complete.json, or from the checkpoint when the run was killed after it (the run
+        then completes its records)."""
+        from transformers.trainer_utils import TrainOutput
+
+        self.llm_already_finished = True  # the CLI keeps the finished run's folders (llmhelpers.cli.finish_run)
+        state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+        best = state.best_model_checkpoint
+        source = Path(best) if self.args.load_best_model_at_end and best and Path(best).is_dir() else last
+        self._load_from_checkpoint(str(source))
+        self.state = state
+        self.llm_loaded_from = source.name
+        metrics = _read_json_object(Path(self.args.output_dir) / RUN_COMPLETE)
+        self.llm_records_incomplete = metrics is None
+        if metrics is None:
+            metrics = {"global_step": state.global_step,
+                       "train_loss": run_totals_at(last)["loss_sum"] / max(state.global_step, 1),
+                       "best_eval_loss": state.best_metric, "records_completed_from": last.name}
+        self.llm_finished_metrics = metrics
+        return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
 
     def _start_afresh(self) -> None:
         """What a second train() call must not inherit from the first (an interrupted one, typically)."""
@@ -330,6 +385,15 @@ def run_totals_at(checkpoint) -> dict:
     return {"loss_sum": total, "num_tokens": tokens}
 
 
+def _read_json_object(path: Path) -> dict | None:
+    """A JSON object file, or None when it is missing, empty or damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def run_callbacks(cfg, model) -> list:
     """The callbacks every run gets: a tokens/s meter (trainer.throughput) and the disk guard; with
     early_stopping_patience, transformers' EarlyStoppingCallback on the eval loss."""
@@ -389,218 +453,3 @@ def check_data_matches(key, cfg) -> None:
         raise ValueError("the data in memory was built with other data settings (sources, samples, max_example_tokens, "
                          "split or seed) than this config: re-run the data step (build_datasets) and the "
                          "cells after it.")
-
-
-# --- starting, resuming, finishing ----------------------------------------------------------------------------
-RUN_COMPLETE = "run_complete.json"
-
-
-def start_over(cfg) -> Path | None:
-    """Move this run's folder aside (never deleted), so that the next train() starts from step 0."""
-    run_dir = cfg.run_dir
-    if not run_dir.exists():
-        return None
-    with RunLock(run_dir):
-        aside = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
-        (run_dir / RunLock.NAME).unlink(missing_ok=True)
-        run_dir.rename(aside)
-    from llmhelpers.training.runs import record_run
-
-    record_run(cfg, status="started over", moved_aside=str(aside), metrics={})
-    print(f"start over: the previous checkpoints of this run were moved to {aside}")
-    return aside
-
-
-def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
-    """Decide between resuming and starting: returns the checkpoint to resume from, or None.
-
-    Under several processes only the main one touches the disk; the others wait, then read the same answer.
-    """
-    from accelerate import PartialState
-
-    state = PartialState()
-    run_dir = cfg.run_dir
-    resume = None
-    if state.is_main_process:  # validates (and sets aside) once; the other ranks read the outcome after the barrier
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
-        if not finished(resume) or not (run_dir / CONFIG_NAME).exists():  # a finished run keeps the config it ran
-            cfg.save(run_dir / CONFIG_NAME)
-        for name, size in set_aside_folders(run_dir):
-            print(f"  set aside earlier: {name} ({size / 1e6:.1f} MB); delete it once you no longer need it")
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
-    if state.is_main_process:
-        if resume is not None and finished(resume):
-            pass  # train() says so, and trains nothing
-        elif resume is not None:
-            info = json.loads((resume / "trainer_state.json").read_text())
-            print(f"resuming from {resume} (step {info.get('global_step')} of {info.get('max_steps')})")
-        else:
-            print(f"starting a new run in {run_dir}")
-    return resume
-
-
-# How messages name the two ways on, in the notebook's words; the CLI puts its own (llmhelpers.cli.CLI_WORDS).
-WORDS = {"start over": "run start_over(cfg)", "resume": "re-run the training cell"}
-
-
-def finished(checkpoint: Path | None) -> bool:
-    if checkpoint is None:
-        return False
-    info = json.loads((checkpoint / "trainer_state.json").read_text())
-    return info.get("max_steps", 0) > 0 and info["global_step"] >= info["max_steps"]
-
-
-def reset_adapters(model, seed: int) -> None:
-    """Fresh LoRA weights, the same ones for the same seed: a run that starts from step 0 never starts from
-    what an earlier run in this kernel trained."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.lora_A:
-                module.reset_lora_parameters(name, init_lora_weights=True)
-
-
-def _read_json_object(path: Path) -> dict | None:
-    """A JSON object file, or None when it is missing, empty or damaged."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _load_finished(trainer, cfg, last: Path):
-    """A finished run re-run: its weights (the best checkpoint if kept, else the last) and its state, no step."""
-    from transformers.trainer_utils import TrainOutput
-
-    trainer.llm_already_finished = True  # the CLI keeps its folders (llmhelpers.cli.finish_run)
-    state = TrainerState.load_from_json(str(last / "trainer_state.json"))
-    best = state.best_model_checkpoint
-    source = Path(best) if cfg.sft.load_best_model_at_end and best and Path(best).is_dir() else last
-    trainer._load_from_checkpoint(str(source))
-    trainer.state = state
-    done = cfg.run_dir / RUN_COMPLETE
-    metrics = _read_json_object(done)
-    if metrics is None:  # killed after its last checkpoint, or the file is empty or damaged: complete the records
-        metrics = {"global_step": state.global_step,
-                   "train_loss": run_totals_at(last)["loss_sum"] / max(state.global_step, 1),
-                   "best_eval_loss": state.best_metric, "records_completed_from": last.name}
-        if trainer.is_world_process_zero():
-            from llmhelpers.training.runs import record_run
-
-            (cfg.run_dir / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
-            done.write_text(json.dumps(metrics, indent=1))
-            record_run(cfg, status="finished", metrics=metrics)
-            print(f"the run's records were incomplete (killed after its last checkpoint?): written from {last.name}")
-    print(f"this run already finished at step {state.global_step}: nothing trained; weights loaded from "
-          f"{source.name}. To train it again, {WORDS['start over']} first.")
-    return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
-
-
-class TrainingInterrupted(OneLineError, KeyboardInterrupt):
-    """Kernel > Interrupt or Ctrl-C during train(): says what was kept and what to do."""
-
-
-def interrupt_message(trainer, cfg) -> str:
-    kept = last_complete_checkpoint(cfg.run_dir)
-    where = f"training interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}"
-    if kept is None:
-        return (f"{where}: no checkpoint was written yet, so the next train(trainer, cfg) starts this run from "
-                f"step 0. To do so, {WORDS['resume']}.")
-    return (f"{where}: kept {kept} (step {checkpoint_step(kept)}); {WORDS['resume']} to resume from it exactly (steps "
-            f"after {checkpoint_step(kept)} are trained again), or {WORDS['start over']} to start the run over.")
-
-
-def train(trainer, cfg, allow_fresh_optimizer: bool = False):
-    """Resume the run with this config if it has a checkpoint, else start it; a finished run is a no-op.
-
-    Holds the run's lock throughout. Afterwards the main process writes log_history.json (losses per step),
-    run_complete.json (final metrics) and the run's line in the runs index.
-    """
-    from llmhelpers.training.runs import record_run
-
-    if Path(trainer.args.output_dir).resolve() != cfg.run_dir.resolve():
-        # name the earliest cell to re-run: a changed model, data or LoRA setting needs more than a new trainer
-        from llmhelpers.model.loading import check_lora_matches, check_model_matches
-
-        check_model_matches(trainer.model, cfg)
-        check_data_matches(getattr(trainer, "llm_data_key", None), cfg)
-        check_lora_matches(trainer.model, cfg)
-        raise ValueError(f"this trainer was built for the run in {trainer.args.output_dir}, but cfg is now the run "
-                         f"{cfg.run_name}: re-run the step that builds the trainer (ResumableSFTTrainer(args=cfg.trainer_args(), ...)), then this one.")
-    main = trainer.is_world_process_zero()
-    lock = RunLock(cfg.run_dir) if main else None
-    if lock:
-        lock.acquire()
-    try:
-        resume = prepare_run(cfg, allow_fresh_optimizer)
-        if finished(resume):
-            return _load_finished(trainer, cfg, resume)
-        if resume is None:
-            reset_adapters(trainer.model, cfg.seed)
-        ensure_free_space(cfg.run_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
-        if main:
-            record_run(cfg, status="training")
-        from llmhelpers.training.memory import choose_checkpointed_layers
-
-        decided = choose_checkpointed_layers(trainer, cfg)
-        if main:
-            print(f"activation checkpointing: {decided['checkpointed_layers']} of {decided['of']} layers recompute "
-                  f"({decided['why']}" + (f": {decided['per_layer_gib']} GiB per layer kept, expected peak "
-                                          f"{decided['expected_peak_gib']} of {decided['limit_gib']} GiB)"
-                                          if decided["why"] == "measured" else ")"))
-        trainer.llm_nonfinite_steps = None
-        try:
-            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(interrupt_message(trainer, cfg)) from None  # one line, not 135 of traceback
-        except TrainingDiverged as err:
-            kept = last_complete_checkpoint(cfg.run_dir)
-            message = (f"{err}. Kept {kept or 'no checkpoint'} (written before it); nothing after it is saved. Lower "
-                       f"learning_rate or check the data and the settings, then {WORDS['start over']} or resume.")
-            if main:
-                record_run(cfg, status="failed", error=message)
-            raise TrainingDiverged(message) from None
-        if main:
-            (cfg.run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-            metrics = {"global_step": output.global_step, **output.metrics,
-                       "best_eval_loss": trainer.state.best_metric}
-            (cfg.run_dir / RUN_COMPLETE).write_text(json.dumps(metrics, indent=1))
-            record_run(cfg, status="finished", metrics=metrics)
-        return output
-    finally:
-        if lock:
-            lock.release()
-
-
-def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
-    """Adapters (safetensors), tokenizer and config JSON in one folder."""
-    from llmhelpers.training.runs import record_run
-
-    saved = save_model_folder(model, tokenizer, cfg, Path(target or cfg.final_dir), checkpoint_bytes(model, cfg),
-                              "saving the adapters")
-    record_run(cfg, adapter_dir=str(saved))
-    return saved
-
-
-def log_history(trainer_or_dir) -> dict[str, list]:
-    """{'step', 'loss', 'eval_step', 'eval_loss'} from a trainer or a checkpoint folder."""
-    if hasattr(trainer_or_dir, "state"):
-        history = trainer_or_dir.state.log_history
-    else:
-        history = json.loads((Path(trainer_or_dir) / "trainer_state.json").read_text())["log_history"]
-    out = {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
-    for row in history:
-        if "loss" in row:
-            out["step"].append(row["step"])
-            out["loss"].append(row["loss"])
-        if "eval_loss" in row:
-            out["eval_step"].append(row["step"])
-            out["eval_loss"].append(row["eval_loss"])
-    return out

@@ -109,7 +109,7 @@ try:
     print("run all: error outputs:", len(driver.find_elements(By.CSS_SELECTOR, ".jp-RenderedText[data-mime-type="
                                                                           "'application/vnd.jupyter.error']")),
           "stderr outputs:", len(errors), "figures:", len(driver.find_elements(By.CSS_SELECTOR, ".jp-RenderedImage")))
-    train_cell = cell_index("result = train(")
+    train_cell = cell_index("with TrainingRun(")
     print("run all: training cell said:", output(train_cell)[-300:].replace("\n", " | "))
     shot("run-all")
 
@@ -144,7 +144,7 @@ try:
     shot("config-cell")
 
     # from the LoRA cell down, then Kernel > Interrupt Kernel in the middle of training
-    select(cell_index("model = attach_lora("))
+    select(cell_index("model = prepare_for_lora("))
     menu("Run", "Run Selected Cell and All Below")
     seen = 0
     for _ in range(2400):

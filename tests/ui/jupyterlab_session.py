@@ -154,7 +154,7 @@ def main() -> int:
         summary["unexecuted_code_cells"] = sum(p is None for p in state["prompts"])
         params = cell_index(driver, 'PROFILE = os.environ.get("LLM_PROFILE"')
         trainer_cell = cell_index(driver, "check_ready_to_train(cfg, model, data)")
-        train_cell = cell_index(driver, "result = train(trainer, cfg)")
+        train_cell = cell_index(driver, "with TrainingRun(trainer, cfg)")
         runs_cell = cell_index(driver, "print(runs_table(")
         summary["shots"] += [shot(driver, out, "1-parameters", params), shot(driver, out, "2-recipe", cell_index(driver, "cfg = make_config(")),
                              shot(driver, out, "3-training", train_cell), shot(driver, out, "4-runs", runs_cell),
