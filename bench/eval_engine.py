@@ -141,7 +141,8 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None):
-    from llmhelpers.inference.engine import Engine, Request, Sampling, auto_slots
+    from llmhelpers.inference.engine import Engine, Request, auto_slots
+    from llmhelpers.inference.sampling import SamplingParams
 
     max_len = max(map(len, prompts)) + cap + 1 + (64 if tools else 0)  # room for the appended output
     slots = slots or auto_slots(model, max_len)
@@ -155,7 +156,7 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
         runner = forced_tools(tokenizer, {id(r): n for r, n in zip(reqs, lengths)}).__enter__()
         extra = dict(on_token=runner.on_token, on_pause=runner.on_pause, on_finish=runner.on_finish)
     try:
-        eng.run(reqs, Sampling(temperature=0.6, top_p=0.95), eos=-1, seed=0, **extra)
+        eng.run(reqs, SamplingParams(temperature=0.6, top_p=0.95, seed=0), eos=-1, **extra)
     finally:
         if tools:
             runner.__exit__(None, None, None)

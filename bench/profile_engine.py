@@ -39,7 +39,8 @@ def main():
     import torch
 
     from llmhelpers.config.profiles import make_config
-    from llmhelpers.inference.engine import Engine, Sampling, auto_slots, decode_attention_triton
+    from llmhelpers.inference.engine import Engine, auto_slots, decode_attention_triton
+    from llmhelpers.inference.sampling import SamplingParams
     from llmhelpers.model.loading import load_base_model
 
     p = argparse.ArgumentParser()
@@ -59,12 +60,12 @@ def main():
     with torch.inference_mode():
         for name in args.samplers.split(","):
             eng.sampler = name
-            eng.sampling = Sampling(temperature=0.6, top_p=0.95)
+            eng.set_sampling(SamplingParams(temperature=0.6, top_p=0.95))
             eng.graphs = {}
             ms[f"step_sampled_{name}"] = bench_ms(lambda: eng._step(slots))
             logits = torch.randn(slots, model.config.vocab_size, device="cuda", dtype=torch.bfloat16) * 2
             ms[f"sampler_{name}"] = bench_ms(lambda: eng._sample(logits))
-        eng.sampling = Sampling(greedy=True)
+        eng.set_sampling(SamplingParams(temperature=0.0))
         eng.graphs = {}
         ms["step_greedy"] = bench_ms(lambda: eng._step(slots))
         for width in (256, 128, 64, 8):
@@ -86,7 +87,7 @@ def main():
         ms["lm_head"] = bench_ms(lambda: model.lm_head(x[:, 0]))
         res["tok_s_at_full_width_sampled"] = {k: round(slots / (v / 1e3)) for k, v in ms.items()
                                               if k.startswith("step_sampled")}
-        eng.sampling = Sampling(temperature=0.6, top_p=0.95)
+        eng.set_sampling(SamplingParams(temperature=0.6, top_p=0.95))
         eng.sampler = "sort"
         from torch.profiler import ProfilerActivity, profile
         eng._decode_step(slots)

@@ -10,8 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from llmhelpers.inference.engine import Engine, Sampling, supports
+from llmhelpers.inference.engine import Engine, supports
+from llmhelpers.inference.sampling import SamplingParams
 from llmhelpers.inference.scheduler import PAUSE, Request
+
+GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_greedy_tokens_equal_model_generate(tiny):
     model, tok, prompts = tiny
     prompts = prompts + prompts[::-1]  # more requests than slots: slots are refilled
     reqs = [Request(p, 30) for p in prompts]
-    Engine(model, slots=2, max_len=max(map(len, prompts)) + 31).run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
+    Engine(model, slots=2, max_len=max(map(len, prompts)) + 31).run(reqs, GREEDY, eos=tok.eos_token_id)
     for r, p in zip(reqs, prompts):
         assert r.new_ids == hf_greedy(model, tok, p, 30)
         assert r.finished and r.hit_budget == (tok.eos_token_id not in r.new_ids)
@@ -60,7 +63,7 @@ def test_finished_sequences_free_their_slot(tiny):
     budgets = [30] + [3] * 10
     reqs = [Request(prompts[i % 3], b) for i, b in enumerate(budgets)]
     engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 31)
-    engine.run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
+    engine.run(reqs, GREEDY, eos=tok.eos_token_id)
     assert [len(r.new_ids) for r in reqs] == budgets  # a random tiny model never says eos this early
     # one prefill per request (it yields the first token; the first two share one pass), then decode steps shared
     # by the two slots: the long request needs 29, and the ten short ones (2 steps each) run beside it.
@@ -77,7 +80,7 @@ def test_seeded_sampling_is_reproducible(tiny):
     def sample(seed):
         reqs = [Request(p, 20) for p in prompts for _ in range(2)]
         Engine(model, slots=3, max_len=max(map(len, prompts)) + 21).run(
-            reqs, Sampling(temperature=1.0, top_p=0.95), eos=tok.eos_token_id, seed=seed)
+            reqs, SamplingParams(temperature=1.0, top_p=0.95, seed=seed), eos=tok.eos_token_id)
         return [r.new_ids for r in reqs]
 
     assert sample(1) == sample(1)
@@ -87,11 +90,11 @@ def test_seeded_sampling_is_reproducible(tiny):
 def test_top_p_keeps_only_the_nucleus(tiny):
     model, _, _ = tiny
     engine = Engine(model, slots=1, max_len=8)
-    engine.sampling = Sampling(temperature=1.0, top_p=0.5)
+    engine.set_sampling(SamplingParams(temperature=1.0, top_p=0.5))
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1] + [0.0] * (model.config.vocab_size - 3)]) + 1e-30)
     torch.manual_seed(0)
     assert {int(engine._sample(logits)) for _ in range(50)} == {0}  # 0.6 alone reaches top_p=0.5
-    engine.sampling = Sampling(temperature=1.0, top_p=0.8)
+    engine.set_sampling(SamplingParams(temperature=1.0, top_p=0.8))
     assert {int(engine._sample(logits)) for _ in range(200)} == {0, 1}
 
 
@@ -112,7 +115,7 @@ def test_a_paused_sequence_resumes_with_appended_text(tiny, feed_max):
     other = Request(prompts[1], 20)  # decodes beside it, undisturbed
     engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 60)
     engine.feed_max = feed_max
-    engine.run([req, other], Sampling(greedy=True), eos=tok.eos_token_id, on_token=on_token, on_pause=on_pause)
+    engine.run([req, other], GREEDY, eos=tok.eos_token_id, on_token=on_token, on_pause=on_pause)
     assert engine.stats["prefills"] == 2 + (feed_max == 0)  # fed text needs no forward pass of its own
     first = seen[0]
     assert req.new_ids[:5] == first and req.new_ids[5:5 + len(appended)] == appended
@@ -149,7 +152,7 @@ def test_the_tail_is_compacted_into_fewer_slots_without_changing_tokens(tiny, mo
     widths = []
     real_step = engine._step
     monkeypatch.setattr(engine, "_step", lambda n: (widths.append(n), real_step(n)))
-    engine.run(reqs, Sampling(greedy=True), eos=tok.eos_token_id)
+    engine.run(reqs, GREEDY, eos=tok.eos_token_id)
     assert widths[0] == 16 and widths[-1] == 8 and sorted(set(widths)) == [8, 16]
     for r, i in zip(reqs, range(len(budgets))):
         assert r.new_ids == hf_greedy(model, tok, prompts[i % 3], budgets[i])
@@ -172,7 +175,7 @@ def test_a_pause_can_wait_for_a_future_while_the_others_decode(tiny):
 
     with ThreadPoolExecutor(1) as pool:
         req, other = Request(prompts[0], 20, key="paused"), Request(prompts[1], 40)
-        engine.run([req, other], Sampling(greedy=True), eos=tok.eos_token_id,
+        engine.run([req, other], GREEDY, eos=tok.eos_token_id,
                    on_token=lambda r, t: PAUSE if r.key == "paused" and len(t) == 4 else None,
                    on_pause=lambda r, t: pool.submit(slow, list(t)))
     assert engine.stats["pauses"] == 1 and steps_while_waiting[0] >= 1  # the other slot decoded meanwhile
@@ -188,14 +191,14 @@ def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from llmhelpers.inference.engine import sample_top_p_sorted, sample_top_p_triton
+        from llmhelpers.inference.sampling import sample_top_p_sorted, sample_top_p_triton
         torch.manual_seed(0)
         logits = torch.randn(1, 40) * 1.5
         rows = 1000
         drawn = sample_top_p_triton(logits.expand(rows, 40).contiguous(), 0.7, 0.8, torch.tensor(5), block=32)
         again = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, torch.tensor(5), block=32)
         other = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, torch.tensor(6), block=32)
-        ref = sample_top_p_sorted(logits.expand(200000, 40) / 0.7, 0.8)
+        ref = sample_top_p_sorted(logits.expand(200000, 40), 0.7, 0.8)
         a = torch.bincount(drawn, minlength=40).float() / rows
         b = torch.bincount(ref, minlength=40).float() / 200000
         print(int(((a > 0) & (b == 0)).sum()), int((b > 0).sum()), float((a - b).abs().max()),
@@ -232,7 +235,7 @@ def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact
         return extra
 
     with ThreadPoolExecutor(4) as pool:
-        engine.run(reqs, Sampling(greedy=True), eos=-1,
+        engine.run(reqs, GREEDY, eos=-1,
                    on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == plan[r.key][2] else None,
                    on_pause=lambda r, t: pool.submit(later, plan[r.key][3]))
     assert engine.stats["pauses"] == 20 and engine.stats["steps_below_full_width"] > 0  # compaction happened
@@ -247,6 +250,6 @@ def test_appended_text_that_does_not_fit_ends_the_answer_as_budget_hit(tiny):
     model, tok, prompts = tiny
     req = Request(prompts[0], 20)
     Engine(model, slots=1, max_len=len(prompts[0]) + 30).run(
-        [req], Sampling(greedy=True), eos=-1, on_token=lambda r, t: PAUSE if len(t) == 3 else None,
+        [req], GREEDY, eos=-1, on_token=lambda r, t: PAUSE if len(t) == 3 else None,
         on_pause=lambda r, t: list(range(100, 140)))  # 40 ids: more than the slot has room for
     assert req.finished and req.hit_budget and req.appended == 0 and len(req.new_ids) == 3

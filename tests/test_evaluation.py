@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-
 from llmhelpers.config.profiles import make_config
 from llmhelpers.data.sources import Example, build_datasets
 from llmhelpers.evaluation.protocol import EvalResult, EvalRow, comparison_table, evaluate, evaluation_set

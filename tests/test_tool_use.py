@@ -101,15 +101,17 @@ def _prompts(tok):
 @pytest.mark.slow
 def test_masked_training_teaches_code_and_execution_makes_the_answer_the_executed_value(tool_user, tok_current):
     from llmhelpers.inference.generation import generate
+    from llmhelpers.inference.sampling import SamplingParams
 
+    greedy = SamplingParams(max_new_tokens=80, temperature=0.0)
     tok = tok_current
     prompts = _prompts(tok)
     with ToolRunner(tok, timeout=5) as tools:
-        engine = generate(tool_user, tok, prompts, 80, tools=tools)  # a plain Qwen2: the engine path
+        engine = generate(tool_user, tok, prompts, greedy, tools=tools)  # a plain Qwen2: the engine path
     with ToolRunner(tok, timeout=5) as tools:
         rounds = tools.generate_in_rounds(tool_user, tok, [tok(p, add_special_tokens=False)["input_ids"]
-                                                           for p in prompts], 80, 8, False, 0.6, 0.95, False)
-    without = generate(tool_user, tok, prompts, 80)
+                                                           for p in prompts], greedy, 8, False)
+    without = generate(tool_user, tok, prompts, greedy)
     for gens in (engine, rounds):
         assert all(g.tool_calls == 1 and g.tool_errors == 0 for g in gens)  # it learned to write code
         assert [g.tool_runs[0].output for g in gens] == [str(v) for _, _, v in PROBLEMS]  # really executed

@@ -11,6 +11,7 @@ from llmhelpers.data.chat import encode, render_prompt
 from llmhelpers.config.profiles import make_config
 from llmhelpers.data.sources import DataBundle, DataReport, Example
 from llmhelpers.inference.generation import generate
+from llmhelpers.inference.sampling import SamplingParams
 from llmhelpers.evaluation.grading import is_correct
 from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
 from llmhelpers.training.checkpoints import choose_resume_checkpoint, is_complete_checkpoint, last_complete_checkpoint
@@ -115,7 +116,8 @@ def test_training_teaches_format_and_answers(tmp_path, tiny_model_dir):
     run_training(trainer, cfg)
     losses = log_history(trainer)["loss"]
     assert losses[-1] < 0.1 * losses[0], f"loss fell only from {losses[0]:.3f} to {losses[-1]:.3f}"
-    gens = generate(trainer.model, tok, [render_prompt(e, tok) for e in examples], max_new_tokens=40)
+    gens = generate(trainer.model, tok, [render_prompt(e, tok) for e in examples],
+                    SamplingParams(max_new_tokens=40, temperature=0.0))
     for ex, g in zip(examples, gens):
         assert "</think>" in g.text and not g.hit_budget
         assert is_correct(g.text, ex), g.text

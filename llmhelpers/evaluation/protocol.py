@@ -18,6 +18,7 @@ from llmhelpers.data.chat import END_THINK
 from llmhelpers.data.chat import render_prompt
 from llmhelpers.data.sources import percentile
 from llmhelpers.inference.generation import generate
+from llmhelpers.inference.sampling import SamplingParams
 from llmhelpers.inference.tool_use import tool_runner
 from llmhelpers.evaluation.grading import final_answer, is_correct
 
@@ -29,9 +30,8 @@ def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, sam
     samples = cfg.eval_samples if samples is None else samples
     prompts = [render_prompt(ex, tokenizer) for ex in examples]
     with tool_runner(tokenizer, cfg, tool_execution) as runner:
-        flat = generate(model, tokenizer, prompts, cfg.eval_max_new_tokens, cfg.eval_batch_size, cfg.eval_do_sample,
-                        cfg.eval_temperature, cfg.eval_top_p, progress=progress, seed=cfg.seed, samples=samples,
-                        tools=runner)
+        flat = generate(model, tokenizer, prompts, SamplingParams.for_evaluation(cfg), cfg.eval_batch_size,
+                        progress=progress, samples=samples, tools=runner)
     return [flat[i * samples:(i + 1) * samples] for i in range(len(examples))]
 
 

@@ -18,26 +18,20 @@ and a static batch keeps decoding until its longest member stops; its Python loo
 
 The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
 `nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
-Sampling is temperature + top-p, or greedy; a seed fixes it. Top-p is exact: on CUDA a sorting-free Triton rejection
-sampler, elsewhere (and as its test oracle) the sorted-vocabulary reference.
+Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it. Top-p
+is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere (and as its test oracle) the sorted-vocabulary
+reference. Temperature and top-p are device tensors read inside the graphs: new values reuse them.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from llmhelpers.inference.sampling import SamplingParams, sample_top_p_sorted, sample_top_p_triton
 from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
-
-@dataclass
-class Sampling:
-    greedy: bool = False
-    temperature: float = 0.6
-    top_p: float = 0.95
-
 
 # The decoder layouts the engine runs: Qwen2 (q/k/v biases, untied head: every R1-Distill-Qwen) and Llama (no biases,
 # tied or untied head: R1-Distill-Llama, SmolLM2). The same layer walk serves both: a bias is part of nn.Linear and
@@ -152,97 +146,6 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 4
 
 
 
-# --- sampling -----------------------------------------------------------------------------------------------
-def sample_top_p_sorted(logits, top_p):
-    """Temperature-scaled logits -> one token per row from the nucleus (the smallest most-probable prefix of the
-    sorted vocabulary whose mass reaches top_p; the first token always stays), by Gumbel-max."""
-    probs = logits.softmax(-1)
-    sorted_p, order = probs.sort(-1, descending=True)
-    drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-    sorted_logits = logits.gather(-1, order).masked_fill(drop, float("-inf"))
-    gumbel = -torch.log(-torch.log(torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)))
-    return order.gather(-1, (sorted_logits + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
-
-
-_top_p_kernel = None
-
-
-def _build_top_p_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def top_p_sample(logits_ptr, out_ptr, seed_ptr, stride, V, inv_temp, top_p, BLOCK: tl.constexpr,
-                     MAX_ROUNDS: tl.constexpr):
-        row = tl.program_id(0)
-        base = logits_ptr + row.to(tl.int64) * stride
-        seed = tl.load(seed_ptr) * MAX_ROUNDS
-        idx = tl.arange(0, BLOCK)
-        # pass 1: softmax statistics (online max and sum) and a Gumbel-max draw from the whole distribution
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-        z = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        best_val = m
-        best = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
-        for start in range(0, V, BLOCK):
-            offs = start + idx
-            live = offs < V
-            l = tl.load(base + offs, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(l, 0))
-            z = z * tl.exp(m - m_new) + tl.sum(tl.where(live, tl.exp(l - m_new), 0.0), 0)
-            m = m_new
-            u = tl.maximum(tl.rand(seed, row * V + offs), 1e-30)
-            g = tl.where(live, l - tl.log(-tl.log(u)), float("-inf"))
-            block_best = tl.max(g, 0)
-            better = block_best > best_val
-            best = tl.where(better, start + tl.argmax(g, 0), best)
-            best_val = tl.where(better, block_best, best_val)
-        # accept the draw if it lies in the nucleus (less than top_p of the mass is more probable than it); else
-        # every token at most as probable is outside it too: draw again among the more probable ones
-        rounds = 1
-        accepted = False
-        while (rounds < MAX_ROUNDS) & (not accepted):
-            pivot = tl.load(base + best).to(tl.float32) * inv_temp
-            above = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-            for start in range(0, V, BLOCK):
-                offs = start + idx
-                l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-                above += tl.sum(tl.where(l > pivot, tl.exp(l - m), 0.0), 0)
-            accepted = above < top_p * z
-            if not accepted:
-                best_val = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-                for start in range(0, V, BLOCK):
-                    offs = start + idx
-                    l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-                    u = tl.maximum(tl.rand(seed + rounds, row * V + offs), 1e-30)
-                    g = tl.where(l > pivot, l - tl.log(-tl.log(u)), float("-inf"))
-                    block_best = tl.max(g, 0)
-                    better = block_best > best_val
-                    best = tl.where(better, start + tl.argmax(g, 0), best)
-                    best_val = tl.where(better, block_best, best_val)
-                rounds += 1
-        tl.store(out_ptr + row, best)
-
-    return top_p_sample
-
-
-def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, block: int = 2048):
-    """The same distribution as sample_top_p_sorted without sorting (exact rejection sampling, as FlashInfer's
-    sorting-free samplers): draw from the whole distribution; accept if less than top_p of the mass is more
-    probable than the drawn token; otherwise draw again among the tokens more probable than it. The nucleus holds
-    at least top_p of the mass, so a draw is accepted with probability >= top_p and rows rarely need a second
-    pass. One program per row. `seed` is a device int64 tensor (read inside the kernel, so a CUDA graph replays
-    with new random numbers when the caller increments it). Tokens tied at the boundary are all kept; after
-    max_rounds rejections (probability <= (1 - top_p) ** max_rounds) the last draw is kept."""
-    global _top_p_kernel
-    if _top_p_kernel is None:
-        _top_p_kernel = _build_top_p_kernel()
-    rows, V = logits.shape
-    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
-    _top_p_kernel[(rows,)](logits, out, seed, logits.stride(0), V, 1.0 / temperature, top_p, BLOCK=block,
-                           MAX_ROUNDS=max_rounds, num_warps=8)
-    return out.long()
-
-
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None):
@@ -268,12 +171,14 @@ class Engine:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.sampling = Sampling()
+        self.sampling = SamplingParams()
+        # read inside the decode graphs: new values need no new capture (SamplingParams.greedy does: argmax)
+        self.temperature = torch.ones((), dtype=torch.float32, device=self.device)
+        self.top_p = torch.ones((), dtype=torch.float32, device=self.device)
         self.feed_max = 32  # appended text up to this many tokens is fed through decode steps, longer is prefilled
         self.sampler = "triton" if cuda else "sort"  # the same distribution; "sort" is the reference
         self.seed = torch.zeros((), dtype=torch.long, device=self.device)  # the Triton sampler's counter
-        self.graphs: dict[int, object] = {}
-        self.graph_sampling = None
+        self.graphs: dict[tuple, object] = {}  # (width, greedy, sampler) -> the captured decode step
         self.stats: dict[str, float] = {}  # of the last run: steps, prefills and where the time went
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
@@ -301,14 +206,23 @@ class Engine:
         out = self.decode_attention(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale)
         return out.reshape(n, 1, -1)
 
+    def set_sampling(self, sampling: SamplingParams) -> None:
+        """The settings the next steps draw with; the seed (when set) restarts the random numbers."""
+        self.sampling = sampling
+        self.temperature.fill_(sampling.temperature or 1.0)
+        self.top_p.fill_(sampling.top_p)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        self.seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
+
     def _sample(self, logits):
         if self.sampling.greedy:
             return logits.argmax(-1)
         if self.sampler == "triton":
-            token = sample_top_p_triton(logits, self.sampling.temperature, self.sampling.top_p, self.seed)
+            token = sample_top_p_triton(logits, self.temperature, self.top_p, self.seed)
             self.seed += 1  # in place: a captured graph replays with the next seed
             return token
-        return sample_top_p_sorted(logits.float() / self.sampling.temperature, self.sampling.top_p)
+        return sample_top_p_sorted(logits, self.temperature, self.top_p)
 
     def _decode_step(self, n: int):
         hidden = self.model.model.embed_tokens(self.tokens[:n, None])
@@ -322,9 +236,8 @@ class Engine:
         if not self.use_cuda_graph:
             self._decode_step(n)
             return
-        if self.graph_sampling != (self.sampling, self.sampler):  # sampling settings are baked into the graphs
-            self.graphs, self.graph_sampling = {}, (self.sampling, self.sampler)
-        if n not in self.graphs:
+        key = (n, self.sampling.greedy, self.sampler)
+        if key not in self.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -334,8 +247,8 @@ class Engine:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._decode_step(n)
-            self.graphs[n] = graph
-        self.graphs[n].replay()
+            self.graphs[key] = graph
+        self.graphs[key].replay()
 
     def _move(self, src: int, dst: int, length: int):
         for cache in (*self.k_cache, *self.v_cache):
@@ -418,19 +331,17 @@ class Engine:
             force = False  # a refill's own pauses and endings wait for the next step
 
     @torch.inference_mode()
-    def run(self, requests: list[Request], sampling: Sampling, eos: int, seed: int | None = None,
+    def run(self, requests: list[Request], sampling: SamplingParams, eos: int,
             on_token: Callable[[Request, list[int]], str | None] | None = None,
             on_pause: Callable[[Request, list[int]], object] | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_finish: Callable[[Request], None] | None = None) -> list[Request]:
-        """Decode every request to eos or its budget; returns them in order with new_ids filled in.
+        """Decode every request to eos or its own budget (`Request.max_new_tokens`), drawing with `sampling`;
+        returns them in order with new_ids filled in.
 
         `on_pause(request, tokens)` returns the ids to append, or a concurrent.futures.Future of them: the slot
         waits (its cache kept) while the others decode, and resumes once the future is done."""
-        self.sampling = sampling
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
+        self.set_sampling(sampling)
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "prefill_passes": 0, "prefill_s": 0.0,
                       "steps_below_full_width": 0, "pauses": 0}
         scheduler = Scheduler(requests, self.slots, self.max_len, eos, on_token, on_pause, on_finish, self.feed_max)

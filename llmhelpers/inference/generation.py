@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmhelpers.data.chat import END_THINK
+from llmhelpers.inference.sampling import SamplingParams
 
 
 @dataclass
@@ -66,10 +67,10 @@ def generation_record(tokenizer, row: list[int], end_think: int | None, hit: boo
                       (not stopped) if hit is None else hit, think)
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 0,
-             do_sample: bool = False, temperature: float = 0.6, top_p: float = 0.95,
-             progress: bool = False, seed: int | None = None, samples: int = 1, tools=None) -> list[Generation]:
-    """Generate `samples` answers for every prompt (prompt-major order: all samples of prompt 0 first).
+def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int = 0,
+             progress: bool = False, samples: int = 1, tools=None) -> list[Generation]:
+    """Generate `samples` answers for every prompt (prompt-major order: all samples of prompt 0 first), drawn with
+    `sampling` (budget, temperature, top-p, seed).
 
     With `tools` (an open `llmhelpers.inference.tool_use.ToolRunner`), python blocks followed by an output fence are executed
     and their real output is appended before generation continues; each Generation records its tool runs.
@@ -83,31 +84,29 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template put the bos
     if engine.supports(model):
-        return _engine_generate(model, tokenizer, ids, max_new_tokens, batch_size, do_sample, temperature, top_p,
-                                progress, seed, samples, tools)
-    if seed is not None:
+        return _engine_generate(model, tokenizer, ids, sampling, batch_size, progress, samples, tools)
+    if sampling.seed is not None:
         import torch
 
-        torch.manual_seed(seed)
+        torch.manual_seed(sampling.seed)
     flat = [i for i in ids for _ in range(samples)]
     if not batch_size:  # model.generate keeps its own cache and logits: a smaller share than the engine's
         from llmhelpers.inference.engine import auto_slots
 
-        batch_size = auto_slots(model, max(map(len, ids), default=0) + max_new_tokens, share=0.7, cap=256)
+        batch_size = auto_slots(model, max(map(len, ids), default=0) + sampling.max_new_tokens, share=0.7, cap=256)
     if tools is not None:  # rounds of model.generate, paused at each output fence (tool_use.ToolRunner)
-        return tools.generate_in_rounds(model, tokenizer, flat, max_new_tokens, batch_size, do_sample, temperature,
-                                        top_p, progress)
-    return hf_generate(model, tokenizer, flat, max_new_tokens, batch_size, do_sample, temperature, top_p, progress)
+        return tools.generate_in_rounds(model, tokenizer, flat, sampling, batch_size, progress)
+    return hf_generate(model, tokenizer, flat, sampling, batch_size, progress)
 
 
-def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, temperature, top_p, progress, seed,
-                     samples, tools=None) -> list[Generation]:
-    from llmhelpers.inference.engine import Engine, Sampling, auto_slots
+def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, tools=None) -> list[Generation]:
+    from llmhelpers.inference.engine import Engine, auto_slots
     from llmhelpers.inference.scheduler import Request
 
+    budget = sampling.max_new_tokens
     # appended tool output takes cache room beyond the generated budget
-    max_len = max(map(len, ids), default=0) + max_new_tokens + 1 + (tools.reserve_tokens if tools else 0)
-    requests = [Request(i, max_new_tokens, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
+    max_len = max(map(len, ids), default=0) + budget + 1 + (tools.reserve_tokens if tools else 0)
+    requests = [Request(i, budget, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
     slots = min(len(requests), slots or auto_slots(model, max_len)) or 1
     eng = Engine(model, slots=slots, max_len=max_len)
     bar = None
@@ -125,8 +124,7 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
     model.eval()
     try:
         hooks = dict(on_token=tools.on_token, on_pause=tools.on_pause, on_finish=tools.on_finish) if tools else {}
-        eng.run(requests, Sampling(greedy=not do_sample, temperature=temperature, top_p=top_p),
-                eos=tokenizer.eos_token_id, seed=seed, progress=report if bar else None, **hooks)
+        eng.run(requests, sampling, eos=tokenizer.eos_token_id, progress=report if bar else None, **hooks)
     finally:
         if bar:
             bar.n = len(requests)
@@ -140,15 +138,14 @@ def _engine_generate(model, tokenizer, ids, max_new_tokens, slots, do_sample, te
     return out
 
 
-def hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
-                 temperature: float, top_p: float, progress: bool, stop_strings=None, raw: bool = False):
+def hf_generate(model, tokenizer, ids: list[list[int]], sampling: SamplingParams, batch_size: int, progress: bool,
+                stop_strings=None, raw: bool = False):
     """Generations, or with raw=True each row as `_raw_row` gives it."""
     import torch
 
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: list[Generation | None] = [None] * len(ids)
     device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     was_training = model.training
     model.eval()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -162,8 +159,9 @@ def hf_generate(model, tokenizer, ids: list[list[int]], max_new_tokens: int, bat
         enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
         stop = dict(stop_strings=stop_strings, tokenizer=tokenizer) if stop_strings else {}
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling, **stop)
+            out = model.generate(**enc, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling.generate_kwargs(),
+                                 **stop)
         new = out[:, enc["input_ids"].shape[1]:]
         for row, i in zip(new.tolist(), batch):
             results[i] = _raw_row(tokenizer, row) if raw else generation_record(tokenizer, row, end_think)

@@ -20,6 +20,8 @@ model continues.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 import threading
@@ -228,8 +230,7 @@ class ToolRunner:
             except (AttributeError, RuntimeError):  # no pool, or it is shutting down: close here
                 box.close()
 
-    def generate_in_rounds(self, model, tokenizer, ids, max_new_tokens, batch_size, do_sample, temperature, top_p,
-                           progress) -> list:
+    def generate_in_rounds(self, model, tokenizer, ids, sampling, batch_size, progress) -> list:
         """Tool use on the model.generate path (4-bit or adapter-wrapped models), in rounds: generate until eos, the
         budget or an opened output fence; run the fenced blocks of all paused answers concurrently; append their
         outputs and generate again from there (the context is prefilled again each round)."""
@@ -239,10 +240,10 @@ class ToolRunner:
         hit = [False] * len(ids)
         live = list(range(len(ids)))
         while live:
-            budgets = {i: max_new_tokens - (len(new[i]) - appended[i]) for i in live}
-            rounds = hf_generate(model, tokenizer, [ids[i] + new[i] for i in live], max(budgets.values()), batch_size,
-                                  do_sample, temperature, top_p, progress, stop_strings=["```output\n"],
-                                  raw=True)
+            budgets = {i: sampling.max_new_tokens - (len(new[i]) - appended[i]) for i in live}
+            this_round = dataclasses.replace(sampling, max_new_tokens=max(budgets.values()))
+            rounds = hf_generate(model, tokenizer, [ids[i] + new[i] for i in live], this_round, batch_size, progress,
+                                 stop_strings=["```output\n"], raw=True)
             paused = {}
             for i, (row, stopped) in zip(live, rounds):
                 row = row[:budgets[i]]

@@ -1,0 +1,142 @@
+"""How tokens are drawn: the generation settings (`SamplingParams`) and the top-p samplers behind them.
+
+`SamplingParams` is the one object every generation path takes (nano-vllm's and vLLM's name): `generate`, the
+engine, `model.generate` in batches, the tool rounds. The engine reads temperature and top-p from device tensors
+inside its CUDA graphs, so changing them re-captures nothing; only greedy against sampled is a different graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 1024  # each answer's budget (the engine's requests carry it one by one)
+    temperature: float = 0.6  # 0 is greedy decoding; 0.6 with top_p 0.95 is the R1 authors' protocol
+    top_p: float = 0.95  # sample from the smallest most-probable set of tokens holding this much probability
+    seed: int | None = None  # the same seed, prompts and model give the same answers
+
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def for_evaluation(cls, cfg) -> "SamplingParams":
+        """The evaluation protocol's settings in `cfg` (eval_max_new_tokens, eval_do_sample, eval_temperature,
+        eval_top_p, seed)."""
+        return cls(max_new_tokens=cfg.eval_max_new_tokens, temperature=cfg.eval_temperature if cfg.eval_do_sample
+                   else 0.0, top_p=cfg.eval_top_p, seed=cfg.seed)
+
+    def generate_kwargs(self) -> dict:
+        """The same settings as `model.generate` arguments."""
+        if self.greedy:
+            return dict(do_sample=False)
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+
+
+def sample_top_p_sorted(logits, temperature, top_p):
+    """One token per row from the nucleus of softmax(logits / temperature) (the smallest most-probable prefix of the
+    sorted vocabulary whose mass reaches top_p; the first token always stays), by Gumbel-max. `temperature` and
+    `top_p` are numbers or tensors that broadcast against [rows, 1]."""
+    logits = logits.float() / temperature
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+    sorted_logits = logits.gather(-1, order).masked_fill(drop, float("-inf"))
+    gumbel = -torch.log(-torch.log(torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)))
+    return order.gather(-1, (sorted_logits + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
+
+
+_top_p_kernel = None
+
+
+def _build_top_p_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def top_p_sample(logits_ptr, out_ptr, seed_ptr, temperature_ptr, top_p_ptr, stride, V, BLOCK: tl.constexpr,
+                     MAX_ROUNDS: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        seed = tl.load(seed_ptr) * MAX_ROUNDS
+        inv_temp = 1.0 / tl.load(temperature_ptr)  # read here, not baked in: a captured graph follows new values
+        top_p = tl.load(top_p_ptr)
+        idx = tl.arange(0, BLOCK)
+        # pass 1: softmax statistics (online max and sum) and a Gumbel-max draw from the whole distribution
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        z = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        best_val = m
+        best = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        for start in range(0, V, BLOCK):
+            offs = start + idx
+            live = offs < V
+            l = tl.load(base + offs, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(l, 0))
+            z = z * tl.exp(m - m_new) + tl.sum(tl.where(live, tl.exp(l - m_new), 0.0), 0)
+            m = m_new
+            u = tl.maximum(tl.rand(seed, row * V + offs), 1e-30)
+            g = tl.where(live, l - tl.log(-tl.log(u)), float("-inf"))
+            block_best = tl.max(g, 0)
+            better = block_best > best_val
+            best = tl.where(better, start + tl.argmax(g, 0), best)
+            best_val = tl.where(better, block_best, best_val)
+        # accept the draw if it lies in the nucleus (less than top_p of the mass is more probable than it); else
+        # every token at most as probable is outside it too: draw again among the more probable ones
+        rounds = 1
+        accepted = False
+        while (rounds < MAX_ROUNDS) & (not accepted):
+            pivot = tl.load(base + best).to(tl.float32) * inv_temp
+            above = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+            for start in range(0, V, BLOCK):
+                offs = start + idx
+                l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+                above += tl.sum(tl.where(l > pivot, tl.exp(l - m), 0.0), 0)
+            accepted = above < top_p * z
+            if not accepted:
+                best_val = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+                for start in range(0, V, BLOCK):
+                    offs = start + idx
+                    l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+                    u = tl.maximum(tl.rand(seed + rounds, row * V + offs), 1e-30)
+                    g = tl.where(l > pivot, l - tl.log(-tl.log(u)), float("-inf"))
+                    block_best = tl.max(g, 0)
+                    better = block_best > best_val
+                    best = tl.where(better, start + tl.argmax(g, 0), best)
+                    best_val = tl.where(better, block_best, best_val)
+                rounds += 1
+        tl.store(out_ptr + row, best)
+
+    return top_p_sample
+
+
+def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, block: int = 2048):
+    """The same distribution as sample_top_p_sorted without sorting (exact rejection sampling, as FlashInfer's
+    sorting-free samplers): draw from the whole distribution; accept if less than top_p of the mass is more
+    probable than the drawn token; otherwise draw again among the tokens more probable than it. The nucleus holds
+    at least top_p of the mass, so a draw is accepted with probability >= top_p and rows rarely need a second
+    pass. One program per row. `seed`, `temperature` and `top_p` are one-element device tensors (float32 for the
+    last two) read inside the kernel, so a CUDA graph replays with new random numbers when the caller increments
+    the seed and with new settings when it writes them. Tokens tied at the boundary are all kept; after max_rounds
+    rejections (probability <= (1 - top_p) ** max_rounds) the last draw is kept."""
+    global _top_p_kernel
+    if _top_p_kernel is None:
+        _top_p_kernel = _build_top_p_kernel()
+    rows, V = logits.shape
+    device = logits.device
+    temperature, top_p = (torch.as_tensor(x, dtype=torch.float32, device=device).reshape(1)
+                          for x in (temperature, top_p))
+    out = torch.empty(rows, dtype=torch.int32, device=device)
+    _top_p_kernel[(rows,)](logits, out, seed, temperature, top_p, logits.stride(0), V, BLOCK=block,
+                           MAX_ROUNDS=max_rounds, num_warps=8)
+    return out.long()
