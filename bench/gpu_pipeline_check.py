@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="/tmp/gpu-check")
+    parser.add_argument("--work", default="/tmp/gpu-check", help="the run's folder (removed first)")
+    parser.add_argument("--out", default=None, help="the check's JSON (default: <work>/check.json)")
     args = parser.parse_args()
 
     import random
@@ -43,18 +44,18 @@ def main():
     common = dict(math_dataset=str(data), science_dataset="data/samples/scibench.jsonl", math_samples=0,
                   max_steps=10, eval_steps=5, save_steps=5, logging_steps=1, eval_limit=32,
                   eval_max_new_tokens=128, accuracy_callback=True, accuracy_callback_size=8,
-                  output_dir=args.out)
+                  output_dir=args.work)
     if args.tiny:
         cfg = make_config("smoke", **common)
     else:
         cfg = make_config("full", model_id=str(random_r1_model()), **common)
-    shutil.rmtree(args.out, ignore_errors=True)
+    shutil.rmtree(args.work, ignore_errors=True)
     t0 = time.time()
     result = run(cfg, evaluate_after=True)
     print("RUN", json.dumps(result), f"{time.time() - t0:.1f}s", flush=True)
 
     # Perturb the trained adapters (10 steps barely move them) so that the merge check has something to check.
-    perturbed = Path(args.out) / "perturbed"
+    perturbed = Path(args.work) / "perturbed"
     shutil.copytree(cfg.final_dir, perturbed)
     weights = load_file(perturbed / "adapter_model.safetensors")
     g = torch.Generator().manual_seed(0)
@@ -64,14 +65,14 @@ def main():
     save_file(weights, perturbed / "adapter_model.safetensors")
     tok = load_tokenizer(cfg)
     prompts = [render_prompt(e, tok) for e in demo_examples()]
-    check = merge_adapters(cfg, tok, prompts, adapter_dir=perturbed, out_dir=Path(args.out) / "merged")
+    check = merge_adapters(cfg, tok, prompts, adapter_dir=perturbed, out_dir=Path(args.work) / "merged")
     print("MERGE", json.dumps({"gpu": gpu_name(), **check}), flush=True)
     rows = {}
     for label in ("base", "finetuned"):
         rows[label] = len((cfg.eval_dir / f"{label}.jsonl").read_text().splitlines())
         print("EVAL", label, rows[label], "rows", flush=True)
     passed = check["ok"] and result.get("global_step", 0) > 0 and all(rows.values())
-    finish_check({"run": result, "merge": check, "eval_rows": rows}, str(Path(args.out) / "check.json"), passed,
+    finish_check({"run": result, "merge": check, "eval_rows": rows}, args.out or str(Path(args.work) / "check.json"), passed,
                  "training ran, both evaluations wrote their rows, and the perturbed merge is within its tolerance")
 
 
