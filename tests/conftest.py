@@ -41,23 +41,28 @@ def arch_config(tiny_arch, **changes):
     return make_config("smoke", **{**where, **changes})
 
 
-@pytest.fixture
-def tiny_trainer(tmp_path, tiny_model_dir):
-    """The notebook's trainer on the tiny model, built as the CLI builds it: `tiny_trainer(cfg)` for a config of the
-    test's own, or `tiny_trainer(**changes)` for the smoke profile with those changes (output under tmp_path, the
-    accuracy callback off unless asked). Returns (trainer, cfg, tokenizer, data)."""
-    from llmhelpers.config.profiles import make_config
+def build_tiny_trainer(cfg):
+    """The notebook's trainer for `cfg`, built as the CLI builds it: (trainer, cfg, tokenizer, data)."""
     from llmhelpers.data.sources import build_datasets
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
     from llmhelpers.training.trainer import build_trainer
+
+    tokenizer = load_tokenizer(cfg)
+    data = build_datasets(cfg, tokenizer)
+    return build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tokenizer, data), cfg, tokenizer, data
+
+
+@pytest.fixture
+def tiny_trainer(tmp_path, tiny_model_dir):
+    """`tiny_trainer(cfg)` for a config of the test's own, or `tiny_trainer(**changes)` for the smoke profile with
+    those changes (output under tmp_path, the accuracy callback off unless asked): build_tiny_trainer's tuple."""
+    from llmhelpers.config.profiles import make_config
 
     def build(cfg=None, **changes):
         if cfg is None:
             cfg = make_config("smoke", **{"output_dir": str(tmp_path / "out"), "tiny_model_dir": str(tiny_model_dir),
                                           "accuracy_callback": False, **changes})
-        tokenizer = load_tokenizer(cfg)
-        data = build_datasets(cfg, tokenizer)
-        return build_trainer(cfg, attach_lora(load_base_model(cfg), cfg), tokenizer, data), cfg, tokenizer, data
+        return build_tiny_trainer(cfg)
 
     return build
 

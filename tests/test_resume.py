@@ -119,14 +119,15 @@ def test_a_killed_run_resumes_as_the_uninterrupted_run(tmp_path, tiny_model_dir,
 
 # --- damaged checkpoints --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model_dir, tiny_trainer):
+def finished_run(tmp_path_factory, tiny_model_dir):
     """A smoke run of 4 steps with checkpoints at 2 and 4 (copied per test before damaging it)."""
+    from conftest import build_tiny_trainer
     from llmhelpers.training.run import run_training
 
     cfg = make_config("smoke", output_dir=str(tmp_path_factory.mktemp("ckpt") / "out"),
                       tiny_model_dir=str(tiny_model_dir), max_steps=4, eval_steps=2, save_steps=2,
                       accuracy_callback=False)
-    trainer, *_ = tiny_trainer(cfg)
+    trainer, *_ = build_tiny_trainer(cfg)
     run_training(trainer, cfg)
     return cfg
 

@@ -238,6 +238,7 @@ class Engine:
             return
         key = (n, self.sampling.greedy, self.sampler)
         if key not in self.graphs:
+            seed = self.seed.clone()  # warm-up steps draw too: a capture must not shift a seeded run's numbers
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -248,6 +249,7 @@ class Engine:
             with torch.cuda.graph(graph):
                 self._decode_step(n)
             self.graphs[key] = graph
+            self.seed.copy_(seed)
         self.graphs[key].replay()
 
     def _move(self, src: int, dst: int, length: int):
