@@ -8,7 +8,8 @@ It copies the repository's notebook into a fresh folder, starts JupyterLab there
 2. edits the SFTConfig cell (learning rate and steps), re-runs it and the config cell, then re-runs from the
    trainer cell to the end, as a user tweaking a hyperparameter does;
 3. re-runs the training cell once more (a finished run: nothing is trained);
-4. turns `eval_without_tools` off in OVERRIDES and re-runs only the parameters, config and accuracy cells;
+4. turns `eval_without_tools` off in OVERRIDES and re-runs only the parameters and config cells and the three
+   accuracy cells (base, fine-tuned, table);
 and fails if any cell shows a traceback. Screenshots and a JSON summary go to --out.
 """
 from __future__ import annotations
@@ -200,10 +201,13 @@ def main() -> int:
             select(driver, cell)
             command(driver, "notebook:run-cell")
             wait_idle(driver)
-        accuracy_cell = cell_index(driver, "eval_problems = ")
-        select(driver, accuracy_cell)
-        command(driver, "notebook:run-cell")
-        state = wait_idle(driver)
+        # the three accuracy cells: the base, the fine-tuned model, the table
+        for cell in (cell_index(driver, "eval_problems = "), cell_index(driver, "with finetuned_for_evaluation("),
+                     cell_index(driver, "results = [base_result")):
+            select(driver, cell)
+            command(driver, "notebook:run-cell")
+            state = wait_idle(driver)
+        accuracy_cell = cell_index(driver, "results = [base_result")
         summary["accuracy_rerun_output"] = outputs_of(driver, accuracy_cell)[-1500:]
         summary["shots"].append(shot(driver, out, "9-accuracy-rerun", accuracy_cell))
         summary["final_errors"] = state["errors"]
