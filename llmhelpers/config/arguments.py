@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 
 from llmhelpers.config.profiles import make_config, profile_names
-from llmhelpers.config.project import (BNB_ARGUMENTS, PROJECT_FIELDS, FinetuneConfig, _jsonable,
-                                       bnb_arguments, non_default_fields)
+from llmhelpers.config.library import BNB_ARGUMENTS, bnb_arguments, jsonable, non_default_fields
+from llmhelpers.config.project import PROJECT_FIELDS, FinetuneConfig
 
 
 @dataclass
@@ -205,10 +205,10 @@ def _apply(base: FinetuneConfig, project, lora, bnb, sft) -> FinetuneConfig:
     changes = {}
     for f in dataclasses.fields(lora):
         value = getattr(lora, f.name)
-        if _jsonable(value) != _as_default(_jsonable(getattr(base.lora, f.name))):
+        if jsonable(value) != _as_default(jsonable(getattr(base.lora, f.name))):
             if f.name == "target_modules" and isinstance(value, str) and value != "all-linear":
                 value = [m.strip() for m in value.split(",") if m.strip()]  # peft reads a plain string as a regex
             changes[f.name] = value
     changes.update({f.name: getattr(bnb, f.name) for f in dataclasses.fields(bnb)
-                    if getattr(bnb, f.name) != _jsonable(getattr(base.bnb, f.name, None))})
+                    if getattr(bnb, f.name) != jsonable(getattr(base.bnb, f.name, None))})
     return base.replace(**vars(project), **changes, sft=sft)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from llmhelpers.config.project import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, PROJECT_FIELDS, SECRET_FIELDS,
-                                       STEP_INTERVALS, FinetuneConfig, _jsonable, bnb_constructor_arguments, build_bnb,
-                                       changed_bnb, keep_accelerator_state, library_owner)
+from llmhelpers.config.library import (LIBRARY_CLASS_NAMES, LIBRARY_CONFIGS, SECRET_FIELDS, STEP_INTERVALS,
+                                       bnb_constructor_arguments, build_bnb, changed_bnb, jsonable,
+                                       keep_accelerator_state, library_owner)
+from llmhelpers.config.project import PROJECT_FIELDS, FinetuneConfig
 from llmhelpers.paths import REPO_ROOT
 
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -68,8 +69,8 @@ class Profile:
         written = recipe(RECIPE)[key]
         changes, self.kept[key] = {}, {}
         for name, value in getattr(self, key).items():
-            current = _jsonable(getattr(config, name, None))
-            if current == _jsonable(written[name] if name in written else _library_default(key, name)):
+            current = jsonable(getattr(config, name, None))
+            if current == jsonable(written[name] if name in written else _library_default(key, name)):
                 changes[name] = value
             else:
                 self.kept[key][name] = current
@@ -109,7 +110,7 @@ def library_configs(name: str = RECIPE, **changes) -> dict:
     """The three library objects of profile `name`'s recipe, with `changes` routed to the config that has them."""
     kwargs = recipe(name)
     for key, value in changes.items():
-        kwargs[library_owner(key)][key] = value
+        kwargs[library_owner(key, PROJECT_FIELDS)][key] = value
     sft = kwargs["sft"]
     for key in STEP_INTERVALS:  # SFTConfig turns eval_steps=0 into logging_steps silently: refused before it can
         if isinstance(sft.get(key), (int, float)) and not sft[key] > 0:
@@ -141,7 +142,7 @@ def make_config(profile: str = RECIPE, /, bnb=None, lora=None, sft=None, **overr
             raise ValueError("give all three library configs (bnb, lora, sft) or none")
         if library:
             key = next(iter(library))
-            owner = library_owner(key)
+            owner = library_owner(key, PROJECT_FIELDS)
             raise ValueError(f"{key} is a {LIBRARY_CLASS_NAMES[owner]} setting: set it where {owner}'s config is "
                              f"built (the notebook's recipe cells), not among the project settings")
         objects = given
@@ -185,4 +186,4 @@ def flat_settings(cfg: FinetuneConfig) -> dict:
         obj = getattr(cfg, key)
         out.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
                     if f.init and f.name not in SECRET_FIELDS})
-    return {k: _jsonable(v) for k, v in out.items()}
+    return {k: jsonable(v) for k, v in out.items()}

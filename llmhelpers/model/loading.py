@@ -9,7 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
-from llmhelpers.config.project import bnb_arguments, library_settings
+from llmhelpers.config.library import bnb_arguments, library_settings
 from llmhelpers.paths import resolve
 from llmhelpers.model.gguf_source import convert as convert_gguf
 from llmhelpers.model.gguf_source import is_gguf_source
