@@ -5,7 +5,9 @@ bf16 autocast, training mode, every layer checkpointed as the recipe allows):
 - logits and loss of one row of `--tokens` tokens, peft path against fused path from the same RNG state (dropout
   masks included): equal bit for bit, or the largest difference;
 - every LoRA gradient: the largest |fused - peft| / max|peft| over the parameters (bf16 sums in another order);
-- forward + backward wall time per row, both paths, after warm-up.
+- forward + backward wall time per row, both paths, after warm-up;
+- the fused path with the base dequantized once and kept (dequantize_once, issue #31): logits and every LoRA gradient
+  identical to the fused path's bit for bit (the same NF4 values, the same matmuls), and its time.
 
     python bench/fused_lora_check.py --out bench/results/<date>-<gpu>-fused-lora.json
     python bench/fused_lora_check.py --tiny          # dry run on the CPU (tiny model, no dropout)
@@ -31,7 +33,7 @@ def main():
     import torch
 
     from llmhelpers.config.profiles import make_config
-    from llmhelpers.model.fused_lora import fuse_lora_layers
+    from llmhelpers.model.fused_lora import fuse_lora_layers, keep_dense_base
     from llmhelpers.model.loading import attach_lora, load_base_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +88,10 @@ def main():
     fused_logits, fused_loss, fused_grads, fused_s = measure()
     grad_diff = max(((fused_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
                     for n, g in peft_grads.items())
+    dense_bytes = keep_dense_base(model, True, dtype=torch.bfloat16 if cuda else None)
+    dense_logits, dense_loss, dense_grads, dense_s = measure()
+    dense_identical = (torch.equal(dense_logits, fused_logits) and dense_loss == fused_loss
+                       and all(torch.equal(dense_grads[n], g) for n, g in fused_grads.items()))
     result = {
         "gpu": gpu_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d"), "tokens": tokens,
         "lora_dropout": cfg.lora.lora_dropout, "fused_layers": fused_layers,
@@ -95,10 +101,14 @@ def main():
         "max_relative_grad_diff": grad_diff, "lora_tensors": len(peft_grads),
         "fwd_bwd_s_peft": round(peft_s, 4), "fwd_bwd_s_fused": round(fused_s, 4),
         "speedup": round(peft_s / fused_s, 3),
+        "dequantized_once": {"identical_to_fused": dense_identical, "kept_gib": round(dense_bytes / 2**30, 3),
+                             "fwd_bwd_s": round(dense_s, 4), "speedup_over_fused": round(fused_s / dense_s, 3),
+                             "max_abs_logit_diff": (dense_logits - fused_logits).abs().max().item()},
     }
     tolerance = GRAD_TOLERANCE[cuda]
-    finish_check(result, args.out, result["logits_identical"] and grad_diff <= tolerance,
-                 f"logits identical to peft's and every LoRA gradient within {tolerance:g} (relative to its largest)")
+    finish_check(result, args.out, result["logits_identical"] and grad_diff <= tolerance and dense_identical,
+                 f"logits identical to peft's and every LoRA gradient within {tolerance:g} (relative to its largest); "
+                 "with the base dequantized once, logits, loss and every LoRA gradient identical to the fused path's")
 
 
 if __name__ == "__main__":

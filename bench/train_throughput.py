@@ -51,6 +51,10 @@ CONFIGS = {
     # peft's own LoRA forward instead of the fused layer (llmhelpers.model.fused_lora)
     "pack8k-peft": dict(packing(8192), fused_lora=False),
     "default-peft": dict(fused_lora=False),
+    # issue #31: the frozen base dequantized in every forward and backward (the default keeps it dequantized once)
+    "default-4bit": dict(dequantize_once="off"),
+    "pack8k-4bit": dict(packing(8192), dequantize_once="off"),
+    "fits-24gb-4bit": dict(memory_limit_gib=22.0, dequantize_once="off"),
 }
 
 

@@ -188,3 +188,31 @@ def test_trained_base_biases_get_their_gradient(tiny_model_dir, tmp_path, bias):
     assert biases  # q_proj, k_proj, v_proj of each layer
     fuse_lora_layers(model)
     assert_same_training_math(reference, loss_and_grads(model, batch), grad_rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept-activations", "recomputed"])
+def test_the_base_dequantized_once_trains_the_same_numbers_to_the_bit(tiny_model_dir, tmp_path, checkpointing):
+    """dequantize_once (issue #31): the frozen base's weights dequantized once and kept give the logits and the LoRA
+    gradients that dequantizing in every forward and backward gives, bit for bit (the same NF4 values, the same
+    matmuls); dropping them goes back to the 4-bit path."""
+    from llmhelpers.model.fused_lora import DENSE_ATTR, keep_dense_base
+
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    fuse_lora_layers(model)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    batch = batch_of(model.config.vocab_size)
+    every_forward = loss_and_grads(model, batch)
+    kept = keep_dense_base(model, True)
+    bases = [m.get_base_layer() for m in model.modules() if getattr(m, FUSED_FLAG, False)]
+    assert kept == sum(b.out_features * b.in_features * 4 for b in bases)  # fp32 compute on the CPU: 4 bytes each
+    assert all(getattr(b, DENSE_ATTR).dtype == cfg.compute_dtype for b in bases)
+    assert not any(DENSE_ATTR in name for name in model.state_dict())  # never saved
+    once = loss_and_grads(model, batch)
+    assert torch.equal(every_forward[0], once[0]) and torch.equal(every_forward[1], once[1])
+    assert every_forward[2].keys() == once[2].keys()
+    assert all(torch.equal(grad, once[2][name]) for name, grad in every_forward[2].items())
+    assert keep_dense_base(model, False) == 0 and not any(hasattr(b, DENSE_ATTR) for b in bases)
+    again = loss_and_grads(model, batch)
+    assert torch.equal(again[0], every_forward[0])

@@ -37,5 +37,21 @@ def test_without_a_gpu_auto_means_every_layer_recomputes(tmp_path, tiny_model_di
     trainer, *_ = tiny_trainer(cfg)
     set_checkpointed_layers(trainer.model, 0)
     decided = choose_checkpointed_layers(trainer, cfg)
-    assert decided == {"checkpointed_layers": 2, "of": 2, "why": "no GPU to measure: all layers recompute"}
+    assert decided == {"checkpointed_layers": 2, "of": 2, "why": "no GPU to measure: all layers recompute",
+                       "dequantized_base_bytes": 0}  # "auto" keeps the dequantized base only on a GPU
     assert all(layer.gradient_checkpointing for layer in decoder_layers(trainer.model))
+
+
+def test_dequantize_once_on_keeps_the_base_dequantized_and_says_so(tmp_path, tiny_model_dir, tiny_trainer):
+    from llmhelpers.model.fused_lora import DENSE_ATTR
+    from llmhelpers.training.memory import choose_checkpointed_layers
+
+    cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), accuracy_callback=False,
+                      dequantize_once="on", lora_dropout=0.0)
+    trainer, *_ = tiny_trainer(cfg)
+    decided = choose_checkpointed_layers(trainer, cfg)
+    assert decided["dequantized_base_bytes"] > 0
+    assert any(hasattr(m, DENSE_ATTR) for m in trainer.model.modules())
+    off = choose_checkpointed_layers(trainer, cfg.replace(dequantize_once="off"))
+    assert off["dequantized_base_bytes"] == 0 and not any(hasattr(m, DENSE_ATTR) for m in trainer.model.modules())
+    assert cfg.replace(dequantize_once="off").run_name == cfg.run_name  # the same numbers: the same run

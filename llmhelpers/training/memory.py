@@ -1,5 +1,5 @@
 """Activation checkpointing chosen by memory: as few decoder layers recompute their activations as the worst batch of
-the run allows, decided before step 1.
+the run allows, decided before step 1, after deciding whether the frozen base stays dequantized (dequantize_once).
 
 Recomputing every layer (full checkpointing) costs about a third of a training step; keeping every layer's
 activations is the fastest and needs the most memory. In between, the first `n` layers recompute and the rest keep
@@ -83,22 +83,34 @@ def choose_checkpointed_layers(trainer, cfg) -> dict:
     return decided
 
 
+def _keep_dense(trainer, cfg, cuda: bool) -> int:
+    """The frozen base dequantized once (cfg.dequantize_once; llmhelpers.model.fused_lora.keep_dense_base): "auto"
+    keeps it on a GPU, to be dropped again if the worst step does not fit with it. Returns its bytes."""
+    from llmhelpers.model.fused_lora import keep_dense_base
+
+    return keep_dense_base(trainer.model, cfg.dequantize_once == "on" or (cfg.dequantize_once == "auto" and cuda))
+
+
 def _choose(trainer, cfg) -> dict:
-    """Measure and set the number of checkpointed layers for this run (CUDA with gradient checkpointing on and
-    checkpoint_layers = -1); otherwise apply checkpoint_layers as given (-1: all). Returns what was decided and why."""
+    """Decide whether the base stays dequantized (cfg.dequantize_once), then measure and set the number of
+    checkpointed layers for this run (CUDA with gradient checkpointing on and checkpoint_layers = -1); otherwise apply
+    checkpoint_layers as given (-1: all). Returns what was decided and why."""
     import copy
 
     import torch
 
+    gib = lambda b: round(b / 2**30, 2)
     n_layers = len(decoder_layers(trainer.model))
-    if not cfg.sft.activation_checkpointing:
-        return {"checkpointed_layers": 0, "of": n_layers, "why": "activation_checkpointing off"}
-    if cfg.checkpoint_layers >= 0:
-        n = set_checkpointed_layers(trainer.model, cfg.checkpoint_layers)
-        return {"checkpointed_layers": n, "of": n_layers, "why": "checkpoint_layers set"}
-    if not torch.cuda.is_available():
-        n = set_checkpointed_layers(trainer.model, n_layers)
-        return {"checkpointed_layers": n, "of": n_layers, "why": "no GPU to measure: all layers recompute"}
+    cuda = torch.cuda.is_available()
+    dense = _keep_dense(trainer, cfg, cuda)
+    if not cfg.sft.activation_checkpointing or cfg.checkpoint_layers >= 0 or not cuda:
+        if not cfg.sft.activation_checkpointing:
+            n, why = 0, "activation_checkpointing off"
+        elif cfg.checkpoint_layers >= 0:
+            n, why = set_checkpointed_layers(trainer.model, cfg.checkpoint_layers), "checkpoint_layers set"
+        else:
+            n, why = set_checkpointed_layers(trainer.model, n_layers), "no GPU to measure: all layers recompute"
+        return {"checkpointed_layers": n, "of": n_layers, "why": why, "dequantized_base_bytes": dense}
     limit = cfg.memory_limit_gib * 2**30 if cfg.memory_limit_gib else torch.cuda.get_device_properties(
         trainer.args.device).total_memory
     total = torch.cuda.get_device_properties(trainer.args.device).total_memory
@@ -110,10 +122,13 @@ def _choose(trainer, cfg) -> dict:
     was_training = trainer.model.training
     trainer.model.train()
     try:
-        set_checkpointed_layers(trainer.model, n_layers)
-        peak_all = _peak_of_step(trainer, batch)
-        set_checkpointed_layers(trainer.model, n_layers - PROBE_LAYERS)
-        peak_probe = _peak_of_step(trainer, batch)
+        peak_all, peak_probe = _probe(trainer, batch, n_layers)
+        if dense and cfg.dequantize_once == "auto" and peak_all + MARGIN_GIB * 2**30 > limit:
+            from llmhelpers.model.fused_lora import keep_dense_base
+
+            dense = keep_dense_base(trainer.model, False)  # even all layers recomputing do not fit with it
+            torch.cuda.empty_cache()
+            peak_all, peak_probe = _probe(trainer, batch, n_layers)
     finally:
         torch.set_rng_state(state[0])
         torch.cuda.set_rng_state_all(state[1])
@@ -121,8 +136,15 @@ def _choose(trainer, cfg) -> dict:
         trainer.model.train(was_training)
         torch.cuda.empty_cache()
     n = set_checkpointed_layers(trainer.model, layers_that_fit(limit, peak_all, peak_probe, PROBE_LAYERS, n_layers))
-    gib = lambda b: round(b / 2**30, 2)
     return {"checkpointed_layers": n, "of": n_layers, "why": "measured", "limit_gib": gib(limit),
-            "peak_all_checkpointed_gib": gib(peak_all),
+            "dequantized_base_bytes": dense, "peak_all_checkpointed_gib": gib(peak_all),
             "per_layer_gib": gib((peak_probe - peak_all) / PROBE_LAYERS),
             "expected_peak_gib": gib(peak_all + (n_layers - n) * (peak_probe - peak_all) / PROBE_LAYERS)}
+
+
+def _probe(trainer, batch, n_layers: int) -> tuple[float, float]:
+    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not."""
+    set_checkpointed_layers(trainer.model, n_layers)
+    peak_all = _peak_of_step(trainer, batch)
+    set_checkpointed_layers(trainer.model, n_layers - PROBE_LAYERS)
+    return peak_all, _peak_of_step(trainer, batch)

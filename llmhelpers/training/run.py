@@ -84,7 +84,9 @@ class TrainingRun:
             print(f"activation checkpointing: {decided['checkpointed_layers']} of {decided['of']} layers recompute "
                   f"({decided['why']}" + (f": {decided['per_layer_gib']} GiB per layer kept, expected peak "
                                           f"{decided['expected_peak_gib']} of {decided['limit_gib']} GiB)"
-                                          if decided["why"] == "measured" else ")"))
+                                          if decided["why"] == "measured" else ")")
+                  + (f"; the 4-bit base kept dequantized ({decided['dequantized_base_bytes'] / 2**30:.2f} GiB, "
+                     "dequantize_once)" if decided.get("dequantized_base_bytes") else ""))
         trainer.llm_nonfinite_steps = None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
