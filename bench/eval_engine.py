@@ -140,13 +140,15 @@ def forced_tools(tokenizer, lengths_by_request):
     return Forced(tokenizer)
 
 
-def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None):
+def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
+           kv_cache_dtype="auto"):
     from llmhelpers.inference.engine import Engine, Request, auto_slots
     from llmhelpers.inference.sampling import SamplingParams
 
     max_len = max(map(len, prompts)) + cap + 1 + (64 if tools else 0)  # room for the appended output
-    slots = slots or auto_slots(model, max_len)
-    eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs)
+    slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype)
+    eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
+                 kv_cache_dtype=kv_cache_dtype)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -218,6 +220,8 @@ def main():
                 made, info = engine(model, p, l, args.cap)
             elif name in ("tools-off", "tools-on"):
                 made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
+            elif name == "fp8-kv":  # issue #32: the KV cache in float8, about twice the slots
+                made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8")
             elif name == "sort-sampler":
                 made, info = engine(model, p, l, args.cap, sampler="sort")
             elif name == "slots64":

@@ -136,12 +136,50 @@ def test_triton_decode_kernel_matches_the_reference():
         lengths = torch.tensor([1, 64, 65, 300])
         ref = decode_attention_reference(q, k, v, lengths, D ** -0.5)
         out = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4)
-        print((out - ref).abs().max().item())
+        from llmhelpers.inference.engine import quantize_fp8
+        (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+        ref8 = decode_attention_reference(q, k8, v8, lengths, D ** -0.5, ks, vs)
+        out8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4)
+        print((out8 - ref8).abs().max().item(), (out - ref).abs().max().item())
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})  # Triton's CPU interpreter
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout.split()[-1]) < 1e-4
+    fp8_gap, gap = map(float, proc.stdout.split()[-2:])
+    assert gap < 1e-4 and fp8_gap < 1e-4  # the fp8 cache (issue #32) read by the kernel as by the reference
+
+
+def test_an_fp8_kv_cache_keeps_each_head_vector_within_e4m3_rounding():
+    """kv_cache_dtype="fp8": each cached head vector is float8 e4m3 values times one scale (its largest entry maps to
+    448), so an entry is off by at most 2^-4 of itself (3 mantissa bits) or a subnormal step of the scale; attention
+    over the fp8 cache is attention over those dequantized values."""
+    from llmhelpers.inference.engine import FP8, decode_attention_reference, dequantize_fp8, quantize_fp8
+
+    torch.manual_seed(0)
+    k = torch.randn(3, 2, 40, 128) * torch.logspace(-3, 2, 40)[None, None, :, None]  # vectors of any magnitude
+    values, scale = quantize_fp8(k)
+    assert values.dtype == FP8 and scale.shape == k.shape[:3]
+    back = dequantize_fp8(values, scale, torch.float32)
+    assert ((back - k).abs() <= k.abs() * 2**-4 + scale[..., None] * 2**-9).all()
+    q, lengths = torch.randn(3, 12, 128), torch.tensor([1, 17, 40])
+    assert torch.equal(decode_attention_reference(q, values, values, lengths, 0.1, scale, scale),
+                       decode_attention_reference(q, back, back, lengths, 0.1))
+
+
+def test_the_engine_with_an_fp8_kv_cache_generates_and_holds_about_half_the_bytes(tiny):
+    from llmhelpers.inference.engine import kv_bytes_per_token
+
+    model, tok, prompts = tiny
+    reqs = [Request(p, 12) for p in prompts + prompts]
+    engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 13, kv_cache_dtype="fp8")
+    engine.run(reqs, GREEDY, eos=-1)
+    assert all(len(r.new_ids) == 12 and r.finished for r in reqs)  # refills and compaction moved the scales too
+    assert engine.k_cache[0].dtype == torch.float8_e4m3fn and engine.k_scale[0].dtype == torch.float32
+    full, fp8 = (kv_bytes_per_token(model.config, torch.bfloat16, kind) for kind in ("auto", "fp8"))
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert fp8 / full == (head_dim + 4) / (2 * head_dim)  # about half for R1's head_dim of 128: 0.52
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4': must be one of"):
+        Engine(model, slots=1, max_len=8, kv_cache_dtype="int4")
 
 
 def test_the_tail_is_compacted_into_fewer_slots_without_changing_tokens(tiny, monkeypatch):

@@ -81,6 +81,9 @@ class FinetuneConfig:
     eval_max_new_tokens: int = 8192  # per-answer budget; 32768 is the authors' (set it for final numbers)
     eval_batch_size: int = 0  # 0 = as many sequences (engine slots) as fit 85% of free GPU memory
     eval_bf16: bool = True  # evaluate on bf16 weights (base, then merged adapters): the fast engine runs those
+    # The engine's KV cache: "auto" (the model's dtype) or "fp8" (e4m3 values with a scale per head vector: about half
+    # the bytes, so about twice the slots). An option until its accuracy on real weights is measured (FINETUNING_GUIDE).
+    eval_kv_cache_dtype: str = "auto"
     eval_do_sample: bool = True  # False = greedy (loops on R1 models; only for debugging)
     eval_temperature: float = 0.6  # the model authors' recommendation
     eval_top_p: float = 0.95  # the model authors' recommendation

@@ -55,7 +55,8 @@ def _check_types(cfg) -> None:
 # The linear layers of every R1-Distill-Qwen size (Qwen2ForCausalLM); lm_head is possible but not usual.
 QWEN2_LINEAR_LAYERS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                  "lm_head"})
-_CHOICES = {"gguf_outtype": ("", "q8_0", "f16", "bf16"), "dequantize_once": ("auto", "on", "off")}
+_CHOICES = {"gguf_outtype": ("", "q8_0", "f16", "bf16"), "dequantize_once": ("auto", "on", "off"),
+            "eval_kv_cache_dtype": ("auto", "fp8")}
 EVAL_SETS = ("heldout", "math500")  # or a local .jsonl/.json file of problems in MathCodeInstruct's schema
 
 

@@ -47,31 +47,51 @@ def supports(model) -> bool:
     return bool(linears) and all(type(m) is torch.nn.Linear for m in linears)
 
 
-def kv_bytes_per_token(config, dtype) -> int:
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 values with a scale per head vector
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest e4m3 value: each cached head vector is scaled so its largest entry lands there
+
+
+def kv_bytes_per_token(config, dtype, kv_cache_dtype: str = "auto") -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+    per_vector = head_dim + 4 if kv_cache_dtype == "fp8" else head_dim * torch.finfo(dtype).bits // 8
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * per_vector
 
 
-def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512) -> int:
+def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512, kv_cache_dtype: str = "auto") -> int:
     """As many slots as fit their cache (and a step's logits) in `share` of the free GPU memory."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return 8
-    per_slot = kv_bytes_per_token(model.config, model.dtype) * max_len + 4 * 4 * model.config.vocab_size
+    per_slot = kv_bytes_per_token(model.config, model.dtype, kv_cache_dtype) * max_len \
+        + 4 * 4 * model.config.vocab_size
     free, _ = torch.cuda.mem_get_info()
     return int(max(1, min(cap, share * free // per_slot)))
 
 
 # --- attention over each slot's live length -------------------------------------------------------------------
-def decode_attention_reference(q, k_cache, v_cache, lengths, scale):
-    """q [S, Hq, D]; caches [S, Hkv, T, D]; lengths [S]: softmax(q k^T) v over positions < length."""
+def quantize_fp8(x):
+    """Head vectors (last dim) as float8 e4m3 values and one float32 scale each: x ~ values * scale."""
+    scale = (x.float().abs().amax(-1) / FP8_MAX).clamp_min(1e-12)
+    return (x.float() / scale[..., None]).to(FP8), scale
+
+
+def dequantize_fp8(values, scale, dtype):
+    return (values.float() * scale[..., None]).to(dtype)
+
+
+def decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None):
+    """q [S, Hq, D]; caches [S, Hkv, T, D]; lengths [S]: softmax(q k^T) v over positions < length. With k_scale and
+    v_scale [S, Hkv, T], the caches hold fp8 values of each head vector divided by its scale."""
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
+    keys = k_cache.float() if k_scale is None else k_cache.float() * k_scale[..., None]
+    values = v_cache.float() if v_scale is None else v_cache.float() * v_scale[..., None]
     qg = q.view(S, Hkv, group, D).float()
-    scores = torch.einsum("shgd,shtd->shgt", qg, k_cache.float()) * scale
+    scores = torch.einsum("shgd,shtd->shgt", qg, keys) * scale
     live = torch.arange(T, device=q.device)[None, :] < lengths[:, None]
     scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
-    out = torch.einsum("shgt,shtd->shgd", scores.softmax(-1), v_cache.float())
+    out = torch.einsum("shgt,shtd->shgd", scores.softmax(-1), values)
     return out.reshape(S, Hq, D).to(q.dtype)
 
 
@@ -83,9 +103,10 @@ def _build_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, scale,
+    def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr, scale,
                            T, chunk, Hkv: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                           NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+                           NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                           FP8_KV: tl.constexpr):
         slot, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + slot)
         start = split * chunk
@@ -103,12 +124,18 @@ def _build_triton_kernel():
             n = n0 + tl.arange(0, BLOCK_N)
             live = n < end
             k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            if FP8_KV:  # fp8 values times their head vector's scale, in the query's dtype for the dot
+                k_s = tl.load(ks_ptr + base // D + n, mask=live, other=0.0)
+                k = (k.to(tl.float32) * k_s[:, None]).to(q.dtype)
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            if FP8_KV:
+                v_s = tl.load(vs_ptr + base // D + n, mask=live, other=0.0)
+                v = (v.to(tl.float32) * v_s[:, None]).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
@@ -121,9 +148,10 @@ def _build_triton_kernel():
     return split_kv_attention
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 4, block_n: int = 64,
-                            num_warps: int = 4):
-    """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions."""
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
+                            block_n: int = 64, num_warps: int = 4):
+    """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions. With
+    k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale."""
     global _triton_kernel
     if _triton_kernel is None:
         _triton_kernel = _build_triton_kernel()
@@ -135,9 +163,11 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 4
     acc = torch.empty(S, Hq, nsplit, D, device=q.device, dtype=torch.float32)
     m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    _triton_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l, scale,
+    fp8 = k_scale is not None
+    _triton_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l,
+                                     k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
-                                     BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n,
+                                     BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, FP8_KV=fp8,
                                      num_warps=num_warps)
     top = m.amax(-1, keepdim=True)
     w = torch.exp(m - top).nan_to_num(0.0)  # splits past the live length hold -inf
@@ -148,7 +178,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, nsplit: int = 4
 
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
-    def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None):
+    def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
+                 kv_cache_dtype: str = "auto"):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -164,9 +195,17 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.decode_attention = decode_attention_triton if cuda else decode_attention_reference
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
+        self.fp8 = kv_cache_dtype == "fp8"
         shape = (slots, self.hkv, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
+        cache_dtype = FP8 if self.fp8 else self.dtype
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=cache_dtype) for _ in model.model.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=cache_dtype) for _ in model.model.layers]
+        # fp8: one float32 scale per cached head vector (2 x 4 bytes per position and kv head, against 2 x 128 saved)
+        scales = (lambda: [torch.ones(shape[:3], device=self.device) for _ in model.model.layers]) if self.fp8 \
+            else (lambda: [None for _ in model.model.layers])
+        self.k_scale, self.v_scale = scales(), scales()
         # static inputs and outputs of the decode step
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -201,6 +240,12 @@ class Engine:
         n = q.shape[0]  # the first n slots decode (after compaction, fewer than all)
         pos = positions[:, 0]
         k_cache, v_cache = self.k_cache[i][:n], self.v_cache[i][:n]
+        if self.fp8:
+            k_scale, v_scale = self.k_scale[i][:n], self.v_scale[i][:n]
+            k_cache[slot_idx, :, pos], k_scale[slot_idx, :, pos] = quantize_fp8(k[:, :, 0])
+            v_cache[slot_idx, :, pos], v_scale[slot_idx, :, pos] = quantize_fp8(v[:, :, 0])
+            out = self.decode_attention(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale, k_scale, v_scale)
+            return out.reshape(n, 1, -1)
         k_cache[slot_idx, :, pos] = k[:, :, 0]
         v_cache[slot_idx, :, pos] = v[:, :, 0]
         out = self.decode_attention(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale)
@@ -255,6 +300,9 @@ class Engine:
     def _move(self, src: int, dst: int, length: int):
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :, :length] = cache[src, :, :length]
+        if self.fp8:
+            for scale in (*self.k_scale, *self.v_scale):
+                scale[dst, :, :length] = scale[src, :, :length]
 
     def _extend(self, items: list[tuple[int, list[int], int]]) -> list[int]:
         """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
@@ -279,9 +327,17 @@ class Engine:
         mask = (torch.arange(end, device=self.device)[None, None, :] <= pos_t[:, :, None]) | ~valid[:, :, None]
 
         def attend(i, q, k, v, slot_idx, positions):
-            for cache, new in ((self.k_cache[i], k), (self.v_cache[i], v)):
-                cache.transpose(1, 2)[cache_slot, cache_pos] = new.transpose(1, 2)[rows, cols]
-            keys, values = self.k_cache[i][slots, :, :end], self.v_cache[i][slots, :, :end]
+            if self.fp8:  # the prompt attends to what later steps will read: its own keys and values in fp8
+                for cache, scales, new in ((self.k_cache[i], self.k_scale[i], k), (self.v_cache[i], self.v_scale[i], v)):
+                    values_8, scale = quantize_fp8(new.transpose(1, 2)[rows, cols])
+                    cache.transpose(1, 2)[cache_slot, cache_pos] = values_8
+                    scales.transpose(1, 2)[cache_slot, cache_pos] = scale
+                keys = dequantize_fp8(self.k_cache[i][slots, :, :end], self.k_scale[i][slots, :, :end], q.dtype)
+                values = dequantize_fp8(self.v_cache[i][slots, :, :end], self.v_scale[i][slots, :, :end], q.dtype)
+            else:
+                for cache, new in ((self.k_cache[i], k), (self.v_cache[i], v)):
+                    cache.transpose(1, 2)[cache_slot, cache_pos] = new.transpose(1, 2)[rows, cols]
+                keys, values = self.k_cache[i][slots, :, :end], self.v_cache[i][slots, :, :end]
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
                                                                    scale=self.scale, enable_gqa=True)
             return out.transpose(1, 2).reshape(n, width, -1)

@@ -68,7 +68,7 @@ def generation_record(tokenizer, row: list[int], end_think: int | None, hit: boo
 
 
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int = 0,
-             progress: bool = False, samples: int = 1, tools=None) -> list[Generation]:
+             progress: bool = False, samples: int = 1, tools=None, kv_cache_dtype: str = "auto") -> list[Generation]:
     """Generate `samples` answers for every prompt (prompt-major order: all samples of prompt 0 first), drawn with
     `sampling` (budget, temperature, top-p, seed).
 
@@ -79,12 +79,17 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     (`llmhelpers.inference.engine`): finished answers free their slot at once, and on a GPU the decode step is a CUDA
     graph. Other models (4-bit, adapters attached: the training model) use `model.generate` in batches of
     prompts of similar length. batch_size 0 sizes the batch (or the engine's slots) to free GPU memory.
+    `kv_cache_dtype="fp8"` keeps the engine's KV cache in float8 (about half the bytes: twice the slots); the
+    model.generate path keeps its own cache and says so.
     """
     import llmhelpers.inference.engine as engine
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template put the bos
     if engine.supports(model):
-        return _engine_generate(model, tokenizer, ids, sampling, batch_size, progress, samples, tools)
+        return _engine_generate(model, tokenizer, ids, sampling, batch_size, progress, samples, tools, kv_cache_dtype)
+    if kv_cache_dtype != "auto":
+        print(f"kv_cache_dtype={kv_cache_dtype!r} applies to the engine only: this model (4-bit or with adapters "
+              "attached) generates through model.generate with its own cache")
     if sampling.seed is not None:
         import torch
 
@@ -99,7 +104,8 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     return hf_generate(model, tokenizer, flat, sampling, batch_size, progress)
 
 
-def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, tools=None) -> list[Generation]:
+def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, tools=None,
+                     kv_cache_dtype: str = "auto") -> list[Generation]:
     from llmhelpers.inference.engine import Engine, auto_slots
     from llmhelpers.inference.scheduler import Request
 
@@ -107,8 +113,8 @@ def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, 
     # appended tool output takes cache room beyond the generated budget
     max_len = max(map(len, ids), default=0) + budget + 1 + (tools.reserve_tokens if tools else 0)
     requests = [Request(i, budget, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
-    slots = min(len(requests), slots or auto_slots(model, max_len)) or 1
-    eng = Engine(model, slots=slots, max_len=max_len)
+    slots = min(len(requests), slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype)) or 1
+    eng = Engine(model, slots=slots, max_len=max_len, kv_cache_dtype=kv_cache_dtype)
     bar = None
     if progress:
         from tqdm.auto import tqdm
