@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="problems (0 = all 600)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="the engine's KV cache (issue #32: fp8's effect on held-out accuracy)")
     args = parser.parse_args()
 
     import torch
@@ -37,7 +39,7 @@ def main() -> None:
     from llmhelpers.model.loading import add_adapters, load_base_model, load_tokenizer, use_trained_base_weights
 
     work = Path(args.work)
-    cfg = make_config("small", output_dir=str(work / "outputs"))
+    cfg = make_config("small", output_dir=str(work / "outputs"), eval_kv_cache_dtype=args.kv_cache_dtype)
     tokenizer = load_tokenizer(cfg)
     examples, _ = load_problem_file(HELD_OUT)
     examples = examples[:args.limit] if args.limit else examples
@@ -59,6 +61,7 @@ def main() -> None:
                      "answers_per_second": round(len(rows) / seconds, 1)})
         print(json.dumps(runs[-1]), flush=True)
     out = {"gpu": torch.cuda.get_device_name(0), "problems": len(examples), "samples": cfg.eval_samples,
+           "kv_cache_dtype": args.kv_cache_dtype,
            "runs": runs, "command": " ".join(sys.argv)}
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
