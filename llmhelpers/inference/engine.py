@@ -203,9 +203,8 @@ class Engine:
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=cache_dtype) for _ in model.model.layers]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=cache_dtype) for _ in model.model.layers]
         # fp8: one float32 scale per cached head vector (2 x 4 bytes per position and kv head, against 2 x 128 saved)
-        scales = (lambda: [torch.ones(shape[:3], device=self.device) for _ in model.model.layers]) if self.fp8 \
-            else (lambda: [None for _ in model.model.layers])
-        self.k_scale, self.v_scale = scales(), scales()
+        self.k_scale = [torch.ones(shape[:3], device=self.device) if self.fp8 else None for _ in model.model.layers]
+        self.v_scale = [torch.ones(shape[:3], device=self.device) if self.fp8 else None for _ in model.model.layers]
         # static inputs and outputs of the decode step
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -236,19 +235,32 @@ class Engine:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.model.norm(hidden)
 
+    # the KV cache: every write and every prefill read goes through these two (an fp8 cache keeps a scale per vector)
+    def _write_kv(self, i, slots, positions, k, v):
+        """Keys and values [N, Hkv, D] into layer i's caches at the (slot, position) pairs."""
+        for cache, scales, new in ((self.k_cache[i], self.k_scale[i], k), (self.v_cache[i], self.v_scale[i], v)):
+            if scales is None:
+                cache.transpose(1, 2)[slots, positions] = new
+            else:
+                values, scale = quantize_fp8(new)
+                cache.transpose(1, 2)[slots, positions] = values
+                scales.transpose(1, 2)[slots, positions] = scale
+
+    def _read_kv(self, i, slots, end: int, dtype):
+        """Layer i's keys and values of `slots` up to position `end`, in `dtype`."""
+        out = []
+        for cache, scales in ((self.k_cache[i], self.k_scale[i]), (self.v_cache[i], self.v_scale[i])):
+            held = cache[slots, :, :end]
+            out.append(held if scales is None else dequantize_fp8(held, scales[slots, :, :end], dtype))
+        return out
+
     def _decode_attend(self, i, q, k, v, slot_idx, positions):
         n = q.shape[0]  # the first n slots decode (after compaction, fewer than all)
         pos = positions[:, 0]
-        k_cache, v_cache = self.k_cache[i][:n], self.v_cache[i][:n]
-        if self.fp8:
-            k_scale, v_scale = self.k_scale[i][:n], self.v_scale[i][:n]
-            k_cache[slot_idx, :, pos], k_scale[slot_idx, :, pos] = quantize_fp8(k[:, :, 0])
-            v_cache[slot_idx, :, pos], v_scale[slot_idx, :, pos] = quantize_fp8(v[:, :, 0])
-            out = self.decode_attention(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale, k_scale, v_scale)
-            return out.reshape(n, 1, -1)
-        k_cache[slot_idx, :, pos] = k[:, :, 0]
-        v_cache[slot_idx, :, pos] = v[:, :, 0]
-        out = self.decode_attention(q[:, :, 0], k_cache, v_cache, pos + 1, self.scale)
+        self._write_kv(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
+        scales = (self.k_scale[i][:n], self.v_scale[i][:n]) if self.fp8 else (None, None)
+        out = self.decode_attention(q[:, :, 0], self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale,
+                                    *scales)
         return out.reshape(n, 1, -1)
 
     def set_sampling(self, sampling: SamplingParams) -> None:
@@ -298,11 +310,9 @@ class Engine:
         self.graphs[key].replay()
 
     def _move(self, src: int, dst: int, length: int):
-        for cache in (*self.k_cache, *self.v_cache):
-            cache[dst, :, :length] = cache[src, :, :length]
-        if self.fp8:
-            for scale in (*self.k_scale, *self.v_scale):
-                scale[dst, :, :length] = scale[src, :, :length]
+        for cache in (*self.k_cache, *self.v_cache, *self.k_scale, *self.v_scale):
+            if cache is not None:
+                cache[dst, :, :length] = cache[src, :, :length]
 
     def _extend(self, items: list[tuple[int, list[int], int]]) -> list[int]:
         """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
@@ -327,17 +337,9 @@ class Engine:
         mask = (torch.arange(end, device=self.device)[None, None, :] <= pos_t[:, :, None]) | ~valid[:, :, None]
 
         def attend(i, q, k, v, slot_idx, positions):
-            if self.fp8:  # the prompt attends to what later steps will read: its own keys and values in fp8
-                for cache, scales, new in ((self.k_cache[i], self.k_scale[i], k), (self.v_cache[i], self.v_scale[i], v)):
-                    values_8, scale = quantize_fp8(new.transpose(1, 2)[rows, cols])
-                    cache.transpose(1, 2)[cache_slot, cache_pos] = values_8
-                    scales.transpose(1, 2)[cache_slot, cache_pos] = scale
-                keys = dequantize_fp8(self.k_cache[i][slots, :, :end], self.k_scale[i][slots, :, :end], q.dtype)
-                values = dequantize_fp8(self.v_cache[i][slots, :, :end], self.v_scale[i][slots, :, :end], q.dtype)
-            else:
-                for cache, new in ((self.k_cache[i], k), (self.v_cache[i], v)):
-                    cache.transpose(1, 2)[cache_slot, cache_pos] = new.transpose(1, 2)[rows, cols]
-                keys, values = self.k_cache[i][slots, :, :end], self.v_cache[i][slots, :, :end]
+            # written first and read back: the prompt attends to what later steps will read (fp8 included)
+            self._write_kv(i, cache_slot, cache_pos, k.transpose(1, 2)[rows, cols], v.transpose(1, 2)[rows, cols])
+            keys, values = self._read_kv(i, slots, end, q.dtype)
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
                                                                    scale=self.scale, enable_gqa=True)
             return out.transpose(1, 2).reshape(n, width, -1)
