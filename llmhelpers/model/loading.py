@@ -104,10 +104,10 @@ def lora_settings(cfg) -> dict:
     return settings
 
 
-def _first_difference(recorded: dict, current: dict) -> str | None:
+def _first_difference(recorded: dict, current: dict, now: str = "now") -> str | None:
     for key, value in recorded.items():
         if current.get(key) != value:
-            return f"{key}={value!r}, but now {key}={current.get(key)!r}"
+            return f"{key}={value!r}, but {now} {key}={current.get(key)!r}"
     return None
 
 
@@ -190,8 +190,7 @@ def finish_lora(peft_model, cfg):
                          "before get_peft_model (re-run the LoRA step)")
     attached = library_settings(peft_model.peft_config["default"])
     wanted = library_settings(cfg.lora)
-    diff = next((f"{key}={attached.get(key)!r}, but cfg has {key}={value!r}" for key, value in wanted.items()
-                 if key not in PEFT_FILLS_IN and attached.get(key) != value), None)
+    diff = _first_difference({k: attached.get(k) for k in wanted if k not in PEFT_FILLS_IN}, wanted, "cfg has")
     if diff:
         raise ValueError(f"the adapters were attached with {diff}: lora_config changed after cfg was built. Re-run "
                          "the cell that builds cfg (make_config), then the LoRA step.")

@@ -23,7 +23,7 @@ from llmhelpers.training.checkpoints import (RUN_COMPLETE, checkpoint_bytes, che
                                             set_aside_folders)
 from llmhelpers.training.run_lock import RunLock
 from llmhelpers.training.runs import record_run
-from llmhelpers.training.trainer import OneLineError, TrainingDiverged, check_data_matches
+from llmhelpers.training.trainer import OneLineError, TrainingDiverged, check_built_with
 
 # How messages name the two ways on, in the notebook's words; the CLI puts its own (llmhelpers.cli.CLI_WORDS).
 WORDS = {"start over": "run start_over(cfg)", "resume": "re-run the training cell"}
@@ -110,22 +110,25 @@ class TrainingRun:
         return False
 
     def _write_records(self) -> None:
-        trainer, cfg = self.trainer, self.cfg
+        trainer = self.trainer
         if not self.main:
             return
-        if self.finished:
-            if getattr(trainer, "llm_records_incomplete", False):  # killed after its last checkpoint, or damaged
-                (cfg.run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-                (cfg.run_dir / RUN_COMPLETE).write_text(json.dumps(trainer.llm_finished_metrics, indent=1))
-                record_run(cfg, status="finished", metrics=trainer.llm_finished_metrics)
-                print("the run's records were incomplete (killed after its last checkpoint?): written from "
-                      f"{Path(self.checkpoint).name}")
-            print(f"this run already finished at step {trainer.state.global_step}: nothing trained; weights loaded "
-                  f"from {trainer.llm_loaded_from}. To train it again, {WORDS['start over']} first.")
-            return
-        (cfg.run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         output = trainer.llm_last_output
-        metrics = {"global_step": output.global_step, **output.metrics, "best_eval_loss": trainer.state.best_metric}
+        if not self.finished:
+            self._record_finished({"global_step": output.global_step, **output.metrics,
+                                   "best_eval_loss": trainer.state.best_metric})
+            return
+        if getattr(trainer, "llm_records_incomplete", False):  # killed after its last checkpoint, or damaged
+            self._record_finished(output.metrics)
+            print("the run's records were incomplete (killed after its last checkpoint?): written from "
+                  f"{Path(self.checkpoint).name}")
+        print(f"this run already finished at step {trainer.state.global_step}: nothing trained; weights loaded "
+              f"from {trainer.llm_loaded_from}. To train it again, {WORDS['start over']} first.")
+
+    def _record_finished(self, metrics: dict) -> None:
+        """log_history.json (losses per step), run_complete.json (final metrics) and the runs index's line."""
+        cfg = self.cfg
+        (cfg.run_dir / "log_history.json").write_text(json.dumps(self.trainer.state.log_history, indent=1))
         (cfg.run_dir / RUN_COMPLETE).write_text(json.dumps(metrics, indent=1))
         record_run(cfg, status="finished", metrics=metrics)
 
@@ -150,11 +153,7 @@ def check_trainer_matches(trainer, cfg) -> None:
     setting needs more than a new trainer."""
     if Path(trainer.args.output_dir).resolve() == cfg.run_dir.resolve():
         return
-    from llmhelpers.model.loading import check_lora_matches, check_model_matches
-
-    check_model_matches(trainer.model, cfg)
-    check_data_matches(getattr(trainer, "llm_data_key", None), cfg)
-    check_lora_matches(trainer.model, cfg)
+    check_built_with(cfg, trainer.model, getattr(trainer, "llm_data_key", None))
     raise ValueError(f"this trainer was built for the run in {trainer.args.output_dir}, but cfg is now the run "
                      f"{cfg.run_name}: re-run the step that builds the trainer (ResumableSFTTrainer(args="
                      "cfg.trainer_args(), ...)), then this one.")

@@ -289,7 +289,6 @@ class ResumableSFTTrainer(SFTTrainer):
             metrics = {"global_step": state.global_step,
                        "train_loss": run_totals_at(last)["loss_sum"] / max(state.global_step, 1),
                        "best_eval_loss": state.best_metric, "records_completed_from": last.name}
-        self.llm_finished_metrics = metrics
         return TrainOutput(state.global_step, metrics.get("train_loss"), metrics)
 
     def _start_afresh(self) -> None:
@@ -426,12 +425,17 @@ def throughput_meter(trainer) -> ThroughputMeter | None:
 
 
 def check_ready_to_train(cfg, model, data) -> None:
-    """Refuse, naming the cell to re-run, when the model or data in memory were built under other settings. The
-    earliest stale step is named (model, then data, then LoRA), so one message says where to re-run from."""
+    """Refuse, naming the cell to re-run, when the model or data in memory were built under other settings."""
+    check_built_with(cfg, model, getattr(data, "key", None))
+
+
+def check_built_with(cfg, model, data_key) -> None:
+    """The model, the data (its key) and the LoRA adapters against cfg. The earliest stale step is named (model, then
+    data, then LoRA), so one message says where to re-run from."""
     from llmhelpers.model.loading import check_lora_matches, check_model_matches
 
     check_model_matches(model, cfg)
-    check_data_matches(getattr(data, "key", None), cfg)
+    check_data_matches(data_key, cfg)
     check_lora_matches(model, cfg)
 
 
