@@ -53,8 +53,8 @@ class FinetuneConfig:
     # the same forward bit for bit, a fraction of peft's per-layer CPU work, which held the GPU back on 8k-token rows.
     fused_lora: bool = True
     # The frozen 4-bit base dequantized once into bf16 and kept for the training steps (with fused_lora), instead of
-    # in every forward, backward and recomputation: the same numbers, 2 bytes per base parameter of GPU memory (3.1 GB
-    # for the 1.5B). "auto": kept when the worst step still fits memory_limit_gib with it (measured before step 1,
+    # in every forward, backward and recomputation: the same numbers, 2 bytes per quantized parameter of GPU memory
+    # (2.4 GiB for the 1.5B). "auto": kept when the worst step still fits memory_limit_gib with it (measured before step 1,
     # with the checkpointed layers chosen after it); "on", "off".
     dequantize_once: str = "auto"
 

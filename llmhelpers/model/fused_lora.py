@@ -163,7 +163,7 @@ def keep_dense_base(model, on: bool, dtype=None) -> int:
     """Keep (or drop) each fused LoRA layer's 4-bit base weight dequantized once, in `dtype` (default: the layer's
     compute dtype), for the training steps: the frozen base never changes, so dequantizing it in every forward and
     backward (and every recomputation) is repeated work. The values are bitsandbytes' own dequantization, so the
-    numbers are the same; the cost is memory: 2 bytes per base parameter in bf16 (3.1 GB for the 1.5B model).
+    numbers are the same; the cost is memory: 2 bytes per quantized base parameter in bf16 (2.4 GiB for the 1.5B model's linear layers).
     Not a parameter or buffer: never saved, never trained. Returns the bytes kept."""
     kept = 0
     for module in model.modules():

@@ -103,14 +103,13 @@ def _choose(trainer, cfg) -> dict:
     n_layers = len(decoder_layers(trainer.model))
     cuda = torch.cuda.is_available()
     dense = _keep_dense(trainer, cfg, cuda)
-    if not cfg.sft.activation_checkpointing or cfg.checkpoint_layers >= 0 or not cuda:
-        if not cfg.sft.activation_checkpointing:
-            n, why = 0, "activation_checkpointing off"
-        elif cfg.checkpoint_layers >= 0:
-            n, why = set_checkpointed_layers(trainer.model, cfg.checkpoint_layers), "checkpoint_layers set"
-        else:
-            n, why = set_checkpointed_layers(trainer.model, n_layers), "no GPU to measure: all layers recompute"
-        return {"checkpointed_layers": n, "of": n_layers, "why": why, "dequantized_base_bytes": dense}
+    chosen = lambda n, why: {"checkpointed_layers": n, "of": n_layers, "why": why, "dequantized_base_bytes": dense}
+    if not cfg.sft.activation_checkpointing:
+        return chosen(0, "activation_checkpointing off")
+    if cfg.checkpoint_layers >= 0:
+        return chosen(set_checkpointed_layers(trainer.model, cfg.checkpoint_layers), "checkpoint_layers set")
+    if not cuda:
+        return chosen(set_checkpointed_layers(trainer.model, n_layers), "no GPU to measure: all layers recompute")
     limit = cfg.memory_limit_gib * 2**30 if cfg.memory_limit_gib else torch.cuda.get_device_properties(
         trainer.args.device).total_memory
     total = torch.cuda.get_device_properties(trainer.args.device).total_memory
