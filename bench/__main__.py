@@ -13,6 +13,7 @@ to compare it: the commit, whether the tree had changes, the GPU, the library ve
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the scripts' shared helpers (common.py)
 
 # name -> (script, what it measures or checks)
 MEASUREMENTS = {
@@ -55,32 +57,18 @@ def configurations(script: str) -> list[str]:
 
 
 def default_out(name: str) -> Path:
-    sys.path.insert(0, str(HERE))
     from common import gpu_name
 
     gpu = gpu_name().lower().replace("nvidia ", "").split()[0] if gpu_name() else "cpu"
     return HERE / "results" / f"{time.strftime('%Y-%m-%d')}-{gpu}-{name}.json"
 
 
-def option(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def without_option(args: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
+def harness_options(args: list[str], *names: str):
+    """The options the harness itself reads (`--out`, `--configs`), and the arguments left for the script."""
+    parser = argparse.ArgumentParser(add_help=False)  # a script's own --help passes through
+    for name in names:
+        parser.add_argument(name)
+    return parser.parse_known_args(args)
 
 
 def run_script(script: str, args: list[str]) -> int:
@@ -93,7 +81,6 @@ def stamp(out: Path, command: list[str]) -> None:
     """Add the provenance to a result the script wrote (a check writes its own)."""
     if not out.exists():
         return
-    sys.path.insert(0, str(HERE))
     from common import provenance
 
     result = json.loads(out.read_text())
@@ -105,9 +92,9 @@ def stamp(out: Path, command: list[str]) -> None:
 def train(args: list[str], command: list[str]) -> int:
     """`--configs` may mix the project's configurations and Unsloth's (`unsloth-<name>`): each set runs in its own
     process and the runs land in one result file."""
-    out = Path(option(args, "--out") or default_out("train"))
-    rest = without_option(without_option(args, "--out"), "--configs")
-    names = (option(args, "--configs") or "default").split(",")
+    known, rest = harness_options(args, "--out", "--configs")
+    out = Path(known.out or default_out("train"))
+    names = (known.configs or "default").split(",")
     ours = [n for n in names if not n.startswith(UNSLOTH_PREFIX)]
     theirs = [n.removeprefix(UNSLOTH_PREFIX) for n in names if n.startswith(UNSLOTH_PREFIX)]
     unknown = sorted(set(ours) - set(configurations("train_throughput.py"))) + \
@@ -152,15 +139,15 @@ def main(argv: list[str]) -> int:
         if not args or args[0] not in CHECKS:
             sys.stderr.write(f"python -m bench check <{'|'.join(CHECKS)}>\n")
             return 2
-        script = CHECKS[args[0]][0]
-        out = option(args[1:], "--out") or str(default_out(f"{args[0]}-check"))
-        return run_script(script, [*without_option(args[1:], "--out"), "--out", out])
+        known, rest = harness_options(args[1:], "--out")
+        return run_script(CHECKS[args[0]][0], [*rest, "--out", known.out or str(default_out(f"{args[0]}-check"))])
     if name not in MEASUREMENTS:
         sys.stderr.write(f"unknown benchmark {name!r}: `python -m bench list` shows them\n")
         return 2
-    out = Path(option(args, "--out") or default_out(name))
+    known, rest = harness_options(args, "--out")
+    out = Path(known.out or default_out(name))
     out.parent.mkdir(parents=True, exist_ok=True)
-    status = run_script(MEASUREMENTS[name][0], [*without_option(args, "--out"), "--out", str(out)])
+    status = run_script(MEASUREMENTS[name][0], [*rest, "--out", str(out)])
     stamp(out, command)
     return status
 
