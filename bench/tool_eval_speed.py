@@ -24,7 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", required=True, help="the small profile's saved adapters (a final/ folder)")
     parser.add_argument("--work", default="/tmp/tool-eval")
-    parser.add_argument("--limit", type=int, default=0, help="problems (0 = all 600)")
+    parser.add_argument("--problems", default=HELD_OUT,
+                        help="a problem file (data/small/heldout_templates.jsonl: templates training never saw)")
+    parser.add_argument("--limit", type=int, default=0, help="problems (0 = all of the file)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
@@ -41,7 +43,7 @@ def main() -> None:
     work = Path(args.work)
     cfg = make_config("small", output_dir=str(work / "outputs"), eval_kv_cache_dtype=args.kv_cache_dtype)
     tokenizer = load_tokenizer(cfg)
-    examples, _ = load_problem_file(HELD_OUT)
+    examples, _ = load_problem_file(args.problems)
     examples = examples[:args.limit] if args.limit else examples
     plain = load_base_model(cfg, quantized=False)
     use_trained_base_weights(plain, cfg)
@@ -60,7 +62,7 @@ def main() -> None:
                      "new_tokens": sum(r.new_tokens for r in rows),
                      "answers_per_second": round(len(rows) / seconds, 1)})
         print(json.dumps(runs[-1]), flush=True)
-    out = {"gpu": torch.cuda.get_device_name(0), "problems": len(examples), "samples": cfg.eval_samples,
+    out = {"gpu": torch.cuda.get_device_name(0), "problem_file": args.problems, "problems": len(examples), "samples": cfg.eval_samples,
            "kv_cache_dtype": args.kv_cache_dtype,
            "runs": runs, "command": " ".join(sys.argv)}
     if args.out:

@@ -82,7 +82,8 @@ class FinetuneConfig:
     eval_batch_size: int = 0  # 0 = as many sequences (engine slots) as fit 85% of free GPU memory
     eval_bf16: bool = True  # evaluate on bf16 weights (base, then merged adapters): the fast engine runs those
     # The engine's KV cache: "auto" (the model's dtype) or "fp8" (e4m3 values with a scale per head vector: about half
-    # the bytes, so about twice the slots). An option until its accuracy on real weights is measured (FINETUNING_GUIDE).
+    # the bytes, so about twice the slots). Off: measured on real weights it cost a little accuracy and speed where the
+    # slot cap, not memory, bounds the batch (FINETUNING_GUIDE); for cards where memory bounds the slots.
     eval_kv_cache_dtype: str = "auto"
     eval_do_sample: bool = True  # False = greedy (loops on R1 models; only for debugging)
     eval_temperature: float = 0.6  # the model authors' recommendation
