@@ -14,6 +14,22 @@ def length_histogram(lengths: list[int], max_example_tokens: int, ax=None):
     return ax.figure
 
 
+def reward_curve(history: dict[str, list], ax=None):
+    """GRPO's mean rewards per step (llmhelpers.training.grpo.reward_history): the weighted total and each reward."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ax = ax or plt.subplots(figsize=(7, 3))[1]
+    ax.plot(history["step"], history["reward"], label="reward (weighted)")
+    for name in ("correct", "format"):
+        if any(v is not None for v in history[name]):
+            ax.plot(history["step"], history[name], label=name, alpha=0.7)
+    ax.set(xlabel="optimizer step", ylabel="mean reward", title="GRPO rewards")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    return ax.figure
+
+
 def loss_curve(history: dict[str, list], ax=None):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

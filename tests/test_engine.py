@@ -120,6 +120,7 @@ def test_a_paused_sequence_resumes_with_appended_text(tiny, feed_max):
     first = seen[0]
     assert req.new_ids[:5] == first and req.new_ids[5:5 + len(appended)] == appended
     assert req.appended == len(appended) and len(req.new_ids) == 20 + len(appended)  # appended text is free
+    assert req.appended_spans == [(5, len(appended))]  # where the interpreter wrote: left out of a GRPO loss
     # what follows is what the model says with the appended text in its context, as if it had been prompted so
     assert req.new_ids[5 + len(appended):] == hf_greedy(model, tok, prompts[0] + first + appended, 15)
     assert other.new_ids == hf_greedy(model, tok, prompts[1], 20)

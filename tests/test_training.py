@@ -363,5 +363,22 @@ def test_every_private_library_member_the_trainer_uses_is_listed_and_still_there
     assert not missing, missing
     listed = {what.split()[-1].removeprefix("self.") for _, what in trainer_module.PRIVATE_MEMBERS}
     used = set(re.findall(r"(?:self|trainer|accelerator)\.(_[a-z][a-z_]*)", inspect.getsource(trainer_module)))
-    own = {"_loss_sum_before", "_own_optimizer", "_calls", "_start_afresh", "_session_loss_sum", "_load_finished"}
+    own = {"_loss_sum_before", "_own_optimizer", "_calls", "_start_afresh", "_session_loss_sum", "_load_finished",
+           "_init_run", "_training_step"}
     assert used - own <= listed, used - own - listed
+
+
+def test_every_private_member_the_grpo_trainer_uses_is_listed_and_still_there():
+    import inspect
+    import re
+
+    import trl
+
+    from llmhelpers.training import grpo
+
+    source = inspect.getsource(trl.GRPOTrainer)
+    missing = [what for cls, what in grpo.GRPO_PRIVATE_MEMBERS if what not in source]
+    assert not missing, missing
+    listed = {what.split()[-1].removeprefix("self.") for _, what in grpo.GRPO_PRIVATE_MEMBERS}
+    used = set(re.findall(r"(?:self|trainer)\.(_[a-z][a-z_]*)", inspect.getsource(grpo)))
+    assert used - {"_init_run", "_start_afresh"} <= listed, used - listed

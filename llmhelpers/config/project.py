@@ -111,8 +111,15 @@ class FinetuneConfig:
     lora: typing.Any = None  # peft.LoraConfig
     sft: typing.Any = None  # trl.SFTConfig (its output_dir is the root; the trainer writes to run_dir)
 
+    config_name: typing.ClassVar[str] = CONFIG_NAME  # the file it is saved in, beside a run's checkpoints
+
     def __post_init__(self):
         check(self)
+
+    @property
+    def trainer_config(self):
+        """The library config the trainer runs with (SFTConfig; a GRPO run's is its GRPOConfig)."""
+        return self.sft
 
     # --- what other steps read, derived from the library configs ----------------------------------------------------
     @property

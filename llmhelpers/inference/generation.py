@@ -19,11 +19,21 @@ class Generation:
     tool_errors: int = 0
     tool_timeouts: int = 0
     appended_tokens: int = 0  # interpreter output inside new_tokens (written by the tool, not the model)
+    ids: list = field(default_factory=list)  # the new token ids (new_tokens of them), eos included when it came
+    appended_spans: list = field(default_factory=list)  # (start, length) in ids of each interpreter output
 
-    def with_tools(self, record, appended: int) -> "Generation":
+    def with_tools(self, record, appended: int, spans=()) -> "Generation":
         self.tool_runs, self.tool_calls = list(record.runs), record.calls
         self.tool_errors, self.tool_timeouts, self.appended_tokens = record.errors, record.timeouts, appended
+        self.appended_spans = [(start, length) for start, length in spans if start < self.new_tokens]
         return self
+
+    def model_token_mask(self) -> list[int]:
+        """1 for each id the model generated, 0 for the interpreter's output (left out of a policy loss)."""
+        mask = [1] * len(self.ids)
+        for start, length in self.appended_spans:
+            mask[start:start + length] = [0] * len(mask[start:start + length])
+        return mask
 
 
 def _raw_row(tokenizer, row: list[int]) -> tuple[list[int], bool]:
@@ -64,7 +74,7 @@ def generation_record(tokenizer, row: list[int], end_think: int | None, hit: boo
         n, stopped = len(row), False
     think = thinking_length(tokenizer, row[:n], end_think)
     return Generation(tokenizer.decode(row[:n], skip_special_tokens=True), n,
-                      (not stopped) if hit is None else hit, think)
+                      (not stopped) if hit is None else hit, think, ids=list(row[:n]))
 
 
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int = 0,
@@ -140,7 +150,7 @@ def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, 
     end_think = end_think_id(tokenizer)
     out = [generation_record(tokenizer, r.new_ids, end_think, r.hit_budget) for r in requests]
     if tools is not None:
-        out = [g.with_tools(tools.record(id(r)), r.appended) for g, r in zip(out, requests)]
+        out = [g.with_tools(tools.record(id(r)), r.appended, r.appended_spans) for g, r in zip(out, requests)]
     return out
 
 

@@ -31,6 +31,7 @@ class Request:
     key: object = None  # whatever the caller uses to match results (problem index, sample number)
     new_ids: list[int] = field(default_factory=list)  # generated and appended tokens, in order
     appended: int = 0  # how many of new_ids were appended by on_pause (not generated)
+    appended_spans: list = field(default_factory=list)  # (start, length) in new_ids of each appended text
     hit_budget: bool = False
     finished: bool = False
 
@@ -183,6 +184,7 @@ class Scheduler:
             if seq.length + len(extra) + 2 >= self.max_len:
                 self._finish(slot, hit=True)
                 continue
+            seq.request.appended_spans.append((len(seq.request.new_ids), len(extra)))
             seq.request.new_ids.extend(extra)
             seq.request.appended += len(extra)
             if len(extra) <= self.feed_max:

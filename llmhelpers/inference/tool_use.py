@@ -237,6 +237,7 @@ class ToolRunner:
         new: list[list[int]] = [[] for _ in ids]
         keys = [(id(new), i) for i in range(len(ids))]  # unique per call: one runner may serve several calls
         appended = [0] * len(ids)
+        spans: list[list[tuple[int, int]]] = [[] for _ in ids]
         hit = [False] * len(ids)
         live = list(range(len(ids)))
         while live:
@@ -258,13 +259,15 @@ class ToolRunner:
                     hit[i] = True
             for i, future in paused.items():
                 extra = future.result()
+                spans[i].append((len(new[i]), len(extra)))
                 new[i] += extra
                 appended[i] += len(extra)
             live = list(paused)
         for key in keys:
             self.release(key)
         end_think = end_think_id(tokenizer)
-        return [generation_record(tokenizer, row, end_think, hit[i]).with_tools(self.record(keys[i]), appended[i])
+        return [generation_record(tokenizer, row, end_think, hit[i]).with_tools(self.record(keys[i]), appended[i],
+                                                                                spans[i])
                 for i, row in enumerate(new)]
 
     def record(self, key) -> AnswerTools:

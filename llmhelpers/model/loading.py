@@ -281,6 +281,28 @@ def add_adapters(base, adapter_dir, cfg):
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
+def load_adapter_weights(model, adapter_dir) -> None:
+    """Saved adapters' weights into the LoRA layers already attached to `model` (the same layout): a GRPO run starts
+    from the SFT run's adapters this way, on the model whose LoRA the trainer optimizes. Every saved tensor must
+    land on a LoRA weight and every LoRA weight must be given one."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no saved adapters (adapter_model.safetensors missing): train "
+                                "and save them first, or start from the base model (start_from='base')")
+    state = load_file(str(weights))
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if any(k == n or k.endswith(n) for n in lora)]
+    if result.unexpected_keys or missing or not state:
+        raise ValueError(f"the adapters in {adapter_dir} do not fit the LoRA layers attached here (unexpected: "
+                         f"{list(result.unexpected_keys)[:3]}, missing: {missing[:3]}): attach LoRA with the "
+                         "settings they were trained with")
+
+
 def check_adapter_matches(adapter_dir, cfg) -> None:
     """Saved adapters belong to one base model: refuse to put them on another."""
     import json

@@ -10,7 +10,8 @@ from pathlib import Path
 def checkpoint_bytes(model, cfg) -> int:
     """Expected size of one checkpoint: adapters (fp32), optimizer state, tokenizer and small files."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = 2 if "8bit" in str(getattr(cfg.sft.optim, "value", cfg.sft.optim)) else 8  # two Adam moments, 1 or 4 bytes each
+    optim = cfg.trainer_config.optim
+    optimizer = 2 if "8bit" in str(getattr(optim, "value", optim)) else 8  # two Adam moments, 1 or 4 bytes each
     return trainable * (4 + optimizer) + 30 * 2**20
 
 

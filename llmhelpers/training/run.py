@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-from llmhelpers.config.project import CONFIG_NAME
 from llmhelpers.storage import ensure_free_space, save_model_folder
 from llmhelpers.training.checkpoints import (RUN_COMPLETE, checkpoint_bytes, checkpoint_step,
                                             choose_resume_checkpoint, finished, last_complete_checkpoint,
@@ -68,15 +67,19 @@ class TrainingRun:
             self._release()
             raise
         trainer.llm_run = self
+        trainer.llm_last_output = None  # what this block trains (a block that trains nothing records nothing)
         return self
 
     def _prepare_training(self, resume: Path | None) -> None:
         trainer, cfg = self.trainer, self.cfg
+        trainer.llm_nonfinite_steps = None
         if resume is None:
-            reset_adapters(trainer.model, cfg.seed)
+            start_adapters(trainer.model, cfg)
         ensure_free_space(cfg.run_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
         if self.main:
             record_run(cfg, status="training")
+        if not trainer.llm_memory_policy:  # GRPO: its GRPOConfig's activation_checkpointing, as written
+            return
         from llmhelpers.training.memory import choose_checkpointed_layers
 
         self.memory = decided = choose_checkpointed_layers(trainer, cfg)
@@ -87,7 +90,6 @@ class TrainingRun:
                                           if decided["why"] == "measured" else ")")
                   + (f"; the 4-bit base kept dequantized ({decided['dequantized_base_bytes'] / 2**30:.2f} GiB, "
                      "dequantize_once)" if decided.get("dequantized_base_bytes") else ""))
-        trainer.llm_nonfinite_steps = None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         trainer, cfg = self.trainer, self.cfg
@@ -114,6 +116,8 @@ class TrainingRun:
         if not self.main:
             return
         output = trainer.llm_last_output
+        if output is None:  # the block ended without training: nothing to record
+            return
         if not self.finished:
             self._record_finished({"global_step": output.global_step, **output.metrics,
                                    "best_eval_loss": trainer.state.best_metric})
@@ -153,9 +157,9 @@ def check_trainer_matches(trainer, cfg) -> None:
     setting needs more than a new trainer."""
     if Path(trainer.args.output_dir).resolve() == cfg.run_dir.resolve():
         return
-    check_built_with(cfg, trainer.model, getattr(trainer, "llm_data_key", None))
+    check_built_with(getattr(cfg, "sft_run", cfg), trainer.model, getattr(trainer, "llm_data_key", None))
     raise ValueError(f"this trainer was built for the run in {trainer.args.output_dir}, but cfg is now the run "
-                     f"{cfg.run_name}: re-run the step that builds the trainer (ResumableSFTTrainer(args="
+                     f"{cfg.run_name}: re-run the step that builds the trainer ({type(trainer).__name__}(args="
                      "cfg.trainer_args(), ...)), then this one.")
 
 
@@ -186,8 +190,8 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
     if state.is_main_process:  # validates (and sets aside) once; the other ranks read the outcome after the barrier
         run_dir.mkdir(parents=True, exist_ok=True)
         resume = choose_resume_checkpoint(run_dir, allow_fresh_optimizer)
-        if not finished(resume) or not (run_dir / CONFIG_NAME).exists():  # a finished run keeps the config it ran
-            cfg.save(run_dir / CONFIG_NAME)
+        if not finished(resume) or not (run_dir / cfg.config_name).exists():  # a finished run keeps its config
+            cfg.save(run_dir / cfg.config_name)
         for name, size in set_aside_folders(run_dir):
             print(f"  set aside earlier: {name} ({size / 1e6:.1f} MB); delete it once you no longer need it")
     state.wait_for_everyone()
@@ -202,6 +206,19 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
         else:
             print(f"starting a new run in {run_dir}")
     return resume
+
+
+def start_adapters(model, cfg) -> None:
+    """A run that starts from step 0: the adapters it starts from (a GRPO run's `start_adapters`: the SFT run's
+    saved ones), else fresh LoRA weights for the seed."""
+    folder = getattr(cfg, "start_adapters", None)
+    if folder is None:
+        reset_adapters(model, cfg.seed)
+        return
+    from llmhelpers.model.loading import load_adapter_weights
+
+    load_adapter_weights(model, folder)
+    print(f"the policy starts from the adapters in {folder}")
 
 
 def reset_adapters(model, seed: int) -> None:

@@ -49,7 +49,9 @@ def rebuilt_index(output_dir) -> dict[str, dict]:
     """The index rebuilt from the run folders (each holds its finetune_config.json; a finished one its
     run_complete.json): what record_run starts from when index.json cannot be read."""
     index = {}
-    for run in sorted((Path(output_dir) / "runs").glob("*/finetune_config.json")):
+    configs = [*(Path(output_dir) / "runs").glob("*/finetune_config.json"),
+               *(Path(output_dir) / "runs").glob("*/grpo_config.json")]
+    for run in sorted(configs):
         folder = run.parent
         try:
             metrics = json.loads((folder / "run_complete.json").read_text())
@@ -86,9 +88,13 @@ def record_run(cfg, **fields) -> dict:
     with _locked(path):
         index = _index_for_update(cfg.output_dir)
         entry = index.get(cfg.run_name, {"created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        entry.update(run=cfg.run_name, run_dir=str(cfg.run_dir), profile=cfg.profile,
-                     settings={k: v for k, v in flat_settings(cfg).items() if k in KEY_SETTINGS},
-                     changed=changed_settings(cfg),
+        if hasattr(cfg, "index_settings"):  # a GRPO run (llmhelpers.config.grpo)
+            settings, changed = cfg.index_settings()
+        else:
+            settings = {k: v for k, v in flat_settings(cfg).items() if k in KEY_SETTINGS}
+            changed = changed_settings(cfg)
+        entry.update(run=cfg.run_name, run_dir=str(cfg.run_dir), profile=cfg.profile, settings=settings,
+                     changed=changed,
                      updated=time.strftime("%Y-%m-%d %H:%M:%S"))
         entry.update(fields)
         index[cfg.run_name] = entry

@@ -182,30 +182,29 @@ PRIVATE_MEMBERS = {
 }
 
 
-class ResumableSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with what packed rows and runs that lose nothing need:
+class RunTrainer:
+    """What every trainer of a run needs, whatever TRL trainer it extends (SFTTrainer, GRPOTrainer):
 
-    - packed rows (`pack_tokens`) attend per sequence: the document mask of `llmhelpers.training.packing` in every training
-      and evaluation step, and the padding to the row's fixed length left out of the token count;
-    - the number of layers that recompute their activations (`llmhelpers.training.memory`) kept across the Trainer's
-      own switching-on of checkpointing;
-    - batches in an order fixed by (seed, epoch), length-grouped or packed rows, so a resume trains on exactly the
-      data the uninterrupted run would have (EpochSeededLengthGroupedSampler, EpochSeededRandomSampler);
     - fp32 LoRA weights (TRL casts them to bf16 for a 4-bit base): Adam's small late updates are not rounded
       away, checkpoints hold exactly the weights in memory, and a resume continues from them bit for bit (a bf16
       checkpoint loaded by peft comes back as fp32, so before this a resumed run trained other numbers);
+    - it trains only inside its run (`with TrainingRun(trainer, cfg) as run:`), from the checkpoint the run chose; a
+      finished run's checkpoint is loaded, weights and state, and nothing is trained;
     - the recorded `train_loss` is the mean over every step of the run, a resumed one included, and TRL's
       `num_tokens` counts the whole run's tokens (each checkpoint carries both sums, `run_totals.json`); the
       Trainer's own loss is the mean over one call's steps, and TRL's count restarts or runs on;
     - calling `train` again on the same trainer (a notebook cell re-run after Kernel > Interrupt) starts from the
       state a fresh trainer has: a new optimizer and scheduler over the model's current parameters (the old ones
       would step tensors that loading the checkpoint replaced), no leftover gradients, counters or meters;
+    - a step whose loss is not finite is counted without a sync, and the run stops at the next log or save
+      (StopOnNonFinite);
     - a checkpoint counts as complete only after all its files and its folder are fsynced and a
       `checkpoint_complete.json` marker is written (then fsynced too).
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    llm_memory_policy = False  # True: TrainingRun chooses the recomputed layers before step 1 (training/memory.py)
+
+    def _init_run(self) -> None:
         import torch
 
         for name, param in self.model.named_parameters():
@@ -217,17 +216,9 @@ class ResumableSFTTrainer(SFTTrainer):
         self._calls = 0
         self.llm_run = None  # the TrainingRun this trainer trains in (llmhelpers.training.run), set by its `with`
         self.llm_last_output = None
-        # the data settings it was built with (TRL may replace the dataset object): TrainingRun checks them
-        self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
-        # how many layers recompute (llmhelpers.training.memory); re-applied at each train start, after the Trainer
-        # has switched checkpointing on for every layer
-        self.checkpointed_layers: int | None = None
-        self.add_callback(KeepCheckpointedLayers(self))
         # steps whose loss was not finite (a device tensor: counted without a sync; StopOnNonFinite reads it)
         self.llm_nonfinite_steps = None
         self.add_callback(StopOnNonFinite(self))
-        # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.training.packing)
-        self.packed_mask = PackedMask(self.model) if self.padding_free else None
         # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
         # under its name (the default is a runs/<date>_<host> folder inside it)
         from transformers.integrations import TensorBoardCallback
@@ -264,7 +255,8 @@ class ResumableSFTTrainer(SFTTrainer):
         self._calls += 1
         totals = run_totals_at(resume_from_checkpoint) if resume_from_checkpoint else {}
         self._loss_sum_before = totals.get("loss_sum", 0.0)
-        self._total_train_tokens = totals.get("num_tokens", 0)
+        if hasattr(self, "_total_train_tokens"):  # SFTTrainer's count (GRPOTrainer's lives in the trainer state)
+            self._total_train_tokens = totals.get("num_tokens", 0)
         out = super().train(resume_from_checkpoint, *args, **kwargs)
         self.llm_last_output = TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss),
                                            out.metrics)
@@ -311,24 +303,13 @@ class ResumableSFTTrainer(SFTTrainer):
     def training_step(self, model, inputs, *args, **kwargs):
         import torch
 
-        if self.packed_mask is None:
-            loss = super().training_step(model, inputs, *args, **kwargs)
-        else:
-            with self.packed_mask.applied(self.model, inputs):  # forward and backward (checkpoint recomputation too)
-                loss = super().training_step(model, inputs, *args, **kwargs)
-            # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on
-            padding = torch.tensor(trailing_padding(inputs["position_ids"]), device=inputs["position_ids"].device)
-            self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding).sum().item())
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        loss = self._training_step(model, inputs, *args, **kwargs)
         bad = (~torch.isfinite(loss.detach())).any().to(torch.int64)
         self.llm_nonfinite_steps = bad if self.llm_nonfinite_steps is None else self.llm_nonfinite_steps + bad
         return loss
 
-    def prediction_step(self, model, inputs, *args, **kwargs):
-        if self.packed_mask is None:
-            return super().prediction_step(model, inputs, *args, **kwargs)
-        with self.packed_mask.applied(self.model, inputs):
-            return super().prediction_step(model, inputs, *args, **kwargs)
+    def _training_step(self, model, inputs, *args, **kwargs):
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def _session_loss_sum(self) -> float:
         """Sum of the per-step losses of this call so far (logged windows plus the window not yet logged)."""
@@ -343,17 +324,6 @@ class ResumableSFTTrainer(SFTTrainer):
             logs["train_loss"] = (self._loss_sum_before + logs["train_loss"] * steps) / max(self.state.global_step, 1)
         return super().log(logs, *args, **kwargs)
 
-    def _get_train_sampler(self, train_dataset=None):
-        import torch
-
-        sampler = super()._get_train_sampler(train_dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        if isinstance(sampler, LengthGroupedSampler):
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
-        if isinstance(sampler, torch.utils.data.RandomSampler):
-            return EpochSeededRandomSampler(len(sampler.data_source), seed)
-        return sampler
-
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         loss_sum = self._loss_sum_before + self._session_loss_sum()  # a collective: every rank takes part
@@ -365,6 +335,64 @@ class ResumableSFTTrainer(SFTTrainer):
                 "num_tokens": int(getattr(self, "_total_train_tokens", 0))}))
             mark_complete(checkpoint)
         self.accelerator.wait_for_everyone()
+
+
+
+
+class ResumableSFTTrainer(RunTrainer, SFTTrainer):
+    """TRL's SFTTrainer in a run (RunTrainer), with what packed rows and exact resumes of them need:
+
+    - packed rows (`pack_tokens`) attend per sequence: the document mask of `llmhelpers.training.packing` in every training
+      and evaluation step, and the padding to the row's fixed length left out of the token count;
+    - the number of layers that recompute their activations (`llmhelpers.training.memory`) kept across the Trainer's
+      own switching-on of checkpointing;
+    - batches in an order fixed by (seed, epoch), length-grouped or packed rows, so a resume trains on exactly the
+      data the uninterrupted run would have (EpochSeededLengthGroupedSampler, EpochSeededRandomSampler).
+    """
+
+    llm_memory_policy = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_run()
+        # the data settings it was built with (TRL may replace the dataset object): TrainingRun checks them
+        self.llm_data_key = getattr(kwargs.get("train_dataset"), "llm_data_key", None)
+        # how many layers recompute (llmhelpers.training.memory); re-applied at each train start, after the Trainer
+        # has switched checkpointing on for every layer
+        self.checkpointed_layers: int | None = None
+        self.add_callback(KeepCheckpointedLayers(self))
+        # packed rows (pack_tokens): each sequence attends only to itself (llmhelpers.training.packing)
+        self.packed_mask = PackedMask(self.model) if self.padding_free else None
+
+    def _training_step(self, model, inputs, *args, **kwargs):
+        import torch
+
+        if self.packed_mask is None:
+            return super()._training_step(model, inputs, *args, **kwargs)
+        with self.packed_mask.applied(self.model, inputs):  # forward and backward (checkpoint recomputation too)
+            loss = super()._training_step(model, inputs, *args, **kwargs)
+        # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on
+        padding = torch.tensor(trailing_padding(inputs["position_ids"]), device=inputs["position_ids"].device)
+        self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding).sum().item())
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        if self.packed_mask is None:
+            return super().prediction_step(model, inputs, *args, **kwargs)
+        with self.packed_mask.applied(self.model, inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        import torch
+
+        sampler = super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if isinstance(sampler, LengthGroupedSampler):
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        if isinstance(sampler, torch.utils.data.RandomSampler):
+            return EpochSeededRandomSampler(len(sampler.data_source), seed)
+        return sampler
 
 
 def run_totals_at(checkpoint) -> dict:
