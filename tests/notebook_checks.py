@@ -48,8 +48,8 @@ def _one_statement(source: str) -> bool:
 
 
 def pristine_notebook(path: Path):
-    """The notebook as the tests run it: outputs cleared and the parameters and recipe cells as committed (git's
-    HEAD), so a user's saved outputs and edited settings never change what the test command checks. Other edits to
+    """The notebook as the tests run it: outputs cleared and the parameters and recipe cells (SFT's and GRPO's) as
+    committed (git's HEAD), so a user's saved outputs and edited settings never change what the test command checks. Other edits to
     the notebook are kept (they are changes to test). Without git, the cells are taken as they are."""
     import subprocess
 
@@ -63,7 +63,7 @@ def pristine_notebook(path: Path):
         committed = nbformat.reads(text, as_version=4)
     except (OSError, subprocess.CalledProcessError, ValueError):
         return nb
-    for tag in ("parameters", "recipe"):
+    for tag in ("parameters", "recipe", "grpo-recipe"):
         mine, theirs = tagged(nb, tag), tagged(committed, tag)
         if len(mine) == len(theirs):
             for cell, original in zip(mine, theirs):

@@ -274,4 +274,5 @@ def test_the_notebooks_grpo_cell_is_the_recipe(profile, tmp_path, tiny_model_dir
                  "apply_grpo_profile": apply_grpo_profile, "GRPOConfig": __import__("trl").GRPOConfig,
                  "torch": __import__("torch"), "print": lambda *a: None}
     exec(cell.source, namespace)
-    assert namespace["rl_cfg"].run_id == make_grpo_config(cfg, tool_rollouts=cfg.tool_execution).run_id
+    rl_cfg = make_grpo_config(cfg, namespace["grpo_config"], start_from="sft", tool_rollouts=cfg.tool_execution)
+    assert rl_cfg.run_id == make_grpo_config(cfg, tool_rollouts=cfg.tool_execution).run_id
