@@ -239,6 +239,22 @@ def test_the_notebook_shows_the_recipe_and_its_results(smoke_run):
     assert committed.count("evaluate(") >= 3 and "evaluate_base_and_finetuned" not in committed
 
 
+def test_the_grpo_section_trains_from_each_sft_run_and_grades_its_policy(smoke_run):
+    """Section 13 ran in both passes: a GRPO run beside each SFT run (each started from that run's adapters), with its
+    adapters, records and graded answers, and the table with the GRPO row."""
+    import json
+
+    out, nb = smoke_run
+    grpo_runs = sorted((out / "runs").glob("grpo-*"))
+    assert len(grpo_runs) == 2
+    for run in grpo_runs:
+        assert (run / "final" / "adapter_model.safetensors").exists() and (run / "run_complete.json").exists()
+        assert json.loads((run / "grpo_config.json").read_text())["start_from"] == "sft"
+        assert list((run / "eval").glob("grpo*.jsonl"))
+    text = outputs_text(nb.cells)
+    assert text.count("the policy starts from the adapters in") == 2 and "\ngrpo " in text.replace("|", " ")
+
+
 def test_the_recipe_cells_are_configs_full_yaml():
     """The notebook's written-out recipe and configs/full.yaml (what the command line reads) are one recipe: the cells,
     run with PROFILE="full", give the same run as make_config("full")."""
