@@ -36,7 +36,7 @@ def _run_arguments():
     from llmhelpers.config.grpo import GRPORunConfig
 
     comments = field_comments(GRPORunConfig)
-    hints = {"start_from": str, "problems": str, "max_problems": int, "tool_rollouts": bool}
+    hints = {"start_from": str, "problems": str, "max_problems": int, "tool_rollouts": bool, "engine_rollouts": str}
     return dataclasses.make_dataclass("GRPORunArguments", [
         (f.name, hints[f.name], field(default=f.default, metadata={"help": comments.get(f.name, "")}))
         for f in dataclasses.fields(GRPORunConfig) if f.name in hints])

@@ -167,7 +167,7 @@ def tokenizer_and_rollouts(tok_current, tmp_path, monkeypatch):
 
     fake = [Generation("a", 6, False, ids=[5, 6, 7, 8, 9, 10], tool_calls=1, appended_spans=[(2, 3)]),
             Generation("b", 3, False, ids=[11, 12, 13])]
-    rollouts = ProjectRollouts(tok_current, SimpleNamespace(tool_rollouts=True, sft_run=None))
+    rollouts = ProjectRollouts(tok_current, SimpleNamespace(tool_rollouts=True, sft_run=None, engine_rollouts="off"))
 
     def generate(model, tokenizer, texts, sampling, tools=None):
         rollouts.seen_seed = sampling.seed
@@ -276,3 +276,48 @@ def test_the_notebooks_grpo_cell_is_the_recipe(profile, tmp_path, tiny_model_dir
     exec(cell.source, namespace)
     rl_cfg = make_grpo_config(cfg, namespace["grpo_config"], start_from="sft", tool_rollouts=cfg.tool_execution)
     assert rl_cfg.run_id == make_grpo_config(cfg, tool_rollouts=cfg.tool_execution).run_id
+
+
+def test_the_merged_policy_computes_what_the_4bit_model_with_adapters_computes(tiny_trainer, tok_current):
+    """MergedPolicy (the engine's copy of the policy): the same logits as the training model, before and after the
+    adapters change (refresh), and the engine's greedy answers from it are the training model's model.generate ones."""
+    import torch
+
+    from llmhelpers.inference.engine import supports
+    from llmhelpers.inference.generation import generate
+    from llmhelpers.inference.sampling import SamplingParams
+    from llmhelpers.model.merging import MergedPolicy
+
+    trainer, cfg, tok, _ = tiny_trainer()
+    model = trainer.model.eval()
+    ids = torch.tensor([tok("Compute 2+2. <think>", add_special_tokens=False)["input_ids"]])
+
+    def gap(merged):
+        with torch.no_grad():
+            return float((model(ids).logits - merged.model(ids).logits).abs().max())
+
+    merged = MergedPolicy(model)
+    assert supports(merged.model) and merged.dtype == torch.float32
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.2)  # adapters that change the answers
+    assert gap(merged) > 1e-2  # stale until refreshed
+    merged.refresh()
+    assert gap(merged) < 1e-4
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    prompts = ["Compute 2+2.", "What is 7*6?"]
+    assert [g.ids for g in generate(merged.model, tok, prompts, greedy)] == \
+        [g.ids for g in generate(model, tok, prompts, greedy)]
+
+
+def test_an_interrupted_grpo_run_on_engine_rollouts_re_run_is_the_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                                                  tiny_trainer):
+    import torch
+
+    clean, _, _, clean_weights, _ = grpo_run(tiny_trainer, tmp_path / "a", tiny_model_dir, engine_rollouts="on")
+    assert clean.rollout_func.merged is not None and clean.rollout_func.merged_step == 2  # refreshed each step
+    rl, _, result, weights, _ = grpo_run(tiny_trainer, tmp_path / "b", tiny_model_dir, interrupt_at=2,
+                                         engine_rollouts="on")
+    assert result.global_step == 3
+    assert all(torch.equal(w, clean_weights[n]) for n, w in weights.items())

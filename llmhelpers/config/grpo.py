@@ -54,6 +54,7 @@ PROFILE_CHANGES = {
               "optim": "adamw_torch", "activation_checkpointing": False, "report_to": "none"},
 }
 START_CHOICES = ("sft", "base")  # or a folder of saved adapters
+NOT_TRAINING = {"engine_rollouts"}  # GRPO run settings that do not change what is trained (the run id)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class GRPORunConfig:
     # python blocks in rollouts run in the sandbox and their output is appended, as in evaluation; those tokens are
     # left out of the policy loss (written by the interpreter, not the policy)
     tool_rollouts: bool = True
+    # Rollouts on the generation engine (continuous batching, CUDA graphs) over a merged copy of the policy, refreshed
+    # after each optimizer step (llmhelpers.model.merging.MergedPolicy: one more copy of the model in the compute
+    # dtype); "auto": on a CUDA GPU for the architectures the engine runs, "on", "off" (the training model's
+    # model.generate, as TRL does). A speed setting: it does not change the run id.
+    engine_rollouts: str = "auto"
 
     config_name: typing.ClassVar[str] = GRPO_CONFIG_NAME
 
@@ -76,6 +82,8 @@ class GRPORunConfig:
             raise ValueError(f"start_from={self.start_from!r} is invalid: 'sft', 'base' or a folder of saved adapters")
         if self.max_problems < 0:
             raise ValueError(f"max_problems={self.max_problems} is invalid: must be >= 0 (0 = all)")
+        if self.engine_rollouts not in ("auto", "on", "off"):
+            raise ValueError(f"engine_rollouts={self.engine_rollouts!r} is invalid: 'auto', 'on' or 'off'")
         if len(self.grpo.reward_weights or [1.0, 1.0]) != 2:
             raise ValueError(f"reward_weights={self.grpo.reward_weights} is invalid: two weights (correct, format)")
 
@@ -105,7 +113,7 @@ class GRPORunConfig:
 
     # --- the run ----------------------------------------------------------------------------------------------------
     def training_settings(self) -> dict:
-        own = self.project_settings()
+        own = {k: v for k, v in self.project_settings().items() if k not in NOT_TRAINING}
         if self.start_from not in START_CHOICES:
             own["start_from"] = _adapter_digest(Path(self.start_from))  # the weights, not the folder's name
         grpo = {k: v for k, v in library_settings(self.grpo).items() if k not in SFT_NOT_TRAINING}

@@ -46,6 +46,8 @@ class ResumableGRPOTrainer(RunTrainer, GRPOTrainer):
     def _start_afresh(self) -> None:
         super()._start_afresh()
         self._buffered_inputs = None  # rollouts drawn before the interrupt belong to the steps trained again
+        if isinstance(self.rollout_func, ProjectRollouts):
+            self.rollout_func.merged_step = None  # the checkpoint's weights replace the ones it holds
 
 
 class ProjectRollouts:
@@ -57,6 +59,39 @@ class ProjectRollouts:
     def __init__(self, tokenizer, rl_cfg):
         self.tokenizer, self.cfg = tokenizer, rl_cfg
         self.last: list = []  # the last batch's Generation records (tool runs, budget hits): what a cell can show
+        self.merged = None  # the engine's merged copy of the policy (engine_rollouts)
+        self.merged_step: int | None = None  # the optimizer step whose weights it holds
+
+    def policy(self, trainer):
+        """The model the answers are drawn from: the training model, or (engine_rollouts) its merged copy, brought
+        up to this step's weights."""
+        if not self.uses_engine(trainer.model):
+            return trainer.model
+        from llmhelpers.model.merging import MergedPolicy
+
+        step = trainer.state.global_step
+        if self.merged is None:
+            self.merged = MergedPolicy(trainer.model)
+        elif self.merged_step != step:
+            self.merged.refresh()
+        self.merged_step = step
+        return self.merged.model
+
+    def uses_engine(self, model) -> bool:
+        import torch
+
+        setting = self.cfg.engine_rollouts
+        if setting == "off" or not hasattr(model, "get_base_model"):
+            return False
+        architecture = type(model.get_base_model()).__name__
+        from llmhelpers.inference.engine import ARCHITECTURES
+
+        if architecture not in ARCHITECTURES:
+            if setting == "on":
+                raise ValueError(f"engine_rollouts='on': the engine runs {', '.join(ARCHITECTURES)}, not "
+                                 f"{architecture}; use 'auto' or 'off'")
+            return False
+        return setting == "on" or torch.cuda.is_available()
 
     def __call__(self, prompts: list, trainer) -> dict:
         from llmhelpers.inference.generation import generate
@@ -74,7 +109,7 @@ class ProjectRollouts:
                                                                                  add_generation_prompt=True)
                  for p in prompts]
         with tool_runner(self.tokenizer, self.cfg.sft_run, on=self.cfg.tool_rollouts) as tools:
-            generations = generate(trainer.model, self.tokenizer, texts, sampling, tools=tools)
+            generations = generate(self.policy(trainer), self.tokenizer, texts, sampling, tools=tools)
         self.last = generations
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         out = {"prompt_ids": prompt_ids, "completion_ids": [g.ids for g in generations], "logprobs": None}
