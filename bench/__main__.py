@@ -31,6 +31,8 @@ MEASUREMENTS = {
     "eval": ("eval_engine.py", "evaluation generation throughput of the engine (and the old generate() path)"),
     "tools": ("tool_eval_speed.py", "evaluation with tool execution on the small profile's fine-tuned model"),
     "real-weights": ("real_weights.py", "SmolLM2-135M before and after fine-tuning: the before/after table"),
+    "grpo-rollouts": ("grpo_rollouts.py", "GRPO steps: the engine's rollouts against TRL's default generation"),
+    "grpo": ("grpo_real_weights.py", "GRPO after SFT on SmolLM2-135M: held-out-template accuracy before and after"),
     "profile-train": ("profile_train.py", "where a training step spends its time"),
     "profile-engine": ("profile_engine.py", "where a decode step spends its time"),
 }

@@ -56,21 +56,7 @@ def run_mode(mode: str, steps: int, completion: int, tiny: bool) -> dict:
                                    processing_class=tokenizer,
                                    rollout_func=ProjectRollouts(tokenizer, rl_cfg) if mode == "engine" else None)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    rollouts, step_ends = [], []
-    generate = trainer._generate
-
-    def timed_generate(prompts):
-        sync()
-        started = time.perf_counter()
-        result = generate(prompts)
-        sync()
-        seconds = time.perf_counter() - started
-        lengths = trainer._metrics["train"]["completions/mean_length"][-1] * len(prompts)
-        rollouts.append({"step": trainer.state.global_step, "seconds": seconds, "tokens": lengths,
-                         "answers": len(prompts)})
-        return result
-
-    trainer._generate = timed_generate
+    rollouts, step_ends = time_rollouts(trainer), []
 
     import transformers
 
@@ -92,6 +78,29 @@ def run_mode(mode: str, steps: int, completion: int, tiny: bool) -> dict:
             "rollout_tok_s": round(tokens / seconds, 1) if seconds else None,
             "first_step_s": round(step_ends[0] - started, 1) if step_ends else None,
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
+
+
+def time_rollouts(trainer) -> list[dict]:
+    """Time each of the trainer's rollout calls (TRL's `_generate`, which calls the rollout_func or its own
+    generation): the list it returns fills with {step, seconds, tokens, answers} per call."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    rollouts, generate = [], trainer._generate
+
+    def timed_generate(prompts):
+        sync()
+        started = time.perf_counter()
+        result = generate(prompts)
+        sync()
+        seconds = time.perf_counter() - started
+        tokens = trainer._metrics["train"]["completions/mean_length"][-1] * len(prompts)
+        rollouts.append({"step": trainer.state.global_step, "seconds": seconds, "tokens": tokens,
+                         "answers": len(prompts)})
+        return result
+
+    trainer._generate = timed_generate
+    return rollouts
 
 
 def main() -> int:

@@ -12,7 +12,10 @@
 # tool-eval:   the fine-tuned SmolLM2 on its held-out problems and on the held-out templates, R1 protocol with tools,
 #              KV cache in the model's dtype and in fp8 (the gate for eval_kv_cache_dtype="fp8" becoming a default);
 # eval:        the evaluation engine's speed with the fp8 KV cache against the default (600 requests);
-# train-24gb:  the 24 GB setting with and without the dequantized base (dequantize_once's "auto", memory_limit_gib=22).
+# train-24gb:  the 24 GB setting with and without the dequantized base (dequantize_once's "auto", memory_limit_gib=22);
+# grpo:        issue #33 on real weights: GRPO from the train-small adapters on the practice templates, then SFT and
+#              GRPO graded with tools on the held-out templates (bench/grpo_real_weights.py; needs train-small first,
+#              or the adapters carried and unpacked into /tmp/adapters).
 set -uo pipefail
 carry=${CARRY:-/tmp/carry}
 dest=${1:?usage: pending_31_32.sh OUT stage...}
@@ -55,6 +58,10 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
+    grpo)
+      python bench/grpo_real_weights.py --adapters /tmp/adapters --work /tmp/grpo-rw --out "$dest/grpo.json" 2>&1 \
+        | grep -v -E "it/s\]|s/it\]" > "$dest/grpo.log"
+      tail -n 6 "$dest/grpo.log" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - started )) s"

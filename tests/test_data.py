@@ -273,3 +273,23 @@ def test_hub_sources_are_sampled_lazily_and_reproducibly(monkeypatch, tok_curren
     m = a.report.sources["mathcodeinstruct"]
     assert m.rows == 6 and m.train + m.eval == 6  # stopped after 6 good rows, did not read all
     assert sorted(e.question for e in a.train_examples) == sorted(e.question for e in b.train_examples)
+
+
+def test_the_small_profiles_problem_files_are_what_the_generator_writes_and_grpo_practises_apart():
+    """data/small/ as `python -m llmhelpers.data.synthetic` writes it (seeded), and GRPO's practice problems are the
+    held-out templates with other numbers: never a problem that heldout_templates.jsonl grades."""
+    import json
+
+    from llmhelpers.data.synthetic import build
+    from llmhelpers.paths import REPO_ROOT
+
+    built = build()
+    for name, rows in built.items():
+        committed = (REPO_ROOT / "data/small" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in committed] == rows, name
+    question = lambda row: row["messages"][0]["content"][0]["content"]
+    graded = {question(r) for r in built["heldout_templates"]}
+    practice = [question(r) for r in built["practice_templates"]]
+    assert len(practice) == 400 and not graded & set(practice)
+    assert {r["id"].split("-")[0] for r in built["practice_templates"]} == \
+        {r["id"].split("-")[0] for r in built["heldout_templates"]}

@@ -10,7 +10,10 @@ percentages, unit conversions and small linear equations, with integer answers.
 - train.jsonl: TRAIN_SIZE problems from the TRAIN_TEMPLATES;
 - heldout.jsonl: HELDOUT_SIZE problems from the same templates with new numbers (no (template, numbers) pair of the
   training file);
-- heldout_templates.jsonl: NEW_TEMPLATE_SIZE problems from templates never seen in training.
+- heldout_templates.jsonl: NEW_TEMPLATE_SIZE problems from templates never seen in training;
+- practice_templates.jsonl: PRACTICE_SIZE problems from those new templates with other numbers (no (template,
+  numbers) pair of heldout_templates.jsonl): what GRPO practises on before heldout_templates.jsonl grades it
+  (issue #33), as SFT trains on train.jsonl before heldout.jsonl grades it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 TRAIN_SIZE, HELDOUT_SIZE, NEW_TEMPLATE_SIZE = 4000, 600, 300
+PRACTICE_SIZE = 400  # 100 per new template: "trip" has 200 number pairs, 75 of them held out
 SEED = 2026
 
 
@@ -217,15 +221,18 @@ def _draw(templates, size: int, rng: random.Random, taken: set) -> list[tuple[Te
 
 
 def build(seed: int = SEED, train_size: int = TRAIN_SIZE, heldout_size: int = HELDOUT_SIZE,
-          new_template_size: int = NEW_TEMPLATE_SIZE) -> dict[str, list[dict]]:
-    rng, taken = random.Random(seed), set()
+          new_template_size: int = NEW_TEMPLATE_SIZE, practice_size: int = PRACTICE_SIZE) -> dict[str, list[dict]]:
+    rng, taken, taken_new = random.Random(seed), set(), set()
     train = _draw(TRAIN_TEMPLATES, train_size, rng, taken)
     heldout = _draw(TRAIN_TEMPLATES, heldout_size, rng, taken)  # `taken` holds every training pair: new numbers
-    new = _draw(NEW_TEMPLATES, new_template_size, rng, set())
+    new = _draw(NEW_TEMPLATES, new_template_size, rng, taken_new)
     rng.shuffle(train)
+    practice = _draw(NEW_TEMPLATES, practice_size, rng, taken_new)  # drawn last: the files above stay as they were
+    rng.shuffle(practice)
     return {"train": [mathcodeinstruct_row(t, p, i) for i, (t, p) in enumerate(train)],
             "heldout": [mathcodeinstruct_row(t, p, i) for i, (t, p) in enumerate(heldout)],
-            "heldout_templates": [mathcodeinstruct_row(t, p, i) for i, (t, p) in enumerate(new)]}
+            "heldout_templates": [mathcodeinstruct_row(t, p, i) for i, (t, p) in enumerate(new)],
+            "practice_templates": [mathcodeinstruct_row(t, p, i) for i, (t, p) in enumerate(practice)]}
 
 
 def write(out_dir: str | Path, **kwargs) -> dict[str, Path]:
