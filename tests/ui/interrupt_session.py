@@ -10,7 +10,8 @@ CLONE_DIR is a fresh clone whose environment is the active one. The session: ope
 (LLM_PROFILE=smoke), Run > Run All Cells; edit the recipe cells by typing into them (LoRA rank 8; in SFTConfig a
 learning rate and 60 steps) and run them and the config cell, then Run > Run Selected Cell and All Below from the
 LoRA step's cell; Kernel > Interrupt Kernel during
-training; re-run the training cell alone; then save. Prints what each step showed and writes a screenshot per step.
+training; re-run the training cell alone; the same in the GRPO section (40 steps typed into its GRPOConfig cell, run
+from its config cell, interrupted during GRPO training, its training cell re-run alone); then save. Prints what each step showed and writes a screenshot per step.
 """
 import json
 import os
@@ -171,6 +172,35 @@ try:
                                                    or "global_step" in l)[:800])
     driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[train_cell])
     shot("rerun-training")
+
+    # the GRPO section: 40 steps typed into its GRPOConfig cell, run from its config cell, interrupted in training
+    grpo_cell = cell_index("grpo_config = ")
+    grpo_text = cells()[grpo_cell].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text
+    retype(grpo_cell, grpo_text.replace("    max_steps=200,", "    max_steps=40,").splitlines())
+    grpo_train = cell_index("if RUN_GRPO:\n    with TrainingRun(")
+    select(cell_index("rl_cfg = make_grpo_config("))
+    menu("Run", "Run Selected Cell and All Below")
+    seen = 0
+    for _ in range(2400):
+        match = re.findall(r"\[\s*(\d+)/40\b", output(grpo_train))
+        seen = int(match[-1]) if match else 0
+        if 5 <= seen < 40:
+            break
+        time.sleep(0.05)
+    menu("Kernel", "Interrupt Kernel")
+    idle()
+    said = output(grpo_train)
+    print(f"GRPO interrupted (progress bar at {seen}/40); the cell ends with:",
+          said.strip().splitlines()[-1] if said.strip() else "(nothing)")
+    shot("grpo-interrupted")
+    select(grpo_train)
+    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    idle()
+    said = output(grpo_train)
+    print("re-run GRPO training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
+                                                        or "starting" in l)[:800])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[grpo_train])
+    shot("grpo-rerun-training")
     ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
     time.sleep(3)
     shot("saved")

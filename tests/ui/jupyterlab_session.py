@@ -10,6 +10,8 @@ It copies the repository's notebook into a fresh folder, starts JupyterLab there
 3. re-runs the training cell once more (a finished run: nothing is trained);
 4. turns `eval_without_tools` off in OVERRIDES and re-runs only the parameters and config cells and the three
    accuracy cells (base, fine-tuned, table);
+5. in the GRPO section, edits the GRPOConfig cell (learning rate), re-runs it, the GRPO config and trainer cells and
+   the GRPO training cell (a new GRPO run), then the training cell once more (finished: nothing trained);
 and fails if any cell shows a traceback. Screenshots and a JSON summary go to --out.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from selenium.webdriver.chrome.service import Service
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT_EDIT = ("    learning_rate=2e-4,", "    learning_rate=1e-4,\n    max_steps=10,")
+GRPO_EDIT = ("    learning_rate=5e-6, ", "    learning_rate=1e-5, ")
 
 
 def free_port() -> int:
@@ -164,6 +167,12 @@ def main() -> int:
                              shot(driver, out, "5b-base-vs-tuned", cell_index(driver, "prompts = [render_prompt(")),
                              shot(driver, out, "5c-accuracy", cell_index(driver, "eval_problems = "))]
         summary["tool_replay_output"] = outputs_of(driver, cell_index(driver, "with tool_runner("))
+        grpo_train = cell_index(driver, "if RUN_GRPO:\n    with TrainingRun(")
+        grpo_table = cell_index(driver, "if RUN_GRPO:\n    with finetuned_for_evaluation(")
+        summary["grpo_run_all_output"] = outputs_of(driver, grpo_train)[-800:]
+        summary["grpo_table_output"] = outputs_of(driver, grpo_table)[-1200:]
+        summary["shots"] += [shot(driver, out, "5d-grpo-training", grpo_train),
+                             shot(driver, out, "5e-grpo-table", grpo_table)]
 
         # A user edits the SFTConfig cell and re-runs it and the config cell, then the cells from the trainer on.
         sft_cell, cfg_cell = cell_index(driver, "sft_config = "), cell_index(driver, "cfg = make_config(")
@@ -210,6 +219,24 @@ def main() -> int:
         accuracy_cell = cell_index(driver, "results = [base_result")
         summary["accuracy_rerun_output"] = outputs_of(driver, accuracy_cell)[-1500:]
         summary["shots"].append(shot(driver, out, "9-accuracy-rerun", accuracy_cell))
+
+        # The GRPO section: a changed learning rate in its GRPOConfig cell is a new GRPO run; re-run, it is finished.
+        grpo_recipe = cell_index(driver, "grpo_config = ")
+        driver.execute_script(
+            f"const c = {NB}.content.widgets[arguments[0]].model.sharedModel;"
+            "c.setSource(c.getSource().replace(arguments[1], arguments[2]));", grpo_recipe, *GRPO_EDIT)
+        for cell in (grpo_recipe, cell_index(driver, "rl_cfg = make_grpo_config("),
+                     cell_index(driver, "rl_trainer = ResumableGRPOTrainer("), grpo_train):
+            select(driver, cell)
+            command(driver, "notebook:run-cell")
+            state = wait_idle(driver)
+        summary["grpo_rerun_output"] = outputs_of(driver, grpo_train)[-800:]
+        summary["shots"].append(shot(driver, out, "10-grpo-new-run", grpo_train))
+        select(driver, grpo_train)
+        command(driver, "notebook:run-cell")
+        state = wait_idle(driver)
+        summary["grpo_finished_output"] = outputs_of(driver, grpo_train)[-800:]
+        summary["shots"].append(shot(driver, out, "11-grpo-finished", grpo_train))
         summary["final_errors"] = state["errors"]
     finally:
         driver.quit()
@@ -222,6 +249,9 @@ def main() -> int:
     ok = ok and "already finished at step 10" in summary["finished_rerun_output"]
     ok = ok and "[executed in the sandbox]" in summary["tool_replay_output"]
     ok = ok and "finetuned-no-tools" not in summary["accuracy_rerun_output"]
+    ok = ok and "grpo-lr1e-5" in summary["grpo_rerun_output"] and "the policy starts from" in summary["grpo_rerun_output"]
+    ok = ok and "already finished at step 2" in summary["grpo_finished_output"]
+    ok = ok and "grpo" in summary["grpo_table_output"]
     return 0 if ok else 1
 
 
