@@ -67,6 +67,28 @@ def tiny_trainer(tmp_path, tiny_model_dir):
     return build
 
 
+def interrupted_and_rerun(trainer, cfg, step: int) -> str:
+    """A KeyboardInterrupt (what Kernel > Interrupt raises) after `step` of the run's training; returns the one-line
+    message the training cell shows. The caller then calls train() again on the same trainer, as a re-run cell does."""
+    import transformers
+
+    from llmhelpers.training.run import TrainingInterrupted, run_training
+
+    class Interrupt(transformers.TrainerCallback):
+        def __init__(self):
+            self.armed = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.armed and state.global_step == step:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    trainer.add_callback(Interrupt())
+    with pytest.raises(TrainingInterrupted) as caught:
+        run_training(trainer, cfg)
+    return str(caught.value)
+
+
 def greedy_tokens_match(llm, model, prompt: list[int], n: int = 8) -> bool:
     """llama.cpp's greedy continuation of `prompt` (token ids) equals transformers' for `n` tokens."""
     import torch

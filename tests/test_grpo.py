@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import interrupted_and_rerun
 from llmhelpers.config.grpo import GRPORunConfig, make_grpo_config
 from llmhelpers.config.profiles import make_config
 
@@ -22,11 +23,9 @@ def sft_config(out, tiny_model_dir, **changes):
 def grpo_run(tiny_trainer, out, tiny_model_dir, interrupt_at=None, **changes):
     """A GRPO run of the smoke recipe (3 steps, a checkpoint after each) on 4 problems; with interrupt_at, a
     KeyboardInterrupt (Kernel > Interrupt) after that step, then train() again on the same trainer, as a re-run cell."""
-    import transformers
-
     from llmhelpers.training.grpo import build_grpo_trainer, load_problems
     from llmhelpers.training.rewards import SafeReward, reward_functions, rl_dataset
-    from llmhelpers.training.run import TrainingInterrupted, run_training
+    from llmhelpers.training.run import run_training
 
     trainer, cfg, tok, _ = tiny_trainer(sft_config(out, tiny_model_dir))
     rl_cfg = make_grpo_config(cfg, start_from="base", problems=PROBLEMS, max_problems=4, max_steps=3,
@@ -35,18 +34,7 @@ def grpo_run(tiny_trainer, out, tiny_model_dir, interrupt_at=None, **changes):
     variety = SafeReward(lambda text, row: len(set(text)) / 16, "correct")
     rl = build_grpo_trainer(rl_cfg, trainer.model, tok, rl_dataset(load_problems(rl_cfg), tok),
                             reward_funcs=[variety, reward_functions()[1]])
-
-    class Interrupt(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == interrupt_at:
-                raise KeyboardInterrupt
-
-    message = None
-    if interrupt_at:
-        rl.add_callback(Interrupt())
-        with pytest.raises(TrainingInterrupted) as caught:
-            run_training(rl, rl_cfg)
-        message, interrupt_at = str(caught.value), None
+    message = interrupted_and_rerun(rl, rl_cfg, interrupt_at) if interrupt_at else None
     result = run_training(rl, rl_cfg)
     weights = {n: p.detach().clone() for n, p in rl.model.named_parameters() if p.requires_grad}
     return rl, rl_cfg, result, weights, message

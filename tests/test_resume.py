@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import interrupted_and_rerun
 from llmhelpers.config.profiles import make_config
 from llmhelpers.training.checkpoints import (COMPLETE_MARKER, CheckpointError, checkpoint_problem,
                                             choose_resume_checkpoint, last_complete_checkpoint)
@@ -295,26 +296,15 @@ def in_process_run(tiny_trainer, out, tiny_model_dir, interrupt_at=None):
     """A 12-step smoke run in this process; with interrupt_at, a KeyboardInterrupt (what Kernel > Interrupt raises)
     lands after that step, then train() is called again on the same trainer, as a re-run cell does."""
     import torch
-    import transformers
 
-    from llmhelpers.training.run import TrainingInterrupted, run_training
+    from llmhelpers.training.run import run_training
 
     cfg = make_config("smoke", output_dir=str(out), tiny_model_dir=str(tiny_model_dir), max_steps=12, eval_steps=3,
                       save_steps=3, logging_steps=1, accuracy_callback=False)
     trainer, *_ = tiny_trainer(cfg)
-
-    class Interrupt(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == interrupt_at:
-                raise KeyboardInterrupt
-
     message = None
     if interrupt_at:
-        trainer.add_callback(Interrupt())
-        with pytest.raises(TrainingInterrupted) as caught:
-            run_training(trainer, cfg)
-        message = str(caught.value)
-        interrupt_at = None
+        message = interrupted_and_rerun(trainer, cfg, interrupt_at)
         # peft's adapter loading may put new Parameter objects in place (it did when it upcast a bf16 checkpoint):
         # an optimizer kept from the interrupted call would step the old ones and train nothing
         for module in trainer.model.modules():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmhelpers.config.library import SECRET_FIELDS, keep_accelerator_state, library_settings, non_default_fields
-from llmhelpers.config.run_identity import SFT_NOT_TRAINING, short_number
+from llmhelpers.config.run_identity import SFT_NOT_TRAINING, RunFolders, read_config_file, short_number
 
 GRPO_CONFIG_NAME = "grpo_config.json"  # saved in the GRPO run's folder (the SFT runs keep finetune_config.json)
 
@@ -58,7 +58,7 @@ NOT_TRAINING = {"engine_rollouts"}  # GRPO run settings that do not change what 
 
 
 @dataclass(frozen=True)
-class GRPORunConfig:
+class GRPORunConfig(RunFolders):
     sft_run: typing.Any  # the SFT run's FinetuneConfig: model, 4-bit, LoRA layout, tools, output root
     grpo: typing.Any  # trl.GRPOConfig (its output_dir is the root; the trainer writes to run_dir)
     # Where the policy starts: "sft" = the SFT run's saved adapters (its final/ folder), "base" = fresh LoRA on the
@@ -129,14 +129,6 @@ class GRPORunConfig:
         length = f"s{g.max_steps}" if g.max_steps > 0 else f"ep{short_number(g.num_train_epochs)}"
         return f"grpo-lr{short_number(g.learning_rate)}_g{g.num_generations}_{length}-{self.run_id}"
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / "runs" / self.run_name
-
-    @property
-    def final_dir(self) -> Path:
-        return self.run_dir / "final"
-
     def trainer_args(self):
         """The GRPOConfig the trainer runs with: output_dir pointed at this run's folder, no secret."""
         return replace_grpo(self.grpo, output_dir=str(self.run_dir),
@@ -167,19 +159,16 @@ class GRPORunConfig:
     def to_dict(self) -> dict:
         return {**self.project_settings(), "sft_run": self.sft_run.to_dict(), "grpo": non_default_fields(self.grpo)}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-        return path
-
     @classmethod
     def load(cls, path: str | Path) -> "GRPORunConfig":
+        """A GRPO run's saved grpo_config.json."""
         from trl import GRPOConfig
 
         from llmhelpers.config.project import FinetuneConfig
 
-        data = json.loads(Path(path).read_text())
+        data = read_config_file(path)
+        if not isinstance(data.get("grpo"), dict) or not isinstance(data.get("sft_run"), dict):
+            raise ValueError(f"config file {path}: not a GRPO run's config (its grpo and sft_run objects)")
         arguments = data.pop("grpo")
         if arguments.get("steps_per_generation") is not None:  # GRPOConfig derived the other one from it
             arguments.pop("generation_batch_size", None)

@@ -9,7 +9,6 @@ objects or from the recipe files in configs/.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ TINY_MODEL_ID = "llmhelpers/tiny-r1"  # the smoke profile's model, built locally
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(run_identity.RunFolders):
     profile: str = "full"  # the configs/<profile>.yaml this config starts from; make_config sets it
 
     # --- model -------------------------------------------------------------------------------------------------
@@ -163,15 +162,6 @@ class FinetuneConfig:
         return run_identity.run_name(self)
 
     @property
-    def run_dir(self) -> Path:
-        """Everything this run writes: checkpoints, TensorBoard logs, adapters, evaluation, merged model."""
-        return Path(self.output_dir) / "runs" / self.run_name
-
-    @property
-    def final_dir(self) -> Path:
-        return self.run_dir / "final"
-
-    @property
     def merged_dir(self) -> Path:
         return self.run_dir / "merged"
 
@@ -250,26 +240,10 @@ class FinetuneConfig:
                 raise ValueError(f"{key} ({kind.__name__}): {err}") from None
         return cls(**{**{k: v for k, v in data.items() if k not in libraries}, **built})
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-        return path
-
     @classmethod
     def load(cls, path: str | Path) -> "FinetuneConfig":
         """A config file that `save` wrote (or one written by hand in its shape)."""
-        path = Path(path)
-        if path.exists() and not path.is_file():  # a FIFO would hang the read, /dev/zero fill the memory
-            raise ValueError(f"config file {path}: not a regular file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ValueError(f"config file {path}: cannot read it ({err.strerror or err})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"config file {path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: must hold a JSON object")
+        data = run_identity.read_config_file(path)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:

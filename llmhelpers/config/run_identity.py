@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from llmhelpers.config.library import library_settings
 
@@ -68,3 +69,39 @@ def short_number(x: float) -> str:
         return f"{x:g}"
     mantissa, exponent = f"{x:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+class RunFolders:
+    """What a run's config (FinetuneConfig, GRPORunConfig) shares: its folders, from `output_dir` and `run_name`,
+    and writing it as JSON (`to_dict`) beside them."""
+
+    @property
+    def run_dir(self) -> Path:
+        """Everything this run writes: checkpoints, TensorBoard logs, adapters, evaluation, merged model."""
+        return Path(self.output_dir) / "runs" / self.run_name
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / "final"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+        return path
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A saved config's JSON object, or a ValueError that names the file and what is wrong with it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would hang the read, /dev/zero fill the memory
+        raise ValueError(f"config file {path}: not a regular file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"config file {path}: cannot read it ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"config file {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: must hold a JSON object")
+    return data

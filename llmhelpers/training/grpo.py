@@ -43,6 +43,10 @@ class ResumableGRPOTrainer(RunTrainer, GRPOTrainer):
         super().__init__(*args, **kwargs)
         self._init_run()
 
+    def log(self, logs, *args, **kwargs):
+        # TRL logs None for a clip-ratio extreme no token reached; TensorBoard refuses it with a warning per step
+        return super().log({k: v for k, v in logs.items() if v is not None}, *args, **kwargs)
+
     def _start_afresh(self) -> None:
         super()._start_afresh()
         self._buffered_inputs = None  # rollouts drawn before the interrupt belong to the steps trained again
