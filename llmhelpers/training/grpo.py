@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from llmhelpers.training.trainer import DiskGuard, RunTrainer, ThroughputMeter
@@ -39,19 +40,29 @@ class ResumableGRPOTrainer(RunTrainer, GRPOTrainer):
     def __init__(self, *args, **kwargs):
         import os
 
+        import warnings
+
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func's "experimental" warning, every run
+        # TRL 1.16 calls transformers' old names around generation: two FutureWarnings per step, nothing to act on
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing_(enable|disable)` is deprecated",
+                                category=FutureWarning)
         super().__init__(*args, **kwargs)
         self._init_run()
-
-    def log(self, logs, *args, **kwargs):
-        # TRL logs None for a clip-ratio extreme no token reached; TensorBoard refuses it with a warning per step
-        return super().log({k: v for k, v in logs.items() if v is not None}, *args, **kwargs)
+        self.callback_handler.callbacks.insert(0, DropEmptyLogs())  # before TensorBoard's callback reads them
 
     def _start_afresh(self) -> None:
         super()._start_afresh()
         self._buffered_inputs = None  # rollouts drawn before the interrupt belong to the steps trained again
         if isinstance(self.rollout_func, ProjectRollouts):
             self.rollout_func.merged_step = None  # the checkpoint's weights replace the ones it holds
+
+
+class DropEmptyLogs(TrainerCallback):
+    """TRL logs None for a clip-ratio extreme that no token reached; TensorBoard refuses it with a warning per step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in [k for k, v in (logs or {}).items() if v is None]:
+            del logs[key]
 
 
 class ProjectRollouts:

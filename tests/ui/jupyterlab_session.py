@@ -174,7 +174,7 @@ def main() -> int:
         summary["tool_replay_output"] = outputs_of(driver, cell_index(driver, "with tool_runner("))
         grpo_train = cell_index(driver, "if RUN_GRPO:\n    with TrainingRun(")
         grpo_table = cell_index(driver, "if RUN_GRPO:\n    with finetuned_for_evaluation(")
-        summary["grpo_run_all_output"] = texts_of(driver, grpo_train)[-1500:]
+        summary["grpo_run_all_output"] = texts_of(driver, grpo_train)
         summary["grpo_table_output"] = texts_of(driver, grpo_table)[-1500:]
         summary["shots"] += [shot(driver, out, "5d-grpo-training", grpo_train),
                              shot(driver, out, "5e-grpo-table", grpo_table)]
@@ -235,12 +235,12 @@ def main() -> int:
             select(driver, cell)
             command(driver, "notebook:run-cell")
             state = wait_idle(driver)
-        summary["grpo_rerun_output"] = texts_of(driver, grpo_train)[-1500:]
+        summary["grpo_rerun_output"] = texts_of(driver, grpo_train)
         summary["shots"].append(shot(driver, out, "10-grpo-new-run", grpo_train))
         select(driver, grpo_train)
         command(driver, "notebook:run-cell")
         state = wait_idle(driver)
-        summary["grpo_finished_output"] = texts_of(driver, grpo_train)[-1500:]
+        summary["grpo_finished_output"] = texts_of(driver, grpo_train)
         summary["shots"].append(shot(driver, out, "11-grpo-finished", grpo_train))
         summary["final_errors"] = state["errors"]
     finally:
@@ -257,6 +257,8 @@ def main() -> int:
     ok = ok and "grpo-lr1e-5" in summary["grpo_rerun_output"] and "the policy starts from" in summary["grpo_rerun_output"]
     ok = ok and "already finished at step 2" in summary["grpo_finished_output"]
     ok = ok and "\ngrpo " in summary["grpo_table_output"]
+    ok = ok and not any("Traceback" in summary[k] or "attempting to log" in summary[k]
+                        for k in ("grpo_run_all_output", "grpo_rerun_output", "grpo_finished_output"))
     return 0 if ok else 1
 
 
