@@ -58,6 +58,30 @@ def test_greedy_tokens_equal_model_generate(tiny):
         assert r.finished and r.hit_budget == (tok.eos_token_id not in r.new_ids)
 
 
+def test_a_prompt_answered_several_times_is_prefilled_once_and_its_copies_draw_apart(tiny):
+    """The R1 protocol's 4 answers per problem (a GRPO group likewise): one prefill computes the prompt, the copies get
+    its keys and values; greedy answers equal model.generate's, sampled ones are drawn apart."""
+    import torch
+
+    from llmhelpers.inference.sampling import SamplingParams
+
+    model, tok, prompts = tiny
+    order = [prompts[0], prompts[1], prompts[0], prompts[0], prompts[1]]
+    reqs = [Request(p, 12) for p in order]
+    engine = Engine(model, slots=5, max_len=max(map(len, prompts)) + 13)
+    engine.run(reqs, GREEDY, eos=tok.eos_token_id)
+    assert engine.stats["prefills"] == 5 and engine.stats["shared_prefills"] == 3
+    assert all(r.new_ids == hf_greedy(model, tok, p, 12) for r, p in zip(reqs, order))
+    n = len(prompts[0])
+    for layer in range(len(engine.k_cache)):  # the copies' prompt keys and values are the first one's
+        assert torch.equal(engine.k_cache[layer][2, :, :n], engine.k_cache[layer][0, :, :n])
+        assert torch.equal(engine.v_cache[layer][3, :, :n], engine.v_cache[layer][0, :, :n])
+    sampled = [Request(prompts[0], 12) for _ in range(4)]
+    engine.run(sampled, SamplingParams(max_new_tokens=12, temperature=1.5, top_p=1.0, seed=0), eos=-1)
+    assert len({tuple(r.new_ids) for r in sampled}) == 4  # four answers, not one drawn four times
+    assert len({r.new_ids[0] for r in sampled}) > 1  # the first tokens too: each copy draws its own
+
+
 def test_finished_sequences_free_their_slot(tiny):
     model, tok, prompts = tiny
     budgets = [30] + [3] * 10

@@ -314,10 +314,11 @@ class Engine:
             if cache is not None:
                 cache[dst, :, :length] = cache[src, :, :length]
 
-    def _extend(self, items: list[tuple[int, list[int], int]]) -> list[int]:
+    def _extend(self, items: list[tuple[int, list[int], int]], draws: list[int] | None = None) -> list[list[int]]:
         """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
-        start.. of that slot (a prompt at 0, or text appended after a pause). Returns the token sampled after
-        each item's last id. The batch is padded to its longest item; padding is neither cached nor attended."""
+        start.. of that slot (a prompt at 0, or text appended after a pause). Returns, per item, `draws[i]` tokens
+        (default 1) sampled independently after its last id. The batch is padded to its longest item; padding is
+        neither cached nor attended."""
         self.stats["prefill_passes"] += 1
         n, width = len(items), max(len(ids) for _, ids, _ in items)
         ids_t = torch.zeros(n, width, dtype=torch.long)
@@ -346,30 +347,60 @@ class Engine:
 
         hidden = self._layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
         last = hidden[torch.arange(n, device=self.device), valid.sum(1) - 1]
-        return self._sample(self.model.lm_head(last)).tolist()
+        draws = draws or [1] * n
+        logits = self.model.lm_head(last).repeat_interleave(torch.tensor(draws, device=self.device), dim=0)
+        tokens, out = self._sample(logits).tolist(), []
+        for count in draws:
+            out.append(tokens[:count])
+            tokens = tokens[count:]
+        return out
 
-    def _extend_batches(self, items):
+    def _extend_batches(self, items, draws):
         """_extend over groups of similar length, each small enough that its attention scores (if the attention
-        backend materialises them) stay under 1 GiB."""
+        backend materialises them) stay under 1 GiB: (item, its draws) per item."""
         budget = 2**30 // (4 * self.hq)
         out, group, width, end = [], [], 0, 0
-        for item in sorted(items, key=lambda it: len(it[1])):
+
+        def run(group):
+            return list(zip([item for item, _ in group], self._extend([i for i, _ in group], [d for _, d in group])))
+
+        for item, count in sorted(zip(items, draws), key=lambda it: len(it[0][1])):
             _, ids, start = item
             if group and (len(group) + 1) * max(width, len(ids)) * max(end, start + len(ids)) > budget:
-                out += zip(group, self._extend(group))
+                out += run(group)
                 group, width, end = [], 0, 0
-            group.append(item)
+            group.append((item, count))
             width, end = max(width, len(ids)), max(end, start + len(ids))
         if group:
-            out += zip(group, self._extend(group))
+            out += run(group)
         return out
 
     # --- the model runner: prefill and decode over slots ---------------------------------------------------------
     def prefill(self, items: list[tuple[int, list[int], int]]) -> list[tuple[tuple[int, list[int], int], int]]:
-        """(item, sampled token) for each (slot, ids, start) item, prefilled in groups of similar length."""
+        """(item, sampled token) for each (slot, ids, start) item, prefilled in groups of similar length.
+
+        A prompt that several items of one prefill share (the R1 protocol's answers per problem, a GRPO group) is
+        computed once: the others get its keys and values (`_move`) and draw their own first token from its logits."""
         t0 = time.perf_counter()
-        out = self._extend_batches(items)
+        unique, copies, first = [], {}, {}  # copies: index in unique -> the items that share its prompt
+        for item in items:
+            key = tuple(item[1]) if item[2] == 0 else None  # only whole prompts; appended text is each slot's own
+            if key is not None and key in first:
+                copies.setdefault(first[key], []).append(item)
+                continue
+            if key is not None:
+                first[key] = len(unique)
+            unique.append(item)
+        draws = [1 + len(copies.get(i, ())) for i in range(len(unique))]
+        index = {id(item): i for i, item in enumerate(unique)}
+        out = []
+        for item, tokens in self._extend_batches(unique, draws):
+            out.append((item, tokens[0]))
+            for copy, token in zip(copies.get(index[id(item)], ()), tokens[1:]):
+                self._move(item[0], copy[0], len(item[1]))
+                out.append((copy, token))
         self.stats["prefills"] += len(items)
+        self.stats["shared_prefills"] += len(items) - len(unique)
         self.stats["prefill_s"] += time.perf_counter() - t0
         return out
 
@@ -402,8 +433,8 @@ class Engine:
         `on_pause(request, tokens)` returns the ids to append, or a concurrent.futures.Future of them: the slot
         waits (its cache kept) while the others decode, and resumes once the future is done."""
         self.set_sampling(sampling)
-        self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "prefill_passes": 0, "prefill_s": 0.0,
-                      "steps_below_full_width": 0, "pauses": 0}
+        self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
+                      "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0}
         scheduler = Scheduler(requests, self.slots, self.max_len, eos, on_token, on_pause, on_finish, self.feed_max)
         self._prefill_due(scheduler, force=True)
         while scheduler.running:

@@ -108,7 +108,8 @@ def select(driver, index: int) -> None:
 
 def command(driver, name: str) -> None:
     driver.execute_script(f"window.jupyterapp.shell.activateById({NB}.id);"
-                          "return window.jupyterapp.commands.execute(arguments[0]);", name)
+                          "window.jupyterapp.commands.execute(arguments[0]); return null;", name)  # not awaited:
+    # a long run would outlast selenium's script timeout (wait_idle watches it instead)
 
 
 def outputs_of(driver, index: int) -> str:
