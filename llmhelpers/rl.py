@@ -117,9 +117,12 @@ def evaluate_policies(rl_cfg, tokenizer, problems, adapter_dir) -> dict:
     from llmhelpers.evaluation.protocol import comparison_table, evaluate, finetuned_for_evaluation
 
     sft_run = rl_cfg.sft_run
+    from llmhelpers.training.checkpoints import trained_adapters
+
     policies = {"grpo": adapter_dir}
     if rl_cfg.start_adapters is not None:
-        policies = {"start": rl_cfg.start_adapters, **policies}
+        start = trained_adapters(sft_run) if rl_cfg.start_from == "sft" else rl_cfg.start_adapters
+        policies = {"start": start, **policies}
     results = []
     for label, folder in policies.items():
         with finetuned_for_evaluation(sft_run, adapter_dir=folder) as model:

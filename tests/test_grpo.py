@@ -309,3 +309,32 @@ def test_an_interrupted_grpo_run_on_engine_rollouts_re_run_is_the_uninterrupted_
                                          engine_rollouts="on")
     assert result.global_step == 3
     assert all(torch.equal(w, clean_weights[n]) for n, w in weights.items())
+
+
+def test_grpo_from_an_sft_run_whose_adapters_were_not_saved_starts_from_its_final_checkpoint(tmp_path, tiny_model_dir,
+                                                                                             tiny_trainer):
+    """The SFT training cell re-run after an interrupt, the save cell not run: GRPO (start_from="sft") starts from
+    the adapters the finished run trained, which its final checkpoint holds; before the run finished, one line says
+    what to do."""
+    import torch
+
+    from llmhelpers.training.checkpoints import NoTrainedAdapters
+    from llmhelpers.training.grpo import build_grpo_trainer, load_problems
+    from llmhelpers.training.rewards import rl_dataset
+    from llmhelpers.training.run import TrainingRun, reset_adapters, run_training
+
+    cfg = sft_config(tmp_path / "out", tiny_model_dir, max_steps=4, save_steps=2, eval_steps=2,
+                     load_best_model_at_end=False)
+    trainer, cfg, tok, _ = tiny_trainer(cfg)
+    rl_cfg = make_grpo_config(cfg, problems=PROBLEMS, max_problems=2)
+    rl = build_grpo_trainer(rl_cfg, trainer.model, tok, rl_dataset(load_problems(rl_cfg), tok))
+    with pytest.raises(NoTrainedAdapters, match=r"has not finished .*\(start_from='base'\)"):
+        with TrainingRun(rl, rl_cfg):
+            pass
+    run_training(trainer, cfg)  # the SFT trainer trains after a GRPO trainer was built on its model: its forward back
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert not cfg.final_dir.exists()
+    reset_adapters(trainer.model, 0)
+    with TrainingRun(rl, rl_cfg):
+        loaded = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(loaded[n], w) for n, w in trained.items())

@@ -169,3 +169,28 @@ def finished(checkpoint: Path | None) -> bool:
         return False
     info = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     return info.get("max_steps", 0) > 0 and info["global_step"] >= info["max_steps"]
+
+
+class NoTrainedAdapters(FileNotFoundError):
+    """A run whose trained adapters were asked for has none yet (it has not finished)."""
+
+    def _render_traceback_(self) -> list[str]:  # Jupyter shows the message, not the library's frames
+        return [f"{type(self).__name__}: {self}"]
+
+
+def trained_adapters(cfg) -> Path:
+    """The adapters a finished SFT run trained: its final/ folder when they were saved there, else the checkpoint its
+    trainer ends on (the best one with load_best_model_at_end, else the last), which holds the same adapters."""
+    if (cfg.final_dir / "adapter_model.safetensors").is_file():
+        return cfg.final_dir
+    last = last_complete_checkpoint(cfg.run_dir) if cfg.run_dir.is_dir() else None
+    if last is None or not finished(last):
+        raise NoTrainedAdapters(f"the SFT run {cfg.run_name} has not finished (no adapters in {cfg.final_dir}, no "
+                                "final checkpoint): train it first, or start GRPO from the base model "
+                                "(start_from='base')")
+    best = json.loads((last / "trainer_state.json").read_text()).get("best_model_checkpoint")
+    if cfg.trainer_config.load_best_model_at_end and best:
+        best_dir = cfg.run_dir / Path(best).name  # recorded relative to the working folder of the time
+        if (best_dir / "adapter_model.safetensors").is_file():
+            return best_dir
+    return last

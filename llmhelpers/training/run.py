@@ -216,6 +216,10 @@ def start_adapters(model, cfg) -> None:
         reset_adapters(model, cfg.seed)
         return
     from llmhelpers.model.loading import load_adapter_weights
+    from llmhelpers.training.checkpoints import trained_adapters
+
+    if getattr(cfg, "start_from", None) == "sft":  # the SFT run's adapters: final/, or its last checkpoint's
+        folder = trained_adapters(cfg.sft_run)
 
     load_adapter_weights(model, folder)
     print(f"the policy starts from the adapters in {folder}")

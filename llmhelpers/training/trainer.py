@@ -216,6 +216,9 @@ class RunTrainer:
         self._calls = 0
         self.llm_run = None  # the TrainingRun this trainer trains in (llmhelpers.training.run), set by its `with`
         self.llm_last_output = None
+        # TRL's trainers each put their own fused LM head on the model's forward (SFT's returns the label mask and
+        # token accuracy, GRPO's log-probabilities): the one this trainer installed, put back before it trains
+        self._llm_forward = _forward_owner(self.model).__dict__.get("forward")
         # steps whose loss was not finite (a device tensor: counted without a sync; StopOnNonFinite reads it)
         self.llm_nonfinite_steps = None
         self.add_callback(StopOnNonFinite(self))
@@ -253,6 +256,9 @@ class RunTrainer:
         if self._calls:
             self._start_afresh()
         self._calls += 1
+        owner = _forward_owner(self.model)
+        if self._llm_forward is not None and owner.__dict__.get("forward") is not self._llm_forward:
+            owner.forward = self._llm_forward  # another trainer (the GRPO section's) was built on this model since
         totals = run_totals_at(resume_from_checkpoint) if resume_from_checkpoint else {}
         self._loss_sum_before = totals.get("loss_sum", 0.0)
         if hasattr(self, "_total_train_tokens"):  # SFTTrainer's count (GRPOTrainer's lives in the trainer state)
@@ -393,6 +399,11 @@ class ResumableSFTTrainer(RunTrainer, SFTTrainer):
         if isinstance(sampler, torch.utils.data.RandomSampler):
             return EpochSeededRandomSampler(len(sampler.data_source), seed)
         return sampler
+
+
+def _forward_owner(model):
+    """The module whose forward TRL patches: the base model under peft's wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def run_totals_at(checkpoint) -> dict:
