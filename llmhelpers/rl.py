@@ -9,8 +9,8 @@ layout, tool settings and output folder). Every GRPOConfig field is a flag of it
 --num_generations, --max_completion_length, --beta, --reward_weights 1.0 0.1), as are the GRPO run's own settings
 (--start_from, --problems, --max_problems, --tool_rollouts); defaults come from the GRPO recipe
 (llmhelpers.config.grpo.GRPO_RECIPE) for that profile. Re-running the command resumes the run (one writer at a time);
---fresh starts it over. With --evaluate, the starting adapters and the GRPO adapters are graded with tools on the
-problems (R1 protocol) and the table printed.
+--fresh starts it over. With --evaluate, the starting adapters and the GRPO adapters are graded with tools on the SFT
+run's evaluation set (its eval_set, R1 protocol; never the problems GRPO practised on) and the table printed.
 """
 from __future__ import annotations
 
@@ -86,15 +86,18 @@ def parse(argv: list[str] | None):
 
 def run(rl_cfg, evaluate_after: bool = False) -> dict:
     """Load the SFT run's model with its LoRA layout, build the problems and the trainer, train in the run, save the
-    adapters; with evaluate_after, grade the starting and the GRPO adapters."""
+    adapters; with evaluate_after, grade the starting and the GRPO adapters on the SFT run's evaluation set."""
+    from llmhelpers.data.sources import build_datasets, load_examples
     from llmhelpers.model.loading import attach_lora, load_base_model, load_tokenizer
     from llmhelpers.training.grpo import build_grpo_trainer, load_problems, reward_history, save_grpo_adapters
     from llmhelpers.training.rewards import rl_dataset
     from llmhelpers.training.run import run_training
 
     sft_run = rl_cfg.sft_run
-    problems = load_problems(rl_cfg)  # bad data fails here, before the model is loaded
     tokenizer = load_tokenizer(sft_run)
+    needs_data = not rl_cfg.problems or (evaluate_after and sft_run.eval_set == "heldout")
+    data = build_datasets(sft_run, tokenizer, load_examples(sft_run)) if needs_data else None
+    problems = load_problems(rl_cfg, data)  # bad data fails here, before the model is loaded
     model = attach_lora(load_base_model(sft_run), sft_run)
     trainer = build_grpo_trainer(rl_cfg, model, tokenizer, rl_dataset(problems, tokenizer))
     print(rl_cfg.summary())
@@ -108,21 +111,24 @@ def run(rl_cfg, evaluate_after: bool = False) -> dict:
         adapter_dir = save_grpo_adapters(trainer.model, tokenizer, rl_cfg)
     result["adapter_dir"] = str(adapter_dir)
     if evaluate_after:
-        result["accuracy"] = evaluate_policies(rl_cfg, tokenizer, problems, adapter_dir)
+        from llmhelpers.evaluation.protocol import evaluation_set
+
+        del trainer, model
+        result["accuracy"] = evaluate_policies(rl_cfg, tokenizer, evaluation_set(data, sft_run), adapter_dir)
     return result
 
 
 def evaluate_policies(rl_cfg, tokenizer, problems, adapter_dir) -> dict:
-    """Accuracy with tools (R1 protocol) of the adapters GRPO started from and of the GRPO adapters."""
+    """Accuracy with tools (R1 protocol) of the adapters GRPO started from and of the GRPO adapters, on `problems`
+    (the SFT run's evaluation set: never the problems GRPO practised on)."""
     from llmhelpers.evaluation.protocol import comparison_table, evaluate, finetuned_for_evaluation
 
     sft_run = rl_cfg.sft_run
-    from llmhelpers.training.checkpoints import trained_adapters
-
     policies = {"grpo": adapter_dir}
-    if rl_cfg.start_adapters is not None:
-        start = trained_adapters(sft_run) if rl_cfg.start_from == "sft" else rl_cfg.start_adapters
-        policies = {"start": start, **policies}
+    if rl_cfg.start_from == "sft":
+        policies = {"sft": sft_run.final_dir, **policies}
+    elif rl_cfg.start_adapters is not None:
+        policies = {"start": rl_cfg.start_adapters, **policies}
     results = []
     for label, folder in policies.items():
         with finetuned_for_evaluation(sft_run, adapter_dir=folder) as model:

@@ -229,8 +229,10 @@ def test_the_command_line_trains_resumes_and_refuses_problems_without_answers(tm
     saved_cfg = GRPORunConfig.load(tmp_path / "out" / "runs" / result["run_dir"].split("/")[-1] / "grpo_config.json")
     assert saved_cfg.grpo.learning_rate == 1e-3 and saved_cfg.grpo.reward_weights == [1.0, 0.5]
     assert (tmp_path / "out" / "runs" / result["run_dir"].split("/")[-1] / "final" / "adapter_model.safetensors").exists()
-    assert main(flags) == 0  # re-run: finished, nothing trained, the adapters kept
-    assert "already finished at step 1" in capsys.readouterr().out
+    assert main(flags + ["--evaluate"]) == 0  # re-run: finished, nothing trained, the adapters kept, then graded
+    out = capsys.readouterr().out
+    assert "already finished at step 1" in out and "\ngrpo " in out  # the table, on the SFT run's evaluation set
+    assert set(json.loads(out.split("RESULT ", 1)[1])["accuracy"]) == {"grpo"}
     no_gold = tmp_path / "no_gold.jsonl"
     no_gold.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "content": "2+2?"}]},
                                                 {"role": "assistant", "content": [{"type": "text",
