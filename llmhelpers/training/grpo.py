@@ -39,7 +39,6 @@ class ResumableGRPOTrainer(RunTrainer, GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         import os
-
         import warnings
 
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func's "experimental" warning, every run
