@@ -123,12 +123,13 @@ def evaluate_policies(rl_cfg, tokenizer, problems, adapter_dir) -> dict:
     (the SFT run's evaluation set: never the problems GRPO practised on)."""
     from llmhelpers.evaluation.protocol import comparison_table, evaluate, finetuned_for_evaluation
 
+    from llmhelpers.training.grpo import starting_adapters
+
     sft_run = rl_cfg.sft_run
     policies = {"grpo": adapter_dir}
-    if rl_cfg.start_from == "sft":
-        policies = {"sft": sft_run.final_dir, **policies}
-    elif rl_cfg.start_adapters is not None:
-        policies = {"start": rl_cfg.start_adapters, **policies}
+    start = starting_adapters(rl_cfg)
+    if start is not None:
+        policies = {"sft" if rl_cfg.start_from == "sft" else "start": start, **policies}
     results = []
     for label, folder in policies.items():
         with finetuned_for_evaluation(sft_run, adapter_dir=folder) as model:

@@ -285,7 +285,6 @@ def load_adapter_weights(model, adapter_dir) -> None:
     """Saved adapters' weights into the LoRA layers already attached to `model` (the same layout): a GRPO run starts
     from the SFT run's adapters this way, on the model whose LoRA the trainer optimizes. Every saved tensor must
     land on a LoRA weight and every LoRA weight must be given one."""
-    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -49,6 +49,9 @@ class ResumableGRPOTrainer(RunTrainer, GRPOTrainer):
         self._init_run()
         self.callback_handler.callbacks.insert(0, DropEmptyLogs())  # before TensorBoard's callback reads them
 
+    def starting_adapters(self, rl_cfg):
+        return starting_adapters(rl_cfg)
+
     def _start_afresh(self) -> None:
         super()._start_afresh()
         self._buffered_inputs = None  # rollouts drawn before the interrupt belong to the steps trained again
@@ -134,6 +137,14 @@ class ProjectRollouts:
         return out
 
 
+def starting_adapters(rl_cfg):
+    """The adapters a GRPO run starts from: the SFT run's (its final/ folder, or the finished run's final checkpoint
+    when they were never saved there), a folder given as start_from, or None (fresh LoRA on the base)."""
+    from llmhelpers.training.checkpoints import trained_adapters
+
+    return trained_adapters(rl_cfg.sft_run) if rl_cfg.start_from == "sft" else rl_cfg.start_adapters
+
+
 def load_problems(rl_cfg, data=None) -> list:
     """The problems GRPO practises on, capped at max_problems: rl_cfg.problems (a file), or the SFT run's training
     problems (`data`, what build_datasets returned; built here when not given). Never the evaluation problems."""
@@ -183,14 +194,10 @@ def save_grpo_adapters(model, tokenizer, rl_cfg) -> Path:
 
 def reward_history(trainer_or_dir) -> dict[str, list]:
     """{'step', 'reward', 'correct', 'format'} per logged step: the reward curve."""
-    import json
+    from llmhelpers.training.run import logged_rows
 
-    if hasattr(trainer_or_dir, "state"):
-        history = trainer_or_dir.state.log_history
-    else:
-        history = json.loads((Path(trainer_or_dir) / "trainer_state.json").read_text())["log_history"]
     out = {"step": [], "reward": [], "correct": [], "format": []}
-    for row in history:
+    for row in logged_rows(trainer_or_dir):
         if "reward" in row:
             out["step"].append(row["step"])
             out["reward"].append(row["reward"])

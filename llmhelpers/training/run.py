@@ -74,7 +74,7 @@ class TrainingRun:
         trainer, cfg = self.trainer, self.cfg
         trainer.llm_nonfinite_steps = None
         if resume is None:
-            start_adapters(trainer.model, cfg)
+            start_adapters(trainer, cfg)
         ensure_free_space(cfg.run_dir, int(checkpoint_bytes(trainer.model, cfg) * 1.5), "training")
         if self.main:
             record_run(cfg, status="training")
@@ -208,20 +208,16 @@ def prepare_run(cfg, allow_fresh_optimizer: bool = False) -> Path | None:
     return resume
 
 
-def start_adapters(model, cfg) -> None:
-    """A run that starts from step 0: the adapters it starts from (a GRPO run's `start_adapters`: the SFT run's
-    saved ones), else fresh LoRA weights for the seed."""
-    folder = getattr(cfg, "start_adapters", None)
+def start_adapters(trainer, cfg) -> None:
+    """A run that starts from step 0: the adapters its trainer starts from (`starting_adapters`: a GRPO run's are the
+    SFT run's), else fresh LoRA weights for the seed."""
+    folder = trainer.starting_adapters(cfg)
     if folder is None:
-        reset_adapters(model, cfg.seed)
+        reset_adapters(trainer.model, cfg.seed)
         return
     from llmhelpers.model.loading import load_adapter_weights
-    from llmhelpers.training.checkpoints import trained_adapters
 
-    if getattr(cfg, "start_from", None) == "sft":  # the SFT run's adapters: final/, or its last checkpoint's
-        folder = trained_adapters(cfg.sft_run)
-
-    load_adapter_weights(model, folder)
+    load_adapter_weights(trainer.model, folder)
     print(f"the policy starts from the adapters in {folder}")
 
 
@@ -256,14 +252,17 @@ def save_adapters(model, tokenizer, cfg, target: Path | None = None) -> Path:
     return saved
 
 
+def logged_rows(trainer_or_dir) -> list[dict]:
+    """What the Trainer logged, row by row, from a trainer or a checkpoint folder."""
+    if hasattr(trainer_or_dir, "state"):
+        return trainer_or_dir.state.log_history
+    return json.loads((Path(trainer_or_dir) / "trainer_state.json").read_text())["log_history"]
+
+
 def log_history(trainer_or_dir) -> dict[str, list]:
     """{'step', 'loss', 'eval_step', 'eval_loss'} from a trainer or a checkpoint folder."""
-    if hasattr(trainer_or_dir, "state"):
-        history = trainer_or_dir.state.log_history
-    else:
-        history = json.loads((Path(trainer_or_dir) / "trainer_state.json").read_text())["log_history"]
     out = {"step": [], "loss": [], "eval_step": [], "eval_loss": []}
-    for row in history:
+    for row in logged_rows(trainer_or_dir):
         if "loss" in row:
             out["step"].append(row["step"])
             out["loss"].append(row["loss"])

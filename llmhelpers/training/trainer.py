@@ -230,6 +230,10 @@ class RunTrainer:
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
                 callback.logging_dir = self.args.output_dir
 
+    def starting_adapters(self, cfg):
+        """The saved adapters a run of this trainer starts from at step 0; None: fresh LoRA weights."""
+        return None
+
     def create_model_card(self, *args, **kwargs):
         """Nothing: TRL's generic card ("a fine-tuned version of [None]") would sit in the run folder beside the
         project's own (write_model_card, in final/ and merged/)."""

@@ -95,6 +95,29 @@ def select(i: int) -> None:
     time.sleep(0.3)
 
 
+def interrupt_during(cell: int, steps: int, after: int) -> int:
+    """Run > Run Selected Cell and All Below has started; Kernel > Interrupt Kernel once the training cell's progress
+    bar ([ 13/60 00:02 < ...) has passed `after` of `steps`. Returns the step the bar showed."""
+    seen = 0
+    for _ in range(2400):
+        match = re.findall(rf"\[\s*(\d+)/{steps}\b", output(cell))
+        seen = int(match[-1]) if match else 0
+        if after <= seen < steps:
+            break
+        time.sleep(0.05)
+    menu("Kernel", "Interrupt Kernel")
+    idle()
+    return seen
+
+
+def rerun(cell: int) -> str:
+    """The cell alone, again (Shift+Enter); what it printed."""
+    select(cell)
+    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    idle()
+    return output(cell)
+
+
 try:
     for _ in range(60):
         try:
@@ -147,15 +170,7 @@ try:
     # from the LoRA cell down, then Kernel > Interrupt Kernel in the middle of training
     select(cell_index("model = prepare_for_lora("))
     menu("Run", "Run Selected Cell and All Below")
-    seen = 0
-    for _ in range(2400):
-        match = re.findall(r"\[\s*(\d+)/60\b", output(train_cell))  # the notebook progress bar: [ 13/60 00:02 < ...
-        seen = int(match[-1]) if match else 0
-        if 14 <= seen < 60:
-            break
-        time.sleep(0.05)
-    menu("Kernel", "Interrupt Kernel")
-    idle()
+    seen = interrupt_during(train_cell, 60, after=14)
     said = output(train_cell)
     print(f"interrupted (progress bar at {seen}/60); the cell ends with:",
           said.strip().splitlines()[-1] if said.strip() else "(nothing)")
@@ -164,10 +179,7 @@ try:
     shot("interrupted")
 
     # re-run the training cell alone
-    select(train_cell)
-    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
-    idle()
-    said = output(train_cell)
+    said = rerun(train_cell)
     print("re-run training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
                                                    or "global_step" in l)[:800])
     driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[train_cell])
@@ -180,23 +192,12 @@ try:
     grpo_train = cell_index("if RUN_GRPO:\n    with TrainingRun(")
     select(cell_index("rl_cfg = make_grpo_config("))
     menu("Run", "Run Selected Cell and All Below")
-    seen = 0
-    for _ in range(2400):
-        match = re.findall(r"\[\s*(\d+)/40\b", output(grpo_train))
-        seen = int(match[-1]) if match else 0
-        if 5 <= seen < 40:
-            break
-        time.sleep(0.05)
-    menu("Kernel", "Interrupt Kernel")
-    idle()
+    seen = interrupt_during(grpo_train, 40, after=5)
     said = output(grpo_train)
     print(f"GRPO interrupted (progress bar at {seen}/40); the cell ends with:",
           said.strip().splitlines()[-1] if said.strip() else "(nothing)")
     shot("grpo-interrupted")
-    select(grpo_train)
-    ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
-    idle()
-    said = output(grpo_train)
+    said = rerun(grpo_train)
     print("re-run GRPO training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
                                                         or "starting" in l)[:800])
     driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[grpo_train])
