@@ -149,6 +149,16 @@ def peak_bf16_flops() -> float:
     return float(os.environ.get("PEAK_FLOPS", "nan"))
 
 
+def peak_memory_bandwidth() -> float:
+    """HBM bandwidth in bytes/s from NVIDIA's datasheets (H200: 4.8 TB/s, H100 SXM: 3.35 TB/s); PEAK_BANDWIDTH
+    overrides it."""
+    name = gpu_name()
+    if "PEAK_BANDWIDTH" in os.environ:
+        return float(os.environ["PEAK_BANDWIDTH"])
+    return {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}.get(next((g for g in ("H200", "H100", "A100")
+                                                                        if g in name), ""), float("nan"))
+
+
 def packing(tokens: int) -> dict:
     """SFTConfig arguments for micro-batches of one packed row of `tokens` tokens; 0 = the padded alternative
     (16 sequences of up to 2,048 tokens per micro-batch, length-grouped)."""

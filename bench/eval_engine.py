@@ -7,7 +7,9 @@ Workload (issue #10): prompts of 100-600 tokens (uniform), answer lengths lognor
 sigma 0.7, capped at 8,192; each answer ends with eos at its drawn length (a logits processor forces it, and
 bans eos before it, for model.generate; the engine's per-request budget is set to the drawn length, which
 stops it at the same token). Timing is end to end with the model already loaded: every warm-up, graph
-capture and prefill counts. Configurations:
+capture and prefill counts. Each engine run records `hbm_fraction_full_width`: the bytes a full-width decode step
+reads (every weight once, each slot's live keys and values) over its time, against the datasheet bandwidth.
+Configurations:
 
 - baseline: the path before the engine: model.generate on bf16 weights, prompts sorted by length, batches of
   the old auto size (KV cache of longest prompt + 8,192 tokens in 70% of free memory, capped at 256);
@@ -15,6 +17,8 @@ capture and prefill counts. Configurations:
   temperature 0.6 / top-p 0.95 (the protocol);
 - tools-off / tools-on (issue #11): the default engine, and the same with one tool call forced into every
   answer halfway through it (a sympy block run for real in the answer's sandbox, its output appended);
+- fits-24gb (issue #32): the default engine with the slots a 24 GB card gives (22 GiB in all with the weights);
+- fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gpu_name, random_r1_model  # noqa: E402
+from common import gpu_name, peak_memory_bandwidth, random_r1_model  # noqa: E402
 
 EOS = 151643  # R1's eos id (config.json)
 
@@ -141,12 +145,16 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
-           kv_cache_dtype="auto"):
+           kv_cache_dtype="auto", memory_gib=0.0):
+    import torch
+
     from llmhelpers.inference.engine import Engine, Request, auto_slots
     from llmhelpers.inference.sampling import SamplingParams
 
     max_len = max(map(len, prompts)) + cap + 1 + (64 if tools else 0)  # room for the appended output
-    slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype)
+    # memory_gib: a card of that size; its free memory is what the weights (already loaded) leave
+    free = int(memory_gib * 2**30) - torch.cuda.memory_reserved() if memory_gib else None
+    slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype, free_bytes=free)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
                  kv_cache_dtype=kv_cache_dtype)
     eng.sampler = sampler or eng.sampler
@@ -164,8 +172,14 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
             runner.__exit__(None, None, None)
     made = sum(len(r.new_ids) - r.appended for r in reqs)  # generated tokens; appended output is the tool's
     assert made == sum(lengths), (made, sum(lengths))
-    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.stats["decode_steps"] + eng.stats["prefill_passes"], "sampler": eng.sampler,
-            **{k: round(v, 1) for k, v in eng.stats.items()}}
+    stats = dict(eng.stats)
+    full_bytes, full_s = stats.pop("full_width_bytes"), stats.pop("full_width_s")
+    info = {"slots": eng.slots, "decode_steps_and_prefills": eng.stats["decode_steps"] + eng.stats["prefill_passes"],
+            "sampler": eng.sampler, **{k: round(v, 1) for k, v in stats.items()},
+            # issue #32: weights + live KV read per full-width step over its time, against the datasheet bandwidth
+            "full_width_steps": eng.stats["decode_steps"] - eng.stats["steps_below_full_width"],
+            "full_width_gb_s": round(full_bytes / full_s / 1e9, 1) if full_s else None,
+            "hbm_fraction_full_width": round(full_bytes / full_s / peak_memory_bandwidth(), 3) if full_s else None}
     if tools:
         records = [runner.record(id(r)) for r in reqs]
         info.update(tool_calls=sum(r.calls for r in records), tool_errors=sum(r.errors for r in records),
@@ -220,6 +234,8 @@ def main():
                 made, info = engine(model, p, l, args.cap)
             elif name in ("tools-off", "tools-on"):
                 made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
+            elif name == "fits-24gb":  # issue #32: a 24 GB card, the slots that 22 GiB in all leave room for
+                made, info = engine(model, p, l, args.cap, memory_gib=22)
             elif name == "fp8-kv":  # issue #32: the KV cache in float8, about twice the slots
                 made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8")
             elif name == "sort-sampler":

@@ -16,6 +16,10 @@
 # grpo:        issue #33 on real weights: GRPO from the train-small adapters on the practice templates, then SFT and
 #              GRPO graded with tools on the held-out templates (bench/grpo_real_weights.py; needs train-small first,
 #              or the adapters carried and unpacked into /tmp/adapters).
+# adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
+# grpo-sweep:  grpo with each learning rate of GRPO_LRS (default "2e-5 1e-4 3e-4"), side by side on the one GPU
+#              (a 135M model leaves it mostly idle), each cut at GRPO_TIMEOUT seconds (default 530); then --select
+#              keeps the one with the highest gain on the validation problems (never the held-out ones) as grpo.json.
 set -uo pipefail
 carry=${CARRY:-/tmp/carry}
 dest=${1:?usage: pending_31_32.sh OUT stage...}
@@ -62,6 +66,18 @@ for stage in "$@"; do
       python bench/grpo_real_weights.py --adapters /tmp/adapters --work /tmp/grpo-rw --out "$dest/grpo.json" 2>&1 \
         | grep -v -E "it/s\]|s/it\]" > "$dest/grpo.log"
       tail -n 6 "$dest/grpo.log" ;;
+    adapters)
+      rm -rf /tmp/adapters && mkdir -p /tmp/adapters && cat "$carry"/adapters.tar.part* | tar -x -C /tmp/adapters
+      ls /tmp/adapters ;;
+    grpo-sweep)
+      for lr in ${GRPO_LRS:-2e-5 1e-4 3e-4}; do
+        OMP_NUM_THREADS=4 timeout "${GRPO_TIMEOUT:-530}" python bench/grpo_real_weights.py --adapters /tmp/adapters \
+          --work "/tmp/grpo-$lr" --out "$dest/grpo-lr$lr.json" --set "learning_rate=$lr" 2>&1 \
+          | grep -v -E "it/s\]|s/it\]" > "$dest/grpo-lr$lr.log" &
+      done
+      wait
+      for log in "$dest"/grpo-lr*.log; do echo "$log:"; tail -n 4 "$log"; done
+      python bench/grpo_real_weights.py --select "$dest"/grpo-lr*.json --out "$dest/grpo.json" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - started )) s"

@@ -316,3 +316,21 @@ def test_appended_text_that_does_not_fit_ends_the_answer_as_budget_hit(tiny):
         [req], GREEDY, eos=-1, on_token=lambda r, t: PAUSE if len(t) == 3 else None,
         on_pause=lambda r, t: list(range(100, 140)))  # 40 ids: more than the slot has room for
     assert req.finished and req.hit_budget and req.appended == 0 and len(req.new_ids) == 3
+
+
+def test_full_width_steps_count_the_weights_once_and_each_slots_live_cache(tiny):
+    """The bandwidth figure of issue #32: a full-width step reads every weight once (the embedding table only where it
+    is the tied LM head) and each slot's keys and values up to its new token."""
+    model, _, prompts = tiny
+    prompt, n = prompts[0], 6
+    engine = Engine(model, slots=2, max_len=len(prompt) + n + 1)
+    engine.run([Request(prompt, n), Request(prompt, n)], GREEDY, eos=-1)
+    c, embed = model.config, model.model.embed_tokens.weight
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    weights = sum(params.values()) - (0 if c.tie_word_embeddings else embed.numel() * embed.element_size())
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4  # fp32
+    # the first token comes from the prefill; the n - 1 decode steps write positions L .. L + n - 2 in both slots
+    steps = range(len(prompt), len(prompt) + n - 1)
+    assert engine.stats["decode_steps"] == n - 1 and engine.stats["steps_below_full_width"] == 0
+    assert engine.stats["full_width_bytes"] == sum(weights + 2 * (pos + 1) * per_token for pos in steps)
+    assert engine.stats["full_width_s"] > 0

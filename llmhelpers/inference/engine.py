@@ -58,13 +58,15 @@ def kv_bytes_per_token(config, dtype, kv_cache_dtype: str = "auto") -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * per_vector
 
 
-def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512, kv_cache_dtype: str = "auto") -> int:
-    """As many slots as fit their cache (and a step's logits) in `share` of the free GPU memory."""
+def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512, kv_cache_dtype: str = "auto",
+               free_bytes: int | None = None) -> int:
+    """As many slots as fit their cache (and a step's logits) in `share` of the free GPU memory (or of `free_bytes`:
+    what a smaller card would have free)."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return 8
     per_slot = kv_bytes_per_token(model.config, model.dtype, kv_cache_dtype) * max_len \
         + 4 * 4 * model.config.vocab_size
-    free, _ = torch.cuda.mem_get_info()
+    free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
     return int(max(1, min(cap, share * free // per_slot)))
 
 
@@ -198,6 +200,13 @@ class Engine:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
         self.fp8 = kv_cache_dtype == "fp8"
+        # what one decode step must read from memory (the bandwidth bound, issue #32): each weight once (the
+        # embedding table only where it is also the LM head: otherwise a step reads one row per slot), and the live KV
+        embed = model.model.embed_tokens.weight
+        weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+        tied = model.lm_head.weight.data_ptr() == embed.data_ptr()
+        self.weight_bytes = sum(weights.values()) - (0 if tied else embed.numel() * embed.element_size())
+        self.kv_bytes_token = kv_bytes_per_token(c, self.dtype, kv_cache_dtype)
         shape = (slots, self.hkv, max_len, self.head_dim)
         cache_dtype = FP8 if self.fp8 else self.dtype
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=cache_dtype) for _ in model.model.layers]
@@ -411,9 +420,13 @@ class Engine:
         t0 = time.perf_counter()
         self._step(width)
         sampled = self.next_tokens[:width].tolist()
-        self.stats["decode_s"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0  # .tolist() waited for the step: this is its time on the GPU
+        self.stats["decode_s"] += seconds
         self.stats["decode_steps"] += 1
         self.stats["steps_below_full_width"] += width < self.slots
+        if width == self.slots:  # the bytes a full-width step reads: weights + each slot's cache up to its new token
+            self.stats["full_width_s"] += seconds
+            self.stats["full_width_bytes"] += self.weight_bytes + (sum(positions[:width]) + width) * self.kv_bytes_token
         return sampled
 
     def _prefill_due(self, scheduler: Scheduler, force: bool) -> None:
@@ -434,7 +447,8 @@ class Engine:
         waits (its cache kept) while the others decode, and resumes once the future is done."""
         self.set_sampling(sampling)
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
-                      "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0}
+                      "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
+                      "full_width_bytes": 0}
         scheduler = Scheduler(requests, self.slots, self.max_len, eos, on_token, on_pause, on_finish, self.feed_max)
         self._prefill_due(scheduler, force=True)
         while scheduler.running:
