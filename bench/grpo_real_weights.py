@@ -45,11 +45,14 @@ def select(paths: list[str], out: str) -> int:
     """The run with the highest validation gain (never the held-out one) becomes the record; all runs are kept in
     it under `settings_tried`."""
     runs = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
-    finished = [r for r in runs if "grpo_accuracy_tools" in r]
-    if not finished:
-        print("no run finished its grading")
+    validated = [r for r in runs if "grpo_accuracy_tools" in r.get("validation", {})]
+    if not validated:
+        print("no run was graded on the validation problems")
         return 1
-    best = max(finished, key=lambda r: r["validation"]["grpo_accuracy_tools"] - r["validation"]["sft_accuracy_tools"])
+    best = max(validated, key=lambda r: r["validation"]["grpo_accuracy_tools"] - r["validation"]["sft_accuracy_tools"])
+    if "grpo_accuracy_tools" not in best:
+        print(f"the best run on validation ({best['run']}) was not graded on the held-out sets: run it again")
+        return 1
     record = dict(best, selected_by="validation gain (practice-template problems kept out of practice)",
                   settings_tried=[{k: r.get(k) for k in ("run", "learning_rate", "validation", "gain", "steps",
                                                           "train_seconds")} for r in runs])
@@ -101,27 +104,37 @@ def main() -> int:
     record = {"gpu": gpu_name(), "model": "SmolLM2-135M-Instruct (small profile SFT adapters)",
               "run": rl_cfg.run_name, "learning_rate": rl_cfg.grpo.learning_rate,
               "grpo_settings": rl_cfg.to_dict()["grpo"], "provenance": provenance()}
+    # the same command again (one device call was too short) goes on where its record stops: a trained run is not
+    # trained again, a graded set is not graded again
+    previous = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).is_file() else {}
+    trained = previous.get("run") == rl_cfg.run_name and "reward_curve" in previous and rl_cfg.final_dir.is_dir()
+    record = previous if trained else record
 
     def save():  # after each stage: a run cut by a time limit still leaves what it measured
         if torch.cuda.is_available():
-            record["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            record["peak_alloc_gib"] = max(record.get("peak_alloc_gib", 0),
+                                           round(torch.cuda.max_memory_allocated() / 2**30, 2))
         if args.out:
             Path(args.out).write_text(json.dumps(record, indent=1))
 
     save()
     tokenizer = load_tokenizer(cfg)
-    model = attach_lora(load_base_model(cfg), cfg)
-    trainer = build_grpo_trainer(rl_cfg, model, tokenizer, rl_dataset(load_problems(rl_cfg), tokenizer))
-    rollouts = time_rollouts(trainer)
-    started = time.perf_counter()
-    run_training(trainer, rl_cfg)
-    grpo_adapters = save_grpo_adapters(trainer.model, tokenizer, rl_cfg)
-    curve = reward_history(trainer)
-    tokens, seconds = sum(r["tokens"] for r in rollouts), sum(r["seconds"] for r in rollouts)
-    record.update({"steps": len(curve["step"]), "train_seconds": round(time.perf_counter() - started, 1),
-                   "rollout_tok_s": round(tokens / seconds, 1) if seconds else None, "reward_curve": curve})
-    save()
-    del trainer, model
+    grpo_adapters = rl_cfg.final_dir
+    if trained:
+        print(f"trained already: {grpo_adapters}", flush=True)
+    else:
+        model = attach_lora(load_base_model(cfg), cfg)
+        trainer = build_grpo_trainer(rl_cfg, model, tokenizer, rl_dataset(load_problems(rl_cfg), tokenizer))
+        rollouts = time_rollouts(trainer)
+        started = time.perf_counter()
+        run_training(trainer, rl_cfg)
+        grpo_adapters = save_grpo_adapters(trainer.model, tokenizer, rl_cfg)
+        curve = reward_history(trainer)
+        tokens, seconds = sum(r["tokens"] for r in rollouts), sum(r["seconds"] for r in rollouts)
+        record.update({"steps": len(curve["step"]), "train_seconds": round(time.perf_counter() - started, 1),
+                       "rollout_tok_s": round(tokens / seconds, 1) if seconds else None, "reward_curve": curve})
+        save()
+        del trainer, model
 
     # record keys: held_out = the held-out templates (the templates GRPO practised, other numbers), as the issue names
     # it; same_templates = the SFT run's own held-out problems (nothing may be lost there)
@@ -129,6 +142,8 @@ def main() -> int:
     for name, path in graded.items():
         problems = load_problem_file(path)[0]
         problems = problems[:args.limit] if args.limit else problems
+        if "grpo_accuracy_tools" in record.get(name, {}):
+            continue
         record[name] = {"file": path, "problems": len(problems), "samples": cfg.eval_samples}
         for label, folder in (("sft", Path(args.adapters)), ("grpo", grpo_adapters)):
             with finetuned_for_evaluation(cfg, adapter_dir=folder) as model:

@@ -16,6 +16,8 @@
 # grpo:        issue #33 on real weights: GRPO from the train-small adapters on the practice templates, then SFT and
 #              GRPO graded with tools on the held-out templates (bench/grpo_real_weights.py; needs train-small first,
 #              or the adapters carried and unpacked into /tmp/adapters).
+# grpo-one:    grpo with GRPO_LR (default 2e-5) alone, cut at GRPO_TIMEOUT (default 560) seconds; the same stage again
+#              (the machine still warm) goes on where it stopped. Its record and log come back in $OUT each time.
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
 # grpo-sweep:  grpo with each learning rate of GRPO_LRS (default "2e-5 1e-4 3e-4"), side by side on the one GPU
 #              (a 135M model leaves it mostly idle), each cut at GRPO_TIMEOUT seconds (default 530); then --select
@@ -78,6 +80,14 @@ for stage in "$@"; do
       wait
       for log in "$dest"/grpo-lr*.log; do echo "$log:"; tail -n 4 "$log"; done
       python bench/grpo_real_weights.py --select "$dest"/grpo-lr*.json --out "$dest/grpo.json" ;;
+    grpo-one)
+      lr=${GRPO_LR:-2e-5}
+      mkdir -p /tmp/grpo-records
+      OMP_NUM_THREADS=8 timeout "${GRPO_TIMEOUT:-560}" python bench/grpo_real_weights.py --adapters /tmp/adapters \
+        --work "/tmp/grpo-$lr" --out "/tmp/grpo-records/grpo-lr$lr.json" --set "learning_rate=$lr" 2>&1 \
+        | grep -v -E "it/s\]|s/it\]" >> "/tmp/grpo-records/grpo-lr$lr.log"
+      cp /tmp/grpo-records/* "$dest"/
+      tail -n 8 "/tmp/grpo-records/grpo-lr$lr.log" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - started )) s"
