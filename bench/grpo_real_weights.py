@@ -42,22 +42,24 @@ def split_practice(work: Path) -> tuple[str, str]:
 
 
 def select(paths: list[str], out: str) -> int:
-    """The run with the highest validation gain (never the held-out one) becomes the record; all runs are kept in
-    it under `settings_tried`."""
+    """The settings (the run id) of the run with the highest validation gain, never a held-out one, and a run of those
+    settings graded on the held-out sets (the same run, or the same settings run again when the first was cut before
+    its grading) become the record; every run is listed under `settings_tried`."""
     runs = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
     validated = [r for r in runs if "grpo_accuracy_tools" in r.get("validation", {})]
     if not validated:
         print("no run was graded on the validation problems")
         return 1
     best = max(validated, key=lambda r: r["validation"]["grpo_accuracy_tools"] - r["validation"]["sft_accuracy_tools"])
-    if "grpo_accuracy_tools" not in best:
-        print(f"the best run on validation ({best['run']}) was not graded on the held-out sets: run it again")
+    graded = [r for r in runs if r["run"] == best["run"] and "grpo_accuracy_tools" in r]
+    if not graded:
+        print(f"the settings best on validation ({best['run']}) were not graded on the held-out sets: run them again")
         return 1
-    record = dict(best, selected_by="validation gain (practice-template problems kept out of practice)",
+    record = dict(graded[-1], selected_by="validation gain (practice-template problems kept out of practice)",
                   settings_tried=[{k: r.get(k) for k in ("run", "learning_rate", "validation", "gain", "steps",
-                                                          "train_seconds")} for r in runs])
+                                                          "train_seconds", "rollout_tok_s")} for r in runs])
     Path(out).write_text(json.dumps(record, indent=1))
-    print(json.dumps({k: record[k] for k in ("learning_rate", "sft_accuracy_tools", "grpo_accuracy_tools", "gain")}))
+    print(json.dumps({k: record[k] for k in ("run", "sft_accuracy_tools", "grpo_accuracy_tools", "gain")}))
     return 0 if record["verdict"]["passed"] else 1
 
 
