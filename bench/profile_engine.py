@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gpu_name, random_r1_model  # noqa: E402
+from common import gpu_name, peak_memory_bandwidth, random_r1_model  # noqa: E402
 
 
 def bench_ms(fn, reps=20):
@@ -47,15 +47,16 @@ def main():
     p.add_argument("--live", type=int, default=1650)
     p.add_argument("--max-len", type=int, default=8192 + 600 + 1)
     p.add_argument("--samplers", default="sort,triton")
+    p.add_argument("--fuse", action="store_true", help="Engine(fuse=True): q/k/v and gate/up fused, one combine kernel")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()
     slots = auto_slots(model, args.max_len)
-    eng = Engine(model, slots=slots, max_len=args.max_len)
+    eng = Engine(model, slots=slots, max_len=args.max_len, fuse=args.fuse)
     eng.tokens.random_(1000, 150000)
     eng.positions.fill_(args.live - 1)
     res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "slots": slots, "live_tokens": args.live,
-           "ms": {}}
+           "fuse": args.fuse, "ms": {}}
     ms = res["ms"]
     with torch.inference_mode():
         for name in args.samplers.split(","):
@@ -68,6 +69,9 @@ def main():
         eng.set_sampling(SamplingParams(temperature=0.0))
         eng.graphs = {}
         ms["step_greedy"] = bench_ms(lambda: eng._step(slots))
+        # issue #32: the bytes a full-width step must read (weights, every slot's live cache) over its time
+        step_bytes = eng.weight_bytes + slots * args.live * eng.kv_bytes_token
+        res["hbm_fraction_full_width_greedy"] = round(step_bytes / (ms["step_greedy"] / 1e3) / peak_memory_bandwidth(), 3)
         for width in (256, 128, 64, 8):
             ms[f"step_greedy_width{width}"] = bench_ms(lambda: eng._step(width))
         q = torch.randn(slots, eng.hq, eng.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -77,7 +81,9 @@ def main():
                 for warps in (4, 8):
                     ms[f"attention_1layer_nsplit{nsplit}_n{block_n}_w{warps}"] = bench_ms(
                         lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale,
-                                                        nsplit, block_n, warps))
+                                                        nsplit=nsplit, block_n=block_n, num_warps=warps))
+        ms["attention_1layer_nsplit4_n64_w4_combine_triton"] = bench_ms(
+            lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, combine="triton"))
         kv_bytes = 2 * slots * args.live * eng.hkv * eng.head_dim * 2
         best = min((v, k) for k, v in ms.items() if k.startswith("attention"))
         res["attention_best"] = {"config": best[1], "ms": best[0], "kv_gb_s": round(kv_bytes / (best[0] / 1e3) / 1e9)}

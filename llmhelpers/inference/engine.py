@@ -24,11 +24,13 @@ reference. Temperature and top-p are device tensors read inside the graphs: new 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from llmhelpers.inference.sampling import SamplingParams, sample_top_p_sorted, sample_top_p_triton
 from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
@@ -147,13 +149,29 @@ def _build_triton_kernel():
         tl.store(m_ptr + row, m_i, mask=keep)
         tl.store(l_ptr + row, l_i, mask=keep)
 
-    return split_kv_attention
+    @triton.jit
+    def combine_splits(acc_ptr, m_ptr, l_ptr, out_ptr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+                       D: tl.constexpr):
+        # one program per (slot, query head): the splits' partial softmaxes rescaled to their common max and summed
+        row = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        live = sp < NSPLIT
+        m = tl.load(m_ptr + row * NSPLIT + sp, mask=live, other=float("-inf"))
+        l_split = tl.load(l_ptr + row * NSPLIT + sp, mask=live, other=0.0)
+        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)  # a split past the length holds -inf
+        acc = tl.load(acc_ptr + (row * NSPLIT + sp[:, None]) * D + d[None, :], mask=live[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_split * w, axis=0)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+    return split_kv_attention, combine_splits
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
-                            block_n: int = 64, num_warps: int = 4):
+                            block_n: int = 64, num_warps: int = 4, combine: str = "torch"):
     """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions. With
-    k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale."""
+    k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale. The splits are combined
+    by PyTorch ops (combine="torch", about eight kernels) or by one Triton kernel (combine="triton")."""
     global _triton_kernel
     if _triton_kernel is None:
         _triton_kernel = _build_triton_kernel()
@@ -166,11 +184,16 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
     m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     fp8 = k_scale is not None
-    _triton_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l,
+    split_kernel, combine_kernel = _triton_kernel
+    split_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l,
                                      k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
                                      BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, FP8_KV=fp8,
                                      num_warps=num_warps)
+    if combine == "triton":
+        out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
+        combine_kernel[(S * Hq,)](acc, m, l, out, NSPLIT=nsplit, BLOCK_S=max(2, next_pow2(nsplit)), D=D)
+        return out
     top = m.amax(-1, keepdim=True)
     w = torch.exp(m - top).nan_to_num(0.0)  # splits past the live length hold -inf
     out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True)
@@ -178,10 +201,26 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
 
 
 
+def fuse_rows(*linears) -> tuple:
+    """One weight (and bias) whose row blocks are these nn.Linear layers' weights, for one matmul over their shared
+    input; each layer's weight (and bias) becomes a view of its block, so the model is unchanged, the memory is not
+    doubled, and an in-place update of a layer's weight (MergedPolicy.refresh) updates the fused one."""
+    weight = torch.cat([lin.weight.data for lin in linears])
+    bias = torch.cat([lin.bias.data for lin in linears]) if linears[0].bias is not None else None
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[start:start + rows]
+        if bias is not None:
+            lin.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
+
+
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", fuse: bool = False):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -196,6 +235,13 @@ class Engine:
         self.scale = self.head_dim ** -0.5
         cuda = self.device.type == "cuda"
         self.decode_attention = decode_attention_triton if cuda else decode_attention_reference
+        # fuse (issue #32, lever 2): fewer, larger kernels per step: q/k/v and gate/up as one matmul each (the
+        # model's weights become row blocks of the fused ones: no extra memory) and the split-KV combine as one kernel
+        self.fused = [fuse_rows(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                      + fuse_rows(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.model.layers] \
+            if fuse else None
+        if fuse and cuda:
+            self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
@@ -235,13 +281,24 @@ class Engine:
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             B, T, _ = x.shape
-            q = attn.q_proj(x).view(B, T, self.hq, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(B, T, self.hkv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+            if self.fused:
+                qkv_w, qkv_b, gate_up_w, _ = self.fused[i]
+                q, k, v = F.linear(x, qkv_w, qkv_b).split([self.hq * self.head_dim, self.hkv * self.head_dim,
+                                                            self.hkv * self.head_dim], -1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(B, T, self.hq, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, *rot)
             a = attend(i, q, k, v, slot_idx, positions)  # [B, T, Hq * D]
             hidden = hidden + attn.o_proj(a)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            if self.fused:
+                gate, up = F.linear(x, gate_up_w).chunk(2, -1)
+                hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            else:
+                hidden = hidden + layer.mlp(x)
         return self.model.model.norm(hidden)
 
     # the KV cache: every write and every prefill read goes through these two (an fp8 cache keeps a scale per vector)
