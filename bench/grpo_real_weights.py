@@ -56,7 +56,7 @@ def select(paths: list[str], out: str) -> int:
         print(f"the settings best on validation ({best['run']}) were not graded on the held-out sets: run them again")
         return 1
     record = dict(graded[-1], selected_by="validation gain (practice-template problems kept out of practice)",
-                  settings_tried=[{k: r.get(k) for k in ("run", "learning_rate", "validation", "gain", "steps",
+                  settings_tried=[{k: r.get(k) for k in ("run", "learning_rate", "validation", "held_out", "gain", "steps",
                                                           "train_seconds", "rollout_tok_s")} for r in runs])
     Path(out).write_text(json.dumps(record, indent=1))
     print(json.dumps({k: record[k] for k in ("run", "sft_accuracy_tools", "grpo_accuracy_tools", "gain")}))
@@ -144,16 +144,16 @@ def main() -> int:
     for name, path in graded.items():
         problems = load_problem_file(path)[0]
         problems = problems[:args.limit] if args.limit else problems
-        if "grpo_accuracy_tools" in record.get(name, {}):
-            continue
-        record[name] = {"file": path, "problems": len(problems), "samples": cfg.eval_samples}
+        record.setdefault(name, {"file": path, "problems": len(problems), "samples": cfg.eval_samples})
         for label, folder in (("sft", Path(args.adapters)), ("grpo", grpo_adapters)):
+            if f"{label}_accuracy_tools" in record[name]:  # graded before this run was cut
+                continue
             with finetuned_for_evaluation(cfg, adapter_dir=folder) as model:
                 result = evaluate(model, tokenizer, problems, cfg, f"{label}-{name}", work / "eval", progress=False,
                                   tool_execution=True)
             record[name][f"{label}_accuracy_tools"] = result.accuracy
             print(f"{label} on {name}: {result.accuracy:.4f} ({len(problems)} problems)", flush=True)
-        save()
+            save()
     record["held_out"]["practice_file"] = PRACTICE
     record["sft_accuracy_tools"] = record["held_out"]["sft_accuracy_tools"]
     record["grpo_accuracy_tools"] = record["held_out"]["grpo_accuracy_tools"]

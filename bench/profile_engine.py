@@ -65,7 +65,8 @@ def main():
             eng.graphs = {}
             ms[f"step_sampled_{name}"] = bench_ms(lambda: eng._step(slots))
             logits = torch.randn(slots, model.config.vocab_size, device="cuda", dtype=torch.bfloat16) * 2
-            ms[f"sampler_{name}"] = bench_ms(lambda: eng._sample(logits))
+            seeds = torch.arange(slots, device="cuda")
+            ms[f"sampler_{name}"] = bench_ms(lambda: eng._sample(logits, seeds))
         eng.set_sampling(SamplingParams(temperature=0.0))
         eng.graphs = {}
         ms["step_greedy"] = bench_ms(lambda: eng._step(slots))

@@ -33,9 +33,9 @@ def main():
     torch.manual_seed(0)
     logits = (torch.randn(1, 151936, device="cuda") * 3).expand(4096, -1).contiguous()
     temperature, top_p = torch.tensor(0.6, device="cuda"), torch.tensor(0.95, device="cuda")
-    drawn = torch.cat([sample_top_p_triton(logits, temperature, top_p, torch.tensor(s, device="cuda"))
-                       for s in range(8)])
-    ref = torch.cat([sample_top_p_sorted(logits, 0.6, 0.95) for _ in range(8)])
+    rows = torch.arange(4096, device="cuda")  # one key per draw, as the engine's draw_seed gives them
+    drawn = torch.cat([sample_top_p_triton(logits, temperature, top_p, rows + s * 4096) for s in range(8)])
+    ref = torch.cat([sample_top_p_sorted(logits, 0.6, 0.95, rows + (s + 8) * 4096) for s in range(8)])
     # the exact nucleus of softmax(logits / 0.6) at top-p 0.95, and its renormalised probabilities
     probs = (logits[0].float() / 0.6).softmax(-1)
     sorted_p, order = probs.sort(descending=True)

@@ -116,10 +116,10 @@ def test_top_p_keeps_only_the_nucleus(tiny):
     engine = Engine(model, slots=1, max_len=8)
     engine.set_sampling(SamplingParams(temperature=1.0, top_p=0.5))
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1] + [0.0] * (model.config.vocab_size - 3)]) + 1e-30)
-    torch.manual_seed(0)
-    assert {int(engine._sample(logits)) for _ in range(50)} == {0}  # 0.6 alone reaches top_p=0.5
+    seeds = [torch.tensor([seed]) for seed in range(200)]  # one draw per seed
+    assert {int(engine._sample(logits, seed)) for seed in seeds[:50]} == {0}  # 0.6 alone reaches top_p=0.5
     engine.set_sampling(SamplingParams(temperature=1.0, top_p=0.8))
-    assert {int(engine._sample(logits)) for _ in range(200)} == {0, 1}
+    assert {int(engine._sample(logits, seed)) for seed in seeds} == {0, 1}
 
 
 @pytest.mark.parametrize("feed_max", [32, 0], ids=["fed-through-decode-steps", "prefilled"])
@@ -261,9 +261,12 @@ def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
         torch.manual_seed(0)
         logits = torch.randn(1, 40) * 1.5
         rows = 1000
-        drawn = sample_top_p_triton(logits.expand(rows, 40).contiguous(), 0.7, 0.8, torch.tensor(5), block=32)
-        again = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, torch.tensor(5), block=32)
-        other = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, torch.tensor(6), block=32)
+        seeds = torch.arange(rows) * 7919 + 5  # one key per row, as the engine's draw_seed gives them
+        drawn = sample_top_p_triton(logits.expand(rows, 40).contiguous(), 0.7, 0.8, seeds, block=32)
+        # a row's draw follows its key, not its place in the batch
+        again = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, seeds[:100].flip(0), block=32)
+        again = again.flip(0)
+        other = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, seeds[:100] + 1, block=32)
         ref = sample_top_p_sorted(logits.expand(200000, 40), 0.7, 0.8)
         a = torch.bincount(drawn, minlength=40).float() / rows
         b = torch.bincount(ref, minlength=40).float() / 200000
@@ -359,3 +362,37 @@ def test_fused_projections_keep_the_greedy_tokens_and_the_models_weights(tiny):
     assert torch.equal(gate_up_w[mlp.gate_proj.weight.shape[0]:], mlp.up_proj.weight)
     with torch.no_grad():
         mlp.up_proj.weight.div_(2)
+
+
+def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):
+    """Each draw is keyed by (run seed, request, position): the same seeded requests give the same sampled answers
+    with 2 or 7 slots (other slots, other batches, prompts shared or not in a prefill) and with tool outputs that come
+    back after other random delays (fed through decode steps or prefilled), so an accuracy is the same on a re-run."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, prompts = tiny
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("```output\n7\n```",
+                                                                     "```output\n" + "1234567890 " * 6 + "\n```")]
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=3)
+
+    def answers(slots, delay_seed):
+        rng = random.Random(delay_seed)
+        reqs = [Request(p, 24, key=i) for i, p in enumerate(p for p in prompts for _ in range(3))]
+
+        def later(extra):
+            time.sleep(rng.random() * 0.03)
+            return extra
+
+        with ThreadPoolExecutor(4) as pool:
+            Engine(model, slots=slots, max_len=max(map(len, prompts)) + 24 + 60).run(
+                reqs, sampling, eos=-1,
+                on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == 3 + r.key % 5 else None,
+                on_pause=lambda r, t: pool.submit(later, texts[r.key % 2]))
+        return [r.new_ids for r in reqs]
+
+    first = answers(7, 0)
+    assert len({tuple(a) for a in first}) == len(first)  # the copies of a prompt drew apart
+    assert answers(2, 1) == first
+    assert answers(7, 2) == first

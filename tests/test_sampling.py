@@ -35,3 +35,22 @@ def test_the_sorted_sampler_takes_its_settings_as_tensors_as_the_engine_keeps_th
     assert torch.equal(as_numbers, as_tensors) and set(as_numbers.tolist()) == {0, 1}  # the nucleus: 0.6 + 0.3
     torch.manual_seed(0)
     assert set(sample_top_p_sorted(logits, torch.tensor(1.0), torch.tensor(0.5)).tolist()) == {0}
+
+
+def test_keyed_draws_follow_their_seeds_and_the_nucleus_distribution():
+    """With seeds (the engine's draw_seed), a row's token is a function of its logits and its seed alone: the same
+    in any batch and order; over many seeds the frequencies are the renormalised nucleus."""
+    from llmhelpers.inference.sampling import draw_seed, keyed_uniform
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04])
+    logits = probs.log()[None].expand(200_000, 5)
+    seeds = torch.tensor([draw_seed(7, request, 30) for request in range(200_000)])
+    drawn = sample_top_p_sorted(logits, 1.0, 0.85, seeds)
+    assert torch.equal(sample_top_p_sorted(logits[:1000], 1.0, 0.85, seeds[:1000].flip(0)).flip(0), drawn[:1000])
+    nucleus = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9  # 0.5 + 0.25 < 0.85: the third token is in it
+    assert (torch.bincount(drawn, minlength=5) / 200_000 - nucleus).abs().max() < 0.005  # std error ~0.001
+    u = keyed_uniform(seeds[:64], 1000)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert not torch.equal(u[0], u[1]) and torch.equal(u, keyed_uniform(seeds[:64], 1000))
+    assert draw_seed(7, 1, 30) != draw_seed(7, 0, 31) != draw_seed(8, 0, 30)

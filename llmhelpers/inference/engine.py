@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmhelpers.inference.sampling import SamplingParams, sample_top_p_sorted, sample_top_p_triton
+from llmhelpers.inference.sampling import SamplingParams, draw_seed, sample_top_p_sorted, sample_top_p_triton
 from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
 
 # The decoder layouts the engine runs: Qwen2 (q/k/v biases, untied head: every R1-Distill-Qwen) and Llama (no biases,
@@ -270,7 +270,11 @@ class Engine:
         self.top_p = torch.ones((), dtype=torch.float32, device=self.device)
         self.feed_max = 32  # appended text up to this many tokens is fed through decode steps, longer is prefilled
         self.sampler = "triton" if cuda else "sort"  # the same distribution; "sort" is the reference
-        self.seed = torch.zeros((), dtype=torch.long, device=self.device)  # the Triton sampler's counter
+        # each draw is keyed by (run seed, request number, position): an answer does not depend on its slot, on
+        # the number of slots, or on when a tool's output arrived (llmhelpers.inference.sampling.draw_seed)
+        self.run_seed_int = 0
+        self.run_seed = torch.zeros((), dtype=torch.long, device=self.device)
+        self.request_index = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, object] = {}  # (width, greedy, sampler) -> the captured decode step
         self.stats: dict[str, float] = {}  # of the last run: steps, prefills and where the time went
 
@@ -336,23 +340,24 @@ class Engine:
         self.top_p.fill_(sampling.top_p)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        self.seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
+        self.run_seed_int = int(torch.randint(0, 2**31 - 1, ()))  # from torch's generator: seeded runs repeat
+        self.run_seed.fill_(self.run_seed_int)
 
-    def _sample(self, logits):
+    def _sample(self, logits, seeds):
+        """One token per row; `seeds` ([rows] int64) key each row's random numbers."""
         if self.sampling.greedy:
             return logits.argmax(-1)
         if self.sampler == "triton":
-            token = sample_top_p_triton(logits, self.temperature, self.top_p, self.seed)
-            self.seed += 1  # in place: a captured graph replays with the next seed
-            return token
-        return sample_top_p_sorted(logits, self.temperature, self.top_p)
+            return sample_top_p_triton(logits, self.temperature, self.top_p, seeds)
+        return sample_top_p_sorted(logits, self.temperature, self.top_p, seeds)
 
     def _decode_step(self, n: int):
         hidden = self.model.model.embed_tokens(self.tokens[:n, None])
         slot_idx = torch.arange(n, device=self.device)
         hidden = self._layers(hidden, slot_idx, self.positions[:n, None], self._decode_attend)
         logits = self.model.lm_head(hidden[:, -1])
-        self.next_tokens[:n].copy_(self._sample(logits))
+        seeds = draw_seed(self.run_seed, self.request_index[:n], self.positions[:n])  # in the graph: read each replay
+        self.next_tokens[:n].copy_(self._sample(logits, seeds))
 
     def _step(self, n: int):
         """One decode step of the first n slots: a CUDA graph per n, captured on first use and replayed."""
@@ -361,7 +366,6 @@ class Engine:
             return
         key = (n, self.sampling.greedy, self.sampler)
         if key not in self.graphs:
-            seed = self.seed.clone()  # warm-up steps draw too: a capture must not shift a seeded run's numbers
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -372,7 +376,6 @@ class Engine:
             with torch.cuda.graph(graph):
                 self._decode_step(n)
             self.graphs[key] = graph
-            self.seed.copy_(seed)
         self.graphs[key].replay()
 
     def _move(self, src: int, dst: int, length: int):
@@ -380,11 +383,11 @@ class Engine:
             if cache is not None:
                 cache[dst, :, :length] = cache[src, :, :length]
 
-    def _extend(self, items: list[tuple[int, list[int], int]], draws: list[int] | None = None) -> list[list[int]]:
+    def _extend(self, items: list[tuple[int, list[int], int]], draws: list[list[int]]) -> list[list[int]]:
         """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
-        start.. of that slot (a prompt at 0, or text appended after a pause). Returns, per item, `draws[i]` tokens
-        (default 1) sampled independently after its last id. The batch is padded to its longest item; padding is
-        neither cached nor attended."""
+        start.. of that slot (a prompt at 0, or text appended after a pause). Returns, per item, one token sampled
+        after its last id for each seed in `draws[i]` (draw_seed's). The batch is padded to its longest item;
+        padding is neither cached nor attended."""
         self.stats["prefill_passes"] += 1
         n, width = len(items), max(len(ids) for _, ids, _ in items)
         ids_t = torch.zeros(n, width, dtype=torch.long)
@@ -413,10 +416,11 @@ class Engine:
 
         hidden = self._layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
         last = hidden[torch.arange(n, device=self.device), valid.sum(1) - 1]
-        draws = draws or [1] * n
-        logits = self.model.lm_head(last).repeat_interleave(torch.tensor(draws, device=self.device), dim=0)
-        tokens, out = self._sample(logits).tolist(), []
-        for count in draws:
+        counts = [len(seeds) for seeds in draws]
+        logits = self.model.lm_head(last).repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
+        seeds = torch.tensor([seed for item_seeds in draws for seed in item_seeds], device=self.device)
+        tokens, out = self._sample(logits, seeds).tolist(), []
+        for count in counts:
             out.append(tokens[:count])
             tokens = tokens[count:]
         return out
@@ -442,12 +446,15 @@ class Engine:
         return out
 
     # --- the model runner: prefill and decode over slots ---------------------------------------------------------
-    def prefill(self, items: list[tuple[int, list[int], int]]) -> list[tuple[tuple[int, list[int], int], int]]:
-        """(item, sampled token) for each (slot, ids, start) item, prefilled in groups of similar length.
+    def prefill(self, items: list[tuple[int, list[int], int]], indices: list[int]) -> \
+            list[tuple[tuple[int, list[int], int], int]]:
+        """(item, sampled token) for each (slot, ids, start) item, prefilled in groups of similar length; `indices`
+        are the items' request numbers (their draws' keys).
 
         A prompt that several items of one prefill share (the R1 protocol's answers per problem, a GRPO group) is
         computed once: the others get its keys and values (`_move`) and draw their own first token from its logits."""
         t0 = time.perf_counter()
+        seed_of = {id(item): draw_seed(self.run_seed_int, index, item[2] + len(item[1]) - 1) for item, index in zip(items, indices)}
         unique, copies, first = [], {}, {}  # copies: index in unique -> the items that share its prompt
         for item in items:
             key = tuple(item[1]) if item[2] == 0 else None  # only whole prompts; appended text is each slot's own
@@ -457,7 +464,7 @@ class Engine:
             if key is not None:
                 first[key] = len(unique)
             unique.append(item)
-        draws = [1 + len(copies.get(i, ())) for i in range(len(unique))]
+        draws = [[seed_of[id(item)] for item in (unique[i], *copies.get(i, ()))] for i in range(len(unique))]
         index = {id(item): i for i, item in enumerate(unique)}
         out = []
         for item, tokens in self._extend_batches(unique, draws):
@@ -470,10 +477,12 @@ class Engine:
         self.stats["prefill_s"] += time.perf_counter() - t0
         return out
 
-    def decode(self, width: int, tokens: list[int], positions: list[int]) -> list[int]:
-        """One decode step of the first `width` slots; the token sampled for each."""
+    def decode(self, width: int, tokens: list[int], positions: list[int], indices: list[int]) -> list[int]:
+        """One decode step of the first `width` slots (their input tokens, positions and request numbers); the token
+        sampled for each."""
         self.tokens[:width].copy_(torch.tensor(tokens[:width], device=self.device))
         self.positions[:width].copy_(torch.tensor(positions[:width], device=self.device))
+        self.request_index[:width].copy_(torch.tensor(indices[:width], device=self.device))
         t0 = time.perf_counter()
         self._step(width)
         sampled = self.next_tokens[:width].tolist()
@@ -488,7 +497,8 @@ class Engine:
 
     def _prefill_due(self, scheduler: Scheduler, force: bool) -> None:
         while items := scheduler.schedule_prefill(force):
-            scheduler.postprocess_prefill(self.prefill(items))
+            indices = [scheduler.running[slot].index for slot, _, _ in items]
+            scheduler.postprocess_prefill(self.prefill(items, indices))
             force = False  # a refill's own pauses and endings wait for the next step
 
     @torch.inference_mode()
@@ -516,7 +526,7 @@ class Engine:
                 scheduler.wait_for_tools()
                 self._prefill_due(scheduler, force=True)
                 continue
-            sampled = self.decode(scheduler.width, scheduler.tokens, scheduler.positions)
+            sampled = self.decode(scheduler.width, scheduler.tokens, scheduler.positions, scheduler.indices)
             scheduler.postprocess_decode(decoding, sampled)
             self._prefill_due(scheduler, force=len(decoding) < len(scheduler.running) // 2 or not scheduler.queue)
             if progress:

@@ -1,5 +1,9 @@
 """How tokens are drawn: the generation settings (`SamplingParams`) and the top-p samplers behind them.
 
+Each draw of the engine is keyed: its random numbers are a function of one 64-bit seed per row (the engine makes it
+from the run's seed, the request and the position: `draw_seed`), not of a generator's state. So a request's answer
+does not depend on which slot it ran in, on how many slots there were, or on when a tool's output came back.
+
 `SamplingParams` is the one object every generation path takes (nano-vllm's and vLLM's name): `generate`, the
 engine, `model.generate` in batches, the tool rounds. The engine reads temperature and top-p from device tensors
 inside its CUDA graphs, so changing them re-captures nothing; only greedy against sampled is a different graph.
@@ -44,16 +48,54 @@ class SamplingParams:
         return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
 
 
-def sample_top_p_sorted(logits, temperature, top_p):
+# A draw's seed: the run's 20 bits, the request's 22 (4M requests), the position's 20 (1M tokens): 62 bits.
+RUN_BITS, REQUEST_BITS, POSITION_BITS = 20, 22, 20
+
+
+def draw_seed(run: int, request: int, position: int):
+    """The seed of the token drawn after `position` of request number `request` in a run seeded `run` (ints or int64
+    tensors): distinct for every (run mod 2^20, request, position)."""
+    return ((run % (1 << RUN_BITS)) << (REQUEST_BITS + POSITION_BITS)) + (request << POSITION_BITS) + position
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _mix64(z):
+    """splitmix64's finalizer on int64 tensors (products wrap mod 2^64; each right shift is made logical by masking
+    off the sign bits an arithmetic shift brings in)."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def keyed_uniform(seeds, n: int):
+    """[rows, n] uniform numbers in (0, 1): splitmix64 of (the row's seed, the column), from integer ops alone, so the
+    same seeds give the same numbers on any device, in any batch, and inside a CUDA graph."""
+    rows = _mix64(seeds.long() * _GOLDEN)  # the seed hashed first: seeds s and s + 1 share no numbers
+    z = _mix64(rows[:, None] + torch.arange(1, n + 1, device=seeds.device) * _GOLDEN)
+    return (((z >> 40) & ((1 << 24) - 1)).float() + 0.5) / (1 << 24)  # the top 24 bits: exact in float32
+
+
+def sample_top_p_sorted(logits, temperature, top_p, seeds=None):
     """One token per row from the nucleus of softmax(logits / temperature) (the smallest most-probable prefix of the
     sorted vocabulary whose mass reaches top_p; the first token always stays), by Gumbel-max. `temperature` and
-    `top_p` are numbers or tensors that broadcast against [rows, 1]."""
+    `top_p` are numbers or tensors that broadcast against [rows, 1]. `seeds` ([rows] int64) key each row's random
+    numbers (keyed_uniform); without them they come from torch's generator."""
     logits = logits.float() / temperature
     probs = logits.softmax(-1)
     sorted_p, order = probs.sort(-1, descending=True)
     drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
     sorted_logits = logits.gather(-1, order).masked_fill(drop, float("-inf"))
-    gumbel = -torch.log(-torch.log(torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)))
+    if seeds is None:
+        uniform = torch.rand_like(sorted_logits).clamp_(1e-20, 1.0)
+    else:  # each token's number follows the token, not its rank: the draw is the same whatever the sort did
+        uniform = keyed_uniform(seeds, logits.shape[-1]).gather(-1, order)
+    gumbel = -torch.log(-torch.log(uniform))
     return order.gather(-1, (sorted_logits + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
 
 
@@ -69,7 +111,7 @@ def _build_top_p_kernel():
                      MAX_ROUNDS: tl.constexpr):
         row = tl.program_id(0)
         base = logits_ptr + row.to(tl.int64) * stride
-        seed = tl.load(seed_ptr) * MAX_ROUNDS
+        seed = tl.load(seed_ptr + row)  # this row's draw: its own 64-bit key
         inv_temp = 1.0 / tl.load(temperature_ptr)  # read here, not baked in: a captured graph follows new values
         top_p = tl.load(top_p_ptr)
         idx = tl.arange(0, BLOCK)
@@ -85,7 +127,7 @@ def _build_top_p_kernel():
             m_new = tl.maximum(m, tl.max(l, 0))
             z = z * tl.exp(m - m_new) + tl.sum(tl.where(live, tl.exp(l - m_new), 0.0), 0)
             m = m_new
-            u = tl.maximum(tl.rand(seed, row * V + offs), 1e-30)
+            u = tl.maximum(tl.rand(seed, offs), 1e-30)
             g = tl.where(live, l - tl.log(-tl.log(u)), float("-inf"))
             block_best = tl.max(g, 0)
             better = block_best > best_val
@@ -108,7 +150,7 @@ def _build_top_p_kernel():
                 for start in range(0, V, BLOCK):
                     offs = start + idx
                     l = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-                    u = tl.maximum(tl.rand(seed + rounds, row * V + offs), 1e-30)
+                    u = tl.maximum(tl.rand(seed, rounds * V + offs), 1e-30)
                     g = tl.where(l > pivot, l - tl.log(-tl.log(u)), float("-inf"))
                     block_best = tl.max(g, 0)
                     better = block_best > best_val
@@ -120,14 +162,14 @@ def _build_top_p_kernel():
     return top_p_sample
 
 
-def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, block: int = 2048):
+def sample_top_p_triton(logits, temperature, top_p, seeds, max_rounds: int = 64, block: int = 2048):
     """The same distribution as sample_top_p_sorted without sorting (exact rejection sampling, as FlashInfer's
     sorting-free samplers): draw from the whole distribution; accept if less than top_p of the mass is more
     probable than the drawn token; otherwise draw again among the tokens more probable than it. The nucleus holds
     at least top_p of the mass, so a draw is accepted with probability >= top_p and rows rarely need a second
-    pass. One program per row. `seed`, `temperature` and `top_p` are one-element device tensors (float32 for the
-    last two) read inside the kernel, so a CUDA graph replays with new random numbers when the caller increments
-    the seed and with new settings when it writes them. Tokens tied at the boundary are all kept; after max_rounds
+    pass. One program per row. `seeds` ([rows] int64, e.g. draw_seed's) key each row's random numbers; they,
+    `temperature` and `top_p` (one-element float32) are device tensors read inside the kernel, so a CUDA graph
+    replays with new random numbers when the caller writes new seeds and with new settings when it writes them. Tokens tied at the boundary are all kept; after max_rounds
     rejections (probability <= (1 - top_p) ** max_rounds) the last draw is kept."""
     global _top_p_kernel
     if _top_p_kernel is None:
@@ -137,6 +179,6 @@ def sample_top_p_triton(logits, temperature, top_p, seed, max_rounds: int = 64, 
     temperature, top_p = (torch.as_tensor(x, dtype=torch.float32, device=device).reshape(1)
                           for x in (temperature, top_p))
     out = torch.empty(rows, dtype=torch.int32, device=device)
-    _top_p_kernel[(rows,)](logits, out, seed, temperature, top_p, logits.stride(0), V, BLOCK=block,
+    _top_p_kernel[(rows,)](logits, out, seeds.long().contiguous(), temperature, top_p, logits.stride(0), V, BLOCK=block,
                            MAX_ROUNDS=max_rounds, num_warps=8)
     return out.long()

@@ -7,8 +7,8 @@ without a model:
 - `schedule_prefill(force)` → the (slot, ids, start) items to prefill now: appended text of resumed slots, then
   queued prompts for the free slots. A prefill has a fixed cost of several decode steps, so unless forced it waits
   until 1/32 of the live sequences (or every one) would take part.
-- `schedule_decode()` → the slots whose sampled token counts in this decode step (`tokens`, `positions` are its
-  inputs for the first `width` slots), or None when every live sequence waits.
+- `schedule_decode()` → the slots whose sampled token counts in this decode step (`tokens`, `positions` and the
+  requests' numbers `indices` are its inputs for the first `width` slots), or None when every live sequence waits.
 - `postprocess_prefill` / `postprocess_decode` record what the model sampled: a sequence goes on, ends (eos,
   budget, cache full) or pauses (`on_token` returned PAUSE; `on_pause` gives the ids to append, or a Future).
 - `compact()` → cache moves: once the queue is empty and half the slots idle, live sequences move into the lowest
@@ -40,6 +40,7 @@ class Request:
 class Sequence:
     """A request while it holds a slot."""
     request: Request
+    index: int = 0  # the request's number in the run: with the position, it keys the slot's draws (draw_seed)
     length: int = 0  # tokens in the slot's cache
     token: int = 0  # the next decode step's input for this slot ...
     position: int = 0  # ... and where it goes
@@ -64,7 +65,7 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}  # slot -> its sequence
         self.width = slots  # decode the first `width` slots
         self.done = self.generated = self.pauses = 0
-        self.tokens, self.positions = [0] * slots, [0] * slots  # decode inputs, per slot
+        self.tokens, self.positions, self.indices = [0] * slots, [0] * slots, [0] * slots  # decode inputs, per slot
         self._parked: list[int] = []  # paused slots, in the order they paused (they resume in that order)
         self._waiting: list[int] = []  # resumed slots due for a prefill, in the order they resumed
 
@@ -92,10 +93,11 @@ class Scheduler:
         for slot in range(self.width):
             if slot in self.running or not self.queue:
                 continue
-            request = self.requests[self.queue.pop()]
+            index = self.queue.pop()
+            request = self.requests[index]
             if len(request.prompt_ids) + 1 >= self.max_len:
                 raise ValueError(f"a prompt of {len(request.prompt_ids)} tokens does not fit max_len={self.max_len}")
-            self.running[slot] = Sequence(request)
+            self.running[slot] = Sequence(request, index)
             items.append((slot, request.prompt_ids, 0))
         return items
 
@@ -106,7 +108,7 @@ class Scheduler:
             return None
         # paused slots decode too (one batch shape); they write at their next position, overwritten on resume
         for slot, seq in self.running.items():
-            self.tokens[slot], self.positions[slot] = seq.token, seq.position
+            self.tokens[slot], self.positions[slot], self.indices[slot] = seq.token, seq.position, seq.index
         return decoding
 
     def postprocess_decode(self, decoding: list[int], sampled: list[int]) -> None:
