@@ -18,8 +18,10 @@ and a static batch keeps decoding until its longest member stops; its Python loo
 
 The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
 `nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
-Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it. Top-p
-is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere (and as its test oracle) the sorted-vocabulary
+Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it: each
+draw's random numbers are keyed by (run seed, request number, position), so an answer is the same whichever slot,
+batch or tool timing it got. `fuse=True` runs q/k/v and gate/up as one matmul each and the split-KV combine as one
+kernel (issue #32; off until measured). Top-p is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere (and as its test oracle) the sorted-vocabulary
 reference. Temperature and top-p are device tensors read inside the graphs: new values reuse them.
 """
 from __future__ import annotations
