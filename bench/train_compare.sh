@@ -5,6 +5,10 @@
 #   bash bench/train_compare.sh MEDIAN DEST [CONFIGS]      # CONFIGS: default,fits-24gb,padded,seed (the default)
 #   UNSLOTH=1 bash bench/train_compare.sh MEDIAN DEST       # Unsloth's configurations instead (bench/train_unsloth.py)
 #
+#   UNSLOTH=1 STEPS=30 bash bench/train_compare.sh 490 DEST packed,packed-gc      # issue #31's peers, then:
+#   PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 bash bench/train_compare.sh 490 DEST default,fits-24gb,equal-memory,pack8k
+#   (equal-memory: the default under the memory Unsloth's packed run took; the parts stay in /tmp/bench-parts while
+#   the machine is warm, so DEST/train-490.json then holds all six)
 # MEDIAN: median row length of the synthetic rows (490 = the real MathCodeInstruct rows, 700 = the old bench's).
 # Project runs need the project's wheels on PYTHONPATH (e.g. /tmp/site:/tmp/bsite); Unsloth's need its own set.
 set -uo pipefail
@@ -35,7 +39,7 @@ if [ "${UNSLOTH:-0}" = 1 ]; then
 fi
 for c in ${CONFIGS//,/ }; do
   python3 bench/train_throughput.py --configs "$c" --median "$MEDIAN" --steps "$STEPS" --warmup "$WARMUP" \
-    --no-loss-check --out "/tmp/bench-parts/$MEDIAN-$c.json" > "/tmp/bench-parts/$MEDIAN-$c.log" 2>&1
+    --no-loss-check ${PEER:+--peer "$PEER"} --out "/tmp/bench-parts/$MEDIAN-$c.json" > "/tmp/bench-parts/$MEDIAN-$c.log" 2>&1
   echo "== $c (exit $?)" >> "$DEST/log-$MEDIAN.txt"; tail -5 "/tmp/bench-parts/$MEDIAN-$c.log" >> "$DEST/log-$MEDIAN.txt"
   merge
 done

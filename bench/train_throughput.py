@@ -55,6 +55,9 @@ CONFIGS = {
     "default-4bit": dict(dequantize_once="off"),
     "pack8k-4bit": dict(packing(8192), dequantize_once="off"),
     "fits-24gb-4bit": dict(memory_limit_gib=22.0, dequantize_once="off"),
+    # issue #31: the default's policy under the memory Unsloth's packed run without checkpointing took in the same
+    # session (--peer: that run's result file; its peak_reserved_gib becomes memory_limit_gib)
+    "equal-memory": dict(memory_limit_gib="peer"),
 }
 
 
@@ -161,7 +164,8 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "config": name, "pack_tokens": cfg.pack_tokens,
         "micro_batch": trainer.args.per_device_train_batch_size, "accumulation": cfg.sft.gradient_accumulation_steps,
         "grouped": cfg.sft.train_sampling_strategy == "group_by_length", "liger": getattr(trainer.model, "llm_liger", False),
-        "checkpointing": decided, "sequences_per_step": round(len(lengths) / steps, 1),
+        "checkpointing": decided, "memory_limit_gib": cfg.memory_limit_gib,
+        "sequences_per_step": round(len(lengths) / steps, 1),
         "warmup_seconds": round(marks["t0"] - started, 1),  # model compile, first steps
         "steps": steps, "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
         "useful_tok_s": round(useful / elapsed), "trained_tok_s": round(trained / elapsed),
@@ -247,6 +251,16 @@ def loss_equivalence(model_dir: Path, rows) -> dict:
             "ok": rel <= 1e-2}
 
 
+def peer_peak(path: str | None) -> float:
+    """The peak reserved memory of Unsloth's packed run without checkpointing, from its result file."""
+    if not path:
+        raise SystemExit("equal-memory needs --peer: the result file of train_unsloth.py --configs packed")
+    runs = [r for r in json.loads(Path(path).read_text())["runs"] if r["config"] == "unsloth-packed"]
+    if not runs:
+        raise SystemExit(f"{path} has no unsloth-packed run")
+    return runs[-1]["peak_reserved_gib"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -258,6 +272,8 @@ def main():
                              "to measure what a 32 GB card can run")
     parser.add_argument("--median", type=int, default=700,
                         help="median row length of the synthetic lognormal rows (real MathCodeInstruct rows: ~490)")
+    parser.add_argument("--peer", default=None,
+                        help="train_unsloth.py's result file with an unsloth-packed run (for equal-memory)")
     parser.add_argument("--out", default=None, help="write results JSON here")
     args = parser.parse_args()
     model_dir = random_r1_model()
@@ -273,7 +289,10 @@ def main():
         results["loss_equivalence"] = loss_equivalence(model_dir, rows)
         print(json.dumps(results["loss_equivalence"]), flush=True)
     for name in args.configs.split(","):
-        r = run_config(name, CONFIGS[name], model_dir, rows, args.warmup, args.steps)
+        overrides = dict(CONFIGS[name])
+        if overrides.get("memory_limit_gib") == "peer":
+            overrides["memory_limit_gib"] = peer_peak(args.peer)
+        r = run_config(name, overrides, model_dir, rows, args.warmup, args.steps)
         results["runs"].append(r)
         print(json.dumps(r), flush=True)
         if args.out:  # after every configuration: a run cut off later keeps what was measured

@@ -30,11 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gpu_name, random_r1_model, synthetic_rows  # noqa: E402
 from train_throughput import measure_after_warmup, model_flops  # noqa: E402
 
-CONFIGS = {"mb2x8": (2, 8), "mb8x2": (8, 2), "mb16x1": (16, 1)}
+# name -> (micro-batch, accumulation, packed row length or 0 for padded micro-batches of 2,048, Unsloth's checkpointing)
+CONFIGS = {
+    "mb2x8": (2, 8, 0, "unsloth"), "mb8x2": (8, 2, 0, "unsloth"), "mb16x1": (16, 1, 0, "unsloth"),
+    # issue #31's peer at its best exact configuration: TRL's packing (bfd, padding-free, per-sequence positions) in
+    # rows of the project's default length, one row per optimizer step, without and with Unsloth's checkpointing
+    "packed": (1, 1, 16384, False), "packed-gc": (1, 1, 16384, "unsloth"),
+    "packed32k": (1, 1, 32768, False),
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup: int, steps: int) -> dict:
+def run(name: str, micro: int, accumulation: int, row: int, checkpointing, model_dir: Path, rows, warmup: int,
+        steps: int) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -42,15 +50,17 @@ def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup:
 
     from common import peak_bf16_flops
 
-    model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
+    max_length = row or 2048
+    model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=max_length,
                                                    load_in_4bit=True, dtype=torch.bfloat16)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                             use_gradient_checkpointing="unsloth", random_state=0)
+                                             use_gradient_checkpointing=checkpointing, random_state=0)
+    layout = dict(packing=True, padding_free=True) if row else dict(group_by_length=True)
     args = SFTConfig(output_dir=f"/tmp/bench-unsloth/{name}", per_device_train_batch_size=micro,
                      gradient_accumulation_steps=accumulation, max_steps=warmup + steps, learning_rate=2e-4,
                      lr_scheduler_type="cosine", warmup_ratio=0.0, logging_steps=1, save_strategy="no",
-                     eval_strategy="no", report_to="none", bf16=True, optim="adamw_8bit", group_by_length=True,
-                     max_length=2048, dataloader_num_workers=0, seed=0)
+                     eval_strategy="no", report_to="none", bf16=True, optim="adamw_8bit", **layout,
+                     max_length=max_length, dataloader_num_workers=0, seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tok)
     counter, marks = measure_after_warmup(trainer, warmup)
     trainer.train()
@@ -58,14 +68,15 @@ def run(name: str, micro: int, accumulation: int, model_dir: Path, rows, warmup:
     elapsed = time.perf_counter() - marks["t0"]
     lengths = [n for batch in counter.batches[marks["n0"]:marks["n0"] + steps * accumulation] for n in batch]
     peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    # the worst micro-batch it can meet: every sequence at max_length (2,048)
-    ids = torch.randint(1000, 150000, (micro, 2048), device="cuda")
+    # the worst micro-batch it can meet: every sequence at max_length (2,048), or a full packed row
+    ids = torch.randint(1000, 150000, (micro, max_length), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         trainer.training_step(trainer.model, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
         trainer.model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return {"config": f"unsloth-{name}", "micro_batch": micro, "accumulation": accumulation, "steps": steps,
+            "packed_row": row, "checkpointing": checkpointing or "none",
             "sequences_per_step": round(len(lengths) / steps, 1),
             "peak_reserved_gib": round(peak_reserved / 2**30, 2),
             "worst_case_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
@@ -89,8 +100,7 @@ def main():
     rows = synthetic_rows(16 * (args.warmup + args.steps + 2) * 4, median=args.median)
     results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "median": args.median, "runs": []}
     for name in args.configs.split(","):
-        micro, accumulation = CONFIGS[name]
-        results["runs"].append(run(name, micro, accumulation, model_dir, rows, args.warmup, args.steps))
+        results["runs"].append(run(name, *CONFIGS[name], model_dir, rows, args.warmup, args.steps))
         print(json.dumps(results["runs"][-1]), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
