@@ -19,7 +19,8 @@ Configurations:
   answer halfway through it (a sympy block run for real in the answer's sandbox, its output appended);
 - fits-24gb (issue #32): the default engine with the slots a 24 GB card gives (22 GiB in all with the weights);
 - fused (issue #32): Engine(fuse=True), fewer and larger kernels per step (q/k/v and gate/up as one matmul each,
-  the split-KV combine as one Triton kernel);
+  the split-KV combine as one Triton kernel); fused-split: and narrow steps split each slot's cache into more, shorter
+  parts (Engine(split_narrow_steps=True));
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
@@ -147,7 +148,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
-           kv_cache_dtype="auto", memory_gib=0.0, fuse=False):
+           kv_cache_dtype="auto", memory_gib=0.0, fuse=False, split_narrow_steps=False):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -158,7 +159,8 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     free = int(memory_gib * 2**30) - torch.cuda.memory_reserved() if memory_gib else None
     slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype, free_bytes=free)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
-                 kv_cache_dtype=kv_cache_dtype, fuse=fuse)
+                 kv_cache_dtype=kv_cache_dtype, fuse=fuse,
+                 split_narrow_steps=split_narrow_steps)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -238,6 +240,8 @@ def main():
                 made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
             elif name == "fused":  # issue #32 lever 2: q/k/v and gate/up as one matmul each, one combine kernel
                 made, info = engine(model, p, l, args.cap, fuse=True)
+            elif name == "fused-split":  # and lever 1: narrow steps split each slot's cache further
+                made, info = engine(model, p, l, args.cap, fuse=True, split_narrow_steps=True)
             elif name == "fits-24gb":  # issue #32: a 24 GB card, the slots that 22 GiB in all leave room for
                 made, info = engine(model, p, l, args.cap, memory_gib=22)
             elif name == "fp8-kv":  # issue #32: the KV cache in float8, about twice the slots

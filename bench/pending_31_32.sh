@@ -18,9 +18,9 @@
 #              or the adapters carried and unpacked into /tmp/adapters).
 # grpo-one:    grpo with GRPO_LR (default 2e-5) alone, cut at GRPO_TIMEOUT (default 560) seconds; the same stage again
 #              (the machine still warm) goes on where it stopped. Its record and log come back in $OUT each time.
-# eval-default, eval-fused, eval-24gb: issue #32 on the R1-1.5B architecture (HF + bitsandbytes carry only), 2,000
+# eval-default, eval-fused, eval-fused-split, eval-24gb: issue #32 on the R1-1.5B architecture (HF + bitsandbytes carry only), 2,000
 #              requests each (one per call: ~5 minutes each): the default engine (shared prefills, the HBM fraction),
-#              Engine(fuse=True), the slots of a 24 GB card;
+#              Engine(fuse=True), and with split_narrow_steps, the slots of a 24 GB card;
 # profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
 #              with fuse;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
@@ -73,7 +73,7 @@ for stage in "$@"; do
       python bench/grpo_real_weights.py --adapters /tmp/adapters --work /tmp/grpo-rw --out "$dest/grpo.json" 2>&1 \
         | grep -v -E "it/s\]|s/it\]" > "$dest/grpo.log"
       tail -n 6 "$dest/grpo.log" ;;
-    eval-default|eval-fused|eval-24gb)
+    eval-default|eval-fused|eval-fused-split|eval-24gb)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       python -m bench eval --configs "$config" --requests 2000 --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;

@@ -75,6 +75,12 @@ def main():
         res["hbm_fraction_full_width_greedy"] = round(step_bytes / (ms["step_greedy"] / 1e3) / peak_memory_bandwidth(), 3)
         for width in (256, 128, 64, 8):
             ms[f"step_greedy_width{width}"] = bench_ms(lambda: eng._step(width))
+        # issue #32 lever 1: narrow steps with more, shorter splits per (slot, kv head)
+        eng.split_narrow_steps, eng.graphs = True, {}
+        for width in (64, 16, 8, 1):
+            ms[f"step_greedy_width{width}_split_narrow"] = bench_ms(lambda: eng._step(width))
+        eng.split_narrow_steps, eng.graphs = False, {}
+        ms["step_greedy_width1"] = bench_ms(lambda: eng._step(1))
         q = torch.randn(slots, eng.hq, eng.head_dim, device="cuda", dtype=torch.bfloat16)
         lengths = torch.full((slots,), args.live, device="cuda", dtype=torch.int32)
         for nsplit in (2, 4, 8, 16):

@@ -167,14 +167,16 @@ def test_triton_decode_kernel_matches_the_reference():
         out8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4)
         # the splits combined by one Triton kernel (Engine(fuse=True)) instead of PyTorch's ops
         one = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, combine="triton")
-        print((one - ref).abs().max().item(), (out8 - ref8).abs().max().item(), (out - ref).abs().max().item())
+        many = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=16, combine="triton")  # narrow steps
+        gaps = [(many - ref), (one - ref), (out8 - ref8), (out - ref)]
+        print(*[gap.abs().max().item() for gap in gaps])
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})  # Triton's CPU interpreter
     assert proc.returncode == 0, proc.stderr[-2000:]
-    combined_gap, fp8_gap, gap = map(float, proc.stdout.split()[-3:])
+    many_gap, combined_gap, fp8_gap, gap = map(float, proc.stdout.split()[-4:])
     assert gap < 1e-4 and fp8_gap < 1e-4  # the fp8 cache (issue #32) read by the kernel as by the reference
-    assert combined_gap < 1e-4
+    assert combined_gap < 1e-4 and many_gap < 1e-4
 
 
 def test_an_fp8_kv_cache_keeps_each_head_vector_within_e4m3_rounding():
@@ -322,6 +324,12 @@ def test_appended_text_that_does_not_fit_ends_the_answer_as_budget_hit(tiny):
         [req], GREEDY, eos=-1, on_token=lambda r, t: PAUSE if len(t) == 3 else None,
         on_pause=lambda r, t: list(range(100, 140)))  # 40 ids: more than the slot has room for
     assert req.finished and req.hit_budget and req.appended == 0 and len(req.new_ids) == 3
+
+
+def test_narrow_steps_get_more_splits_and_wide_steps_keep_four():
+    from llmhelpers.inference.engine import decode_splits
+
+    assert [decode_splits(w, 2, 132) for w in (1, 8, 64, 487)] == [64, 33, 5, 4]  # an H200: 132 SMs, R1's 2 kv heads
 
 
 def test_full_width_steps_count_the_weights_once_and_each_slots_live_cache(tiny):

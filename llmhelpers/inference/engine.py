@@ -203,6 +203,12 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
 
 
 
+def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int = 64) -> int:
+    """Splits of each slot's cache for a decode step of `width` slots: at least `least` (today's), and as many as
+    give about four programs per SM when (slot, kv head) pairs are fewer than that."""
+    return max(least, min(most, math.ceil(4 * sms / max(1, width * kv_heads))))
+
+
 def fuse_rows(*linears) -> tuple:
     """One weight (and bias) whose row blocks are these nn.Linear layers' weights, for one matmul over their shared
     input; each layer's weight (and bias) becomes a view of its block, so the model is unchanged, the memory is not
@@ -222,7 +228,7 @@ def fuse_rows(*linears) -> tuple:
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
-                 kv_cache_dtype: str = "auto", fuse: bool = False):
+                 kv_cache_dtype: str = "auto", fuse: bool = False, split_narrow_steps: bool = False):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -244,6 +250,10 @@ class Engine:
             if fuse else None
         if fuse and cuda:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
+        # split_narrow_steps (issue #32, lever 1; off until measured): a narrow step (the tail) has too few
+        # (slot, kv head) pairs to occupy the GPU with 4 splits each; give each pair more splits, shorter ones
+        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
+        self.split_narrow_steps = split_narrow_steps and cuda
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
@@ -331,8 +341,9 @@ class Engine:
         pos = positions[:, 0]
         self._write_kv(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
         scales = (self.k_scale[i][:n], self.v_scale[i][:n]) if self.fp8 else (None, None)
+        splits = {"nsplit": decode_splits(n, self.hkv, self.sms)} if self.split_narrow_steps else {}
         out = self.decode_attention(q[:, :, 0], self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale,
-                                    *scales)
+                                    *scales, **splits)
         return out.reshape(n, 1, -1)
 
     def set_sampling(self, sampling: SamplingParams) -> None:
