@@ -55,6 +55,9 @@ CONFIGS = {
     "default-4bit": dict(dequantize_once="off"),
     "pack8k-4bit": dict(packing(8192), dequantize_once="off"),
     "fits-24gb-4bit": dict(memory_limit_gib=22.0, dequantize_once="off"),
+    # issue #31, lever 2: each decoder layer compiled as one region for the training steps (the CPU floor)
+    "default-compiled": dict(compile_layers=True),
+    "pack8k-compiled": dict(packing(8192), compile_layers=True),
     # issue #31: the default's policy under the memory Unsloth's packed run without checkpointing took in the same
     # session (--peer: that run's result file; its peak_reserved_gib becomes memory_limit_gib)
     "equal-memory": dict(memory_limit_gib="peer"),

@@ -56,6 +56,9 @@ class FinetuneConfig(run_identity.RunFolders):
     # (2.4 GiB for the 1.5B). "auto": kept when the worst step still fits memory_limit_gib with it (measured before step 1,
     # with the checkpointed layers chosen after it); "on", "off".
     dequantize_once: str = "auto"
+    # Each decoder layer compiled as one region (torch.compile) for the training steps, to cut the per-step CPU work
+    # (llmhelpers.training.compiled). Off until measured on a GPU; undone when training stops.
+    compile_layers: bool = False
 
     # --- data ----------------------------------------------------------------------------------------------------
     # A Hub id, a local .json/.jsonl file, or a folder of them.

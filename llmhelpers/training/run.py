@@ -51,6 +51,7 @@ class TrainingRun:
         self.memory: dict | None = None  # the activation-checkpointing decision (training/memory.py)
         self.main = trainer.is_world_process_zero()
         self._lock = RunLock(cfg.run_dir) if self.main else None
+        self._compiled = False  # its decoder layers compiled for training (compile_layers), undone on exit
 
     def __enter__(self) -> "TrainingRun":
         trainer, cfg = self.trainer, self.cfg
@@ -90,6 +91,13 @@ class TrainingRun:
                                           if decided["why"] == "measured" else ")")
                   + (f"; the 4-bit base kept dequantized ({decided['dequantized_base_bytes'] / 2**30:.2f} GiB, "
                      "dequantize_once)" if decided.get("dequantized_base_bytes") else ""))
+        if cfg.compile_layers:  # after the memory probe, which measures the eager layers
+            from llmhelpers.training.compiled import compile_layers
+
+            count = compile_layers(trainer.model)
+            self._compiled = True
+            if self.main:
+                print(f"{count} decoder layers compiled for training (compile_layers; the first step compiles)")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         trainer, cfg = self.trainer, self.cfg
@@ -137,6 +145,11 @@ class TrainingRun:
         record_run(cfg, status="finished", metrics=metrics)
 
     def _release(self) -> None:
+        if self._compiled:  # for the training steps only (llmhelpers.training.compiled)
+            from llmhelpers.training.compiled import uncompile_layers
+
+            uncompile_layers(self.trainer.model)
+            self._compiled = False
         if self._lock:
             self._lock.release()
 

@@ -1,0 +1,32 @@
+"""Each decoder layer compiled as one region for the training steps (issue #31, lever 2: the CPU floor).
+
+A training step of the 1.5B model runs 28 decoder layers, each a few hundred Python-level calls (the layer, its
+norms, attention, the fused LoRA nodes); on rows of 8,192 tokens the GPU waited on that CPU work. `torch.compile` of
+each layer in place (`nn.Module.compile`, PyTorch's "regional compilation": every layer shares one compiled graph,
+since parameters are the graph's inputs) replaces those calls with one compiled call per layer. Training only: a
+compiled layer under `model.generate` would compile again for each new cache length, so `TrainingRun` undoes it when
+training stops, however it stops. Off by default (`compile_layers`) until measured on a GPU; on the CPU it trains the
+same numbers within float rounding (tests/test_compiled.py).
+"""
+from __future__ import annotations
+
+from llmhelpers.training.memory import decoder_layers
+
+
+def compile_layers(model) -> int:
+    """Compile each decoder layer in place (a layer already compiled stays as it is); returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:  # nn.Module.compile() sets it; __call__ reads it
+            layer.compile()
+    return len(layers)
+
+
+def uncompile_layers(model) -> int:
+    """The layers' own forward again (nn.Module.compile's attribute cleared); returns how many were compiled."""
+    undone = 0
+    for layer in decoder_layers(model):
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._compiled_call_impl = None
+            undone += 1
+    return undone
