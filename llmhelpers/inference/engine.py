@@ -21,8 +21,9 @@ The projections, norms, MLP and rotary embedding are the Hugging Face model's ow
 Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it: each
 draw's random numbers are keyed by (run seed, request number, position), so an answer is the same whichever slot,
 batch or tool timing it got. `fuse=True` runs q/k/v and gate/up as one matmul each and the split-KV combine as one
-kernel (issue #32; off until measured). Top-p is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere (and as its test oracle) the sorted-vocabulary
-reference. Temperature and top-p are device tensors read inside the graphs: new values reuse them.
+kernel (issue #32; off until measured). Top-p is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere
+(and as its test oracle) the sorted-vocabulary reference. Temperature and top-p are device tensors read inside the
+graphs: new values reuse them.
 """
 from __future__ import annotations
 
@@ -467,7 +468,9 @@ class Engine:
         A prompt that several items of one prefill share (the R1 protocol's answers per problem, a GRPO group) is
         computed once: the others get its keys and values (`_move`) and draw their own first token from its logits."""
         t0 = time.perf_counter()
-        seed_of = {id(item): draw_seed(self.run_seed_int, index, item[2] + len(item[1]) - 1) for item, index in zip(items, indices)}
+        # the draw after an item's last id is keyed by that position, as a resume fed through decode steps would be
+        seed_of = {id(item): draw_seed(self.run_seed_int, index, item[2] + len(item[1]) - 1)
+                   for item, index in zip(items, indices)}
         unique, copies, first = [], {}, {}  # copies: index in unique -> the items that share its prompt
         for item in items:
             key = tuple(item[1]) if item[2] == 0 else None  # only whole prompts; appended text is each slot's own

@@ -169,8 +169,9 @@ def sample_top_p_triton(logits, temperature, top_p, seeds, max_rounds: int = 64,
     at least top_p of the mass, so a draw is accepted with probability >= top_p and rows rarely need a second
     pass. One program per row. `seeds` ([rows] int64, e.g. draw_seed's) key each row's random numbers; they,
     `temperature` and `top_p` (one-element float32) are device tensors read inside the kernel, so a CUDA graph
-    replays with new random numbers when the caller writes new seeds and with new settings when it writes them. Tokens tied at the boundary are all kept; after max_rounds
-    rejections (probability <= (1 - top_p) ** max_rounds) the last draw is kept."""
+    replays with new random numbers when the caller writes new seeds and with new settings when it writes them.
+    Tokens tied at the boundary are all kept; after max_rounds rejections (probability <= (1 - top_p) ** max_rounds)
+    the last draw is kept."""
     global _top_p_kernel
     if _top_p_kernel is None:
         _top_p_kernel = _build_top_p_kernel()
