@@ -13,10 +13,10 @@
 #              KV cache in the model's dtype and in fp8 (the gate for eval_kv_cache_dtype="fp8" becoming a default);
 # eval:        the evaluation engine's speed with the fp8 KV cache against the default (600 requests);
 # train-24gb:  the 24 GB setting with and without the dequantized base (dequantize_once's "auto", memory_limit_gib=22);
-# grpo:        issue #33 on real weights: GRPO from the train-small adapters on the practice templates, then SFT and
-#              GRPO graded with tools on the held-out templates (bench/grpo_real_weights.py; needs train-small first,
-#              or the adapters carried and unpacked into /tmp/adapters).
-# grpo-one:    grpo with GRPO_LR (default 2e-5) alone, cut at GRPO_TIMEOUT (default 560) seconds; the same stage again
+# grpo-one, grpo-sweep (below): issue #33 on real weights: GRPO from the train-small adapters on the practice
+#              templates, then SFT and GRPO graded with tools on the held-out templates (bench/grpo_real_weights.py;
+#              needs train-small first, or the adapters carried and unpacked into /tmp/adapters: stage adapters).
+# grpo-one:    GRPO with GRPO_LR (default 2e-5) alone, cut at GRPO_TIMEOUT (default 560) seconds; the same stage again
 #              (the machine still warm) goes on where it stopped. Its record and log come back in $OUT each time.
 # eval-default, eval-fused, eval-fused-split, eval-24gb: issue #32 on the R1-1.5B architecture (HF + bitsandbytes carry only), 2,000
 #              requests each (one per call: ~5 minutes each): the default engine (shared prefills, the HBM fraction),
@@ -24,7 +24,7 @@
 # profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
 #              with fuse;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
-# grpo-sweep:  grpo with each learning rate of GRPO_LRS (default "2e-5 1e-4 3e-4"), side by side on the one GPU
+# grpo-sweep:  GRPO with each learning rate of GRPO_LRS (default "2e-5 1e-4 3e-4"), side by side on the one GPU
 #              (a 135M model leaves it mostly idle), each cut at GRPO_TIMEOUT seconds (default 530); then --select
 #              keeps the one with the highest gain on the validation problems (never the held-out ones) as grpo.json.
 set -uo pipefail
@@ -38,6 +38,10 @@ if [ ! -f /tmp/site/.installed ]; then
   touch /tmp/site/.installed
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+grpo_run() {  # LR RECORDS THREADS SECONDS: bench/grpo_real_weights.py at that learning rate, its record and log in RECORDS
+  OMP_NUM_THREADS=$3 timeout "$4" python bench/grpo_real_weights.py --adapters /tmp/adapters --work "/tmp/grpo-$1" \
+    --out "$2/grpo-lr$1.json" --set "learning_rate=$1" 2>&1 | grep -v -E "it/s\]|s/it\]" >> "$2/grpo-lr$1.log"
+}
 for stage in "$@"; do
   started=$(date +%s)
   case "$stage" in
@@ -69,10 +73,6 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    grpo)
-      python bench/grpo_real_weights.py --adapters /tmp/adapters --work /tmp/grpo-rw --out "$dest/grpo.json" 2>&1 \
-        | grep -v -E "it/s\]|s/it\]" > "$dest/grpo.log"
-      tail -n 6 "$dest/grpo.log" ;;
     eval-default|eval-fused|eval-fused-split|eval-24gb)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       python -m bench eval --configs "$config" --requests 2000 --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
@@ -86,9 +86,7 @@ for stage in "$@"; do
       ls /tmp/adapters ;;
     grpo-sweep)
       for lr in ${GRPO_LRS:-2e-5 1e-4 3e-4}; do
-        OMP_NUM_THREADS=4 timeout "${GRPO_TIMEOUT:-530}" python bench/grpo_real_weights.py --adapters /tmp/adapters \
-          --work "/tmp/grpo-$lr" --out "$dest/grpo-lr$lr.json" --set "learning_rate=$lr" 2>&1 \
-          | grep -v -E "it/s\]|s/it\]" > "$dest/grpo-lr$lr.log" &
+        grpo_run "$lr" "$dest" 4 "${GRPO_TIMEOUT:-530}" &
       done
       wait
       for log in "$dest"/grpo-lr*.log; do echo "$log:"; tail -n 4 "$log"; done
@@ -96,9 +94,7 @@ for stage in "$@"; do
     grpo-one)
       lr=${GRPO_LR:-2e-5}
       mkdir -p /tmp/grpo-records
-      OMP_NUM_THREADS=8 timeout "${GRPO_TIMEOUT:-560}" python bench/grpo_real_weights.py --adapters /tmp/adapters \
-        --work "/tmp/grpo-$lr" --out "/tmp/grpo-records/grpo-lr$lr.json" --set "learning_rate=$lr" 2>&1 \
-        | grep -v -E "it/s\]|s/it\]" >> "/tmp/grpo-records/grpo-lr$lr.log"
+      grpo_run "$lr" /tmp/grpo-records 8 "${GRPO_TIMEOUT:-560}"
       cp /tmp/grpo-records/* "$dest"/
       tail -n 8 "/tmp/grpo-records/grpo-lr$lr.log" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
