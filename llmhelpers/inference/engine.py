@@ -285,7 +285,6 @@ class Engine:
         self.sampler = "triton" if cuda else "sort"  # the same distribution; "sort" is the reference
         # each draw is keyed by (run seed, request number, position): an answer does not depend on its slot, on
         # the number of slots, or on when a tool's output arrived (llmhelpers.inference.sampling.draw_seed)
-        self.run_seed_int = 0
         self.run_seed = torch.zeros((), dtype=torch.long, device=self.device)
         self.request_index = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, object] = {}  # (width, greedy, sampler) -> the captured decode step
@@ -354,8 +353,7 @@ class Engine:
         self.top_p.fill_(sampling.top_p)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        self.run_seed_int = int(torch.randint(0, 2**31 - 1, ()))  # from torch's generator: seeded runs repeat
-        self.run_seed.fill_(self.run_seed_int)
+        self.run_seed.fill_(int(torch.randint(0, 2**31 - 1, ())))  # from torch's generator: seeded runs repeat
 
     def _sample(self, logits, seeds):
         """One token per row; `seeds` ([rows] int64) key each row's random numbers."""
@@ -400,8 +398,8 @@ class Engine:
     def _extend(self, items: list[tuple[int, list[int], int]], draws: list[list[int]]) -> list[list[int]]:
         """Prefill several slots in one forward pass: each item is (slot, ids, start), ids written at positions
         start.. of that slot (a prompt at 0, or text appended after a pause). Returns, per item, one token sampled
-        after its last id for each seed in `draws[i]` (draw_seed's). The batch is padded to its longest item;
-        padding is neither cached nor attended."""
+        after its last id for each (request number, position) key in `draws[i]` (draw_seed's). The batch is padded
+        to its longest item; padding is neither cached nor attended."""
         self.stats["prefill_passes"] += 1
         n, width = len(items), max(len(ids) for _, ids, _ in items)
         ids_t = torch.zeros(n, width, dtype=torch.long)
@@ -430,10 +428,10 @@ class Engine:
 
         hidden = self._layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
         last = hidden[torch.arange(n, device=self.device), valid.sum(1) - 1]
-        counts = [len(seeds) for seeds in draws]
+        counts = [len(keys) for keys in draws]
         logits = self.model.lm_head(last).repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
-        seeds = torch.tensor([seed for item_seeds in draws for seed in item_seeds], device=self.device)
-        tokens, out = self._sample(logits, seeds).tolist(), []
+        request, position = torch.tensor([key for keys in draws for key in keys], device=self.device).T
+        tokens, out = self._sample(logits, draw_seed(self.run_seed, request, position)).tolist(), []
         for count in counts:
             out.append(tokens[:count])
             tokens = tokens[count:]
@@ -469,8 +467,7 @@ class Engine:
         computed once: the others get its keys and values (`_move`) and draw their own first token from its logits."""
         t0 = time.perf_counter()
         # the draw after an item's last id is keyed by that position, as a resume fed through decode steps would be
-        seed_of = {id(item): draw_seed(self.run_seed_int, index, item[2] + len(item[1]) - 1)
-                   for item, index in zip(items, indices)}
+        key_of = {id(item): (index, item[2] + len(item[1]) - 1) for item, index in zip(items, indices)}
         unique, copies, first = [], {}, {}  # copies: index in unique -> the items that share its prompt
         for item in items:
             key = tuple(item[1]) if item[2] == 0 else None  # only whole prompts; appended text is each slot's own
@@ -480,7 +477,7 @@ class Engine:
             if key is not None:
                 first[key] = len(unique)
             unique.append(item)
-        draws = [[seed_of[id(item)] for item in (unique[i], *copies.get(i, ()))] for i in range(len(unique))]
+        draws = [[key_of[id(item)] for item in (unique[i], *copies.get(i, ()))] for i in range(len(unique))]
         index = {id(item): i for i, item in enumerate(unique)}
         out = []
         for item, tokens in self._extend_batches(unique, draws):
