@@ -110,6 +110,18 @@ def interrupt_during(cell: int, steps: int, after: int) -> int:
     return seen
 
 
+def run_below_and_interrupt(first: int, cell: int, steps: int, after: int, what: str) -> str:
+    """Run > Run Selected Cell and All Below from `first`, interrupted while `cell` trains (interrupt_during); prints
+    where the progress bar was and the cell's last line, returns what the cell printed."""
+    select(first)
+    menu("Run", "Run Selected Cell and All Below")
+    seen = interrupt_during(cell, steps, after)
+    said = output(cell)
+    print(f"{what} interrupted (progress bar at {seen}/{steps}); the cell ends with:",
+          said.strip().splitlines()[-1] if said.strip() else "(nothing)")
+    return said
+
+
 def rerun(cell: int) -> str:
     """The cell alone, again (Shift+Enter); what it printed."""
     select(cell)
@@ -168,12 +180,7 @@ try:
     shot("config-cell")
 
     # from the LoRA cell down, then Kernel > Interrupt Kernel in the middle of training
-    select(cell_index("model = prepare_for_lora("))
-    menu("Run", "Run Selected Cell and All Below")
-    seen = interrupt_during(train_cell, 60, after=14)
-    said = output(train_cell)
-    print(f"interrupted (progress bar at {seen}/60); the cell ends with:",
-          said.strip().splitlines()[-1] if said.strip() else "(nothing)")
+    said = run_below_and_interrupt(cell_index("model = prepare_for_lora("), train_cell, 60, after=14, what="SFT")
     print("traceback lines shown:", len(said.splitlines()))
     driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[train_cell])
     shot("interrupted")
@@ -190,12 +197,7 @@ try:
     grpo_text = cells()[grpo_cell].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").text
     retype(grpo_cell, grpo_text.replace("    max_steps=200,", "    max_steps=40,").splitlines())
     grpo_train = cell_index("if RUN_GRPO:\n    with TrainingRun(")
-    select(cell_index("rl_cfg = make_grpo_config("))
-    menu("Run", "Run Selected Cell and All Below")
-    seen = interrupt_during(grpo_train, 40, after=5)
-    said = output(grpo_train)
-    print(f"GRPO interrupted (progress bar at {seen}/40); the cell ends with:",
-          said.strip().splitlines()[-1] if said.strip() else "(nothing)")
+    run_below_and_interrupt(cell_index("rl_cfg = make_grpo_config("), grpo_train, 40, after=5, what="GRPO")
     shot("grpo-interrupted")
     said = rerun(grpo_train)
     print("re-run GRPO training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
