@@ -122,6 +122,15 @@ def run_below_and_interrupt(first: int, cell: int, steps: int, after: int, what:
     return said
 
 
+def rerun_and_report(cell: int, what: str, words: tuple[str, ...], name: str) -> str:
+    """rerun(cell), print the lines of its output that hold one of `words`, screenshot it as `name`."""
+    said = rerun(cell)
+    print(f"re-run {what} cell said:", " | ".join(l for l in said.splitlines() if any(w in l for w in words))[:800])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[cell])
+    shot(name)
+    return said
+
+
 def rerun(cell: int) -> str:
     """The cell alone, again (Shift+Enter); what it printed."""
     select(cell)
@@ -186,11 +195,7 @@ try:
     shot("interrupted")
 
     # re-run the training cell alone
-    said = rerun(train_cell)
-    print("re-run training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
-                                                   or "global_step" in l)[:800])
-    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[train_cell])
-    shot("rerun-training")
+    rerun_and_report(train_cell, "training", ("resum", "train_loss", "global_step"), "rerun-training")
 
     # the GRPO section: 40 steps typed into its GRPOConfig cell, run from its config cell, interrupted in training
     grpo_cell = cell_index("grpo_config = ")
@@ -199,11 +204,7 @@ try:
     grpo_train = cell_index("if RUN_GRPO:\n    with TrainingRun(")
     run_below_and_interrupt(cell_index("rl_cfg = make_grpo_config("), grpo_train, 40, after=5, what="GRPO")
     shot("grpo-interrupted")
-    said = rerun(grpo_train)
-    print("re-run GRPO training cell said:", " | ".join(l for l in said.splitlines() if "resum" in l or "train_loss" in l
-                                                        or "starting" in l)[:800])
-    driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", cells()[grpo_train])
-    shot("grpo-rerun-training")
+    rerun_and_report(grpo_train, "GRPO training", ("resum", "train_loss", "starting"), "grpo-rerun-training")
     ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
     time.sleep(3)
     shot("saved")
