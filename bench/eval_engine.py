@@ -19,8 +19,9 @@ Configurations:
   answer halfway through it (a sympy block run for real in the answer's sandbox, its output appended);
 - fits-24gb (issue #32): the default engine with the slots a 24 GB card gives (22 GiB in all with the weights);
 - fused (issue #32): Engine(fuse=True), fewer and larger kernels per step (q/k/v and gate/up as one matmul each,
-  the split-KV combine as one Triton kernel); fused-split: and narrow steps split each slot's cache into more, shorter
-  parts (Engine(split_narrow_steps=True));
+  the split-KV combine as one Triton kernel; the engine's default on a GPU since 2026-12-03, so `default` is this
+  too); unfused: Engine(fuse=False), the default before; fused-split: fused, and narrow steps split each slot's
+  cache into more, shorter parts (Engine(split_narrow_steps=True));
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
@@ -148,7 +149,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
-           kv_cache_dtype="auto", memory_gib=0.0, fuse=False, split_narrow_steps=False):
+           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -240,6 +241,8 @@ def main():
                 made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
             elif name == "fused":  # issue #32 lever 2: q/k/v and gate/up as one matmul each, one combine kernel
                 made, info = engine(model, p, l, args.cap, fuse=True)
+            elif name == "unfused":  # separate q/k/v and gate/up matmuls: the default until 2026-12-03
+                made, info = engine(model, p, l, args.cap, fuse=False)
             elif name == "fused-split":  # and lever 1: narrow steps split each slot's cache further
                 made, info = engine(model, p, l, args.cap, fuse=True, split_narrow_steps=True)
             elif name == "fits-24gb":  # issue #32: a 24 GB card, the slots that 22 GiB in all leave room for

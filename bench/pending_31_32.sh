@@ -18,9 +18,10 @@
 #              needs train-small first, or the adapters carried and unpacked into /tmp/adapters: stage adapters).
 # grpo-one:    GRPO with GRPO_LR (default 2e-5) alone, cut at GRPO_TIMEOUT (default 560) seconds; the same stage again
 #              (the machine still warm) goes on where it stopped. Its record and log come back in $OUT each time.
-# eval-default, eval-fused, eval-fused-split, eval-24gb: issue #32 on the R1-1.5B architecture (HF + bitsandbytes carry only), 2,000
-#              requests each (one per call: ~5 minutes each): the default engine (shared prefills, the HBM fraction),
-#              Engine(fuse=True), and with split_narrow_steps, the slots of a 24 GB card;
+# eval-default, eval-unfused, eval-fused-split, eval-24gb: issue #32 on the R1-1.5B architecture (HF + bitsandbytes carry only), 2,000
+#              requests each (one per call: ~5 minutes each): the default engine (fused on a GPU; the HBM fraction),
+#              Engine(fuse=False), fused with split_narrow_steps, the slots of a 24 GB card (eval-24gb ran past 400 s
+#              on 2026-12-03 without finishing: its few slots need a call of its own, or fewer requests);
 # profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
 #              with fuse;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
@@ -80,12 +81,12 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-fused-split|eval-24gb)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-24gb)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       python -m bench eval --configs "$config" --requests 2000 --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
     profile|profile-fused)
-      python bench/profile_engine.py $([ "$stage" = profile-fused ] && echo --fuse) --out "$dest/$stage.json" \
+      python bench/profile_engine.py $([ "$stage" = profile-fused ] && echo --fuse || echo --no-fuse) --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
     sampling)

@@ -47,7 +47,8 @@ def main():
     p.add_argument("--live", type=int, default=1650)
     p.add_argument("--max-len", type=int, default=8192 + 600 + 1)
     p.add_argument("--samplers", default="sort,triton")
-    p.add_argument("--fuse", action="store_true", help="Engine(fuse=True): q/k/v and gate/up fused, one combine kernel")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="Engine(fuse=...): q/k/v and gate/up fused, one combine kernel (default: the engine's, on a GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()
@@ -56,7 +57,7 @@ def main():
     eng.tokens.random_(1000, 150000)
     eng.positions.fill_(args.live - 1)
     res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "slots": slots, "live_tokens": args.live,
-           "fuse": args.fuse, "ms": {}}
+           "fuse": eng.fused is not None, "ms": {}}
     ms = res["ms"]
     with torch.inference_mode():
         for name in args.samplers.split(","):

@@ -370,6 +370,17 @@ def test_fused_projections_keep_the_greedy_tokens_and_the_models_weights(tiny):
     assert torch.equal(gate_up_w[mlp.gate_proj.weight.shape[0]:], mlp.up_proj.weight)
     with torch.no_grad():
         mlp.up_proj.weight.div_(2)
+    # each generate call builds an engine: the next one finds the views and uses the same fused weights (no copy, and
+    # the first engine does not read stale ones); a weight assigned anew is fused again, its new values included
+    again = Engine(model, slots=2, max_len=8, fuse=True)
+    assert all(a[0] is b[0] and a[2] is b[2] for a, b in zip(engine.fused, again.fused))
+    v_weight = attn.v_proj.weight
+    attn.v_proj.weight = torch.nn.Parameter(v_weight.detach().clone() * 3, requires_grad=False)
+    third = Engine(model, slots=2, max_len=8, fuse=True)
+    assert third.fused[0][0] is not qkv_w and torch.equal(third.fused[0][0][-attn.v_proj.weight.shape[0]:],
+                                                          attn.v_proj.weight)
+    assert third.fused[1][0] is engine.fused[1][0]  # the other layers are still views of the first fusion
+    attn.v_proj.weight = v_weight
 
 
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):

@@ -57,7 +57,7 @@ class FinetuneConfig(run_identity.RunFolders):
     # with the checkpointed layers chosen after it); "on", "off".
     dequantize_once: str = "auto"
     # Each decoder layer compiled as one region (torch.compile) for the training steps, to cut the per-step CPU work
-    # (llmhelpers.training.compiled). Off until measured on a GPU; undone when training stops.
+    # (llmhelpers.training.compiled). Off: on an H200 +7.5% at rows of 16,384, -22% at 8,192; undone when training stops.
     compile_layers: bool = False
 
     # --- data ----------------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ The projections, norms, MLP and rotary embedding are the Hugging Face model's ow
 `nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
 Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it: each
 draw's random numbers are keyed by (run seed, request number, position), so an answer is the same whichever slot,
-batch or tool timing it got. `fuse=True` runs q/k/v and gate/up as one matmul each and the split-KV combine as one
-kernel (issue #32; off until measured). Top-p is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere
+batch or tool timing it got. `fuse` (on by default on a GPU, where it was measured 4% faster) runs q/k/v and
+gate/up as one matmul each and the split-KV combine as one kernel. Top-p is exact: on CUDA a sorting-free Triton rejection sampler, elsewhere
 (and as its test oracle) the sorted-vocabulary reference. Temperature and top-p are device tensors read inside the
 graphs: new values reuse them.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -210,10 +211,18 @@ def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int
     return max(least, min(most, math.ceil(4 * sms / max(1, width * kv_heads))))
 
 
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # first layer of a group -> (weight, bias)
+
+
 def fuse_rows(*linears) -> tuple:
     """One weight (and bias) whose row blocks are these nn.Linear layers' weights, for one matmul over their shared
     input; each layer's weight (and bias) becomes a view of its block, so the model is unchanged, the memory is not
-    doubled, and an in-place update of a layer's weight (MergedPolicy.refresh) updates the fused one."""
+    doubled, and an in-place update of a layer's weight (MergedPolicy.refresh) updates the fused one. Layers that are
+    still the views of an earlier fusion get that same fused weight back (each generate call builds an engine: a
+    second engine on the model neither copies the weights again nor leaves the first one reading stale ones)."""
+    earlier = _FUSED.get(linears[0])
+    if earlier is not None and _still_views(linears, *earlier):
+        return earlier
     weight = torch.cat([lin.weight.data for lin in linears])
     bias = torch.cat([lin.bias.data for lin in linears]) if linears[0].bias is not None else None
     start = 0
@@ -223,13 +232,30 @@ def fuse_rows(*linears) -> tuple:
         if bias is not None:
             lin.bias.data = bias[start:start + rows]
         start += rows
+    _FUSED[linears[0]] = (weight, bias)
     return weight, bias
+
+
+def _still_views(linears, weight, bias) -> bool:
+    """Whether each layer's weight (and bias) is still its row block of `weight` (and `bias`), not a tensor assigned
+    since (load_state_dict copies in place and keeps them; `layer.weight = ...` does not)."""
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        for own, fused in ((lin.weight, weight), (lin.bias, bias)):
+            if (own is None) != (fused is None):
+                return False
+            if own is not None and (own.data_ptr() != fused[start:start + rows].data_ptr()
+                                    or own.shape != fused[start:start + rows].shape or own.dtype != fused.dtype):
+                return False
+        start += rows
+    return start == weight.shape[0]
 
 
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
-                 kv_cache_dtype: str = "auto", fuse: bool = False, split_narrow_steps: bool = False):
+                 kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -245,14 +271,18 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.decode_attention = decode_attention_triton if cuda else decode_attention_reference
         # fuse (issue #32, lever 2): fewer, larger kernels per step: q/k/v and gate/up as one matmul each (the
-        # model's weights become row blocks of the fused ones: no extra memory) and the split-KV combine as one kernel
+        # model's weights become row blocks of the fused ones: no extra memory) and the split-KV combine as one kernel.
+        # On by default on a GPU: 2,000 answers of the R1-1.5B on an H200 ran at 21,845 tok/s against 20,993 unfused
+        # (bench/results/2026-12-03-h200-eval.json); the CPU keeps separate matmuls (not measured there)
+        fuse = cuda if fuse is None else fuse
         self.fused = [fuse_rows(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
                       + fuse_rows(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.model.layers] \
             if fuse else None
         if fuse and cuda:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
-        # split_narrow_steps (issue #32, lever 1; off until measured): a narrow step (the tail) has too few
-        # (slot, kv head) pairs to occupy the GPU with 4 splits each; give each pair more splits, shorter ones
+        # split_narrow_steps (issue #32, lever 1; off: 5-14% shorter narrow steps in the profile, not measured end to
+        # end): a narrow step (the tail) has too few (slot, kv head) pairs to occupy the GPU with 4 splits each; give
+        # each pair more splits, shorter ones
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.split_narrow_steps = split_narrow_steps and cuda
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph

@@ -5,8 +5,9 @@ norms, attention, the fused LoRA nodes); on rows of 8,192 tokens the GPU waited 
 each layer in place (`nn.Module.compile`, PyTorch's "regional compilation": every layer shares one compiled graph,
 since parameters are the graph's inputs) replaces those calls with one compiled call per layer. Training only: a
 compiled layer under `model.generate` would compile again for each new cache length, so `TrainingRun` undoes it when
-training stops, however it stops. Off by default (`compile_layers`) until measured on a GPU; on the CPU it trains the
-same numbers within float rounding (tests/test_compiled.py).
+training stops, however it stops. Off by default (`compile_layers`): on an H200 it gave +7.5% tokens/s on rows of
+16,384 but -22% on rows of 8,192 (BENCHMARKS.md, 2026-12-03); on the CPU it trains the same numbers within float
+rounding (tests/test_compiled.py).
 """
 from __future__ import annotations
 
