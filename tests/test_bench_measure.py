@@ -1,0 +1,22 @@
+"""The training benches' timing (bench/train_throughput.py, shared by bench/train_unsloth.py): the per-step seconds
+and the second half's rate, which shows a peer still compiling in its first measured steps."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from train_throughput import second_half_rate  # noqa: E402
+
+
+def test_the_second_half_rate_counts_only_the_second_halfs_steps_and_tokens():
+    # 2 warm-up micro-batches, then 4 measured steps of 2 micro-batches each; the first two measured steps are slow
+    batches = [[9999], [9999]] + [[100, 50], [50]] * 2 + [[300], [100]] * 2 + [[7777]]  # the last: prefetched
+    marks = {"t0": 10.0, "n0": 2, "step_ends": [13.0, 16.0, 17.0, 18.0, 19.0]}  # a fifth step end is not measured
+    out = second_half_rate(marks, batches, accumulation=2, steps=4)
+    assert out["step_seconds"] == [3.0, 3.0, 1.0, 1.0]
+    assert out["second_half_useful_tok_s"] == 400  # (300 + 100) * 2 tokens over 2 seconds
+
+
+def test_a_run_cut_short_reports_its_steps_without_a_rate():
+    out = second_half_rate({"t0": 0.0, "n0": 0, "step_ends": [1.0]}, [[5]] * 4, accumulation=1, steps=4)
+    assert out == {"step_seconds": [1.0]}
