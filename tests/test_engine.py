@@ -381,6 +381,15 @@ def test_fused_projections_keep_the_greedy_tokens_and_the_models_weights(tiny):
                                                           attn.v_proj.weight)
     assert third.fused[1][0] is engine.fused[1][0]  # the other layers are still views of the first fusion
     attn.v_proj.weight = v_weight
+    # no engine left and the weights moved (`.to` makes new tensors): nothing keeps the old fused weights alive
+    import gc
+
+    from llmhelpers.inference import engine as engine_module
+
+    del engine, again, third, qkv_w, gate_up_w
+    model.double().float()
+    gc.collect()
+    assert all(refs[0]() is None for refs in engine_module._FUSED.values())
 
 
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):

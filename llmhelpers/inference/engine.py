@@ -211,17 +211,19 @@ def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int
     return max(least, min(most, math.ceil(4 * sms / max(1, width * kv_heads))))
 
 
-_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # first layer of a group -> (weight, bias)
+# the first layer of a fused group -> weak references to its fused (weight, bias), while an engine holds them
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def fuse_rows(*linears) -> tuple:
     """One weight (and bias) whose row blocks are these nn.Linear layers' weights, for one matmul over their shared
     input; each layer's weight (and bias) becomes a view of its block, so the model is unchanged, the memory is not
     doubled, and an in-place update of a layer's weight (MergedPolicy.refresh) updates the fused one. Layers that are
-    still the views of an earlier fusion get that same fused weight back (each generate call builds an engine: a
-    second engine on the model neither copies the weights again nor leaves the first one reading stale ones)."""
-    earlier = _FUSED.get(linears[0])
-    if earlier is not None and _still_views(linears, *earlier):
+    still the views of a fusion an engine holds get that same fused weight back: a second engine on the model does
+    not leave the first one reading stale weights (a fusion no engine holds any more is made again, one copy)."""
+    refs = _FUSED.get(linears[0])
+    earlier = (refs[0](), refs[1]() if refs[1] is not None else None) if refs else (None, None)
+    if earlier[0] is not None and _still_views(linears, *earlier):
         return earlier
     weight = torch.cat([lin.weight.data for lin in linears])
     bias = torch.cat([lin.bias.data for lin in linears]) if linears[0].bias is not None else None
@@ -232,7 +234,8 @@ def fuse_rows(*linears) -> tuple:
         if bias is not None:
             lin.bias.data = bias[start:start + rows]
         start += rows
-    _FUSED[linears[0]] = (weight, bias)
+    # weak: an engine keeps its fused weights; kept here too, they would outlive a model moved (`.to`) or reloaded
+    _FUSED[linears[0]] = (weakref.ref(weight), weakref.ref(bias) if bias is not None else None)
     return weight, bias
 
 
