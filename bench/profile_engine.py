@@ -101,15 +101,27 @@ def main():
         ms["lm_head"] = bench_ms(lambda: model.lm_head(x[:, 0]))
         res["tok_s_at_full_width_sampled"] = {k: round(slots / (v / 1e3)) for k, v in ms.items()
                                               if k.startswith("step_sampled")}
-        eng.set_sampling(SamplingParams(temperature=0.6, top_p=0.95))
-        eng.sampler = "sort"
+        # kernel tables (eager, no graph: each kernel's GPU time) of a full-width sampled step with the default
+        # sampler and of a greedy step of 8 slots: does the narrow step's ~4 ms floor come from a few kernels or from
+        # many small ones (their count and summed GPU time against the captured step's time)
         from torch.profiler import ProfilerActivity, profile
-        eng._decode_step(slots)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            eng._decode_step(slots)
+        eng.sampler = "triton"
+        tables = []
+        for width, sampling in ((slots, SamplingParams(temperature=0.6, top_p=0.95)),
+                                (8, SamplingParams(temperature=0.0))):
+            eng.set_sampling(sampling)
+            eng._decode_step(width)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                eng._decode_step(width)
+                torch.cuda.synchronize()
+            rows = prof.key_averages()  # CUDA activity only: each row is a kernel (or a copy) and its calls
+            kernels = {"launches": sum(r.count for r in rows),
+                       "gpu_ms": round(sum(r.self_device_time_total for r in rows) / 1e3, 3)}
+            res[f"kernels_width{width}"] = kernels
+            tables.append(f"== width {width}: {kernels['launches']} kernels, {kernels['gpu_ms']} ms of GPU time\n"
+                          + rows.table(sort_by="cuda_time_total", row_limit=25))
+        table = "\n\n".join(tables)
     print(table)
     res["ms"] = {k: round(v, 3) for k, v in ms.items()}
     print(json.dumps(res, indent=1))
