@@ -392,6 +392,22 @@ def test_fused_projections_keep_the_greedy_tokens_and_the_models_weights(tiny):
     assert all(refs[0]() is None for refs in engine_module._FUSED.values())
 
 
+def test_fused_projections_need_no_act_fn_on_the_mlp(tiny):
+    """After Liger's kernels were applied in a process (training on a GPU), models built later get Liger's SwiGLU MLP,
+    which has no `act_fn`: the fused engine takes the activation from the config and keeps the greedy tokens."""
+    import copy
+
+    model, tok, prompts = tiny
+    expected = [hf_greedy(model, tok, p, 12) for p in prompts]
+    liger_like = copy.deepcopy(model)
+    for layer in liger_like.model.layers:
+        del layer.mlp.act_fn
+    engine = Engine(liger_like, slots=2, max_len=max(map(len, prompts)) + 13, fuse=True)
+    reqs = [Request(p, 12) for p in prompts]
+    engine.run(reqs, GREEDY, eos=tok.eos_token_id)
+    assert [r.new_ids for r in reqs] == expected
+
+
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):
     """Each draw is keyed by (run seed, request, position): the same seeded requests give the same sampled answers
     with 2 or 7 slots (other slots, other batches, prompts shared or not in a prefill) and with tool outputs that come

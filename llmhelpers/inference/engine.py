@@ -278,6 +278,11 @@ class Engine:
         # On by default on a GPU: 2,000 answers of the R1-1.5B on an H200 ran at 21,845 tok/s against 20,993 unfused
         # (bench/results/2026-12-03-h200-eval.json); the CPU keeps separate matmuls (not measured there)
         fuse = cuda if fuse is None else fuse
+        # the MLP's activation from the config: after Liger's kernels were applied in this process (training on a
+        # GPU), the model classes' MLPs are Liger's SwiGLU modules, which have no `act_fn`
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[c.hidden_act]
         self.fused = [fuse_rows(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
                       + fuse_rows(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.model.layers] \
             if fuse else None
@@ -345,7 +350,7 @@ class Engine:
             x = layer.post_attention_layernorm(hidden)
             if self.fused:
                 gate, up = F.linear(x, gate_up_w).chunk(2, -1)
-                hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+                hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
             else:
                 hidden = hidden + layer.mlp(x)
         return self.model.model.norm(hidden)
