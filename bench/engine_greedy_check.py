@@ -101,6 +101,7 @@ def main():
     parser.add_argument("--model", choices=("r1-random", "smollm2"), default="r1-random")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--elementwise", default="model", choices=("model", "liger"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch
@@ -116,10 +117,12 @@ def main():
     tokenizer = load_tokenizer(cfg)
     prompts = prompts_for(args.model, tokenizer, args.prompts)
     eos = tokenizer.eos_token_id if args.model == "smollm2" else model.config.eos_token_id
-    engine = Engine(model, slots=len(prompts), max_len=max(map(len, prompts)) + args.new_tokens + 1)
+    engine = Engine(model, slots=len(prompts), max_len=max(map(len, prompts)) + args.new_tokens + 1,
+                    elementwise=args.elementwise)
     rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos)
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,
+               "elementwise": args.elementwise,
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
                "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows)}

@@ -21,7 +21,8 @@ Configurations:
 - fused (issue #32): Engine(fuse=True), fewer and larger kernels per step (q/k/v and gate/up as one matmul each,
   the split-KV combine as one Triton kernel; the engine's default on a GPU since 2026-12-03, so `default` is this
   too); unfused: Engine(fuse=False), the default before; fused-split: fused, and narrow steps split each slot's
-  cache into more, shorter parts (Engine(split_narrow_steps=True));
+  cache into more, shorter parts (Engine(split_narrow_steps=True)); liger, liger-split: the default (and with
+  split_narrow_steps) with Liger's RMSNorm and RoPE kernels (Engine(elementwise="liger"));
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
@@ -149,7 +150,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
-           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False):
+           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise="model"):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -161,7 +162,7 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype, free_bytes=free)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
                  kv_cache_dtype=kv_cache_dtype, fuse=fuse,
-                 split_narrow_steps=split_narrow_steps)
+                 split_narrow_steps=split_narrow_steps, elementwise=elementwise)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -241,6 +242,10 @@ def main():
                 made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
             elif name == "fused":  # issue #32 lever 2: q/k/v and gate/up as one matmul each, one combine kernel
                 made, info = engine(model, p, l, args.cap, fuse=True)
+            elif name == "liger":  # the default with Liger's RMSNorm and RoPE kernels (fewer launches per layer)
+                made, info = engine(model, p, l, args.cap, elementwise="liger")
+            elif name == "liger-split":  # and narrow steps split further
+                made, info = engine(model, p, l, args.cap, elementwise="liger", split_narrow_steps=True)
             elif name == "unfused":  # separate q/k/v and gate/up matmuls: the default until 2026-12-03
                 made, info = engine(model, p, l, args.cap, fuse=False)
             elif name == "fused-split":  # and lever 1: narrow steps split each slot's cache further

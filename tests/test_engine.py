@@ -408,6 +408,40 @@ def test_fused_projections_need_no_act_fn_on_the_mlp(tiny):
     assert [r.new_ids for r in reqs] == expected
 
 
+def test_every_norm_and_rope_goes_through_the_engines_elementwise_ops(tiny):
+    """elementwise="liger" swaps the engine's norm and RoPE callables for Liger's kernels (CUDA only): here the same
+    swap with written-out RMSNorm and RoPE keeps the greedy tokens, and each layer's two norms and the final one go
+    through it; "liger" on the CPU, or an unknown name, is refused in one line."""
+    model, tok, prompts = tiny
+    expected = [hf_greedy(model, tok, p, 12) for p in prompts]
+    engine = Engine(model, slots=2, max_len=max(map(len, prompts)) + 13, use_cuda_graph=False)
+    seen, rope_calls = set(), []
+    model_rope = engine.rope
+
+    def norm(module, x):
+        seen.add(id(module))
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return module.weight * h.to(x.dtype)
+
+    def rope(q, k, cos, sin):
+        rope_calls.append(1)
+        return model_rope(q, k, cos, sin)
+
+    engine.norm, engine.rope = norm, rope
+    reqs = [Request(p, 12) for p in prompts]
+    engine.run(reqs, GREEDY, eos=tok.eos_token_id)
+    assert [r.new_ids for r in reqs] == expected
+    layers = model.model.layers
+    assert seen == {id(m) for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)} | {
+        id(model.model.norm)}
+    assert len(rope_calls) % len(layers) == 0 and rope_calls
+    with pytest.raises(ValueError, match="needs a CUDA model and liger-kernel"):
+        Engine(model, slots=1, max_len=8, elementwise="liger")
+    with pytest.raises(ValueError, match="must be one of"):
+        Engine(model, slots=1, max_len=8, elementwise="fast")
+
+
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):
     """Each draw is keyed by (run seed, request, position): the same seeded requests give the same sampled answers
     with 2 or 7 slots (other slots, other batches, prompts shared or not in a prefill) and with tool outputs that come

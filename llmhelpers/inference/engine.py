@@ -17,7 +17,10 @@ and a static batch keeps decoding until its longest member stops; its Python loo
   prefilled into the slot at its current position and decoding continues (`llmhelpers.inference.tool_use` builds on this).
 
 The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
-`nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`).
+`nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`), or with
+`elementwise="liger"` Liger's RMSNorm and RoPE kernels over the model's norm weights (off until measured). Where
+training on a GPU applied Liger's kernels in the same process, the model classes built afterwards already carry
+Liger's norms and SwiGLU and the module's RoPE function is Liger's: the engine then runs those.
 Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it: each
 draw's random numbers are keyed by (run seed, request number, position), so an answer is the same whichever slot,
 batch or tool timing it got. `fuse` (on by default on a GPU, where it was measured 4% faster) runs q/k/v and
@@ -211,6 +214,29 @@ def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int
     return max(least, min(most, math.ceil(4 * sms / max(1, width * kv_heads))))
 
 
+ELEMENTWISE = ("model", "liger")
+
+
+def _module_norm(module, x):
+    return module(x)
+
+
+def liger_elementwise(device) -> tuple[Callable, Callable]:
+    """Liger's RMSNorm and RoPE Triton kernels as the engine's (norm(module, x), rope(q, k, cos, sin)): the same math
+    as the Qwen2/Llama modules (RMSNorm in fp32, cast, times the weight: Liger's "llama" casting), fewer launches."""
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("elementwise='liger' needs a CUDA model and liger-kernel installed; use 'model'")
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    def norm(module, x):
+        return LigerRMSNormFunction.apply(x, module.weight, module.variance_epsilon, 0.0, "llama", False)
+
+    return norm, liger_rotary_pos_emb
+
+
 # the first layer of a fused group -> weak references to its fused (weight, bias), while an engine holds them
 _FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -258,14 +284,24 @@ def _still_views(linears, weight, bias) -> bool:
 # --- the engine ------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
-                 kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False):
+                 kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
+                 elementwise: str = "model"):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
         import importlib
 
         self.model, self.slots, self.max_len = model, slots, max_len
-        self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE
+        # elementwise="model": the model's own RMSNorm modules and its module's RoPE function (Liger's where training
+        # on a GPU applied Liger's kernels in this process); "liger": Liger's RMSNorm and RoPE Triton kernels,
+        # one launch each instead of about 8 per norm and 10 per RoPE (off until measured: issue #32's tail)
+        if elementwise not in ELEMENTWISE:
+            raise ValueError(f"elementwise={elementwise!r}: must be one of {ELEMENTWISE}")
+        if elementwise == "liger":
+            self.norm, self.rope = liger_elementwise(next(model.parameters()).device)
+        else:
+            self.norm = _module_norm
+            self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE
         c = model.config
         self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.hq, self.hkv = c.num_attention_heads, c.num_key_value_heads
@@ -333,7 +369,7 @@ class Engine:
         rot = self.model.model.rotary_emb(hidden, positions)
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
+            x = self.norm(layer.input_layernorm, hidden)
             B, T, _ = x.shape
             if self.fused:
                 qkv_w, qkv_b, gate_up_w, _ = self.fused[i]
@@ -347,13 +383,13 @@ class Engine:
             q, k = self.rope(q, k, *rot)
             a = attend(i, q, k, v, slot_idx, positions)  # [B, T, Hq * D]
             hidden = hidden + attn.o_proj(a)
-            x = layer.post_attention_layernorm(hidden)
+            x = self.norm(layer.post_attention_layernorm, hidden)
             if self.fused:
                 gate, up = F.linear(x, gate_up_w).chunk(2, -1)
                 hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
             else:
                 hidden = hidden + layer.mlp(x)
-        return self.model.model.norm(hidden)
+        return self.norm(self.model.model.norm, hidden)
 
     # the KV cache: every write and every prefill read goes through these two (an fp8 cache keeps a scale per vector)
     def _write_kv(self, i, slots, positions, k, v):
