@@ -381,6 +381,16 @@ def test_fused_projections_keep_the_greedy_tokens_and_the_models_weights(tiny):
                                                           attn.v_proj.weight)
     assert third.fused[1][0] is engine.fused[1][0]  # the other layers are still views of the first fusion
     attn.v_proj.weight = v_weight
+    # the notebook saves (and exports) the merged model it evaluated: its weights, now views of the fused ones, are
+    # written and read back as they were
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as saved:
+        model.save_pretrained(saved)
+        back = AutoModelForCausalLM.from_pretrained(saved, dtype=model.dtype).state_dict()
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
     # no engine left and the weights moved (`.to` makes new tensors): nothing keeps the old fused weights alive
     import gc
 
