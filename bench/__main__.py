@@ -42,7 +42,8 @@ CHECKS = {
     "pipeline": ("gpu_pipeline_check.py", "the full profile end to end through the CLI"),
     "sandbox": ("sandbox_check.py", "the code sandbox's containment on this kernel"),
     "sampling": ("sampling_check.py", "top-p on the GPU draws the reference distribution; new settings reuse graphs"),
-    "engine-greedy": ("engine_greedy_check.py", "the engine's greedy tokens equal model.generate's, or differ at a bf16 tie"),
+    "engine-greedy": ("engine_greedy_check.py",
+                      "the engine's greedy tokens equal model.generate's, or differ at a bf16 tie"),
 }
 UNSLOTH_PREFIX = "unsloth-"
 

@@ -48,7 +48,7 @@ def main():
     p.add_argument("--max-len", type=int, default=8192 + 600 + 1)
     p.add_argument("--samplers", default="sort,triton")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="Engine(fuse=...): q/k/v and gate/up fused, one combine kernel (default: the engine's, on a GPU)")
+                   help="Engine(fuse=...): q/k/v and gate/up fused, one combine kernel (default: the engine's)")
     p.add_argument("--elementwise", default="model", choices=("model", "liger"),
                    help="the engine's norms and RoPE: the model's modules, or Liger's kernels")
     p.add_argument("--out", default=None)

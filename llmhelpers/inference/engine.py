@@ -25,8 +25,8 @@ Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p
 draw's random numbers are keyed by (run seed, request number, position), so an answer is the same whichever slot,
 batch or tool timing it got. `fuse` (on by default on a GPU, where it was measured 4% faster) runs q/k/v and
 gate/up as one matmul each and the split-KV combine as one kernel. Top-p is exact: on CUDA a sorting-free Triton
-rejection sampler, elsewhere (and as its test oracle) the sorted-vocabulary reference. Temperature and top-p are device tensors read inside the
-graphs: new values reuse them.
+rejection sampler, elsewhere (and as its test oracle) the sorted-vocabulary reference. Temperature and top-p are
+device tensors read inside the graphs: new values reuse them.
 """
 from __future__ import annotations
 
