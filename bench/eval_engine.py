@@ -22,7 +22,9 @@ Configurations:
   the split-KV combine as one Triton kernel; the engine's default on a GPU since 2026-12-03, so `default` is this
   too); unfused: Engine(fuse=False), the default before; fused-split: fused, and narrow steps split each slot's
   cache into more, shorter parts (Engine(split_narrow_steps=True)); liger, liger-split: the default (and with
-  split_narrow_steps) with Liger's RMSNorm and RoPE kernels (Engine(elementwise="liger"));
+  split_narrow_steps) with Liger's RMSNorm and RoPE kernels (Engine(elementwise="liger")); after-training: the
+  default engine on the model after the project's `apply_liger` (what the notebook's evaluation after training on
+  a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch stays in the process);
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
@@ -246,6 +248,14 @@ def main():
                 made, info = engine(model, p, l, args.cap, elementwise="liger")
             elif name == "liger-split":  # and narrow steps split further
                 made, info = engine(model, p, l, args.cap, elementwise="liger", split_narrow_steps=True)
+            elif name == "after-training":  # the notebook's path: training on a GPU applied Liger's kernels in the
+                # process (the project's apply_liger: module classes and RoPE patched), then the engine runs the model
+                # with those modules. The patch stays in this process: run this configuration last or alone
+                from llmhelpers.model.loading import apply_liger
+
+                if not apply_liger(model, make_config("full", model_id=str(model_dir))):
+                    raise RuntimeError("Liger's kernels could not be applied (CUDA and liger-kernel needed)")
+                made, info = engine(model, p, l, args.cap)
             elif name == "unfused":  # separate q/k/v and gate/up matmuls: the default until 2026-12-03
                 made, info = engine(model, p, l, args.cap, fuse=False)
             elif name == "fused-split":  # and lever 1: narrow steps split each slot's cache further

