@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--model", choices=("r1-random", "smollm2"), default="r1-random")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--elementwise", default="model", choices=("model", "liger"))
+    parser.add_argument("--elementwise", default="model", choices=("model", "liger", "triton"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch

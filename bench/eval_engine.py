@@ -22,7 +22,8 @@ Configurations:
   the split-KV combine as one Triton kernel; the engine's default on a GPU since 2026-12-03, so `default` is this
   too); unfused: Engine(fuse=False), the default before; fused-split: fused, and narrow steps split each slot's
   cache into more, shorter parts (Engine(split_narrow_steps=True)); liger, liger-split: the default (and with
-  split_narrow_steps) with Liger's RMSNorm and RoPE kernels (Engine(elementwise="liger")); after-training: the
+  split_narrow_steps) with Liger's RMSNorm and RoPE kernels (Engine(elementwise="liger")); triton: with the
+  project's fused decode kernels (Engine(elementwise="triton"): about 10 kernels per layer); after-training: the
   default engine on the model after the project's `apply_liger` (what the notebook's evaluation after training on
   a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch stays in the process);
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
@@ -246,6 +247,8 @@ def main():
                 made, info = engine(model, p, l, args.cap, fuse=True)
             elif name == "liger":  # the default with Liger's RMSNorm and RoPE kernels (fewer launches per layer)
                 made, info = engine(model, p, l, args.cap, elementwise="liger")
+            elif name == "triton":  # the project's fused decode kernels (add + norm, RoPE + cache write, SiLU * up)
+                made, info = engine(model, p, l, args.cap, elementwise="triton")
             elif name == "liger-split":  # and narrow steps split further
                 made, info = engine(model, p, l, args.cap, elementwise="liger", split_narrow_steps=True)
             elif name == "after-training":  # the notebook's path: training on a GPU applied Liger's kernels in the

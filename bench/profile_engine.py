@@ -49,8 +49,8 @@ def main():
     p.add_argument("--samplers", default="sort,triton")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="Engine(fuse=...): q/k/v and gate/up fused, one combine kernel (default: the engine's)")
-    p.add_argument("--elementwise", default="model", choices=("model", "liger"),
-                   help="the engine's norms and RoPE: the model's modules, or Liger's kernels")
+    p.add_argument("--elementwise", default="model", choices=("model", "liger", "triton"),
+                   help="the engine's norms and RoPE: the model's modules, Liger's kernels, the project's fused ones")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()

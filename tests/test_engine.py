@@ -452,6 +452,70 @@ def test_every_norm_and_rope_goes_through_the_engines_elementwise_ops(tiny):
         Engine(model, slots=1, max_len=8, elementwise="fast")
 
 
+def test_fused_decode_kernels_do_the_modules_arithmetic_and_keep_the_greedy_tokens():
+    """elementwise="triton" (llmhelpers.inference.decode_kernels) in Triton's CPU interpreter: in fp32, RoPE and the
+    cache writes are bit-identical to the modules' arithmetic and the norm and SiLU within float rounding; in bf16
+    within the interpreter's own rounding (it truncates to bf16 where a GPU rounds to nearest: 2 bf16 steps); and the
+    engine's greedy tokens through the kernels equal model.generate's on the tiny Qwen2 and Llama (fp32)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import tempfile, torch
+        from transformers import AutoModelForCausalLM
+        from llmhelpers.inference import decode_kernels as dk
+        from llmhelpers.inference.engine import Engine
+        from llmhelpers.inference.sampling import SamplingParams
+        from llmhelpers.inference.scheduler import Request
+        from llmhelpers.model.tiny import build_tiny_llama, build_tiny_r1
+        torch.manual_seed(0)
+        out = []
+        for dt in (torch.float32, torch.bfloat16):
+            n, H, hq, hkv, D, T = 5, 96, 4, 2, 16, 20
+            h, d, w = torch.randn(n, H, dtype=dt), torch.randn(n, H, dtype=dt), torch.randn(H, dtype=dt)
+            (h1, x1), (h2, x2) = dk.add_rms_norm(h, d, w, 1e-6), dk.add_rms_norm_reference(h, d, w, 1e-6)
+            qkv = torch.randn(n, (hq + 2 * hkv) * D, dtype=dt)
+            ang = torch.randn(n, D // 2)
+            cos, sin = (torch.cat([f(ang)] * 2, -1).to(dt) for f in (torch.cos, torch.sin))
+            pos = torch.tensor([0, 3, 7, 19, 1])
+            caches = [torch.zeros(n + 1, hkv, T, D, dtype=dt) for _ in range(4)]
+            q = dk.rope_write_kv(qkv, cos, sin, pos, caches[0], caches[1], hq, hkv)
+            q_ref = dk.rope_write_kv_reference(qkv, cos, sin, pos, caches[2], caches[3], hq, hkv)
+            gu = torch.randn(n, 80, dtype=dt)
+            gap = lambda a, b: ((a.float() - b.float()).abs() / b.float().abs().clamp(min=1)).max().item()
+            out += [gap(h1, h2), gap(x1, x2), gap(q, q_ref), gap(caches[0], caches[2]),
+                    int(torch.equal(caches[1], caches[3])), gap(dk.silu_mul(gu), dk.silu_mul_reference(gu))]
+        for build in (build_tiny_r1, build_tiny_llama):
+            folder = tempfile.mkdtemp()
+            build(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            prompts = [torch.randint(5, 1000, (k,)).tolist() for k in (7, 19, 12)]
+            engine = Engine(model, slots=2, max_len=40, fuse=True, elementwise="triton")
+            reqs = [Request(p, 12) for p in prompts]
+            engine.run(reqs, SamplingParams(temperature=0.0), eos=-1)
+            with torch.inference_mode():
+                ref = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+            out.append(int([r.new_ids for r in reqs] == ref))
+        print(*out)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    values = list(map(float, proc.stdout.split()[-14:]))
+    fp32, bf16, tokens = values[:6], values[6:12], values[12:]
+    assert fp32[0] == 0 and fp32[2] == 0 and fp32[3] == 0 and fp32[4] == 1  # add, RoPE, caches: bit-identical
+    assert fp32[1] < 1e-6 and fp32[5] < 1e-6  # the norm's and SiLU's fp32 sums in another order
+    assert max(bf16[:4] + bf16[5:]) <= 2 * 2**-7 and bf16[4] == 1  # within two bf16 steps; values copied exactly
+    assert tokens == [1, 1]  # Qwen2, Llama
+
+
+def test_the_fused_decode_kernels_need_fused_projections_and_a_gpu(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="needs fuse=True"):
+        Engine(model, slots=1, max_len=8, fuse=False, elementwise="triton")
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        Engine(model, slots=1, max_len=8, fuse=True, elementwise="triton")
+
+
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):
     """Each draw is keyed by (run seed, request, position): the same seeded requests give the same sampled answers
     with 2 or 7 slots (other slots, other batches, prompts shared or not in a prefill) and with tool outputs that come

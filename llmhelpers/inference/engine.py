@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 import weakref
 from typing import Callable
@@ -214,7 +215,7 @@ def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int
     return max(least, min(most, math.ceil(4 * sms / max(1, width * kv_heads))))
 
 
-ELEMENTWISE = ("model", "liger")
+ELEMENTWISE = ("model", "liger", "triton")
 
 
 def _module_norm(module, x):
@@ -294,7 +295,9 @@ class Engine:
         self.model, self.slots, self.max_len = model, slots, max_len
         # elementwise="model": the model's own RMSNorm modules and its module's RoPE function (Liger's where training
         # on a GPU applied Liger's kernels in this process); "liger": Liger's RMSNorm and RoPE Triton kernels,
-        # one launch each instead of about 8 per norm and 10 per RoPE (off until measured: issue #32's tail)
+        # one launch each instead of about 8 per norm and 10 per RoPE; "triton": decode steps through the project's
+        # fused kernels (llmhelpers.inference.decode_kernels: add + norm, RoPE + cache write, SiLU * up), prefills
+        # through the model's modules. Both off until measured (issue #32's tail)
         if elementwise not in ELEMENTWISE:
             raise ValueError(f"elementwise={elementwise!r}: must be one of {ELEMENTWISE}")
         if elementwise == "liger":
@@ -324,6 +327,12 @@ class Engine:
             if fuse else None
         if fuse and cuda:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
+        self.decode_kernels = elementwise == "triton"
+        if self.decode_kernels and not (fuse and kv_cache_dtype == "auto"):
+            raise ValueError("elementwise='triton' reads the fused q/k/v and gate/up outputs and writes a cache in the "
+                             "model's dtype: it needs fuse=True and kv_cache_dtype='auto'")
+        if self.decode_kernels and not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("elementwise='triton' needs a CUDA model (or Triton's interpreter); use 'model'")
         # split_narrow_steps (issue #32, lever 1; off: 5-14% shorter narrow steps in the profile, not measured end to
         # end): a narrow step (the tail) has too few (slot, kv head) pairs to occupy the GPU with 4 splits each; give
         # each pair more splits, shorter ones
@@ -437,11 +446,41 @@ class Engine:
             return sample_top_p_triton(logits, self.temperature, self.top_p, seeds)
         return sample_top_p_sorted(logits, self.temperature, self.top_p, seeds)
 
+    def _decode_kernel_layers(self, n: int):
+        """The decoder layers of a decode step through the fused kernels (elementwise="triton"): per layer the q/k/v
+        matmul, RoPE + cache write, attention, o_proj, add + norm, the gate/up matmul, SiLU * up, down, add + norm
+        (the next layer's input norm, or the final one). Returns the final norm's output [n, H]."""
+        from llmhelpers.inference import decode_kernels as kernels
+
+        pos = self.positions[:n]
+        hidden = self.model.model.embed_tokens(self.tokens[:n])
+        cos, sin = (t.reshape(n, -1) for t in self.model.model.rotary_emb(hidden[:, None], pos[:, None]))
+        layers = self.model.model.layers
+        following = [layer.input_layernorm for layer in layers[1:]] + [self.model.model.norm]
+        first = layers[0].input_layernorm
+        hidden, x = kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon)
+        splits = {"nsplit": decode_splits(n, self.hkv, self.sms)} if self.split_narrow_steps else {}
+        for i, layer in enumerate(layers):
+            qkv_w, qkv_b, gate_up_w, _ = self.fused[i]
+            q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
+                                      self.hq, self.hkv)
+            a = self.decode_attention(q, self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale, **splits)
+            norm = layer.post_attention_layernorm
+            hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(n, -1)), norm.weight,
+                                             norm.variance_epsilon)
+            up = kernels.silu_mul(F.linear(x, gate_up_w))
+            hidden, x = kernels.add_rms_norm(hidden, layer.mlp.down_proj(up), following[i].weight,
+                                             following[i].variance_epsilon)
+        return x
+
     def _decode_step(self, n: int):
-        hidden = self.model.model.embed_tokens(self.tokens[:n, None])
-        slot_idx = torch.arange(n, device=self.device)
-        hidden = self._layers(hidden, slot_idx, self.positions[:n, None], self._decode_attend)
-        logits = self.model.lm_head(hidden[:, -1])
+        if self.decode_kernels:
+            logits = self.model.lm_head(self._decode_kernel_layers(n))
+        else:
+            hidden = self.model.model.embed_tokens(self.tokens[:n, None])
+            slot_idx = torch.arange(n, device=self.device)
+            hidden = self._layers(hidden, slot_idx, self.positions[:n, None], self._decode_attend)
+            logits = self.model.lm_head(hidden[:, -1])
         seeds = draw_seed(self.run_seed, self.request_index[:n], self.positions[:n])  # in the graph: read each replay
         self.next_tokens[:n].copy_(self._sample(logits, seeds))
 
