@@ -331,6 +331,8 @@ class Engine:
         if self.decode_kernels and not (fuse and kv_cache_dtype == "auto"):
             raise ValueError("elementwise='triton' reads the fused q/k/v and gate/up outputs and writes a cache in the "
                              "model's dtype: it needs fuse=True and kv_cache_dtype='auto'")
+        if self.decode_kernels and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"elementwise='triton' needs a power-of-two head size (this model's: {self.head_dim})")
         if self.decode_kernels and not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("elementwise='triton' needs a CUDA model (or Triton's interpreter); use 'model'")
         # split_narrow_steps (issue #32, lever 1; off: 5-14% shorter narrow steps in the profile, not measured end to
