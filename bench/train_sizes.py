@@ -60,14 +60,15 @@ def measure(name, arch, model_dir, micro, rows, worst_rows, warmup, steps, extra
 
 def measure_packed(name, arch, model_dir, card_gb, rows, warmup, steps, extra):
     """The default recipe on a card of `card_gb`: the memory policy under that card's limit."""
-    limit = int(card_gb * 1e9 / 2**30 - CONTEXT_GIB)
+    card_gib = card_gb * 1e9 / 2**30
+    limit = int(card_gib - CONTEXT_GIB)
     run = run_config(f"{name}-{card_gb}gb", dict(extra, memory_limit_gib=float(limit)), model_dir, rows, warmup,
                      steps, load_model=random_nf4_loader(arch), arch=arch)
     worst = max(run["peak_reserved_gib"], run["worst_case_peak_reserved_gib"])
     return {"model": name, "card_gb": card_gb, "memory_limit_gib": limit, "useful_tok_s": run["useful_tok_s"],
             "tokens_per_step": run["tokens_per_step"], "mfu": run["mfu"], "checkpointing": run["checkpointing"],
             "peak_reserved_gib": run["peak_reserved_gib"], "worst_case_peak_reserved_gib": worst,
-            "fits": worst + CONTEXT_GIB <= card_gb * 1e9 / 2**30, "warmup_seconds": run["warmup_seconds"],
+            "fits": worst + CONTEXT_GIB <= card_gib, "warmup_seconds": run["warmup_seconds"],
             "epoch_hours": round(EPOCH_TOKENS / max(run["useful_tok_s"], 1) / 3600, 2)}
 
 

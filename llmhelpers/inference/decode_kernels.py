@@ -16,13 +16,13 @@ Each has a PyTorch reference written the modules' way; tests run the kernels in 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llmhelpers.inference.scheduler import next_pow2
 
-_kernels = None
-
-
+@functools.cache  # built on first use: importing this module needs no Triton
 def _build():
     import triton
     import triton.language as tl
@@ -88,16 +88,9 @@ def _build():
     return add_rms_norm_kernel, rope_write_kv_kernel, silu_mul_kernel
 
 
-def _get():
-    global _kernels
-    if _kernels is None:
-        _kernels = _build()
-    return _kernels
-
-
 def add_rms_norm(hidden, delta, weight, eps: float):
     """(hidden + delta, RMSNorm of it) for rows [n, H]; delta None: (hidden, RMSNorm(hidden))."""
-    kernel = _get()[0]
+    kernel = _build()[0]
     n, width = hidden.shape
     normed = torch.empty_like(hidden)
     out = torch.empty_like(hidden) if delta is not None else hidden
@@ -109,7 +102,7 @@ def add_rms_norm(hidden, delta, weight, eps: float):
 def rope_write_kv(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int):
     """Rows [n, (hq + 2 hkv) D] of the fused q/k/v projection: the queries rotated, returned [n, hq, D]; the keys
     rotated and the values written into slots 0..n-1 of the caches [S, hkv, T, D] at `positions` [n]."""
-    kernel = _get()[1]
+    kernel = _build()[1]
     n = qkv.shape[0]
     d = k_cache.shape[-1]
     q = torch.empty(n, hq, d, device=qkv.device, dtype=qkv.dtype)
@@ -120,7 +113,7 @@ def rope_write_kv(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int)
 
 def silu_mul(gate_up):
     """SiLU(gate) * up from the fused gate/up output [n, 2I]: [n, I]."""
-    kernel = _get()[2]
+    kernel = _build()[2]
     n, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(n, inter, device=gate_up.device, dtype=gate_up.dtype)
     block = min(1024, next_pow2(inter))

@@ -425,11 +425,16 @@ class Engine:
         n = q.shape[0]  # the first n slots decode (after compaction, fewer than all)
         pos = positions[:, 0]
         self._write_kv(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
+        return self._attend_cache(i, q[:, :, 0], pos).reshape(n, 1, -1)
+
+    def _attend_cache(self, i, q, pos):
+        """Decode attention of queries [n, Hq, D] over layer i's cache of the first n slots, each up to `pos`
+        (its new key and value already written)."""
+        n = q.shape[0]
         scales = (self.k_scale[i][:n], self.v_scale[i][:n]) if self.fp8 else (None, None)
         splits = {"nsplit": decode_splits(n, self.hkv, self.sms)} if self.split_narrow_steps else {}
-        out = self.decode_attention(q[:, :, 0], self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale,
-                                    *scales, **splits)
-        return out.reshape(n, 1, -1)
+        return self.decode_attention(q, self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale, *scales,
+                                     **splits)
 
     def set_sampling(self, sampling: SamplingParams) -> None:
         """The settings the next steps draw with; the seed (when set) restarts the random numbers."""
@@ -461,12 +466,11 @@ class Engine:
         following = [layer.input_layernorm for layer in layers[1:]] + [self.model.model.norm]
         first = layers[0].input_layernorm
         hidden, x = kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon)
-        splits = {"nsplit": decode_splits(n, self.hkv, self.sms)} if self.split_narrow_steps else {}
         for i, layer in enumerate(layers):
             qkv_w, qkv_b, gate_up_w, _ = self.fused[i]
             q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
                                       self.hq, self.hkv)
-            a = self.decode_attention(q, self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale, **splits)
+            a = self._attend_cache(i, q, pos)
             norm = layer.post_attention_layernorm
             hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(n, -1)), norm.weight,
                                              norm.variance_epsilon)
