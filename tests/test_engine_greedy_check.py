@@ -41,6 +41,23 @@ def test_the_same_model_gives_identical_rows_and_a_passing_verdict(tiny):
     assert verdict(rows)
 
 
+def test_another_engine_can_be_the_reference(tiny):
+    """--reference engine: the engine's tokens against a second engine's (fused against unfused here, identical in
+    fp32 on the CPU); against an engine on a scrambled head they diverge and are not ties."""
+    import copy
+
+    model, tok, prompts = tiny
+    width = max(map(len, prompts)) + 17
+    fused = Engine(model, slots=len(prompts), max_len=width, fuse=True)
+    rows = compare(model, model, fused, prompts, 16, tok.eos_token_id, Engine(model, len(prompts), width, fuse=False))
+    assert all(r["first_divergence"] is None for r in rows) and verdict(rows)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.copy_(other.lm_head.weight[torch.randperm(other.lm_head.weight.shape[0])])
+    rows = compare(model, model, fused, prompts, 16, tok.eos_token_id, Engine(other, len(prompts), width))
+    assert any(r["first_divergence"] is not None for r in rows) and not verdict(rows)
+
+
 def test_a_different_model_in_the_engine_diverges_and_is_not_called_a_tie(tiny):
     """The engine runs on a copy whose LM head is scrambled: its tokens differ from the first one, and the gaps at
     the divergences are real preferences, far beyond the (zero) low-precision error of an fp32 model."""
