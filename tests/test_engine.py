@@ -418,6 +418,29 @@ def test_fused_projections_need_no_act_fn_on_the_mlp(tiny):
     assert [r.new_ids for r in reqs] == expected
 
 
+def test_fused_projections_keep_the_mlp_biases():
+    """A Llama with mlp_bias=True: the fused gate/up matmul adds the gate and up biases (they were left out once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, mlp_bias=True, attention_bias=True,
+                         initializer_range=0.3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    prompts = [torch.randint(5, 300, (k,)).tolist() for k in (9, 14)]
+    with torch.inference_mode():
+        expected = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    engine = Engine(model, slots=2, max_len=30, fuse=True)
+    reqs = [Request(p, 12) for p in prompts]
+    engine.run(reqs, GREEDY, eos=-1)
+    assert [r.new_ids for r in reqs] == expected
+
+
 def test_every_norm_and_rope_goes_through_the_engines_elementwise_ops(tiny):
     """elementwise="liger" swaps the engine's norm and RoPE callables for Liger's kernels (CUDA only): here the same
     swap with written-out RMSNorm and RoPE keeps the greedy tokens, and each layer's two norms and the final one go
@@ -508,12 +531,19 @@ def test_fused_decode_kernels_do_the_modules_arithmetic_and_keep_the_greedy_toke
     assert tokens == [1, 1]  # Qwen2, Llama
 
 
-def test_the_fused_decode_kernels_need_fused_projections_and_a_gpu(tiny):
+def test_the_fused_decode_kernels_need_fused_projections_silu_and_a_gpu(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="needs fuse=True"):
         Engine(model, slots=1, max_len=8, fuse=False, elementwise="triton")
     with pytest.raises(ValueError, match="needs a CUDA model"):
         Engine(model, slots=1, max_len=8, fuse=True, elementwise="triton")
+    activation = model.config.hidden_act
+    model.config.hidden_act = "gelu"
+    try:
+        with pytest.raises(ValueError, match="activation: gelu"):
+            Engine(model, slots=1, max_len=8, fuse=True, elementwise="triton")
+    finally:
+        model.config.hidden_act = activation
 
 
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):

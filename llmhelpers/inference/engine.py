@@ -331,6 +331,8 @@ class Engine:
         if self.decode_kernels and not (fuse and kv_cache_dtype == "auto"):
             raise ValueError("elementwise='triton' reads the fused q/k/v and gate/up outputs and writes a cache in the "
                              "model's dtype: it needs fuse=True and kv_cache_dtype='auto'")
+        if self.decode_kernels and c.hidden_act != "silu":
+            raise ValueError(f"elementwise='triton' computes SiLU(gate) * up (this model's activation: {c.hidden_act})")
         if self.decode_kernels and self.head_dim & (self.head_dim - 1):
             raise ValueError(f"elementwise='triton' needs a power-of-two head size (this model's: {self.head_dim})")
         if self.decode_kernels and not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -383,7 +385,7 @@ class Engine:
             x = self.norm(layer.input_layernorm, hidden)
             B, T, _ = x.shape
             if self.fused:
-                qkv_w, qkv_b, gate_up_w, _ = self.fused[i]
+                qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
                 q, k, v = F.linear(x, qkv_w, qkv_b).split([self.hq * self.head_dim, self.hkv * self.head_dim,
                                                             self.hkv * self.head_dim], -1)
             else:
@@ -396,7 +398,7 @@ class Engine:
             hidden = hidden + attn.o_proj(a)
             x = self.norm(layer.post_attention_layernorm, hidden)
             if self.fused:
-                gate, up = F.linear(x, gate_up_w).chunk(2, -1)
+                gate, up = F.linear(x, gate_up_w, gate_up_b).chunk(2, -1)  # a bias: Llama's mlp_bias=True
                 hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
             else:
                 hidden = hidden + layer.mlp(x)
@@ -467,14 +469,14 @@ class Engine:
         first = layers[0].input_layernorm
         hidden, x = kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon)
         for i, layer in enumerate(layers):
-            qkv_w, qkv_b, gate_up_w, _ = self.fused[i]
+            qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
             q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
                                       self.hq, self.hkv)
             a = self._attend_cache(i, q, pos)
             norm = layer.post_attention_layernorm
             hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(n, -1)), norm.weight,
                                              norm.variance_epsilon)
-            up = kernels.silu_mul(F.linear(x, gate_up_w))
+            up = kernels.silu_mul(F.linear(x, gate_up_w, gate_up_b))
             hidden, x = kernels.add_rms_norm(hidden, layer.mlp.down_proj(up), following[i].weight,
                                              following[i].variance_epsilon)
         return x
