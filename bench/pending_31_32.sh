@@ -37,6 +37,7 @@
 # eval-after-training: the engine on the model after the project's apply_liger (the notebook's path after training).
 # eval-modules, eval-split: the fused engine with the model's modules (the default before the fused decode kernels),
 #              and the default with split_narrow_steps.
+# time-to-model, time-to-model-wait: issue #31's timed run (bench/time_to_model.py), in the background across calls.
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
@@ -140,6 +141,24 @@ for stage in "$@"; do
       [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
       PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=${WARMUP:-15} bash bench/train_compare.sh 490 "$dest" "$configs"
       tail -n 24 "$dest/log-490.txt" ;;
+    time-to-model|time-to-model-wait)
+      # issue #31: one timed run of the CLI (train, evaluate, merge; bench/time_to_model.py). ~15 minutes on an H200
+      # with the recipe's 3 epochs: it runs in its own process session (it outlives this call while the machine is
+      # warm); time-to-model starts it, and each stage waits up to WAIT seconds (default 540) for it, so
+      # time-to-model-wait in the next call (within 30 s) picks it up. EPOCHS=1 fits one call
+      if [ "$stage" = time-to-model ]; then
+        rm -f /tmp/ttm.json /tmp/ttm.log
+        setsid nohup python bench/time_to_model.py ${EPOCHS:+--epochs "$EPOCHS"} ${TTM_ARGS:-} --out /tmp/ttm.json \
+          > /tmp/ttm.log 2>&1 < /dev/null &
+      fi
+      waited=0
+      while [ ! -f /tmp/ttm.json ] && [ "$waited" -lt "${WAIT:-540}" ] && pgrep -f bench/time_to_model.py > /dev/null; do
+        sleep 10; waited=$((waited + 10))
+      done
+      grep -v -E "it/s\]|s/it\]" /tmp/ttm.log | tail -n 200 > "$dest/time-to-model.log"
+      if [ -f /tmp/ttm.json ]; then cp /tmp/ttm.json "$dest/time-to-model.json"; tail -c 600 /tmp/ttm.json
+      elif pgrep -f bench/time_to_model.py > /dev/null; then echo "still running: stage time-to-model-wait next"
+      else echo "time_to_model ended without a record: see $dest/time-to-model.log"; fi ;;
     adapters)
       rm -rf /tmp/adapters && mkdir -p /tmp/adapters && cat "$carry"/adapters.tar.part* | tar -x -C /tmp/adapters
       ls /tmp/adapters ;;

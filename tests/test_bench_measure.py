@@ -20,3 +20,17 @@ def test_the_second_half_rate_counts_only_the_second_halfs_steps_and_tokens():
 def test_a_run_cut_short_reports_its_steps_without_a_rate():
     out = second_half_rate({"t0": 0.0, "n0": 0, "step_ends": [1.0]}, [[5]] * 4, accumulation=1, steps=4)
     assert out == {"step_seconds": [1.0]}
+
+
+def test_the_timed_runs_data_holds_the_target_tokens_per_epoch():
+    """bench/time_to_model.py sizes its synthetic data from a sample's mean length: rows over the cap are dropped by
+    the data step, so they neither count nor are made up for."""
+    import pytest
+
+    from time_to_model import rows_for_tokens
+
+    assert rows_for_tokens(lambda i: 500, 1_000_000) == 2000
+    lengths = [400, 600, 3000, 500]  # one in four over the cap: 3 rows of mean 500 kept out of 4
+    assert rows_for_tokens(lambda i: lengths[i % 4], 1_500_000, sample=400, cap=2048) == 4000
+    with pytest.raises(ValueError, match="fits"):
+        rows_for_tokens(lambda i: 5000, 10)
