@@ -36,7 +36,8 @@
 #              fused decode kernels);
 # eval-after-training: the engine on the model after the project's apply_liger (the notebook's path after training).
 # eval-modules, eval-split: the fused engine with the model's modules (the default before the fused decode kernels),
-#              and the default with split_narrow_steps.
+#              and the default with split_narrow_steps; eval-fp8-kv: the default with an fp8 KV cache (the fused
+#              kernels write it; its attention kernel scales scores and probabilities).
 # time-to-model, time-to-model-wait: issue #31's timed run (bench/time_to_model.py), in the background across calls.
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
@@ -94,7 +95,7 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       # REQUESTS (default 2000, the issue's workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1

@@ -46,8 +46,9 @@ def _build():
             out_x_ptr.dtype.element_ty), mask=live)
 
     @triton.jit
-    def rope_write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, T,
-                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    def rope_write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, T,
+                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                             FP8: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         dt = q_out_ptr.dtype.element_ty
         width = (HQ + 2 * HKV) * D
@@ -68,11 +69,22 @@ def _build():
             kv = head - HQ
             pos = tl.load(pos_ptr + row)
             at = ((row * HKV + kv) * T + pos) * D  # slot `row` of the decode step, its position
-            tl.store(k_ptr + at + i, o1.to(k_ptr.dtype.element_ty))
-            tl.store(k_ptr + at + HALF + i, o2.to(k_ptr.dtype.element_ty))
             j = tl.arange(0, D)
             v = tl.load(qkv_ptr + row * width + (HQ + HKV + kv) * D + j)
-            tl.store(v_ptr + at + j, v.to(v_ptr.dtype.element_ty))
+            if FP8:  # quantize_fp8's arithmetic: scale = max|x| / 448 (at least 1e-12), values x / scale, IEEE division
+                k1, k2, vf = o1.to(tl.float32), o2.to(tl.float32), v.to(tl.float32)
+                k_scale = tl.maximum(tl.div_rn(tl.maximum(tl.max(tl.abs(k1), axis=0), tl.max(tl.abs(k2), axis=0)),
+                                               448.0), 1e-12)
+                v_scale = tl.maximum(tl.div_rn(tl.max(tl.abs(vf), axis=0), 448.0), 1e-12)
+                tl.store(k_ptr + at + i, tl.div_rn(k1, k_scale).to(k_ptr.dtype.element_ty))
+                tl.store(k_ptr + at + HALF + i, tl.div_rn(k2, k_scale).to(k_ptr.dtype.element_ty))
+                tl.store(v_ptr + at + j, tl.div_rn(vf, v_scale).to(v_ptr.dtype.element_ty))
+                tl.store(ks_ptr + at // D, k_scale)
+                tl.store(vs_ptr + at // D, v_scale)
+            else:
+                tl.store(k_ptr + at + i, o1.to(k_ptr.dtype.element_ty))
+                tl.store(k_ptr + at + HALF + i, o2.to(k_ptr.dtype.element_ty))
+                tl.store(v_ptr + at + j, v.to(v_ptr.dtype.element_ty))
 
     @triton.jit
     def silu_mul_kernel(gu_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
@@ -99,15 +111,17 @@ def add_rms_norm(hidden, delta, weight, eps: float):
     return out, normed
 
 
-def rope_write_kv(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int):
+def rope_write_kv(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int, k_scale=None, v_scale=None):
     """Rows [n, (hq + 2 hkv) D] of the fused q/k/v projection: the queries rotated, returned [n, hq, D]; the keys
-    rotated and the values written into slots 0..n-1 of the caches [S, hkv, T, D] at `positions` [n]."""
+    rotated and the values written into slots 0..n-1 of the caches [S, hkv, T, D] at `positions` [n]. With scales
+    [S, hkv, T] (an fp8 cache), each head vector is written as fp8 values and its scale (the engine's quantize_fp8)."""
     kernel = _build()[1]
     n = qkv.shape[0]
     d = k_cache.shape[-1]
     q = torch.empty(n, hq, d, device=qkv.device, dtype=qkv.dtype)
-    kernel[(n, hq + hkv)](qkv, cos, sin, positions, q, k_cache, v_cache, k_cache.shape[2], HQ=hq, HKV=hkv, D=d,
-                          HALF=d // 2)
+    fp8 = k_scale is not None
+    kernel[(n, hq + hkv)](qkv, cos, sin, positions, q, k_cache, v_cache, k_scale if fp8 else q, v_scale if fp8 else q,
+                          k_cache.shape[2], HQ=hq, HKV=hkv, D=d, HALF=d // 2, FP8=fp8)
     return q
 
 
@@ -129,7 +143,10 @@ def add_rms_norm_reference(hidden, delta, weight, eps: float):
     return h, weight * x.to(h.dtype)
 
 
-def rope_write_kv_reference(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int):
+def rope_write_kv_reference(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int, k_scale=None,
+                            v_scale=None):
+    from llmhelpers.inference.engine import quantize_fp8
+
     n, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.view(n, hq + 2 * hkv, d).split([hq, hkv, hkv], 1)
 
@@ -138,8 +155,13 @@ def rope_write_kv_reference(qkv, cos, sin, positions, k_cache, v_cache, hq: int,
         return x * cos[:, None] + torch.cat((-x2, x1), -1) * sin[:, None]
 
     slots = torch.arange(n, device=qkv.device)
-    k_cache.transpose(1, 2)[slots, positions] = rotate(k).to(k_cache.dtype)
-    v_cache.transpose(1, 2)[slots, positions] = v.to(v_cache.dtype)
+    for cache, scales, new in ((k_cache, k_scale, rotate(k)), (v_cache, v_scale, v)):
+        if scales is None:
+            cache.transpose(1, 2)[slots, positions] = new.to(cache.dtype)
+        else:
+            values, scale = quantize_fp8(new)
+            cache.transpose(1, 2)[slots, positions] = values
+            scales.transpose(1, 2)[slots, positions] = scale
     return rotate(q)
 
 

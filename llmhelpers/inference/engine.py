@@ -138,10 +138,13 @@ def _build_triton_kernel():
             n = n0 + tl.arange(0, BLOCK_N)
             live = n < end
             k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-            if FP8_KV:  # fp8 values times their head vector's scale, in the query's dtype for the dot
+            # an fp8 cache: each key's scale multiplies its score and each value's scale its probability, so the
+            # fp8 values enter the dot as they are (fp8 to the query's dtype is exact): no [BLOCK_N, D] rescaling
+            if FP8_KV:
                 k_s = tl.load(ks_ptr + base // D + n, mask=live, other=0.0)
-                k = (k.to(tl.float32) * k_s[:, None]).to(q.dtype)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+                s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * (k_s[None, :] * scale)
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
@@ -149,8 +152,10 @@ def _build_triton_kernel():
             v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
             if FP8_KV:
                 v_s = tl.load(vs_ptr + base // D + n, mask=live, other=0.0)
-                v = (v.to(tl.float32) * v_s[:, None]).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+                pv = tl.dot((p * v_s[None, :]).to(q.dtype), v.to(q.dtype))
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv.to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         row = (slot * Hkv * GROUP + heads) * NSPLIT + split
@@ -220,11 +225,10 @@ def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int
 ELEMENTWISE = ("model", "liger", "triton")
 
 
-def decode_kernels_refusal(cuda: bool, fuse: bool, kv_cache_dtype: str, activation: str, head_dim: int) -> str | None:
+def decode_kernels_refusal(cuda: bool, fuse: bool, activation: str, head_dim: int) -> str | None:
     """Why the fused decode kernels (elementwise="triton") cannot run this engine, or None when they can."""
-    if not (fuse and kv_cache_dtype == "auto"):
-        return ("reads the fused q/k/v and gate/up outputs and writes a cache in the model's dtype: it needs "
-                "fuse=True and kv_cache_dtype='auto'")
+    if not fuse:
+        return "reads the fused q/k/v and gate/up outputs: it needs fuse=True"
     if activation != "silu":
         return f"computes SiLU(gate) * up (this model's activation: {activation})"
     if head_dim & (head_dim - 1):
@@ -319,15 +323,15 @@ class Engine:
         # On by default on a GPU: 2,000 answers of the R1-1.5B on an H200 ran at 21,845 tok/s against 20,993 unfused
         # (bench/results/2026-12-03-h200-eval.json); the CPU keeps separate matmuls (not measured there)
         fuse = cuda if fuse is None else fuse
-        # elementwise="triton" (the default where it applies: a GPU, fused projections, a cache in the model's dtype,
-        # SiLU, a power-of-two head size): decode steps through the project's fused kernels
+        # elementwise="triton" (the default where it applies: a GPU, fused projections, SiLU, a power-of-two head
+        # size; an fp8 cache too, its values and scales written by the RoPE kernel): decode steps through the project's fused kernels
         # (llmhelpers.inference.decode_kernels: add + norm, RoPE + cache write, SiLU * up; the modules' roundings),
         # prefills through the model's modules. On an H200 a full-width step took 9.7 ms against 12.7 with the
         # modules, 8 slots 2.4 against 4.2 ms, and 2,000 answers ran at 27,523 tok/s
         # (bench/results/2026-12-03-h200-decode-kernels.json). "model": the model's own RMSNorm modules and its
         # module's RoPE function (Liger's where training on a GPU applied Liger's kernels in this process); "liger":
         # Liger's RMSNorm and RoPE kernels (between the two: 10.7 ms full width)
-        refusal = decode_kernels_refusal(cuda, fuse, kv_cache_dtype, c.hidden_act, self.head_dim)
+        refusal = decode_kernels_refusal(cuda, fuse, c.hidden_act, self.head_dim)
         if elementwise is None:
             elementwise = "triton" if cuda and not refusal else "model"
         if elementwise not in ELEMENTWISE:
@@ -488,7 +492,7 @@ class Engine:
         for i, layer in enumerate(layers):
             qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
             q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
-                                      self.hq, self.hkv)
+                                      self.hq, self.hkv, self.k_scale[i], self.v_scale[i])
             a = self._attend_cache(i, q, pos)
             norm = layer.post_attention_layernorm
             hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(n, -1)), norm.weight,
