@@ -326,8 +326,8 @@ class Engine:
         # elementwise="triton" (the default where it applies: a GPU, fused projections, SiLU, a power-of-two head
         # size; an fp8 cache too, its values and scales written by the RoPE kernel): decode steps through the
         # project's fused kernels (llmhelpers.inference.decode_kernels: add + norm, RoPE + cache write, SiLU * up; the
-        # modules' roundings), prefills through the model's modules. On an H200 a full-width step took 9.7 ms against 12.7 with the
-        # modules, 8 slots 2.4 against 4.2 ms, and 2,000 answers ran at 27,523 tok/s
+        # modules' roundings), prefills through the model's modules. On an H200 a full-width step took 9.7 ms against
+        # 12.7 with the modules, 8 slots 2.4 against 4.2 ms, and 2,000 answers ran at 27,523 tok/s
         # (bench/results/2026-12-03-h200-decode-kernels.json). "model": the model's own RMSNorm modules and its
         # module's RoPE function (Liger's where training on a GPU applied Liger's kernels in this process); "liger":
         # Liger's RMSNorm and RoPE kernels (between the two: 10.7 ms full width)
