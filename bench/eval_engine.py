@@ -286,6 +286,8 @@ def main():
             run = {"config": name, "requests": n, "generated_tokens": made, "seconds": round(seconds, 1),
                    "gen_tok_s": round(made / seconds), "peak_alloc_gib":
                    round(torch.cuda.max_memory_allocated() / 2**30, 1), **info}
+            if "decode_s" in info:  # the host's own time between steps (scheduling, inputs), the GPU idle meanwhile
+                run["host_s"] = round(seconds - info["decode_s"] - info["prefill_s"], 1)
         except Exception as err:  # one failing configuration should not hide the others
             run = {"config": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
         results["runs"].append(run)
