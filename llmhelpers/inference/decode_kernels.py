@@ -20,6 +20,7 @@ import functools
 
 import torch
 
+from llmhelpers.inference.kv_fp8 import quantize_fp8
 from llmhelpers.inference.scheduler import next_pow2
 
 @functools.cache  # built on first use: importing this module needs no Triton
@@ -114,7 +115,7 @@ def add_rms_norm(hidden, delta, weight, eps: float):
 def rope_write_kv(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int, k_scale=None, v_scale=None):
     """Rows [n, (hq + 2 hkv) D] of the fused q/k/v projection: the queries rotated, returned [n, hq, D]; the keys
     rotated and the values written into slots 0..n-1 of the caches [S, hkv, T, D] at `positions` [n]. With scales
-    [S, hkv, T] (an fp8 cache), each head vector is written as fp8 values and its scale (the engine's quantize_fp8)."""
+    [S, hkv, T] (an fp8 cache), each head vector is written as fp8 values and its scale (llmhelpers.inference.kv_fp8.quantize_fp8)."""
     kernel = _build()[1]
     n = qkv.shape[0]
     d = k_cache.shape[-1]
@@ -145,8 +146,6 @@ def add_rms_norm_reference(hidden, delta, weight, eps: float):
 
 def rope_write_kv_reference(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int, k_scale=None,
                             v_scale=None):
-    from llmhelpers.inference.engine import quantize_fp8
-
     n, d = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.view(n, hq + 2 * hkv, d).split([hq, hkv, hkv], 1)
 

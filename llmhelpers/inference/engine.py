@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llmhelpers.inference.kv_fp8 import FP8, dequantize_fp8, quantize_fp8
 from llmhelpers.inference.sampling import SamplingParams, draw_seed, sample_top_p_sorted, sample_top_p_triton
 from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
 
@@ -60,8 +61,6 @@ def supports(model) -> bool:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 values with a scale per head vector
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest e4m3 value: each cached head vector is scaled so its largest entry lands there
 
 
 def kv_bytes_per_token(config, dtype, kv_cache_dtype: str = "auto") -> int:
@@ -83,16 +82,6 @@ def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512, kv_cach
 
 
 # --- attention over each slot's live length -------------------------------------------------------------------
-def quantize_fp8(x):
-    """Head vectors (last dim) as float8 e4m3 values and one float32 scale each: x ~ values * scale."""
-    scale = (x.float().abs().amax(-1) / FP8_MAX).clamp_min(1e-12)
-    return (x.float() / scale[..., None]).to(FP8), scale
-
-
-def dequantize_fp8(values, scale, dtype):
-    return (values.float() * scale[..., None]).to(dtype)
-
-
 def decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None):
     """q [S, Hq, D]; caches [S, Hkv, T, D]; lengths [S]: softmax(q k^T) v over positions < length. With k_scale and
     v_scale [S, Hkv, T], the caches hold fp8 values of each head vector divided by its scale."""
