@@ -139,3 +139,28 @@ def test_the_evaluation_cells_give_the_base_and_the_trained_model_and_can_be_re_
     with pytest.raises(ValueError, match="pass adapter_dir="):
         with finetuned_for_evaluation(cfg, model):
             pass
+
+
+def test_the_decode_kernels_setting_reaches_the_engine(tiny_model_dir, monkeypatch):
+    """eval_decode_kernels: True leaves the choice to the engine (its fused kernels on a GPU), False asks for the
+    model's own modules."""
+    import llmhelpers.inference.engine as engine_module
+    from llmhelpers.evaluation.protocol import answer_examples
+    from llmhelpers.model.loading import load_base_model, load_tokenizer
+
+    seen = []
+
+    class Recording(engine_module.Engine):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("elementwise", "not passed"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", Recording)
+    exs = [Example(question="What is 1 plus 1?", reasoning="", answer="", gold="2", source="scibench/x")]
+    for setting in (True, False):
+        cfg = make_config("smoke", tiny_model_dir=str(tiny_model_dir), eval_max_new_tokens=4, eval_samples=1,
+                          eval_decode_kernels=setting)
+        model = load_base_model(cfg, quantized=False)
+        answers = answer_examples(model, load_tokenizer(cfg), exs, cfg, tool_execution=False)
+        assert len(answers) == 1 and len(answers[0]) == 1
+    assert seen == [None, "model"]

@@ -13,7 +13,7 @@ NOT_TRAINING = {
     "profile", "tiny_model_dir", "checkpoint_layers", "memory_limit_gib", "fused_lora", "dequantize_once", "compile_layers",
     "allow_one_source",
     "heldout_max", "eval_set", "math500_dataset", "eval_samples", "eval_max_new_tokens", "eval_batch_size", "eval_bf16",
-    "eval_do_sample", "eval_temperature", "eval_top_p", "eval_kv_cache_dtype", "eval_limit", "tool_execution", "eval_without_tools",
+    "eval_do_sample", "eval_temperature", "eval_top_p", "eval_kv_cache_dtype", "eval_decode_kernels", "eval_limit", "tool_execution", "eval_without_tools",
     "tool_timeout", "tool_max_calls", "tool_workers", "tool_max_sandboxes", "accuracy_callback",
     "accuracy_callback_size", "merge_after_training", "gguf_outtype", "hub_repo_id", "hub_private",
 }

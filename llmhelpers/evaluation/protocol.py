@@ -31,7 +31,8 @@ def answer_examples(model, tokenizer, examples, cfg, progress: bool = False, sam
     prompts = [render_prompt(ex, tokenizer) for ex in examples]
     with tool_runner(tokenizer, cfg, tool_execution) as runner:
         flat = generate(model, tokenizer, prompts, SamplingParams.for_evaluation(cfg), cfg.eval_batch_size,
-                        progress=progress, samples=samples, tools=runner, kv_cache_dtype=cfg.eval_kv_cache_dtype)
+                        progress=progress, samples=samples, tools=runner, kv_cache_dtype=cfg.eval_kv_cache_dtype,
+                        decode_kernels=cfg.eval_decode_kernels)
     return [flat[i * samples:(i + 1) * samples] for i in range(len(examples))]
 
 

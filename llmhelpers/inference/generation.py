@@ -78,7 +78,8 @@ def generation_record(tokenizer, row: list[int], end_think: int | None, hit: boo
 
 
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int = 0,
-             progress: bool = False, samples: int = 1, tools=None, kv_cache_dtype: str = "auto") -> list[Generation]:
+             progress: bool = False, samples: int = 1, tools=None, kv_cache_dtype: str = "auto",
+             decode_kernels: bool = True) -> list[Generation]:
     """Generate `samples` answers for every prompt (prompt-major order: all samples of prompt 0 first), drawn with
     `sampling` (budget, temperature, top-p, seed).
 
@@ -90,13 +91,15 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     graph. Other models (4-bit, adapters attached: the training model) use `model.generate` in batches of
     prompts of similar length. batch_size 0 sizes the batch (or the engine's slots) to free GPU memory.
     `kv_cache_dtype="fp8"` keeps the engine's KV cache in float8 (about half the bytes: twice the slots); the
-    model.generate path keeps its own cache and says so.
+    model.generate path keeps its own cache and says so. `decode_kernels=False` runs the engine's decode steps through
+    the model's own modules instead of its fused kernels (which run on a GPU only).
     """
     import llmhelpers.inference.engine as engine
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # the template put the bos
     if engine.supports(model):
-        return _engine_generate(model, tokenizer, ids, sampling, batch_size, progress, samples, tools, kv_cache_dtype)
+        return _engine_generate(model, tokenizer, ids, sampling, batch_size, progress, samples, tools, kv_cache_dtype,
+                                decode_kernels)
     if kv_cache_dtype != "auto":
         print(f"kv_cache_dtype={kv_cache_dtype!r} applies to the engine only: this model (4-bit or with adapters "
               "attached) generates through model.generate with its own cache")
@@ -118,7 +121,7 @@ _SAID: set = set()  # the reasons already printed why the fused decode kernels d
 
 
 def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, tools=None,
-                     kv_cache_dtype: str = "auto") -> list[Generation]:
+                     kv_cache_dtype: str = "auto", decode_kernels: bool = True) -> list[Generation]:
     from llmhelpers.inference.engine import Engine, auto_slots
     from llmhelpers.inference.scheduler import Request
 
@@ -127,8 +130,10 @@ def _engine_generate(model, tokenizer, ids, sampling, slots, progress, samples, 
     max_len = max(map(len, ids), default=0) + budget + 1 + (tools.reserve_tokens if tools else 0)
     requests = [Request(i, budget, key=(n, s)) for n, i in enumerate(ids) for s in range(samples)]
     slots = min(len(requests), slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype)) or 1
-    eng = Engine(model, slots=slots, max_len=max_len, kv_cache_dtype=kv_cache_dtype)
-    if eng.device.type == "cuda" and eng.elementwise != "triton" and eng.decode_kernels_refusal not in _SAID:
+    eng = Engine(model, slots=slots, max_len=max_len, kv_cache_dtype=kv_cache_dtype,
+                 elementwise=None if decode_kernels else "model")
+    if decode_kernels and eng.device.type == "cuda" and eng.elementwise != "triton" \
+            and eng.decode_kernels_refusal not in _SAID:
         _SAID.add(eng.decode_kernels_refusal)  # once per reason and process: an evaluation generates three times
         print(f"the engine decodes through the model's modules, not its fused kernels (slower): the kernels "
               f"{eng.decode_kernels_refusal}")
