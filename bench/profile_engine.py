@@ -52,15 +52,20 @@ def main():
     p.add_argument("--elementwise", default=None, choices=("model", "liger", "triton"),
                    help="the engine's norms and RoPE: the model's modules, Liger's kernels, the project's fused ones "
                         "(default: the engine's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="fp8: the same slots as the model's dtype gets (the step time per width compares), the "
+                        "attention alone over fp8 caches")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model = load_base_model(make_config("full", model_id=str(random_r1_model())), quantized=False).eval()
     slots = auto_slots(model, args.max_len)
-    eng = Engine(model, slots=slots, max_len=args.max_len, fuse=args.fuse, elementwise=args.elementwise)
+    eng = Engine(model, slots=slots, max_len=args.max_len, fuse=args.fuse, elementwise=args.elementwise,
+                 kv_cache_dtype=args.kv_cache_dtype)
     eng.tokens.random_(1000, 150000)
     eng.positions.fill_(args.live - 1)
     res = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "slots": slots, "live_tokens": args.live,
-           "fuse": eng.fused is not None, "elementwise": eng.elementwise, "ms": {}}
+           "fuse": eng.fused is not None, "elementwise": eng.elementwise, "kv_cache_dtype": args.kv_cache_dtype,
+           "ms": {}}
     ms = res["ms"]
     with torch.inference_mode():
         for name in args.samplers.split(","):
@@ -87,15 +92,17 @@ def main():
         ms["step_greedy_width1"] = bench_ms(lambda: eng._step(1))
         q = torch.randn(slots, eng.hq, eng.head_dim, device="cuda", dtype=torch.bfloat16)
         lengths = torch.full((slots,), args.live, device="cuda", dtype=torch.int32)
+        scales = dict(k_scale=eng.k_scale[0], v_scale=eng.v_scale[0]) if eng.fp8 else {}
         for nsplit in (2, 4, 8, 16):
             for block_n in (32, 64, 128):
                 for warps in (4, 8):
                     ms[f"attention_1layer_nsplit{nsplit}_n{block_n}_w{warps}"] = bench_ms(
                         lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale,
-                                                        nsplit=nsplit, block_n=block_n, num_warps=warps))
+                                                        **scales, nsplit=nsplit, block_n=block_n, num_warps=warps))
         ms["attention_1layer_nsplit4_n64_w4_combine_triton"] = bench_ms(
-            lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, combine="triton"))
-        kv_bytes = 2 * slots * args.live * eng.hkv * eng.head_dim * 2
+            lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, **scales,
+                                            combine="triton"))
+        kv_bytes = slots * args.live * eng.kv_bytes_token // len(model.model.layers)  # one layer's live keys and values
         best = min((v, k) for k, v in ms.items() if k.startswith("attention"))
         res["attention_best"] = {"config": best[1], "ms": best[0], "kv_gb_s": round(kv_bytes / (best[0] / 1e3) / 1e9)}
         x = torch.randn(slots, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
