@@ -102,7 +102,23 @@ def main():
         ms["attention_1layer_nsplit4_n64_w4_combine_triton"] = bench_ms(
             lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, **scales,
                                             combine="triton"))
-        kv_bytes = slots * args.live * eng.kv_bytes_token // len(model.model.layers)  # one layer's live keys and values
+        for nsplit in (2, 4, 8):  # each slot's live length split (every split works) instead of the capacity
+            ms[f"attention_1layer_nsplit{nsplit}_n64_w4_live"] = bench_ms(
+                lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, **scales,
+                                                nsplit=nsplit, combine="triton", live_split=True))
+        layer_bytes = eng.kv_bytes_token // len(model.model.layers)  # one layer's keys and values of one token
+        kv_bytes = slots * args.live * layer_bytes
+        # slots of mixed live lengths (100 to 8,000, as a run's slots are): capacity splits against live splits
+        mixed = torch.randint(100, min(8000, args.max_len), (slots,), device="cuda", dtype=torch.int32,
+                              generator=torch.Generator("cuda").manual_seed(0))
+        res["mixed_lengths_attention"] = {}
+        for nsplit in (4, 8):
+            for live in (False, True):
+                t = bench_ms(lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale,
+                                                             **scales, nsplit=nsplit, combine="triton",
+                                                             live_split=live))
+                res["mixed_lengths_attention"][f"nsplit{nsplit}{'_live' if live else ''}"] = {
+                    "ms": round(t, 4), "kv_gb_s": round(int(mixed.sum()) * layer_bytes / (t / 1e3) / 1e9)}
         best = min((v, k) for k, v in ms.items() if k.startswith("attention"))
         res["attention_best"] = {"config": best[1], "ms": best[0], "kv_gb_s": round(kv_bytes / (best[0] / 1e3) / 1e9)}
         x = torch.randn(slots, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
