@@ -20,8 +20,9 @@ import functools
 
 import torch
 
-from llmhelpers.inference.kv_fp8 import quantize_fp8
+from llmhelpers.inference.kv_fp8 import FP8_MAX, MIN_SCALE, quantize_fp8
 from llmhelpers.inference.scheduler import next_pow2
+
 
 @functools.cache  # built on first use: importing this module needs no Triton
 def _build():
@@ -49,7 +50,7 @@ def _build():
     @triton.jit
     def rope_write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, T,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                             FP8: tl.constexpr):
+                             FP8: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         dt = q_out_ptr.dtype.element_ty
         width = (HQ + 2 * HKV) * D
@@ -72,11 +73,11 @@ def _build():
             at = ((row * HKV + kv) * T + pos) * D  # slot `row` of the decode step, its position
             j = tl.arange(0, D)
             v = tl.load(qkv_ptr + row * width + (HQ + HKV + kv) * D + j)
-            if FP8:  # quantize_fp8's arithmetic: scale = max|x| / 448 (at least 1e-12), values x / scale, IEEE division
+            if FP8:  # quantize_fp8's arithmetic: scale = max|x| / FP8_MAX (>= MIN_SCALE), x / scale, IEEE division
                 k1, k2, vf = o1.to(tl.float32), o2.to(tl.float32), v.to(tl.float32)
                 k_scale = tl.maximum(tl.div_rn(tl.maximum(tl.max(tl.abs(k1), axis=0), tl.max(tl.abs(k2), axis=0)),
-                                               448.0), 1e-12)
-                v_scale = tl.maximum(tl.div_rn(tl.max(tl.abs(vf), axis=0), 448.0), 1e-12)
+                                               FP8_MAX), MIN_SCALE)
+                v_scale = tl.maximum(tl.div_rn(tl.max(tl.abs(vf), axis=0), FP8_MAX), MIN_SCALE)
                 tl.store(k_ptr + at + i, tl.div_rn(k1, k_scale).to(k_ptr.dtype.element_ty))
                 tl.store(k_ptr + at + HALF + i, tl.div_rn(k2, k_scale).to(k_ptr.dtype.element_ty))
                 tl.store(v_ptr + at + j, tl.div_rn(vf, v_scale).to(v_ptr.dtype.element_ty))
@@ -115,14 +116,15 @@ def add_rms_norm(hidden, delta, weight, eps: float):
 def rope_write_kv(qkv, cos, sin, positions, k_cache, v_cache, hq: int, hkv: int, k_scale=None, v_scale=None):
     """Rows [n, (hq + 2 hkv) D] of the fused q/k/v projection: the queries rotated, returned [n, hq, D]; the keys
     rotated and the values written into slots 0..n-1 of the caches [S, hkv, T, D] at `positions` [n]. With scales
-    [S, hkv, T] (an fp8 cache), each head vector is written as fp8 values and its scale (llmhelpers.inference.kv_fp8.quantize_fp8)."""
+    [S, hkv, T] (an fp8 cache), each head vector is written as fp8 values and its scale (kv_fp8.quantize_fp8's)."""
     kernel = _build()[1]
     n = qkv.shape[0]
     d = k_cache.shape[-1]
     q = torch.empty(n, hq, d, device=qkv.device, dtype=qkv.dtype)
     fp8 = k_scale is not None
     kernel[(n, hq + hkv)](qkv, cos, sin, positions, q, k_cache, v_cache, k_scale if fp8 else q, v_scale if fp8 else q,
-                          k_cache.shape[2], HQ=hq, HKV=hkv, D=d, HALF=d // 2, FP8=fp8)
+                          k_cache.shape[2], HQ=hq, HKV=hkv, D=d, HALF=d // 2, FP8=fp8, FP8_MAX=FP8_MAX,
+                          MIN_SCALE=MIN_SCALE)
     return q
 
 

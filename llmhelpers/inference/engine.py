@@ -98,9 +98,7 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=None
     return out.reshape(S, Hq, D).to(q.dtype)
 
 
-_triton_kernel = None
-
-
+@functools.cache  # built on first use: importing the engine needs no Triton
 def _build_triton_kernel():
     import triton
     import triton.language as tl
@@ -180,9 +178,6 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
     by PyTorch ops (combine="torch", about eight kernels) or by one Triton kernel (combine="triton"). The cache's
     capacity is cut into `nsplit` parts (a slot of 1,650 live tokens in a cache of 8,793 has one working split of
     four), or with `live_split` each slot's own live length is (every split works; not measured, off)."""
-    global _triton_kernel
-    if _triton_kernel is None:
-        _triton_kernel = _build_triton_kernel()
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -192,7 +187,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
     m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     fp8 = k_scale is not None
-    split_kernel, combine_kernel = _triton_kernel
+    split_kernel, combine_kernel = _build_triton_kernel()
     split_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l,
                                      k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
@@ -331,7 +326,7 @@ class Engine:
         if elementwise not in ELEMENTWISE:
             raise ValueError(f"elementwise={elementwise!r}: must be one of {ELEMENTWISE}")
         if elementwise == "liger":
-            self.norm, self.rope = liger_elementwise(next(model.parameters()).device)
+            self.norm, self.rope = liger_elementwise(self.device)
         else:
             self.norm = _module_norm
             self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE

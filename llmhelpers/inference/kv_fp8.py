@@ -5,11 +5,12 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest e4m3 value: each cached head vector is scaled so its largest entry lands there
+MIN_SCALE = 1e-12  # an all-zero vector keeps a finite scale
 
 
 def quantize_fp8(x):
     """Head vectors (last dim) as float8 e4m3 values and one float32 scale each: x ~ values * scale."""
-    scale = (x.float().abs().amax(-1) / FP8_MAX).clamp_min(1e-12)
+    scale = (x.float().abs().amax(-1) / FP8_MAX).clamp_min(MIN_SCALE)
     return (x.float() / scale[..., None]).to(FP8), scale
 
 
