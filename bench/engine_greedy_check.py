@@ -134,7 +134,7 @@ def main():
 
     cfg = make_config("small") if args.model == "smollm2" else make_config("full", model_id=str(random_r1_model()))
     model = load_base_model(cfg, quantized=False).to(getattr(torch, args.dtype)).eval()
-    model_fp32 = load_base_model(cfg, quantized=False).float().eval()
+    model_fp32 = model if args.dtype == "float32" else load_base_model(cfg, quantized=False).float().eval()
     tokenizer = load_tokenizer(cfg)
     prompts = prompts_for(args.model, tokenizer, args.prompts)
     eos = tokenizer.eos_token_id if args.model == "smollm2" else model.config.eos_token_id
@@ -144,7 +144,9 @@ def main():
                     kv_cache_dtype=args.kv_cache_dtype)
     reference_engine = None
     if args.reference == "engine":
-        reference_engine = Engine(model, slots=len(prompts), max_len=engine.max_len, elementwise="model")
+        # the same matmuls (fused or not) and cache: only the elementwise path differs
+        reference_engine = Engine(model, slots=len(prompts), max_len=engine.max_len, elementwise="model",
+                                  fuse=engine.fused is not None, kv_cache_dtype=args.kv_cache_dtype)
     rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos, reference_engine)
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,

@@ -26,9 +26,9 @@ Configurations:
   project's fused decode kernels (Engine(elementwise="triton"): about 10 kernels per layer; the default on a GPU
   since 2026-12-03's fifth session, so `default` is this too); modules: the fused engine with the model's own
   norm/RoPE/MLP modules (elementwise="model", the default before); split: the default with split_narrow_steps;
-  after-training: the
-  default engine on the model after the project's `apply_liger` (what the notebook's evaluation after training on
-  a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch stays in the process);
+  after-training: the default engine on the model after the project's `apply_liger` (what the notebook's
+  evaluation after training on a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch
+  stays in the process);
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
