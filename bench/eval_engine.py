@@ -29,7 +29,9 @@ Configurations:
   after-training: the default engine on the model after the project's `apply_liger` (what the notebook's
   evaluation after training on a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch
   stays in the process);
-- fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower, stays an option);
+- fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower before the fused kernels, stays an option);
+  fp8-kv-1024: and up to 1,024 slots (the room it leaves: fewer steps, so fewer reads of the weights);
+  live-split, fp8-kv-live-split: the attention kernel's splits cut each slot's live length (Engine(live_split=True));
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -156,7 +158,8 @@ def forced_tools(tokenizer, lengths_by_request):
 
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
-           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None):
+           kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
+           live_split=False, slot_cap=512):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -165,10 +168,10 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     max_len = max(map(len, prompts)) + cap + 1 + (64 if tools else 0)  # room for the appended output
     # memory_gib: a card of that size; its free memory is what the weights (already loaded) leave
     free = int(memory_gib * 2**30) - torch.cuda.memory_reserved() if memory_gib else None
-    slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype, free_bytes=free)
+    slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype, free_bytes=free, cap=slot_cap)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
                  kv_cache_dtype=kv_cache_dtype, fuse=fuse,
-                 split_narrow_steps=split_narrow_steps, elementwise=elementwise)
+                 split_narrow_steps=split_narrow_steps, elementwise=elementwise, live_split=live_split)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -275,6 +278,12 @@ def main():
                 made, info = engine(model, p, l, args.cap, memory_gib=22)
             elif name == "fp8-kv":  # issue #32: the KV cache in float8, about twice the slots
                 made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8")
+            elif name == "fp8-kv-1024":  # and the slots it leaves room for (the 512 cap raised): fewer weight reads
+                made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8", slot_cap=1024)
+            elif name == "live-split":  # the attention kernel's splits over each slot's live length
+                made, info = engine(model, p, l, args.cap, live_split=True)
+            elif name == "fp8-kv-live-split":
+                made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8", live_split=True)
             elif name == "sort-sampler":
                 made, info = engine(model, p, l, args.cap, sampler="sort")
             elif name == "slots64":

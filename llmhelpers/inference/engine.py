@@ -295,7 +295,7 @@ def _still_views(linears, weight, bias) -> bool:
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
-                 elementwise: str | None = None):
+                 elementwise: str | None = None, live_split: bool = False):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -342,6 +342,8 @@ class Engine:
             if fuse else None
         if fuse and cuda:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
+        if live_split and cuda:  # each slot's own live length in the splits, not the cache's capacity (off: measuring)
+            self.decode_attention = functools.partial(self.decode_attention, live_split=True)
         self.elementwise = elementwise
         self.decode_kernels_refusal = refusal  # why the fused decode kernels do not apply here (None: they do)
         self.decode_kernels = elementwise == "triton"
