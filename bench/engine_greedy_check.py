@@ -12,7 +12,8 @@ in bf16 on this GPU, with the engine's defaults (fused projections on a GPU, CUD
                                                            # engine's module path (same matmuls, same attention)
 
 Random weights give flat logits (many near-ties); the real model shows what a user's evaluation meets. Exits 1 when
-a divergence is not a tie.
+a divergence is not a tie. The summary also counts, over the divergences, how often the fp32 forward picks the
+engine's token and how often the reference's: a path as exact as the reference is picked about as often.
 """
 from __future__ import annotations
 
@@ -83,8 +84,19 @@ def compare(model, model_fp32, engine, prompts: list[list[int]], new_tokens: int
         elif at is not None:  # one stopped (eos) where the other went on: the eos choice is the divergence
             longer = mine if len(mine) > len(reference) else reference
             row.update(tie_at(model, model_fp32, prompt + longer[:at], longer[at], eos))
+        if at is not None:
+            row["engine_token"] = mine[at] if at < len(mine) else eos
+            row["reference_token"] = reference[at] if at < len(reference) else eos
         rows.append(row)
     return rows
+
+
+def fp32_sides(rows: list[dict]) -> dict:
+    """At the divergences: how often the fp32 forward's own choice is the engine's token, and how often the
+    reference's. A path as exact as the reference gets about half; a less exact one (an fp8 cache) fewer."""
+    split = [r for r in rows if r["first_divergence"] is not None]
+    return {"fp32_picks_engine_token": sum(r["fp32_argmax"] == r["engine_token"] for r in split),
+            "fp32_picks_reference_token": sum(r["fp32_argmax"] == r["reference_token"] for r in split)}
 
 
 def verdict(rows: list[dict]) -> bool:
@@ -153,7 +165,8 @@ def main():
                "elementwise": engine.elementwise, "reference": args.reference, "kv_cache_dtype": args.kv_cache_dtype,
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
-               "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows)}
+               "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows),
+               **fp32_sides(rows)}
     print(json.dumps(summary))
     finish_check({"summary": summary, "prompts": rows}, args.out, verdict(rows),
                  f"every prompt's greedy tokens from the engine equal the reference's ({args.reference}) in the same "

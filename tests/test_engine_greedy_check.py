@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from engine_greedy_check import compare, first_divergence, tie_at, verdict  # noqa: E402
+from engine_greedy_check import compare, first_divergence, fp32_sides, tie_at, verdict  # noqa: E402
 
 from llmhelpers.inference.engine import Engine  # noqa: E402
 
@@ -72,6 +72,8 @@ def test_a_different_model_in_the_engine_diverges_and_is_not_called_a_tie(tiny):
     diverged = [r for r in rows if r["first_divergence"] is not None]
     assert diverged and all(not r["tie"] and r["fp32_gap"] > 0 for r in diverged)
     assert not verdict(rows)
+    # the reference is the fp32 model's own greedy decode: at each divergence fp32 picks its token, never the engine's
+    assert fp32_sides(rows) == {"fp32_picks_engine_token": 0, "fp32_picks_reference_token": len(diverged)}
 
 
 def test_a_tie_is_a_gap_within_twice_the_low_precision_error(tiny):
