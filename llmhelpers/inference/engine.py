@@ -107,7 +107,7 @@ def _build_triton_kernel():
     def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr, scale,
                            T, chunk, Hkv: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                            NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr):
+                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr, K_TRANSPOSED: tl.constexpr):
         slot, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + slot)
         if LIVE_SPLIT:  # the slot's own live length in NSPLIT parts (whole blocks), not the cache's capacity
@@ -126,14 +126,19 @@ def _build_triton_kernel():
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             live = n < end
-            k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            # the keys as [D, BLOCK_N] (K_TRANSPOSED: loaded so, the load -> convert -> dot pattern Triton's
+            # pipeliner knows) or loaded as [BLOCK_N, D] and transposed; the same values either way
+            if K_TRANSPOSED:
+                kt = tl.load(k_ptr + base + n[None, :] * D + d[:, None], mask=live[None, :], other=0.0)
+            else:
+                kt = tl.trans(tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0))
             # an fp8 cache: each key's scale multiplies its score and each value's scale its probability, so the
             # fp8 values enter the dot as they are (fp8 to the query's dtype is exact): no [BLOCK_N, D] rescaling
             if FP8_KV:
                 k_s = tl.load(ks_ptr + base // D + n, mask=live, other=0.0)
-                s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * (k_s[None, :] * scale)
+                s = tl.dot(q, kt.to(q.dtype)).to(tl.float32) * (k_s[None, :] * scale)
             else:
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+                s = tl.dot(q, kt).to(tl.float32) * scale
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
@@ -172,12 +177,15 @@ def _build_triton_kernel():
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
-                            block_n: int = 64, num_warps: int = 4, combine: str = "torch", live_split: bool = False):
+                            block_n: int = 64, num_warps: int = 4, combine: str = "torch", live_split: bool = False,
+                            k_transposed: bool = False, num_stages: int | None = None):
     """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions. With
     k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale. The splits are combined
     by PyTorch ops (combine="torch", about eight kernels) or by one Triton kernel (combine="triton"). The cache's
     capacity is cut into `nsplit` parts (a slot of 1,650 live tokens in a cache of 8,793 has one working split of
-    four), or with `live_split` each slot's own live length is (every split works; not measured, off)."""
+    four), or with `live_split` each slot's own live length is (measured on an H200: no faster end to end, off).
+    `k_transposed` and `num_stages` (Triton's software pipelining; None: its default) are launch choices that
+    `bench/profile_engine.py` sweeps: the fp8 cache's kernel ran no faster than bf16's on half the bytes."""
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -192,8 +200,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
                                      k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
                                      BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, FP8_KV=fp8,
-                                     LIVE_SPLIT=live_split,
-                                     num_warps=num_warps)
+                                     LIVE_SPLIT=live_split, K_TRANSPOSED=k_transposed,
+                                     num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if combine == "triton":
         out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
         combine_kernel[(S * Hq,)](acc, m, l, out, NSPLIT=nsplit, BLOCK_S=max(2, next_pow2(nsplit)), D=D)
