@@ -32,6 +32,9 @@ Configurations:
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower before the fused kernels, stays an option);
   fp8-kv-1024: and up to 1,024 slots (the room it leaves: fewer steps, so fewer reads of the weights);
   live-split, fp8-kv-live-split: the attention kernel's splits cut each slot's live length (Engine(live_split=True));
+- overlap (issue #32): Engine(overlap_steps=True), each next decode step queued (its inputs made on the GPU) before
+  the host reads this step's tokens, so the scheduler's Python runs while the GPU computes; overlap-tools: the same
+  with tools-on's forced tool call per answer (compare with tools-on);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -159,7 +162,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
            kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
-           live_split=False, slot_cap=512):
+           live_split=False, slot_cap=512, overlap_steps=False):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -171,7 +174,8 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     slots = slots or auto_slots(model, max_len, kv_cache_dtype=kv_cache_dtype, free_bytes=free, cap=slot_cap)
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
                  kv_cache_dtype=kv_cache_dtype, fuse=fuse,
-                 split_narrow_steps=split_narrow_steps, elementwise=elementwise, live_split=live_split)
+                 split_narrow_steps=split_narrow_steps, elementwise=elementwise, live_split=live_split,
+                 overlap_steps=overlap_steps)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -280,6 +284,10 @@ def main():
                 made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8")
             elif name == "fp8-kv-1024":  # and the slots it leaves room for (the 512 cap raised): fewer weight reads
                 made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8", slot_cap=1024)
+            elif name == "overlap":  # each next decode step queued before the host reads this one's tokens
+                made, info = engine(model, p, l, args.cap, overlap_steps=True)
+            elif name == "overlap-tools":  # and with a tool call per answer (fed text, resumes: dropped queued steps)
+                made, info = engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
             elif name == "live-split":  # the attention kernel's splits over each slot's live length
                 made, info = engine(model, p, l, args.cap, live_split=True)
             elif name == "fp8-kv-live-split":
@@ -295,7 +303,9 @@ def main():
             run = {"config": name, "requests": n, "generated_tokens": made, "seconds": round(seconds, 1),
                    "gen_tok_s": round(made / seconds), "peak_alloc_gib":
                    round(torch.cuda.max_memory_allocated() / 2**30, 1), **info}
-            if "decode_s" in info:  # the host's own time between steps (scheduling, inputs), the GPU idle meanwhile
+            # the host's own time between steps (scheduling, inputs), the GPU idle meanwhile (decode_s is the used
+            # steps' GPU time, CUDA events; with overlap_steps this also holds the dropped queued steps' GPU time)
+            if "decode_s" in info:
                 run["host_s"] = round(seconds - info["decode_s"] - info["prefill_s"], 1)
         except Exception as err:  # one failing configuration should not hide the others
             run = {"config": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}

@@ -31,7 +31,9 @@
 #              Liger's norms and RoPE in the engine: issue #32's exactness goal; greedy-triton-vs-engine: the fused
 #              decode kernels against the engine's module path (same matmuls and attention: isolates the kernels);
 #              greedy-smol-triton: the fused kernels on the real SmolLM2 against model.generate; greedy-smol-fp8:
-#              the default engine with an fp8 KV cache on the real SmolLM2 (how often fp8 changes a greedy token).
+#              the default engine with an fp8 KV cache on the real SmolLM2 (how often fp8 changes a greedy token);
+#              greedy-overlap: the default engine with overlap_steps against itself without (identical tokens expected).
+# eval-overlap, eval-overlap-tools, eval-tools-on: Engine(overlap_steps=True), without and with a tool call per answer.
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
 # eval-liger, eval-liger-split, profile-liger (greedy-liger): Engine(elementwise="liger") (Liger's RMSNorm and RoPE
 #              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
@@ -97,7 +99,7 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       # REQUESTS (default 2000, the issue's workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
@@ -111,13 +113,14 @@ for stage in "$@"; do
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8)
+    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap)
       model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2
       elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "${stage%triton*}" != "$stage" ] && elementwise=triton
       reference=generate; [ "$stage" = greedy-triton-vs-engine ] && reference=engine
+      overlap=; [ "$stage" = greedy-overlap ] && overlap=--overlap-steps && reference=same-engine && elementwise=default
       kv=auto; [ "$stage" = greedy-smol-fp8 ] && kv=fp8 && elementwise=default
       python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --reference "$reference" \
-        --kv-cache-dtype "$kv" \
+        --kv-cache-dtype "$kv" $overlap \
         --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;

@@ -295,10 +295,13 @@ def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
     assert same_seed_same == "True" and other_seed_same == "False"
 
 
-def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact(tiny):
+@pytest.mark.parametrize("overlap_steps", [False, True])
+def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact(tiny, overlap_steps):
     """Twenty answers in 16 slots, each paused once at its own point for a Future that resolves after a random
     delay, with appended text short (fed through decode steps) or long (prefilled): every answer equals greedy
-    decoding of its prompt, its appended text, and the continuation greedy decoding gives after it."""
+    decoding of its prompt, its appended text, and the continuation greedy decoding gives after it. With
+    overlap_steps too (each next step queued with its inputs made on the device, dropped where the scheduler chose
+    other inputs: fed text, refills, compaction)."""
     import random
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -310,7 +313,7 @@ def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact
              ["input_ids"]) for i in range(20)]
     assert len(plan[1][3]) > 32 >= len(plan[0][3])
     reqs = [Request(p, budget, key=i) for i, (p, budget, _, _) in enumerate(plan)]
-    engine = Engine(model, slots=16, max_len=max(map(len, prompts)) + 30 + 100)
+    engine = Engine(model, slots=16, max_len=max(map(len, prompts)) + 30 + 100, overlap_steps=overlap_steps)
 
     def later(extra):
         time.sleep(rng.random() * 0.05)
@@ -321,6 +324,11 @@ def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact
                    on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == plan[r.key][2] else None,
                    on_pause=lambda r, t: pool.submit(later, plan[r.key][3]))
     assert engine.stats["pauses"] == 20 and engine.stats["steps_below_full_width"] > 0  # compaction happened
+    if overlap_steps:  # most queued steps were the scheduler's; fed text, refills and compaction dropped some
+        used, dropped = engine.stats["overlap_used_steps"], engine.stats["overlap_dropped_steps"]
+        assert used > dropped > 0 and used < engine.stats["decode_steps"]
+    else:
+        assert engine.stats["overlap_used_steps"] == engine.stats["overlap_dropped_steps"] == 0
     for req, (prompt, budget, at, extra) in zip(reqs, plan):
         head = req.new_ids[:at]
         assert head == hf_greedy(model, tok, prompt, at)
@@ -611,7 +619,7 @@ def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_o
                                                                      "```output\n" + "1234567890 " * 6 + "\n```")]
     sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=3)
 
-    def answers(slots, delay_seed):
+    def answers(slots, delay_seed, overlap_steps=False):
         rng = random.Random(delay_seed)
         reqs = [Request(p, 24, key=i) for i, p in enumerate(p for p in prompts for _ in range(3))]
 
@@ -620,7 +628,7 @@ def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_o
             return extra
 
         with ThreadPoolExecutor(4) as pool:
-            Engine(model, slots=slots, max_len=max(map(len, prompts)) + 24 + 60).run(
+            Engine(model, slots=slots, max_len=max(map(len, prompts)) + 24 + 60, overlap_steps=overlap_steps).run(
                 reqs, sampling, eos=-1,
                 on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == 3 + r.key % 5 else None,
                 on_pause=lambda r, t: pool.submit(later, texts[r.key % 2]))
@@ -630,3 +638,4 @@ def test_a_seeded_answer_does_not_depend_on_its_slot_the_slots_or_when_a_tools_o
     assert len({tuple(a) for a in first}) == len(first)  # the copies of a prompt drew apart
     assert answers(2, 1) == first
     assert answers(7, 2) == first
+    assert answers(7, 3, overlap_steps=True) == first  # each next step queued before the host saw this one's tokens

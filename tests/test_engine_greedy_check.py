@@ -58,6 +58,16 @@ def test_another_engine_can_be_the_reference(tiny):
     assert any(r["first_divergence"] is not None for r in rows) and not verdict(rows)
 
 
+def test_an_engine_with_overlapped_steps_gives_its_references_tokens(tiny):
+    """--overlap-steps --reference same-engine: queued steps change no token (on the CPU as on a GPU: the same rows)."""
+    model, tok, prompts = tiny
+    width = max(map(len, prompts)) + 17
+    overlapped = Engine(model, slots=2, max_len=width, overlap_steps=True)  # fewer slots than prompts: refills
+    rows = compare(model, model, overlapped, prompts, 16, tok.eos_token_id, Engine(model, 2, width))
+    assert all(r["first_divergence"] is None for r in rows) and verdict(rows)
+    assert overlapped.stats["overlap_used_steps"] > 0
+
+
 def test_a_different_model_in_the_engine_diverges_and_is_not_called_a_tie(tiny):
     """The engine runs on a copy whose LM head is scrambled: its tokens differ from the first one, and the gaps at
     the divergences are real preferences, far beyond the (zero) low-precision error of an fp32 model."""

@@ -37,6 +37,7 @@ import math
 import os
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -300,10 +301,41 @@ def _still_views(linears, weight, bias) -> bool:
 
 
 # --- the engine ------------------------------------------------------------------------------------------
+@dataclass
+class DecodeStep:
+    """A queued decode step of the first `width` slots: its inputs as the host knows them, where its sampled tokens
+    land, and its CUDA events (its time on the GPU)."""
+    width: int
+    start: object = None
+    end: object = None
+    t0: float = 0.0
+    out: torch.Tensor | None = None
+    tokens: list[int] | None = None
+    positions: list[int] | None = None
+    indices: list[int] | None = None
+
+    known: dict[int, int] | None = None  # a queued step's inputs set from the host (appended text being fed)
+
+    def follow(self, previous: DecodeStep, sampled: list[int], max_len: int) -> None:
+        """A step queued after `previous`: its inputs were `previous`'s sampled tokens (or the known ones) at the
+        next positions."""
+        self.tokens = list(sampled)
+        for slot, token in (self.known or {}).items():
+            self.tokens[slot] = token
+        self.positions = [min(p + 1, max_len - 1) for p in previous.positions]
+
+    def matches(self, width: int, tokens: list[int], positions: list[int], indices: list[int],
+                decoding: list[int]) -> bool:
+        """Whether these were the scheduler's inputs for every slot whose token counts (others' rows are ignored)."""
+        return width == self.width and all(
+            tokens[s] == self.tokens[s] and positions[s] == self.positions[s] and indices[s] == self.indices[s]
+            for s in decoding)
+
+
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
-                 elementwise: str | None = None, live_split: bool = False):
+                 elementwise: str | None = None, live_split: bool = False, overlap_steps: bool = False):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -384,6 +416,17 @@ class Engine:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # overlap_steps (issue #32; off until measured): the next decode step is queued, its inputs made on the GPU
+        # (each slot's sampled token at the next position), before this step's tokens reach the host; the scheduler's
+        # work then runs while the GPU computes, and the queued step counts only where its inputs are the ones the
+        # scheduler chose for every decoding slot (otherwise it is dropped and the step runs again). Identical tokens
+        # either way: each draw is keyed by (request, position), each slot's row computed alone
+        self.overlap_steps = overlap_steps
+        pinned = cuda  # host buffers the GPU copies into (and from) without waiting for the stream
+        self._staging = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
+        self._out = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._known = [torch.zeros(2 * slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._launches = self._queued = 0
         self.sampling = SamplingParams()
         # read inside the decode graphs: new values need no new capture (SamplingParams.greedy does: argmax)
         self.temperature = torch.ones((), dtype=torch.float32, device=self.device)
@@ -631,23 +674,72 @@ class Engine:
         self.stats["prefill_s"] += time.perf_counter() - t0
         return out
 
-    def decode(self, width: int, tokens: list[int], positions: list[int], indices: list[int]) -> list[int]:
-        """One decode step of the first `width` slots (their input tokens, positions and request numbers); the token
-        sampled for each."""
-        self.tokens[:width].copy_(torch.tensor(tokens[:width], device=self.device))
-        self.positions[:width].copy_(torch.tensor(positions[:width], device=self.device))
-        self.request_index[:width].copy_(torch.tensor(indices[:width], device=self.device))
-        t0 = time.perf_counter()
-        self._step(width)
-        sampled = self.next_tokens[:width].tolist()
-        seconds = time.perf_counter() - t0  # .tolist() waited for the step: this is its time on the GPU
+    def _launch(self, width: int, tokens: list[int], positions: list[int], indices: list[int]) -> DecodeStep:
+        """One decode step of the first `width` slots from the host's inputs (their tokens, positions and request
+        numbers), queued on the GPU (run at once on a CPU)."""
+        staged = self._staging[:, :width]
+        staged.copy_(torch.tensor([tokens[:width], positions[:width], indices[:width]], dtype=torch.long))
+        step = self._begin(width)
+        for buffer, row in zip((self.tokens, self.positions, self.request_index), staged):
+            buffer[:width].copy_(row, non_blocking=True)
+        return self._finish_launch(step, tokens[:width], positions[:width], indices[:width])
+
+    def _launch_following(self, step: DecodeStep, known: dict[int, int]) -> DecodeStep:
+        """The step after `step`, queued before its tokens reach the host: the same width and requests, each slot's
+        sampled token as input (or the `known` one: appended text being fed) at the next position (kept inside the
+        cache: a paused or finished slot's row is ignored, what it writes past its length is overwritten or never
+        read). Its host-side inputs are complete once `step` is collected (`DecodeStep.follow`)."""
+        following = self._begin(step.width)
+        self.tokens[:step.width].copy_(self.next_tokens[:step.width])
+        self._queued += 1
+        if known:  # two host buffers, one per queued step in turn: the host has waited for the step before the
+            # last queued one, so the copy from the buffer written now is done
+            staged = self._known[self._queued % 2][:2 * len(known)]  # the slots, then their tokens: contiguous
+            staged.copy_(torch.tensor([*known, *known.values()], dtype=torch.long))
+            slots, tokens = staged.to(self.device, non_blocking=True).view(2, -1)
+            self.tokens.index_copy_(0, slots, tokens)
+        self.positions[:step.width].add_(1).clamp_(max=self.max_len - 1)
+        following.known = known
+        return self._finish_launch(following, None, None, step.indices)
+
+    def _begin(self, width: int) -> DecodeStep:
+        start = torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
+        if start is not None:
+            start.record()
+        return DecodeStep(width, start=start, t0=time.perf_counter())
+
+    def _finish_launch(self, step: DecodeStep, tokens, positions, indices) -> DecodeStep:
+        self._step(step.width)
+        step.out = self._out[self._launches % 2][:step.width]  # two: the host reads one while the next is written
+        self._launches += 1
+        step.out.copy_(self.next_tokens[:step.width], non_blocking=True)
+        if step.start is not None:
+            step.end = torch.cuda.Event(enable_timing=True)
+            step.end.record()
+        step.tokens, step.positions, step.indices = tokens, positions, indices
+        return step
+
+    def _collect(self, step: DecodeStep) -> list[int]:
+        """The tokens `step` sampled (waiting for it), its time on the GPU and the bytes it read in the stats."""
+        if step.end is not None:
+            step.end.synchronize()
+            seconds = step.start.elapsed_time(step.end) / 1e3
+        else:
+            seconds = time.perf_counter() - step.t0
+        sampled = step.out.tolist()
+        width = step.width
         self.stats["decode_s"] += seconds
         self.stats["decode_steps"] += 1
         self.stats["steps_below_full_width"] += width < self.slots
         if width == self.slots:  # the bytes a full-width step reads: weights + each slot's cache up to its new token
             self.stats["full_width_s"] += seconds
-            self.stats["full_width_bytes"] += self.weight_bytes + (sum(positions[:width]) + width) * self.kv_bytes_token
+            self.stats["full_width_bytes"] += self.weight_bytes + (sum(step.positions) + width) * self.kv_bytes_token
         return sampled
+
+    def _drop(self, step: DecodeStep | None) -> None:
+        """A queued step whose inputs were not the scheduler's: its results are never read (it still ran)."""
+        if step is not None:
+            self.stats["overlap_dropped_steps"] += 1
 
     def _prefill_due(self, scheduler: Scheduler, force: bool) -> None:
         while items := scheduler.schedule_prefill(force):
@@ -669,21 +761,37 @@ class Engine:
         self.set_sampling(sampling)
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
                       "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
-                      "full_width_bytes": 0}
+                      "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0}
         scheduler = Scheduler(requests, self.slots, self.max_len, eos, on_token, on_pause, on_finish, self.feed_max)
         self._prefill_due(scheduler, force=True)
+        queued = None  # overlap_steps: the step queued after the last one, its inputs made on the GPU
         while scheduler.running:
+            moved = False
             for src, dst, length in scheduler.compact():
                 self._move(src, dst, length)
+                moved = True
             decoding = scheduler.schedule_decode()
             if decoding is None:  # every live sequence waits: for a prefill (run it now) or for its appended text
+                self._drop(queued)
+                queued = None
                 scheduler.wait_for_tools()
                 self._prefill_due(scheduler, force=True)
                 continue
-            sampled = self.decode(scheduler.width, scheduler.tokens, scheduler.positions, scheduler.indices)
+            width, tokens, positions, indices = scheduler.width, scheduler.tokens, scheduler.positions, scheduler.indices
+            if queued is not None and not moved and queued.matches(width, tokens, positions, indices, decoding):
+                step = queued
+                self.stats["overlap_used_steps"] += 1
+            else:
+                self._drop(queued)
+                step = self._launch(width, tokens, positions, indices)
+            queued = self._launch_following(step, scheduler.known_next(decoding)) if self.overlap_steps else None
+            sampled = self._collect(step)
+            if queued is not None:
+                queued.follow(step, sampled, self.max_len)
             scheduler.postprocess_decode(decoding, sampled)
             self._prefill_due(scheduler, force=len(decoding) < len(scheduler.running) // 2 or not scheduler.queue)
             if progress:
                 progress(scheduler.done, scheduler.generated)
+        self._drop(queued)
         self.stats["pauses"] = scheduler.pauses
         return requests

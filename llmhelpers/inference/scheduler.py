@@ -121,6 +121,11 @@ class Scheduler:
             self.generated += 1
             self._accept(slot, sampled[slot])
 
+    def known_next(self, decoding: list[int]) -> dict[int, int]:
+        """Before this step's tokens are known: the slots whose next input is not their sampled token but the
+        next id of appended text being fed (slot -> that id), for a step queued ahead (the engine's overlap_steps)."""
+        return {slot: self.running[slot].feeding[0] for slot in decoding if self.running[slot].feeding}
+
     def wait_for_tools(self) -> None:
         """Every live sequence is paused: block until one's appended text is ready."""
         if not self._waiting:
