@@ -41,6 +41,7 @@ Configurations:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -162,7 +163,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
            kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
-           live_split=False, slot_cap=512, overlap_steps=False):
+           live_split=False, slot_cap=512, overlap_steps=False, attention_launch=None):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -175,7 +176,7 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
                  kv_cache_dtype=kv_cache_dtype, fuse=fuse,
                  split_narrow_steps=split_narrow_steps, elementwise=elementwise, live_split=live_split,
-                 overlap_steps=overlap_steps)
+                 overlap_steps=overlap_steps, attention_launch=attention_launch)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -219,6 +220,10 @@ def main():
     parser.add_argument("--baseline-requests", type=int, default=256, help="one batch of the old path")
     parser.add_argument("--cap", type=int, default=8192)
     parser.add_argument("--configs", default="default,baseline,slots64,no-graphs")
+    parser.add_argument("--attention-launch", default=None,
+                        help='JSON of the attention kernel\'s launch choices for every configuration, e.g. '
+                             '\'{"block_n": 128, "num_warps": 8, "num_stages": 3, "k_transposed": true}\' '
+                             "(what bench/profile_engine.py's attention_tuning found best)")
     parser.add_argument("--baseline-seconds", type=float, default=None,
                         help="stop the baseline after this long (its throughput is then an upper bound)")
     parser.add_argument("--out", default=None)
@@ -239,6 +244,10 @@ def main():
                             "mean_answer_tokens": round(sum(lengths) / len(lengths)),
                             "max_answer_tokens": max(lengths)},
                "runs": []}
+    # every configuration's engine with the attention kernel's launch choices, when given
+    run_engine = functools.partial(engine, attention_launch=json.loads(args.attention_launch)
+                                   if args.attention_launch else None)
+    results["attention_launch"] = json.loads(args.attention_launch) if args.attention_launch else None
     for name in args.configs.split(","):
         n = args.baseline_requests if name == "baseline" else args.requests
         if name in ("no-graphs", "slots64"):
@@ -251,21 +260,21 @@ def main():
             if name == "baseline":
                 made, info = baseline(model, p, l, args.cap, args.baseline_seconds)
             elif name == "default":
-                made, info = engine(model, p, l, args.cap)
+                made, info = run_engine(model, p, l, args.cap)
             elif name in ("tools-off", "tools-on"):
-                made, info = engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
+                made, info = run_engine(model, p, l, args.cap, tools=name == "tools-on", tokenizer=tokenizer)
             elif name == "fused":  # issue #32 lever 2: q/k/v and gate/up as one matmul each, one combine kernel
-                made, info = engine(model, p, l, args.cap, fuse=True)
+                made, info = run_engine(model, p, l, args.cap, fuse=True)
             elif name == "liger":  # the default with Liger's RMSNorm and RoPE kernels (fewer launches per layer)
-                made, info = engine(model, p, l, args.cap, elementwise="liger")
+                made, info = run_engine(model, p, l, args.cap, elementwise="liger")
             elif name == "triton":  # the project's fused decode kernels (add + norm, RoPE + cache write, SiLU * up)
-                made, info = engine(model, p, l, args.cap, elementwise="triton")
+                made, info = run_engine(model, p, l, args.cap, elementwise="triton")
             elif name == "modules":  # the model's own norm, RoPE and MLP modules (the default until the kernels)
-                made, info = engine(model, p, l, args.cap, elementwise="model")
+                made, info = run_engine(model, p, l, args.cap, elementwise="model")
             elif name == "split":  # the default (the fused decode kernels) with narrow steps split further
-                made, info = engine(model, p, l, args.cap, split_narrow_steps=True)
+                made, info = run_engine(model, p, l, args.cap, split_narrow_steps=True)
             elif name == "liger-split":  # and narrow steps split further
-                made, info = engine(model, p, l, args.cap, elementwise="liger", split_narrow_steps=True)
+                made, info = run_engine(model, p, l, args.cap, elementwise="liger", split_narrow_steps=True)
             elif name == "after-training":  # the notebook's path: training on a GPU applied Liger's kernels in the
                 # process (the project's apply_liger: module classes and RoPE patched), then the engine runs the model
                 # with those modules. The patch stays in this process: run this configuration last or alone
@@ -273,31 +282,31 @@ def main():
 
                 if not apply_liger(model, make_config("full", model_id=str(model_dir))):
                     raise RuntimeError("Liger's kernels could not be applied (CUDA and liger-kernel needed)")
-                made, info = engine(model, p, l, args.cap)
+                made, info = run_engine(model, p, l, args.cap)
             elif name == "unfused":  # separate q/k/v and gate/up matmuls: the default until 2026-12-03
-                made, info = engine(model, p, l, args.cap, fuse=False)
+                made, info = run_engine(model, p, l, args.cap, fuse=False)
             elif name == "fused-split":  # and lever 1: narrow steps split each slot's cache further
-                made, info = engine(model, p, l, args.cap, fuse=True, split_narrow_steps=True)
+                made, info = run_engine(model, p, l, args.cap, fuse=True, split_narrow_steps=True)
             elif name == "fits-24gb":  # issue #32: a 24 GB card, the slots that 22 GiB in all leave room for
-                made, info = engine(model, p, l, args.cap, memory_gib=22)
+                made, info = run_engine(model, p, l, args.cap, memory_gib=22)
             elif name == "fp8-kv":  # issue #32: the KV cache in float8, about twice the slots
-                made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8")
+                made, info = run_engine(model, p, l, args.cap, kv_cache_dtype="fp8")
             elif name == "fp8-kv-1024":  # and the slots it leaves room for (the 512 cap raised): fewer weight reads
-                made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8", slot_cap=1024)
+                made, info = run_engine(model, p, l, args.cap, kv_cache_dtype="fp8", slot_cap=1024)
             elif name == "overlap":  # each next decode step queued before the host reads this one's tokens
-                made, info = engine(model, p, l, args.cap, overlap_steps=True)
+                made, info = run_engine(model, p, l, args.cap, overlap_steps=True)
             elif name == "overlap-tools":  # and with a tool call per answer (fed text, resumes: dropped queued steps)
-                made, info = engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
+                made, info = run_engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
             elif name == "live-split":  # the attention kernel's splits over each slot's live length
-                made, info = engine(model, p, l, args.cap, live_split=True)
+                made, info = run_engine(model, p, l, args.cap, live_split=True)
             elif name == "fp8-kv-live-split":
-                made, info = engine(model, p, l, args.cap, kv_cache_dtype="fp8", live_split=True)
+                made, info = run_engine(model, p, l, args.cap, kv_cache_dtype="fp8", live_split=True)
             elif name == "sort-sampler":
-                made, info = engine(model, p, l, args.cap, sampler="sort")
+                made, info = run_engine(model, p, l, args.cap, sampler="sort")
             elif name == "slots64":
-                made, info = engine(model, p, l, args.cap, slots=64)
+                made, info = run_engine(model, p, l, args.cap, slots=64)
             elif name == "no-graphs":
-                made, info = engine(model, p, l, args.cap, graphs=False)
+                made, info = run_engine(model, p, l, args.cap, graphs=False)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             run = {"config": name, "requests": n, "generated_tokens": made, "seconds": round(seconds, 1),

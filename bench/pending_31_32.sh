@@ -102,7 +102,9 @@ for stage in "$@"; do
     eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}
       # REQUESTS (default 2000, the workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
-      python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
+      # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run
+      python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" ${ATTN:+--attention-launch "$ATTN"} \
+        --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
     profile|profile-fused|profile-liger|profile-triton|profile-default|profile-fp8)
       # profile: unfused modules; profile-fused: fused, the model's modules; profile-default: the engine's defaults

@@ -335,7 +335,8 @@ class DecodeStep:
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
-                 elementwise: str | None = None, live_split: bool = False, overlap_steps: bool = False):
+                 elementwise: str | None = None, live_split: bool = False, overlap_steps: bool = False,
+                 attention_launch: dict | None = None):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -382,8 +383,11 @@ class Engine:
             if fuse else None
         if fuse and cuda:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
-        if live_split and cuda:  # each slot's own live length in the splits, not the cache's capacity (off: measuring)
+        if live_split and cuda:  # each slot's own live length in the splits, not the cache's capacity (off: measured)
             self.decode_attention = functools.partial(self.decode_attention, live_split=True)
+        if attention_launch and cuda:  # the attention kernel's launch choices (block_n, num_warps, num_stages,
+            # k_transposed: decode_attention_triton), to measure end to end what bench/profile_engine.py's sweep found
+            self.decode_attention = functools.partial(self.decode_attention, **attention_launch)
         self.elementwise = elementwise
         self.decode_kernels_refusal = refusal  # why the fused decode kernels do not apply here (None: they do)
         self.decode_kernels = elementwise == "triton"
