@@ -32,6 +32,7 @@ Configurations:
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower before the fused kernels, stays an option);
   fp8-kv-1024: and up to 1,024 slots (the room it leaves: fewer steps, so fewer reads of the weights);
   live-split, fp8-kv-live-split: the attention kernel's splits cut each slot's live length (Engine(live_split=True));
+  split-live: both split_narrow_steps and live_split (a narrow step's many splits all over live tokens);
 - overlap (issue #32): Engine(overlap_steps=True), each next decode step queued (its inputs made on the GPU) before
   the host reads this step's tokens, so the scheduler's Python runs while the GPU computes; overlap-tools: the same
   with tools-on's forced tool call per answer (compare with tools-on);
@@ -297,6 +298,8 @@ def main():
                 made, info = run_engine(model, p, l, args.cap, overlap_steps=True)
             elif name == "overlap-tools":  # and with a tool call per answer (fed text, resumes: dropped queued steps)
                 made, info = run_engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
+            elif name == "split-live":  # narrow steps split further, each slot's live length cut into the splits
+                made, info = run_engine(model, p, l, args.cap, split_narrow_steps=True, live_split=True)
             elif name == "live-split":  # the attention kernel's splits over each slot's live length
                 made, info = run_engine(model, p, l, args.cap, live_split=True)
             elif name == "fp8-kv-live-split":

@@ -10,6 +10,7 @@ un-graphed step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -88,6 +89,13 @@ def main():
         eng.split_narrow_steps, eng.graphs = True, {}
         for width in (64, 16, 8, 1):
             ms[f"step_greedy_width{width}_split_narrow"] = bench_ms(lambda: eng._step(width))
+        # and each slot's live length cut into those splits (at 1,650 live tokens in a cache of 8,793, capacity
+        # splits leave most of a narrow step's splits without work)
+        capacity_attention, eng.graphs = eng.decode_attention, {}
+        eng.decode_attention = functools.partial(capacity_attention, live_split=True)
+        for width in (64, 16, 8, 1):
+            ms[f"step_greedy_width{width}_split_narrow_live"] = bench_ms(lambda: eng._step(width))
+        eng.decode_attention = capacity_attention
         eng.split_narrow_steps, eng.graphs = False, {}
         ms["step_greedy_width1"] = bench_ms(lambda: eng._step(1))
         q = torch.randn(slots, eng.hq, eng.head_dim, device="cuda", dtype=torch.bfloat16)
