@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -46,8 +47,11 @@ def tie_at(model, model_fp32, ids: list[int], token_a: int, token_b: int) -> dic
     pair = torch.tensor([token_a, token_b], device=low.device)
     gap = float((ref[token_a] - ref[token_b]).abs())
     error = float((low[pair] - ref[pair]).abs().max())
+    # the spacing of bf16 numbers at these logits: a gap of about one is below what bf16 logits can order
+    top = float(ref[pair].abs().max())
+    ulp = float(torch.finfo(torch.bfloat16).eps) * 2.0 ** math.floor(math.log2(top)) if top > 0 else 0.0
     return {"fp32_gap": gap, "low_precision_error": error, "tie": gap <= 2 * error,
-            "fp32_argmax": int(ref.argmax()), "tokens": [token_a, token_b]}
+            "fp32_argmax": int(ref.argmax()), "tokens": [token_a, token_b], "logit": top, "bf16_ulp": ulp}
 
 
 def engine_greedy(engine, prompts: list[list[int]], new_tokens: int, eos: int) -> list[list[int]]:

@@ -98,6 +98,9 @@ def test_a_tie_is_a_gap_within_twice_the_low_precision_error(tiny):
     assert same["tie"] and same["fp32_gap"] == 0 and same["fp32_argmax"] == best
     far = tie_at(bf16, model, prompts[0], best, worst)
     assert not far["tie"] and far["fp32_gap"] > 2 * far["low_precision_error"] > 0
+    # bf16's spacing at the larger logit: 2^-7 of the power of two below it
+    top = max(abs(float(logits[best])), abs(float(logits[worst])))
+    assert far["logit"] == pytest.approx(top) and far["bf16_ulp"] <= top * 2**-7 < 2 * far["bf16_ulp"]
 
 
 def test_the_real_models_prompts_are_the_held_out_questions_in_its_chat_template(tiny):
