@@ -223,7 +223,7 @@ def main():
     parser.add_argument("--configs", default="default,baseline,slots64,no-graphs")
     parser.add_argument("--attention-launch", default=None,
                         help='JSON of the attention kernel\'s launch choices for every configuration, e.g. '
-                             '\'{"block_n": 128, "num_warps": 8, "num_stages": 3, "k_transposed": true}\' '
+                             '\'{"block_n": 128, "num_warps": 8, "num_stages": 3}\' '
                              "(what bench/profile_engine.py's attention_tuning found best)")
     parser.add_argument("--baseline-seconds", type=float, default=None,
                         help="stop the baseline after this long (its throughput is then an upper bound)")

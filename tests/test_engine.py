@@ -170,21 +170,18 @@ def test_triton_decode_kernel_matches_the_reference():
         many = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=16, combine="triton")  # narrow steps
         live = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, combine="triton", live_split=True)
         live8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=3, live_split=True)
-        # the keys loaded as [D, BLOCK_N] (a launch choice the profile sweeps): the same values in the same order
-        kt = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, k_transposed=True, block_n=128)
-        kt8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4, k_transposed=True, block_n=128)
-        same = torch.equal(kt, decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, block_n=128))
-        same8 = torch.equal(kt8, decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4, block_n=128))
+        # other launch choices (the profile sweeps them): blocks of 128 keys, pipeline stages
+        kt = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, block_n=128, num_stages=2)
+        kt8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4, block_n=128, num_warps=8)
         gaps = [(kt8 - ref8), (kt - ref), (live - ref), (live8 - ref8), (many - ref), (one - ref), (out8 - ref8),
                 (out - ref)]
-        print(int(same and same8), *[gap.abs().max().item() for gap in gaps])
+        print(*[gap.abs().max().item() for gap in gaps])
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})  # Triton's CPU interpreter
     assert proc.returncode == 0, proc.stderr[-2000:]
-    same, kt8_gap, kt_gap, live_gap, live8_gap, many_gap, combined_gap, fp8_gap, gap = \
-        map(float, proc.stdout.split()[-9:])
-    assert same == 1 and kt_gap < 1e-4 and kt8_gap < 1e-4
+    kt8_gap, kt_gap, live_gap, live8_gap, many_gap, combined_gap, fp8_gap, gap = map(float, proc.stdout.split()[-8:])
+    assert kt_gap < 1e-4 and kt8_gap < 1e-4
     assert gap < 1e-4 and fp8_gap < 1e-4  # the fp8 cache (issue #32) read by the kernel as by the reference
     assert combined_gap < 1e-4 and many_gap < 1e-4
     assert live_gap < 1e-4 and live8_gap < 1e-4  # each slot's live length split (lengths 1 to 300, 3 or 4 splits)

@@ -108,7 +108,7 @@ def _build_triton_kernel():
     def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr, scale,
                            T, chunk, Hkv: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                            NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr, K_TRANSPOSED: tl.constexpr):
+                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr):
         slot, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + slot)
         if LIVE_SPLIT:  # the slot's own live length in NSPLIT parts (whole blocks), not the cache's capacity
@@ -127,12 +127,7 @@ def _build_triton_kernel():
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             live = n < end
-            # the keys as [D, BLOCK_N] (K_TRANSPOSED: loaded so, the load -> convert -> dot pattern Triton's
-            # pipeliner knows) or loaded as [BLOCK_N, D] and transposed; the same values either way
-            if K_TRANSPOSED:
-                kt = tl.load(k_ptr + base + n[None, :] * D + d[:, None], mask=live[None, :], other=0.0)
-            else:
-                kt = tl.trans(tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0))
+            kt = tl.trans(tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0))
             # an fp8 cache: each key's scale multiplies its score and each value's scale its probability, so the
             # fp8 values enter the dot as they are (fp8 to the query's dtype is exact): no [BLOCK_N, D] rescaling
             if FP8_KV:
@@ -179,14 +174,15 @@ def _build_triton_kernel():
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
                             block_n: int = 64, num_warps: int = 4, combine: str = "torch", live_split: bool = False,
-                            k_transposed: bool = False, num_stages: int | None = None):
+                            num_stages: int | None = None):
     """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions. With
     k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale. The splits are combined
     by PyTorch ops (combine="torch", about eight kernels) or by one Triton kernel (combine="triton"). The cache's
     capacity is cut into `nsplit` parts (a slot of 1,650 live tokens in a cache of 8,793 has one working split of
     four), or with `live_split` each slot's own live length is (measured on an H200: no faster end to end, off).
-    `k_transposed` and `num_stages` (Triton's software pipelining; None: its default) are launch choices that
-    `bench/profile_engine.py` sweeps: the fp8 cache's kernel ran no faster than bf16's on half the bytes."""
+    `num_stages` (Triton's software pipelining; None: its default) is a launch choice `bench/profile_engine.py`
+    sweeps with the block size and warps: the fp8 cache's kernel ran no faster than bf16's on half the bytes
+    (`bench/attention_codegen.py` shows why: it is bound by instructions, not memory)."""
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -201,7 +197,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
                                      k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
                                      BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, FP8_KV=fp8,
-                                     LIVE_SPLIT=live_split, K_TRANSPOSED=k_transposed,
+                                     LIVE_SPLIT=live_split,
                                      num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if combine == "triton":
         out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
@@ -385,8 +381,8 @@ class Engine:
             self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
         if live_split and cuda:  # each slot's own live length in the splits, not the cache's capacity (off: measured)
             self.decode_attention = functools.partial(self.decode_attention, live_split=True)
-        if attention_launch and cuda:  # the attention kernel's launch choices (block_n, num_warps, num_stages,
-            # k_transposed: decode_attention_triton), to measure end to end what bench/profile_engine.py's sweep found
+        if attention_launch and cuda:  # the attention kernel's launch choices (block_n, num_warps, num_stages:
+            # decode_attention_triton), to measure end to end what bench/profile_engine.py's sweep found
             self.decode_attention = functools.partial(self.decode_attention, **attention_launch)
         self.elementwise = elementwise
         self.decode_kernels_refusal = refusal  # why the fused decode kernels do not apply here (None: they do)

@@ -1,0 +1,95 @@
+"""What Triton makes of the decode-attention kernel for an H100/H200 (sm_90), without a GPU (issue #32).
+
+    python bench/attention_codegen.py [--out bench/results/<date>-cpu-attention-codegen.json]
+
+Compiles `split_kv_attention` (llmhelpers.inference.engine) for sm_90 with the argument specialization the JIT
+gives at run time (16-byte-aligned tensors, a chunk divisible by 16) and reports per variant: registers and spills
+(ptxas, through cuobjdump), shared memory, whether the key/value tiles are pipelined (cp.async), and the PTX
+instruction mix: byte-wise shared-memory loads and fp8 conversions. On 2026-12-03 (Triton 3.6, the GPU image's)
+this showed why the fp8 cache's kernel ran no faster than bf16's on half the bytes: it reads the transposed value
+operand byte by byte from shared memory (64 `ld.shared.b8` per thread per tile) and converts each entry twice
+(e4m3 -> f16 -> bf16): about 1.6x the instructions of the bf16 kernel per tile, for half the bytes.
+The Triton installed here may differ from the GPU's: the version is in the output.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from llmhelpers.inference.engine import _build_triton_kernel
+
+    split_kernel, _ = _build_triton_kernel()
+    kv = "*fp8e4nv" if fp8 else "*bf16"
+    signature = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "len_ptr": "*i32", "acc_ptr": "*fp32", "m_ptr": "*fp32",
+                 "l_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "scale": "fp32", "T": "i32", "chunk": "i32",
+                 **{name: "constexpr" for name in ("Hkv", "GROUP", "D", "NSPLIT", "BLOCK_G", "BLOCK_N", "FP8_KV",
+                                                   "LIVE_SPLIT")}}
+    constants = {"Hkv": 2, "GROUP": 6, "D": 128, "NSPLIT": 4, "BLOCK_G": 16, "BLOCK_N": block_n, "FP8_KV": fp8,
+                 "LIVE_SPLIT": False}  # R1-1.5B's heads
+    names = list(signature)
+    # as the JIT specializes at run time: tensors 16-byte aligned, chunk a multiple of 64 (the cache's T is not)
+    aligned = [n for n in names if signature[n].startswith("*")] + ["chunk"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    return triton.compile(ASTSource(fn=split_kernel, signature=signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def describe(kernel) -> dict:
+    import triton
+
+    ptx = kernel.asm["ptx"]
+    ops = collections.Counter(line.split()[0] for line in map(str.strip, ptx.splitlines())
+                              if line and not line.startswith(("//", ".", "{", "}", "$")))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                           text=True).stdout
+    os.unlink(f.name)
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+
+    def count(prefix):
+        return sum(c for op, c in ops.items() if op.startswith(prefix))
+
+    return {"registers": int(regs.group(1)), "spill_stack_bytes": int(regs.group(2)),
+            "shared_bytes": kernel.metadata.shared, "ptx_instructions": sum(ops.values()),
+            "cp_async": count("cp.async"), "ldmatrix": count("ldmatrix"), "ld_shared_b8": count("ld.shared.b8"),
+            "cvt_e4m3x2_to_f16x2": count("cvt.rn.f16x2.e4m3x2"), "cvt_f16_to_bf16": count("cvt.bf16.f16"),
+            "mma": count("mma.sync")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import triton
+
+    results = {"triton": triton.__version__, "target": "cuda sm_90", "variants": {}}
+    for fp8 in (False, True):
+        for block_n, warps, stages in ((64, 4, None), (128, 4, None), (128, 8, 3), (64, 8, None), (32, 4, None),
+                                       (64, 2, None)):
+            name = f"{'fp8' if fp8 else 'bf16'}_n{block_n}_w{warps}_s{stages or 'default'}"
+            results["variants"][name] = describe(compile_variant(fp8, block_n, warps, stages))
+            print(name, json.dumps(results["variants"][name]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
