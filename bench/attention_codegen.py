@@ -8,7 +8,7 @@ gives at run time (16-byte-aligned tensors, a chunk divisible by 16) and reports
 instruction mix: byte-wise shared-memory loads and fp8 conversions. On 2026-12-03 (Triton 3.6, the GPU image's)
 this showed why the fp8 cache's kernel ran no faster than bf16's on half the bytes: it reads the transposed value
 operand byte by byte from shared memory (64 `ld.shared.b8` per thread per tile) and converts each entry twice
-(e4m3 -> f16 -> bf16): about 1.6x the instructions of the bf16 kernel per tile, for half the bytes.
+(e4m3 -> f16 -> bf16): about 1.9x the instructions of the bf16 kernel per tile, for half the bytes.
 The Triton installed here may differ from the GPU's: the version is in the output.
 """
 from __future__ import annotations
@@ -80,7 +80,10 @@ def main():
     args = parser.parse_args()
     import triton
 
-    results = {"triton": triton.__version__, "target": "cuda sm_90", "variants": {}}
+    import time
+
+    results = {"triton": triton.__version__, "target": "cuda sm_90", "date": time.strftime("%Y-%m-%d"),
+               "command": "python " + " ".join(sys.argv), "variants": {}}
     for fp8 in (False, True):
         for block_n, warps, stages in ((64, 4, None), (128, 4, None), (128, 8, 3), (64, 8, None), (32, 4, None),
                                        (64, 2, None)):
