@@ -29,6 +29,7 @@ Configurations:
   after-training: the default engine on the model after the project's `apply_liger` (what the notebook's
   evaluation after training on a GPU runs: Liger's norms, SwiGLU and RoPE patched in; last or alone, the patch
   stays in the process);
+- fits-24gb-fp8: a 24 GB card's memory with the fp8 cache (where memory, not the slot cap, bounds the slots);
 - fp8-kv: the KV cache in float8 (issue #32's lever 3; measured slower before the fused kernels, stays an option);
   fp8-kv-1024: and up to 1,024 slots (the room it leaves: fewer steps, so fewer reads of the weights);
   live-split, fp8-kv-live-split: the attention kernel's splits cut each slot's live length (Engine(live_split=True));
@@ -290,6 +291,8 @@ def main():
                 made, info = run_engine(model, p, l, args.cap, fuse=True, split_narrow_steps=True)
             elif name == "fits-24gb":  # issue #32: a 24 GB card, the slots that 22 GiB in all leave room for
                 made, info = run_engine(model, p, l, args.cap, memory_gib=22)
+            elif name == "fits-24gb-fp8":  # a 24 GB card with the fp8 cache: about twice its slots
+                made, info = run_engine(model, p, l, args.cap, memory_gib=22, kv_cache_dtype="fp8")
             elif name == "fp8-kv":  # issue #32: the KV cache in float8, about twice the slots
                 made, info = run_engine(model, p, l, args.cap, kv_cache_dtype="fp8")
             elif name == "fp8-kv-1024":  # and the slots it leaves room for (the 512 cap raised): fewer weight reads

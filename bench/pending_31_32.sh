@@ -99,8 +99,8 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live)
-      config=${stage#eval-}; config=${config/24gb/fits-24gb}
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live|eval-24gb-fp8)
+      config=${stage#eval-}; config=${config/24gb/fits-24gb}  # eval-24gb-fp8: fits-24gb-fp8
       # REQUESTS (default 2000, the workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run
       python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" ${ATTN:+--attention-launch "$ATTN"} \
