@@ -8,7 +8,12 @@ gives at run time (16-byte-aligned tensors, a chunk divisible by 16) and reports
 instruction mix: byte-wise shared-memory loads and fp8 conversions. On 2026-12-03 (Triton 3.6, the GPU image's)
 this showed why the fp8 cache's kernel ran no faster than bf16's on half the bytes: it reads the transposed value
 operand byte by byte from shared memory (64 `ld.shared.b8` per thread per tile) and converts each entry twice
-(e4m3 -> f16 -> bf16): about 1.9x the instructions of the bf16 kernel per tile, for half the bytes.
+(e4m3 -> f16 -> bf16): its loop over key blocks issues ~5.7x the bf16 kernel's warp instructions per byte read
+(229 against 40 per KiB at 64 keys and 4 warps). At ~1.05e12 warp instructions per second on an H200 that caps it
+near 4.7 TB/s with every issue slot used, ~2 TB/s at a realistic half: what was measured (1.8-2.1 TB/s); bf16's
+cap is far above the memory's.
+(Triton feeds fp8 to Hopper's tensor cores as fp8 only through wgmma, at 64 query rows or more; this kernel's
+query tile has 16, the 6 query heads of a key head padded, so every fp8 entry is converted first.)
 The Triton installed here may differ from the GPU's: the version is in the output.
 """
 from __future__ import annotations
@@ -50,7 +55,20 @@ def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | N
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def describe(kernel) -> dict:
+def loop_body(ptx: str) -> list[str]:
+    """The instructions of the kernel's longest loop (a block of keys per iteration): label to backward branch."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [x for x in lines[labels[m.group(1)]:i + 1] if x and not x.startswith(("//", ".", "{", "}", "$"))]
+            best = max(best, body, key=len)
+    return best
+
+
+def describe(kernel, tile_bytes: int, num_warps: int) -> dict:
     import triton
 
     ptx = kernel.asm["ptx"]
@@ -67,7 +85,14 @@ def describe(kernel) -> dict:
     def count(prefix):
         return sum(c for op, c in ops.items() if op.startswith(prefix))
 
-    return {"registers": int(regs.group(1)), "spill_stack_bytes": int(regs.group(2)),
+    loop = loop_body(ptx)
+    return {"loop_instructions_per_thread": len(loop),
+            # what an SM's schedulers issue (one instruction per warp at a time) per KiB of keys and values read:
+            # an H200's 132 SMs x 4 schedulers x 1.98 GHz issue ~1.05e12 per second
+            "loop_warp_instructions_per_kib": round(len(loop) * num_warps / (tile_bytes / 1024), 1),
+            "loop_ld_shared_b8": sum(x.startswith("ld.shared.b8") for x in loop),
+            "loop_cvt": sum(x.startswith("cvt") for x in loop),
+            "registers": int(regs.group(1)), "spill_stack_bytes": int(regs.group(2)),
             "shared_bytes": kernel.metadata.shared, "ptx_instructions": sum(ops.values()),
             "cp_async": count("cp.async"), "ldmatrix": count("ldmatrix"), "ld_shared_b8": count("ld.shared.b8"),
             "cvt_e4m3x2_to_f16x2": count("cvt.rn.f16x2.e4m3x2"), "cvt_f16_to_bf16": count("cvt.bf16.f16"),
@@ -88,7 +113,8 @@ def main():
         for block_n, warps, stages in ((64, 4, None), (128, 4, None), (128, 8, 3), (64, 8, None), (32, 4, None),
                                        (64, 2, None)):
             name = f"{'fp8' if fp8 else 'bf16'}_n{block_n}_w{warps}_s{stages or 'default'}"
-            results["variants"][name] = describe(compile_variant(fp8, block_n, warps, stages))
+            tile_bytes = 2 * block_n * 128 * (1 if fp8 else 2)  # one block's keys and values
+            results["variants"][name] = describe(compile_variant(fp8, block_n, warps, stages), tile_bytes, warps)
             print(name, json.dumps(results["variants"][name]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
