@@ -114,6 +114,11 @@ def check_device_support(cfg) -> None:
         if cfg.sft.bf16 and not torch.cuda.is_bf16_supported():
             raise ValueError("SFTConfig bf16=True but this GPU has no bf16: set bf16=False (SFTConfig) and "
                              "bnb_4bit_compute_dtype=torch.float16 (BitsAndBytesConfig)")
+        if cfg.eval_kv_cache_dtype == "fp8":  # found now, not after training when the evaluation starts
+            from llmhelpers.inference.kv_fp8 import fp8_cache_refusal
+
+            if refusal := fp8_cache_refusal(torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0)):
+                raise ValueError(refusal)
         return
     problems = []
     optim = getattr(cfg.sft.optim, "value", cfg.sft.optim)

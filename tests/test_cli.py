@@ -241,3 +241,26 @@ def test_the_smoke_model_is_built_under_output_dir_not_the_working_directory(tmp
     cfg = make_config("smoke", output_dir=str(tmp_path / "out"))
     assert Path(model_path(cfg)) == tmp_path / "out" / "tiny-r1"
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+@pytest.mark.parametrize("capability, refused", [((8, 6), True), ((8, 0), True), ((8, 9), False), ((9, 0), False)])
+def test_an_fp8_cache_on_a_gpu_without_e4m3_is_refused_before_training(monkeypatch, capability, refused):
+    """eval_kv_cache_dtype='fp8' on an A10 / RTX 3090 (8.6) or A100 (8.0): Triton cannot compile e4m3 there, so the
+    evaluation's kernels would fail at their first step, after training; the preflight says so before anything
+    loads. Ada and Hopper (8.9, 9.0) pass, and 'auto' passes everywhere."""
+    import torch
+
+    from llmhelpers.config.profiles import make_config
+    from llmhelpers.environment import check_device_support
+
+    default, cfg = make_config("full"), make_config("full", eval_kv_cache_dtype="fp8")  # before CUDA is faked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A10")
+    check_device_support(default)  # the default cache: nothing to refuse
+    if refused:
+        with pytest.raises(ValueError, match=r"compute capability 8.9 or newer.*NVIDIA A10 is 8\.\d.*'auto'"):
+            check_device_support(cfg)
+    else:
+        check_device_support(cfg)

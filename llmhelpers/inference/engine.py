@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmhelpers.inference.kv_fp8 import FP8, dequantize_fp8, quantize_fp8
+from llmhelpers.inference.kv_fp8 import FP8, dequantize_fp8, fp8_cache_refusal, quantize_fp8
 from llmhelpers.inference.sampling import SamplingParams, draw_seed, sample_top_p_sorted, sample_top_p_triton
 from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
 
@@ -398,6 +398,9 @@ class Engine:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
         self.fp8 = kv_cache_dtype == "fp8"
+        if self.fp8 and cuda and (refusal := fp8_cache_refusal(torch.cuda.get_device_capability(self.device),
+                                                              torch.cuda.get_device_name(self.device))):
+            raise ValueError(refusal)
         # what one decode step must read from memory (the bandwidth bound, issue #32): each weight once (the
         # embedding table only where it is also the LM head: otherwise a step reads one row per slot), and the live KV
         embed = model.model.embed_tokens.weight
