@@ -13,7 +13,9 @@ operand byte by byte from shared memory (64 `ld.shared.b8` per thread per tile) 
 near 4.7 TB/s with every issue slot used, ~2 TB/s at a realistic half: what was measured (1.8-2.1 TB/s); bf16's
 cap is far above the memory's.
 (Triton feeds fp8 to Hopper's tensor cores as fp8 only through wgmma, at 64 query rows or more; this kernel's
-query tile has 16, the 6 query heads of a key head padded, so every fp8 entry is converted first.)
+query tile has 16, the 6 query heads of a key head padded, so every fp8 entry is converted first.) It also
+compiles a design study, never run: the keys as the 64-row operand with the query and probabilities in e4m3
+(Hopper's fp8 wgmma): ~112 warp instructions per KiB at 128 keys, between the two; its accuracy is untested.
 The Triton installed here may differ from the GPU's: the version is in the output.
 """
 from __future__ import annotations
@@ -55,6 +57,71 @@ def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | N
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def e4m3_design():
+    """A design study, compiled here and never run by the engine: fp8 attention with the keys as the MMA's 64-row
+    operand (S^T = K Q^T, O^T = V^T P^T) and the query and probabilities quantized to e4m3 too, so Triton can
+    use Hopper's fp8 wgmma (it needs 64+ rows; the engine's kernel has 16 query rows). Its accuracy is the open
+    question (FlashAttention-3's recipe); its instruction count is what this script measures."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def keys_as_rows_e4m3(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, ks_ptr, vs_ptr, scale, T, chunk, D: tl.constexpr,
+                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+        slot, split = tl.program_id(0), tl.program_id(1)
+        length = tl.load(len_ptr + slot)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (slot * GROUP + g[:, None]) * D + d[None, :], mask=g[:, None] < GROUP,
+                    other=0.0).to(tl.float32)
+        q_amax = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)
+        q8 = (q * (448.0 / q_amax)[:, None]).to(tl.float8e4nv)
+        q_scale = q_amax / 448.0 * scale
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([D, BLOCK_G], tl.float32)
+        base = slot * T * D
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            live = n < end
+            k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            k_s = tl.load(ks_ptr + slot * T + n, mask=live, other=0.0)
+            s = tl.dot(k, tl.trans(q8)) * (k_s[:, None] * q_scale[None, :])  # [BLOCK_N, BLOCK_G]
+            s = tl.where(live[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[None, :])
+            v_s = tl.load(vs_ptr + slot * T + n, mask=live, other=0.0)
+            w = p * v_s[:, None]
+            w_max = tl.maximum(tl.max(w, axis=0), 1e-30)
+            w8 = (w * (448.0 / w_max)[None, :]).to(tl.float8e4nv)
+            vt = tl.trans(tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0))
+            acc = acc * alpha[None, :] + tl.dot(vt, w8) * (w_max / 448.0)[None, :]  # [D, BLOCK_G]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        tl.store(acc_ptr + (slot * BLOCK_G + g[None, :]) * D + d[:, None], acc / l_i[None, :])
+
+    return keys_as_rows_e4m3
+
+
+def compile_design(block_n: int, num_warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "len_ptr": "*i32", "acc_ptr": "*fp32",
+                 "ks_ptr": "*fp32", "vs_ptr": "*fp32", "scale": "fp32", "T": "i32", "chunk": "i32",
+                 **{name: "constexpr" for name in ("D", "GROUP", "BLOCK_G", "BLOCK_N")}}
+    names = list(signature)
+    aligned = [n for n in names if signature[n].startswith("*")] + ["chunk"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(fn=e4m3_design(), signature=signature, attrs=attrs,
+                                    constexprs={"D": 128, "GROUP": 6, "BLOCK_G": 16, "BLOCK_N": block_n}),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
 def loop_body(ptx: str) -> list[str]:
     """The instructions of the kernel's longest loop (a block of keys per iteration): label to backward branch."""
     lines = [line.strip() for line in ptx.splitlines()]
@@ -91,12 +158,13 @@ def describe(kernel, tile_bytes: int, num_warps: int) -> dict:
             # an H200's 132 SMs x 4 schedulers x 1.98 GHz issue ~1.05e12 per second
             "loop_warp_instructions_per_kib": round(len(loop) * num_warps / (tile_bytes / 1024), 1),
             "loop_ld_shared_b8": sum(x.startswith("ld.shared.b8") for x in loop),
+            "loop_st_shared_b8": sum(x.startswith("st.shared.b8") for x in loop),
             "loop_cvt": sum(x.startswith("cvt") for x in loop),
             "registers": int(regs.group(1)), "spill_stack_bytes": int(regs.group(2)),
             "shared_bytes": kernel.metadata.shared, "ptx_instructions": sum(ops.values()),
             "cp_async": count("cp.async"), "ldmatrix": count("ldmatrix"), "ld_shared_b8": count("ld.shared.b8"),
             "cvt_e4m3x2_to_f16x2": count("cvt.rn.f16x2.e4m3x2"), "cvt_f16_to_bf16": count("cvt.bf16.f16"),
-            "mma": count("mma.sync")}
+            "mma": count("mma.sync"), "wgmma": count("wgmma.mma_async")}
 
 
 def main():
@@ -116,6 +184,11 @@ def main():
             tile_bytes = 2 * block_n * 128 * (1 if fp8 else 2)  # one block's keys and values
             results["variants"][name] = describe(compile_variant(fp8, block_n, warps, stages), tile_bytes, warps)
             print(name, json.dumps(results["variants"][name]), flush=True)
+    results["design_keys_as_rows_e4m3"] = {}
+    for block_n, warps in ((64, 4), (128, 4)):
+        name = f"fp8_e4m3_inputs_n{block_n}_w{warps}"
+        results["design_keys_as_rows_e4m3"][name] = describe(compile_design(block_n, warps), 2 * block_n * 128, warps)
+        print("design", name, json.dumps(results["design_keys_as_rows_e4m3"][name]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
