@@ -106,6 +106,17 @@ def preflight(cfg) -> None:
     check_output_dir(cfg)
 
 
+def fp8_cache_refusal(capability: tuple[int, int], gpu: str = "this GPU") -> str | None:
+    """Why a CUDA GPU of this compute capability cannot hold the fp8 cache, or None when it can: the engine's Triton
+    kernels (attention, the fused RoPE and cache write) need float8 e4m3, which Triton compiles for 8.9 and newer
+    (Ada, Hopper, Blackwell) only; on an A100, A10 or RTX 3090 (8.0, 8.6) they would fail at the first decode step."""
+    if tuple(capability) >= (8, 9):
+        return None
+    return (f"eval_kv_cache_dtype='fp8' needs float8 e4m3 on the GPU (compute capability 8.9 or newer: Ada, Hopper); "
+            f"{gpu} is {capability[0]}.{capability[1]}, where Triton cannot compile e4m3: "
+            "set eval_kv_cache_dtype='auto'")
+
+
 def check_device_support(cfg) -> None:
     """Fail early, naming the keys, when the config asks for what only a CUDA GPU can do."""
     import torch
@@ -115,8 +126,6 @@ def check_device_support(cfg) -> None:
             raise ValueError("SFTConfig bf16=True but this GPU has no bf16: set bf16=False (SFTConfig) and "
                              "bnb_4bit_compute_dtype=torch.float16 (BitsAndBytesConfig)")
         if cfg.eval_kv_cache_dtype == "fp8":  # found now, not after training when the evaluation starts
-            from llmhelpers.inference.kv_fp8 import fp8_cache_refusal
-
             if refusal := fp8_cache_refusal(torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0)):
                 raise ValueError(refusal)
         return

@@ -43,7 +43,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmhelpers.inference.kv_fp8 import FP8, dequantize_fp8, fp8_cache_refusal, quantize_fp8
+from llmhelpers.environment import fp8_cache_refusal
+from llmhelpers.inference.kv_fp8 import FP8, dequantize_fp8, quantize_fp8
 from llmhelpers.inference.sampling import SamplingParams, draw_seed, sample_top_p_sorted, sample_top_p_triton
 from llmhelpers.inference.scheduler import Request, Scheduler, next_pow2
 

@@ -17,13 +17,3 @@ def quantize_fp8(x):
 def dequantize_fp8(values, scale, dtype):
     return (values.float() * scale[..., None]).to(dtype)
 
-
-def fp8_cache_refusal(capability: tuple[int, int], gpu: str = "this GPU") -> str | None:
-    """Why a CUDA GPU of this compute capability cannot hold the fp8 cache, or None when it can: the engine's Triton
-    kernels (attention, the fused RoPE and cache write) need float8 e4m3, which Triton compiles for 8.9 and newer
-    (Ada, Hopper, Blackwell) only; on an A100, A10 or RTX 3090 (8.0, 8.6) they would fail at the first decode step."""
-    if tuple(capability) >= (8, 9):
-        return None
-    return (f"eval_kv_cache_dtype='fp8' needs float8 e4m3 on the GPU (compute capability 8.9 or newer: Ada, Hopper); "
-            f"{gpu} is {capability[0]}.{capability[1]}, where Triton cannot compile e4m3: "
-            "set eval_kv_cache_dtype='auto'")
