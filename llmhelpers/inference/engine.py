@@ -312,6 +312,7 @@ class DecodeStep:
     indices: list[int] | None = None
 
     known: dict[int, int] | None = None  # a queued step's inputs set from the host (appended text being fed)
+    cache_writes: int = 0  # the engine's count of prefills and moves when the step was queued
 
     def follow(self, previous: DecodeStep, sampled: list[int], max_len: int) -> None:
         """A step queued after `previous`: its inputs were `previous`'s sampled tokens (or the known ones) at the
@@ -423,7 +424,8 @@ class Engine:
         # overlap_steps (issue #32; off until measured): the next decode step is queued, its inputs made on the GPU
         # (each slot's sampled token at the next position), before this step's tokens reach the host; the scheduler's
         # work then runs while the GPU computes, and the queued step counts only where its inputs are the ones the
-        # scheduler chose for every decoding slot (otherwise it is dropped and the step runs again). Identical tokens
+        # scheduler chose for every decoding slot and no prefill or move wrote a cache since it was queued (otherwise
+        # it is dropped and the step runs again). Identical tokens
         # either way: each draw is keyed by (request, position), each slot's row computed alone
         self.overlap_steps = overlap_steps
         pinned = cuda  # host buffers the GPU copies into (and from) without waiting for the stream
@@ -431,6 +433,9 @@ class Engine:
         self._out = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._known = [torch.zeros(2 * slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._launches = self._queued = 0
+        # prefills and moves write caches from the host's side: a step queued before one of them read the old cache
+        # (a resumed slot's inputs may equal what the queued step guessed while its prefilled text is not in there)
+        self._host_cache_writes = 0
         self.sampling = SamplingParams()
         # read inside the decode graphs: new values need no new capture (SamplingParams.greedy does: argmax)
         self.temperature = torch.ones((), dtype=torch.float32, device=self.device)
@@ -579,6 +584,7 @@ class Engine:
         self.graphs[key].replay()
 
     def _move(self, src: int, dst: int, length: int):
+        self._host_cache_writes += 1
         for cache in (*self.k_cache, *self.v_cache, *self.k_scale, *self.v_scale):
             if cache is not None:
                 cache[dst, :, :length] = cache[src, :, :length]
@@ -654,6 +660,7 @@ class Engine:
         A prompt that several items of one prefill share (the R1 protocol's answers per problem, a GRPO group) is
         computed once: the others get its keys and values (`_move`) and draw their own first token from its logits."""
         t0 = time.perf_counter()
+        self._host_cache_writes += 1
         # the draw after an item's last id is keyed by that position, as a resume fed through decode steps would be
         key_of = {id(item): (index, item[2] + len(item[1]) - 1) for item, index in zip(items, indices)}
         unique, copies, first = [], {}, {}  # copies: index in unique -> the items that share its prompt
@@ -703,7 +710,7 @@ class Engine:
             slots, tokens = staged.to(self.device, non_blocking=True).view(2, -1)
             self.tokens.index_copy_(0, slots, tokens)
         self.positions[:step.width].add_(1).clamp_(max=self.max_len - 1)
-        following.known = known
+        following.known, following.cache_writes = known, self._host_cache_writes
         return self._finish_launch(following, None, None, step.indices)
 
     def _begin(self, width: int) -> DecodeStep:
@@ -770,10 +777,8 @@ class Engine:
         self._prefill_due(scheduler, force=True)
         queued = None  # overlap_steps: the step queued after the last one, its inputs made on the GPU
         while scheduler.running:
-            moved = False
             for src, dst, length in scheduler.compact():
                 self._move(src, dst, length)
-                moved = True
             decoding = scheduler.schedule_decode()
             if decoding is None:  # every live sequence waits: for a prefill (run it now) or for its appended text
                 self._drop(queued)
@@ -782,7 +787,8 @@ class Engine:
                 self._prefill_due(scheduler, force=True)
                 continue
             width, tokens, positions, indices = scheduler.width, scheduler.tokens, scheduler.positions, scheduler.indices
-            if queued is not None and not moved and queued.matches(width, tokens, positions, indices, decoding):
+            if queued is not None and queued.cache_writes == self._host_cache_writes \
+                    and queued.matches(width, tokens, positions, indices, decoding):
                 step = queued
                 self.stats["overlap_used_steps"] += 1
             else:
