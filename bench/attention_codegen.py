@@ -33,11 +33,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None):
+def compile_for_sm90(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int | None = None):
+    """`kernel` compiled for sm_90 as the JIT specializes it at run time: tensors 16-byte aligned, chunk a multiple
+    of 64 (the cache's T is not)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    names = list(signature)
+    aligned = [n for n in names if signature[n].startswith("*")] + ["chunk"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None):
     from llmhelpers.inference.engine import _build_triton_kernel
 
     split_kernel, _ = _build_triton_kernel()
@@ -48,13 +59,7 @@ def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | N
                                                    "LIVE_SPLIT")}}
     constants = {"Hkv": 2, "GROUP": 6, "D": 128, "NSPLIT": 4, "BLOCK_G": 16, "BLOCK_N": block_n, "FP8_KV": fp8,
                  "LIVE_SPLIT": False}  # R1-1.5B's heads
-    names = list(signature)
-    # as the JIT specializes at run time: tensors 16-byte aligned, chunk a multiple of 64 (the cache's T is not)
-    aligned = [n for n in names if signature[n].startswith("*")] + ["chunk"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
-    return triton.compile(ASTSource(fn=split_kernel, signature=signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_for_sm90(split_kernel, signature, constants, num_warps, num_stages)
 
 
 def e4m3_design():
@@ -107,19 +112,11 @@ def e4m3_design():
 
 
 def compile_design(block_n: int, num_warps: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     signature = {"q_ptr": "*bf16", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "len_ptr": "*i32", "acc_ptr": "*fp32",
                  "ks_ptr": "*fp32", "vs_ptr": "*fp32", "scale": "fp32", "T": "i32", "chunk": "i32",
                  **{name: "constexpr" for name in ("D", "GROUP", "BLOCK_G", "BLOCK_N")}}
-    names = list(signature)
-    aligned = [n for n in names if signature[n].startswith("*")] + ["chunk"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(ASTSource(fn=e4m3_design(), signature=signature, attrs=attrs,
-                                    constexprs={"D": 128, "GROUP": 6, "BLOCK_G": 16, "BLOCK_N": block_n}),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compile_for_sm90(e4m3_design(), signature, {"D": 128, "GROUP": 6, "BLOCK_G": 16, "BLOCK_N": block_n},
+                            num_warps)
 
 
 def loop_body(ptx: str) -> list[str]:

@@ -310,7 +310,6 @@ class DecodeStep:
     tokens: list[int] | None = None
     positions: list[int] | None = None
     indices: list[int] | None = None
-
     known: dict[int, int] | None = None  # a queued step's inputs set from the host (appended text being fed)
     cache_writes: int = 0  # the engine's count of prefills and moves when the step was queued
 
@@ -323,9 +322,10 @@ class DecodeStep:
         self.positions = [min(p + 1, max_len - 1) for p in previous.positions]
 
     def matches(self, width: int, tokens: list[int], positions: list[int], indices: list[int],
-                decoding: list[int]) -> bool:
-        """Whether these were the scheduler's inputs for every slot whose token counts (others' rows are ignored)."""
-        return width == self.width and all(
+                decoding: list[int], cache_writes: int) -> bool:
+        """Whether these were the scheduler's inputs for every slot whose token counts (others' rows are ignored)
+        and no prefill or move has written a cache since this step was queued."""
+        return width == self.width and cache_writes == self.cache_writes and all(
             tokens[s] == self.tokens[s] and positions[s] == self.positions[s] and indices[s] == self.indices[s]
             for s in decoding)
 
@@ -425,8 +425,8 @@ class Engine:
         # (each slot's sampled token at the next position), before this step's tokens reach the host; the scheduler's
         # work then runs while the GPU computes, and the queued step counts only where its inputs are the ones the
         # scheduler chose for every decoding slot and no prefill or move wrote a cache since it was queued (otherwise
-        # it is dropped and the step runs again). Identical tokens
-        # either way: each draw is keyed by (request, position), each slot's row computed alone
+        # it is dropped and the step runs again). Identical tokens either way: each draw is keyed by (request,
+        # position), each slot's row computed alone
         self.overlap_steps = overlap_steps
         pinned = cuda  # host buffers the GPU copies into (and from) without waiting for the stream
         self._staging = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
@@ -787,8 +787,8 @@ class Engine:
                 self._prefill_due(scheduler, force=True)
                 continue
             width, tokens, positions, indices = scheduler.width, scheduler.tokens, scheduler.positions, scheduler.indices
-            if queued is not None and queued.cache_writes == self._host_cache_writes \
-                    and queued.matches(width, tokens, positions, indices, decoding):
+            if queued is not None and queued.matches(width, tokens, positions, indices, decoding,
+                                                     self._host_cache_writes):
                 step = queued
                 self.stats["overlap_used_steps"] += 1
             else:
