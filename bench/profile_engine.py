@@ -41,7 +41,7 @@ def main():
 
     from llmhelpers.config.profiles import make_config
     from llmhelpers.inference.engine import Engine, auto_slots, decode_attention_triton
-    from llmhelpers.inference.sampling import SamplingParams
+    from llmhelpers.inference.sampling import SamplingParams, sample_top_p_triton
     from llmhelpers.model.loading import load_base_model
 
     p = argparse.ArgumentParser()
@@ -77,6 +77,32 @@ def main():
             logits = torch.randn(slots, model.config.vocab_size, device="cuda", dtype=torch.bfloat16) * 2
             seeds = torch.arange(slots, device="cuda")
             ms[f"sampler_{name}"] = bench_ms(lambda: eng._sample(logits, seeds))
+        # the Triton sampler's launch choices on a full step's rows and on a narrow step's (the tail samples too)
+        for rows in (slots, 8):
+            for block in (1024, 2048, 4096):
+                for warps in (4, 8, 16):
+                    ms[f"sampler_triton_rows{rows}_b{block}_w{warps}"] = bench_ms(
+                        lambda: sample_top_p_triton(logits[:rows], eng.temperature, eng.top_p, seeds[:rows],
+                                                    block=block, num_warps=warps))
+        eng.sampler, eng.graphs = "triton", {}
+        for width in (64, 8):
+            ms[f"step_sampled_width{width}"] = bench_ms(lambda: eng._step(width))
+        # prefill (issue #32: 17.5 s of the 2,000 answers' 186 s on 2026-12-03): a full engine's worth of the
+        # workload's prompts (100-600 tokens), whole prompts through causal attention (the default) and through
+        # the cache with a mask (the path before)
+        rng = torch.Generator().manual_seed(0)
+        items = [(slot, torch.randint(1000, 150000, (int(torch.randint(100, 601, (), generator=rng)),),
+                                      generator=rng).tolist(), 0) for slot in range(slots)]
+        for causal in (True, False):
+            eng.causal_prefill = causal
+            eng.prefill(items, list(range(slots)))  # warm-up (kernels chosen, memory pooled)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(2):
+                eng.prefill(items, list(range(slots)))
+            ms[f"prefill_{slots}_prompts_{'causal' if causal else 'masked'}"] = (time.perf_counter() - t0) / 2 * 1e3
+        eng.causal_prefill = True
+        res["prefill_prompt_tokens"] = sum(len(ids) for _, ids, _ in items)
         eng.set_sampling(SamplingParams(temperature=0.0))
         eng.graphs = {}
         ms["step_greedy"] = bench_ms(lambda: eng._step(slots))

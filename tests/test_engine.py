@@ -678,3 +678,32 @@ def test_overlapped_steps_give_the_same_answers_in_random_runs(tiny, seed):
     overlapped, stats = answers(True, seed + 100)
     assert overlapped == plain
     assert stats["overlap_used_steps"] > 0
+
+
+def test_whole_prompts_prefill_causally_the_same_as_through_the_cache(tiny, monkeypatch):
+    """Prompts of different lengths in one pass, right-padded: causal attention over the pass's own keys gives the
+    caches (every layer, so every layer's attention output) and the first tokens that attending through the cache
+    with a mask gives; appended text (start > 0) never takes the causal path."""
+    model, tok, prompts = tiny
+    items = [(slot, ids, 0) for slot, ids in enumerate(prompts[:3])]
+    assert len({len(ids) for _, ids, _ in items}) > 1  # padding inside the pass
+    caches, tokens = [], []
+    for causal in (True, False):
+        engine = Engine(model, slots=3, max_len=max(map(len, prompts)) + 8, causal_prefill=causal)
+        engine.set_sampling(GREEDY)
+        tokens.append(engine.prefill(items, [0, 1, 2]))
+        caches.append([c.clone() for c in (*engine.k_cache, *engine.v_cache)])
+    assert [t for _, t in tokens[0]] == [t for _, t in tokens[1]]
+    for slot, ids, _ in items:
+        for a, b in zip(*caches):
+            torch.testing.assert_close(a[slot, :, :len(ids)], b[slot, :, :len(ids)], rtol=1e-5, atol=1e-5)
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(k.get("is_causal", False)) or real_sdpa(*a, **k))
+    engine = Engine(model, slots=3, max_len=max(map(len, prompts)) + 8)
+    engine.set_sampling(GREEDY)
+    engine.prefill(items[:2] + [(2, prompts[2][:4], 0)], [0, 1, 2])
+    engine.prefill([(2, prompts[2][4:], 4), (0, [5, 6], len(prompts[0]))], [2, 0])  # appended text: the cache path
+    layers = len(engine.k_cache)
+    assert sdpa_calls == [True] * layers + [False] * layers

@@ -334,7 +334,7 @@ class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
                  elementwise: str | None = None, live_split: bool = False, overlap_steps: bool = False,
-                 attention_launch: dict | None = None):
+                 attention_launch: dict | None = None, causal_prefill: bool = True):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -387,6 +387,9 @@ class Engine:
             # decode_attention_triton), to measure end to end what bench/profile_engine.py's sweep found
             self.decode_attention = functools.partial(self.decode_attention, **attention_launch)
         self.elementwise = elementwise
+        # causal_prefill: whole prompts attend through causal SDPA over their own pass (see _extend); False: through
+        # the cache with a mask, as appended text always does (the path before; kept to measure against)
+        self.causal_prefill = causal_prefill
         self.decode_kernels_refusal = refusal  # why the fused decode kernels do not apply here (None: they do)
         self.decode_kernels = elementwise == "triton"
         if self.decode_kernels and refusal:
@@ -447,7 +450,12 @@ class Engine:
         self.run_seed = torch.zeros((), dtype=torch.long, device=self.device)
         self.request_index = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, object] = {}  # (width, greedy, sampler) -> the captured decode step
-        self.stats: dict[str, float] = {}  # of the last run: steps, prefills and where the time went
+        self._reset_stats()  # of the last run: steps, prefills and where the time went
+
+    def _reset_stats(self) -> None:
+        self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
+                      "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
+                      "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0}
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
     def _layers(self, hidden, slot_idx, positions, attend):
@@ -612,9 +620,20 @@ class Engine:
         # discarded, and a row with nothing to attend would give NaN)
         mask = (torch.arange(end, device=self.device)[None, None, :] <= pos_t[:, :, None]) | ~valid[:, :, None]
 
+        # whole prompts in a cache of the model's dtype: what the cache holds after the write is exactly this pass's
+        # keys and values, and a token sees its own prompt's earlier tokens only, so plain causal attention over the
+        # pass's own (right-padded) rows is the same attention, with no mask and no read back (FlashAttention's path)
+        causal = self.causal_prefill and not self.fp8 and all(start == 0 for _, _, start in items)
+
         def attend(i, q, k, v, slot_idx, positions):
-            # written first and read back: the prompt attends to what later steps will read (fp8 included)
             self._write_kv(i, cache_slot, cache_pos, k.transpose(1, 2)[rows, cols], v.transpose(1, 2)[rows, cols])
+            if causal:
+                group = self.hq // self.hkv  # keys and values per query head: every SDPA backend takes them so
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=self.scale)
+                return out.transpose(1, 2).reshape(n, width, -1)
+            # appended text (or an fp8 cache): written first and read back, the text attends to what later steps
+            # will read (the slot's earlier tokens; fp8's rounded values)
             keys, values = self._read_kv(i, slots, end, q.dtype)
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
                                                                    scale=self.scale, enable_gqa=True)
@@ -633,16 +652,18 @@ class Engine:
 
     def _extend_batches(self, items, draws):
         """_extend over groups of similar length, each small enough that its attention scores (if the attention
-        backend materialises them) stay under 1 GiB: (item, its draws) per item."""
+        backend materialises them) stay under 1 GiB: (item, its draws) per item. Whole prompts and appended text go
+        in groups of their own (a group of whole prompts takes _extend's causal path)."""
         budget = 2**30 // (4 * self.hq)
         out, group, width, end = [], [], 0, 0
 
         def run(group):
             return list(zip([item for item, _ in group], self._extend([i for i, _ in group], [d for _, d in group])))
 
-        for item, count in sorted(zip(items, draws), key=lambda it: len(it[0][1])):
+        for item, count in sorted(zip(items, draws), key=lambda it: (it[0][2] > 0, len(it[0][1]))):
             _, ids, start = item
-            if group and (len(group) + 1) * max(width, len(ids)) * max(end, start + len(ids)) > budget:
+            if group and ((len(group) + 1) * max(width, len(ids)) * max(end, start + len(ids)) > budget
+                          or (start > 0) != (group[-1][0][2] > 0)):
                 out += run(group)
                 group, width, end = [], 0, 0
             group.append((item, count))
@@ -770,9 +791,7 @@ class Engine:
         `on_pause(request, tokens)` returns the ids to append, or a concurrent.futures.Future of them: the slot
         waits (its cache kept) while the others decode, and resumes once the future is done."""
         self.set_sampling(sampling)
-        self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
-                      "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
-                      "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0}
+        self._reset_stats()
         scheduler = Scheduler(requests, self.slots, self.max_len, eos, on_token, on_pause, on_finish, self.feed_max)
         self._prefill_due(scheduler, force=True)
         queued = None  # overlap_steps: the step queued after the last one, its inputs made on the GPU
