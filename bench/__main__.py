@@ -35,6 +35,7 @@ MEASUREMENTS = {
     "grpo": ("grpo_real_weights.py", "GRPO after SFT on SmolLM2-135M: held-out-template accuracy before and after"),
     "profile-train": ("profile_train.py", "where a training step spends its time"),
     "profile-engine": ("profile_engine.py", "where a decode step spends its time"),
+    "sandbox-spawn": ("sandbox_spawn.py", "how long starting a code sandbox stalls the process that starts it (CPU)"),
 }
 CHECKS = {
     "packing": ("packing_check.py", "padding-free training is exact"),

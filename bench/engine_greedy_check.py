@@ -134,9 +134,11 @@ def main():
     parser.add_argument("--reference", default="generate", choices=("generate", "engine", "same-engine"),
                         help="engine: against the engine with the model's modules (elementwise='model'), the same "
                              "fused matmuls and attention: isolates --elementwise's kernels; same-engine: against "
-                             "the same engine's settings without --overlap-steps (expect identical tokens)")
-    parser.add_argument("--overlap-steps", action="store_true",
-                        help="the engine under test queues each next decode step ahead (Engine(overlap_steps=True))")
+                             "the same engine's settings with overlapped steps the other way (expect identical "
+                             "tokens)")
+    parser.add_argument("--overlap-steps", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine under test queues each next decode step ahead or not (Engine(overlap_steps="
+                             "...); default: the engine's, on a GPU)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                         help="the engine's KV cache (fp8: how often its rounding changes a greedy token)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -166,12 +168,13 @@ def main():
         # the same matmuls (fused or not) and cache: only the elementwise path (engine) or the overlap differs
         reference_engine = Engine(model, slots=len(prompts), max_len=engine.max_len,
                                   elementwise="model" if args.reference == "engine" else engine.elementwise,
-                                  fuse=engine.fused is not None, kv_cache_dtype=args.kv_cache_dtype)
+                                  fuse=engine.fused is not None, kv_cache_dtype=args.kv_cache_dtype,
+                                  overlap_steps=not engine.overlap_steps if args.reference == "same-engine" else False)
     rows = compare(model, model_fp32, engine, prompts, args.new_tokens, eos, reference_engine)
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,
                "elementwise": engine.elementwise, "reference": args.reference, "kv_cache_dtype": args.kv_cache_dtype,
-               "overlap_steps": args.overlap_steps, "overlap_used_steps": engine.stats["overlap_used_steps"],
+               "overlap_steps": engine.overlap_steps, "overlap_used_steps": engine.stats["overlap_used_steps"],
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
                "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows),

@@ -36,7 +36,9 @@ Configurations:
   split-live: both split_narrow_steps and live_split (a narrow step's many splits all over live tokens);
 - overlap (issue #32): Engine(overlap_steps=True), each next decode step queued (its inputs made on the GPU) before
   the host reads this step's tokens, so the scheduler's Python runs while the GPU computes; overlap-tools: the same
-  with tools-on's forced tool call per answer (compare with tools-on);
+  with tools-on's forced tool call per answer. The engine's default on a GPU since 2026-12-03's seventh session, so
+  `default` and `tools-on` are these too; no-overlap, no-overlap-tools: each step waits for the host (the default
+  before);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -149,7 +151,7 @@ TOOL_BLOCK = ("I will check this with Python.\n\n```python\nfrom sympy import sy
 def forced_tools(tokenizer, lengths_by_request):
     """A ToolRunner that pauses each answer once, halfway through its drawn length (a random-weight model writes no
     code), and runs TOOL_BLOCK in that answer's sandbox: the real pause, execution, append and resume path."""
-    from llmhelpers.inference.engine import PAUSE
+    from llmhelpers.inference.scheduler import PAUSE
     from llmhelpers.inference.tool_use import ToolRunner
 
     class Forced(ToolRunner):
@@ -165,7 +167,7 @@ def forced_tools(tokenizer, lengths_by_request):
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
            kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
-           live_split=False, slot_cap=512, overlap_steps=False, attention_launch=None):
+           live_split=False, slot_cap=512, overlap_steps=None, attention_launch=None):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -301,6 +303,10 @@ def main():
                 made, info = run_engine(model, p, l, args.cap, overlap_steps=True)
             elif name == "overlap-tools":  # and with a tool call per answer (fed text, resumes: dropped queued steps)
                 made, info = run_engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
+            elif name == "no-overlap":  # each step waits for the host (the default before 2026-12-03's seventh session)
+                made, info = run_engine(model, p, l, args.cap, overlap_steps=False)
+            elif name == "no-overlap-tools":
+                made, info = run_engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=False)
             elif name == "split-live":  # narrow steps split further, each slot's live length cut into the splits
                 made, info = run_engine(model, p, l, args.cap, split_narrow_steps=True, live_split=True)
             elif name == "live-split":  # the attention kernel's splits over each slot's live length

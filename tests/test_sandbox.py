@@ -95,6 +95,22 @@ def test_a_50_gb_allocation_fails_cleanly(box):
     assert box.run("2 + 2").output == "4"  # the sandbox lives on
 
 
+def test_the_interpreter_starts_under_its_limits_without_a_preexec_fn(monkeypatch):
+    """The memory, core and file-size limits are the worker's own first act, so the parent's Popen needs no preexec_fn
+    (with one, Python forks the whole parent holding its lock: a GPU process's decode loop stalled per sandbox)."""
+    import subprocess
+
+    from llmhelpers.inference import sandbox
+
+    calls = []
+    real = subprocess.Popen
+    monkeypatch.setattr(sandbox.subprocess, "Popen", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with Sandbox(timeout=10, memory_bytes=3 * 2**30, max_file_bytes=5 * 2**20) as box:
+        r = box.run("import resource as r\n[r.getrlimit(x) for x in (r.RLIMIT_AS, r.RLIMIT_FSIZE, r.RLIMIT_CORE)]")
+    assert r.output == str([(3 * 2**30,) * 2, (5 * 2**20,) * 2, (0, 0)])
+    assert calls and all(k.get("preexec_fn") is None for k in calls)
+
+
 def test_ten_megabytes_of_printing_are_truncated(box):
     r = box.run("print('a' * 10_000_000)")
     assert r.truncated and len(r.output) < box.max_output_chars + 100 and r.output.endswith("characters]")

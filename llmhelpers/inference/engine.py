@@ -333,7 +333,7 @@ class DecodeStep:
 class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
-                 elementwise: str | None = None, live_split: bool = False, overlap_steps: bool = False,
+                 elementwise: str | None = None, live_split: bool = False, overlap_steps: bool | None = None,
                  attention_launch: dict | None = None, causal_prefill: bool = True):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
@@ -424,13 +424,14 @@ class Engine:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        # overlap_steps (issue #32; off until measured): the next decode step is queued, its inputs made on the GPU
+        # overlap_steps (issue #32; on by default on a GPU): the next decode step is queued, its inputs made on the GPU
         # (each slot's sampled token at the next position), before this step's tokens reach the host; the scheduler's
         # work then runs while the GPU computes, and the queued step counts only where its inputs are the ones the
         # scheduler chose for every decoding slot and no prefill or move wrote a cache since it was queued (otherwise
         # it is dropped and the step runs again). Identical tokens either way: each draw is keyed by (request,
-        # position), each slot's row computed alone
-        self.overlap_steps = overlap_steps
+        # position), each slot's row computed alone. On an H200, 2,000 answers ran at 29,484 tok/s against 28,025
+        # without (host time 0.6 s against 11.2 s; bench/results/2026-12-03-h200-eval-overlap.json)
+        self.overlap_steps = cuda if overlap_steps is None else overlap_steps
         pinned = cuda  # host buffers the GPU copies into (and from) without waiting for the stream
         self._staging = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
         self._out = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]

@@ -170,7 +170,7 @@ def _build_top_p_kernel():
 
 
 def sample_top_p_triton(logits, temperature, top_p, seeds, max_rounds: int = 64, block: int = 2048,
-                        num_warps: int = 8):
+                        num_warps: int = 16):
     """The same distribution as sample_top_p_sorted without sorting (exact rejection sampling, as FlashInfer's
     sorting-free samplers): draw from the whole distribution; accept if less than top_p of the mass is more
     probable than the drawn token; otherwise draw again among the tokens more probable than it. The nucleus holds
@@ -179,7 +179,8 @@ def sample_top_p_triton(logits, temperature, top_p, seeds, max_rounds: int = 64,
     `temperature` and `top_p` (one-element float32) are device tensors read inside the kernel, so a CUDA graph
     replays with new random numbers when the caller writes new seeds and with new settings when it writes them.
     Tokens tied at the boundary are all kept; after max_rounds rejections (probability <= (1 - top_p) ** max_rounds)
-    the last draw is kept. `block` and `num_warps` are launch choices (`bench/profile_engine.py` sweeps them)."""
+    the last draw is kept. `block` and `num_warps` are launch choices (`bench/profile_engine.py` sweeps them; on an
+    H200, 16 warps took 0.59 ms at 487 rows and 0.24 ms at 8 rows against 0.63 and 0.27 with 8)."""
     global _top_p_kernel
     if _top_p_kernel is None:
         _top_p_kernel = _build_top_p_kernel()

@@ -103,21 +103,14 @@ class Sandbox:
                    # one thread per interpreter: many run side by side, and BLAS thread pools sized to every core
                    # would oversubscribe the CPU and reserve address space against the memory limit
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        memory, file_size = self.memory_bytes, self.max_file_bytes
-
-        def limits():  # runs in the child before Python starts; only lowers limits (no privilege needed)
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))  # per file; the folder: _disk_over
-
         self._pending, self._previous_tag = b"", ""
+        # no preexec_fn: the worker sets its memory, core and file-size limits itself before anything else runs, so
+        # Python can vfork (a preexec_fn forks this whole process, page tables and all, holding its lock)
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", WORKER, str(self.cpu_seconds), str(self.max_output_chars),
-             str(self.max_processes), *sys.path],
+             str(self.max_processes), str(self.memory_bytes), str(self.max_file_bytes), *sys.path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.workdir, env=env,
-            start_new_session=True, preexec_fn=limits, bufsize=0)
+            start_new_session=True, bufsize=0)
         # the interpreter says it is ready before any code runs: start-up never counts against a block's timeout
         line = self._read_line(time.monotonic() + START_TIMEOUT)
         try:

@@ -1,5 +1,5 @@
 """The sandbox's worker: the processes `llmhelpers.inference.sandbox.Sandbox` starts, run as a script
-(`python -I -S sandbox_worker.py CPU_SECONDS OUTPUT_CHARS MAX_PROCESSES SYS_PATH...`); standard library only.
+(`python -I -S sandbox_worker.py CPU_SECONDS OUTPUT_CHARS MAX_PROCESSES MEMORY_BYTES FILE_BYTES SYS_PATH...`); standard library only.
 
 It runs as two processes. The *keeper* (the process `Sandbox` starts) is a child subreaper and does nothing but reap:
 processes the code starts stay below it even after a double fork or the interpreter's own death, and when the
@@ -315,8 +315,14 @@ def serve(cpu: int, cap: int, confined: bool) -> None:
 
 
 def main(argv: list[str]) -> None:
-    cpu, cap, max_processes = int(argv[0]), int(argv[1]), int(argv[2])
-    sys.path[:] = [p for p in argv[3:] if p] or sys.path
+    cpu, cap, max_processes, memory, file_size = map(int, argv[:5])
+    # the limits first, before anything else runs (they only lower; no privilege needed). Set here, not by the parent
+    # between fork and exec: a preexec_fn makes Python fork the whole parent with its lock held, which stalled a GPU
+    # process's decode loop for milliseconds per sandbox (issue #32: 42 s of host time over 2,000 answers)
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))  # per file; the folder: sandbox._disk_over
+    sys.path[:] = [p for p in argv[5:] if p] or sys.path
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the code's processes come to the keeper
     if os.geteuid() != 0:  # RLIMIT_NPROC counts every process of the user, and never applies to root
