@@ -333,6 +333,36 @@ def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact
         assert req.new_ids[at + len(extra):] == hf_greedy(model, tok, prompt + head + extra, budget - at)
 
 
+def test_a_queued_step_survives_a_pause_and_its_short_resume(tiny):
+    """With overlapped steps, a paused slot's input is held in the steps queued meanwhile (it decodes its last token
+    again), which is also the input it resumes with: tool calls whose output is fed through decode steps drop no
+    queued step (no refills, no compaction, no prefill here; the step queued after the last answer ended is dropped), and the answers are the same as without overlap."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok, prompts = tiny
+    extra = tok("```output\n7\n```", add_special_tokens=False)["input_ids"]
+    answers, stats = [], []
+    for overlap_steps in (False, True):
+        reqs = [Request(prompts[i % 3], 24, key=i) for i in range(6)]
+        engine = Engine(model, slots=6, max_len=max(map(len, prompts)) + 24 + 40, overlap_steps=overlap_steps)
+
+        def later(delay):
+            time.sleep(delay)
+            return extra
+
+        with ThreadPoolExecutor(3) as pool:
+            engine.run(reqs, GREEDY, eos=-1,
+                       on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == 3 + r.key else None,
+                       on_pause=lambda r, t: pool.submit(later, 0.002 * r.key))
+        answers.append([r.new_ids for r in reqs])
+        stats.append(dict(engine.stats))
+    assert answers[0] == answers[1]
+    assert stats[1]["pauses"] == 6 and stats[1]["prefill_passes"] == 1  # every resume was fed, not prefilled
+    # one drop: the step queued after the last answer ended
+    assert stats[1]["overlap_dropped_steps"] == 1 and stats[1]["overlap_used_steps"] > 0
+
+
 def test_appended_text_that_does_not_fit_ends_the_answer_as_budget_hit(tiny):
     model, tok, prompts = tiny
     req = Request(prompts[0], 20)

@@ -4,17 +4,22 @@ Why not `model.generate`: reasoning answers end at very different lengths (hundr
 and a static batch keeps decoding until its longest member stops; its Python loop also bounds the GPU. Here:
 
 - **Slots.** `slots` sequences decode together. When one finishes (eos or its budget), its slot is refilled with
-  the next request. Prefills are batched: every slot ready in a step is prefilled in one padded pass, and a lone
-  free slot waits until 1/32 of the live sequences would take part (a prefill's fixed cost is several steps).
+  the next request. Prefills are batched: every slot ready in a step is prefilled in padded passes of similar
+  lengths (whole prompts through causal attention over the pass itself), and a lone free slot waits until 1/32 of
+  the live sequences would take part (a prefill's fixed cost is several steps).
 - **KV cache.** One static cache per layer, `[slots, kv_heads, max_len, head_dim]`, allocated once. Decode
   attention reads only each slot's live length (a Triton split-K kernel on CUDA; a masked PyTorch reference
   elsewhere, which is also the kernel's test oracle).
 - **CUDA graphs.** The decode step (all layers, sampling included) has static shapes and is captured once and
   replayed, so the per-step CPU cost is one graph launch and one copy of the new tokens.
+- **Overlapped steps** (on a GPU). The next step is queued, its inputs made on the GPU, before the host reads this
+  step's tokens, so the scheduler's Python runs while the GPU computes; it counts only where its inputs turn out to
+  be the scheduler's (else it is dropped and the step runs again): the same tokens either way.
 - **Pause and resume.** `on_token(request, tokens)` may return `PAUSE`; the engine keeps the slot's cache and
   hands the request to `on_pause(request, tokens)`, which returns token ids to append (e.g. an executed code
   block's output), or a `concurrent.futures.Future` of them: the slot waits while the others decode. The ids are
-  prefilled into the slot at its current position and decoding continues (`llmhelpers.inference.tool_use` builds on this).
+  fed through the following decode steps (up to `feed_max` of them) or prefilled into the slot at its current
+  position, and decoding continues (`llmhelpers.inference.tool_use` builds on this).
 
 The weights are the Hugging Face model's own (plain `nn.Linear`: bf16/fp32, base or merged; 4-bit or
 adapter-wrapped models use `model.generate`). On a GPU a decode step runs the project's fused kernels
@@ -310,16 +315,17 @@ class DecodeStep:
     tokens: list[int] | None = None
     positions: list[int] | None = None
     indices: list[int] | None = None
-    known: dict[int, int] | None = None  # a queued step's inputs set from the host (appended text being fed)
+    known: dict[int, tuple[int, int]] | None = None  # a queued step's inputs set from the host: slot -> (token,
+    # position) for appended text being fed and for paused slots (Scheduler.known_next)
     cache_writes: int = 0  # the engine's count of prefills and moves when the step was queued
 
     def follow(self, previous: DecodeStep, sampled: list[int], max_len: int) -> None:
         """A step queued after `previous`: its inputs were `previous`'s sampled tokens (or the known ones) at the
         next positions."""
         self.tokens = list(sampled)
-        for slot, token in (self.known or {}).items():
-            self.tokens[slot] = token
         self.positions = [min(p + 1, max_len - 1) for p in previous.positions]
+        for slot, (token, position) in (self.known or {}).items():
+            self.tokens[slot], self.positions[slot] = token, position
 
     def matches(self, width: int, tokens: list[int], positions: list[int], indices: list[int],
                 decoding: list[int], cache_writes: int) -> bool:
@@ -435,7 +441,7 @@ class Engine:
         pinned = cuda  # host buffers the GPU copies into (and from) without waiting for the stream
         self._staging = torch.zeros(3, slots, dtype=torch.long, pin_memory=pinned)
         self._out = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
-        self._known = [torch.zeros(2 * slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._known = [torch.zeros(3 * slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._launches = self._queued = 0
         # prefills and moves write caches from the host's side: a step queued before one of them read the old cache
         # (a resumed slot's inputs may equal what the queued step guessed while its prefilled text is not in there)
@@ -717,21 +723,25 @@ class Engine:
             buffer[:width].copy_(row, non_blocking=True)
         return self._finish_launch(step, tokens[:width], positions[:width], indices[:width])
 
-    def _launch_following(self, step: DecodeStep, known: dict[int, int]) -> DecodeStep:
+    def _launch_following(self, step: DecodeStep, known: dict[int, tuple[int, int]]) -> DecodeStep:
         """The step after `step`, queued before its tokens reach the host: the same width and requests, each slot's
-        sampled token as input (or the `known` one: appended text being fed) at the next position (kept inside the
-        cache: a paused or finished slot's row is ignored, what it writes past its length is overwritten or never
-        read). Its host-side inputs are complete once `step` is collected (`DecodeStep.follow`)."""
+        sampled token as input at the next position, or the `known` (token, position) (appended text being fed, a
+        paused slot's input held); positions stay inside the cache: a finished slot's row is ignored, what it writes
+        past its length is overwritten or never read. Its host-side inputs are complete once `step` is collected
+        (`DecodeStep.follow`)."""
         following = self._begin(step.width)
         self.tokens[:step.width].copy_(self.next_tokens[:step.width])
+        self.positions[:step.width].add_(1).clamp_(max=self.max_len - 1)
         self._queued += 1
+        known = {slot: value for slot, value in known.items() if slot < step.width}
         if known:  # two host buffers, one per queued step in turn: the host has waited for the step before the
             # last queued one, so the copy from the buffer written now is done
-            staged = self._known[self._queued % 2][:2 * len(known)]  # the slots, then their tokens: contiguous
-            staged.copy_(torch.tensor([*known, *known.values()], dtype=torch.long))
-            slots, tokens = staged.to(self.device, non_blocking=True).view(2, -1)
+            staged = self._known[self._queued % 2][:3 * len(known)]  # slots, tokens, positions: contiguous
+            staged.copy_(torch.tensor([*known, *(t for t, _ in known.values()), *(p for _, p in known.values())],
+                                      dtype=torch.long))
+            slots, tokens, positions = staged.to(self.device, non_blocking=True).view(3, -1)
             self.tokens.index_copy_(0, slots, tokens)
-        self.positions[:step.width].add_(1).clamp_(max=self.max_len - 1)
+            self.positions.index_copy_(0, slots, positions)
         following.known, following.cache_writes = known, self._host_cache_writes
         return self._finish_launch(following, None, None, step.indices)
 

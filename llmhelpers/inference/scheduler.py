@@ -121,10 +121,15 @@ class Scheduler:
             self.generated += 1
             self._accept(slot, sampled[slot])
 
-    def known_next(self, decoding: list[int]) -> dict[int, int]:
-        """Before this step's tokens are known: the slots whose next input is not their sampled token but the
-        next id of appended text being fed (slot -> that id), for a step queued ahead (the engine's overlap_steps)."""
-        return {slot: self.running[slot].feeding[0] for slot in decoding if self.running[slot].feeding}
+    def known_next(self, decoding: list[int]) -> dict[int, tuple[int, int]]:
+        """Before this step's tokens are known: the slots whose next input the host knows, as (token, position), for
+        a step queued ahead (the engine's overlap_steps): appended text being fed (its next id, at the next position)
+        and paused slots (their input stays: a paused slot decodes its last token again each step, and so does the
+        step it resumes with, so the queued step stays usable when its tool's output comes)."""
+        known = {slot: (self.running[slot].feeding[0], min(self.positions[slot] + 1, self.max_len - 1))
+                 for slot in decoding if self.running[slot].feeding}
+        known.update({slot: (self.running[slot].token, self.running[slot].position) for slot in self._parked})
+        return known
 
     def wait_for_tools(self) -> None:
         """Every live sequence is paused: block until one's appended text is ready."""
