@@ -38,7 +38,8 @@ Configurations:
   the host reads this step's tokens, so the scheduler's Python runs while the GPU computes; overlap-tools: the same
   with tools-on's forced tool call per answer. The engine's default on a GPU since 2026-12-03's seventh session, so
   `default` and `tools-on` are these too; no-overlap, no-overlap-tools: each step waits for the host (the default
-  before);
+  before); unsplit-wide: Engine(unsplit_wide_steps=True), a step with 4 or more (slot, kv head) pairs per SM reads
+  each slot's cache in one program and writes the attention output itself (no combine kernel, no empty splits);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -167,7 +168,8 @@ def forced_tools(tokenizer, lengths_by_request):
 
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
            kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
-           live_split=False, slot_cap=512, overlap_steps=None, attention_launch=None):
+           live_split=False, slot_cap=512, overlap_steps=None, attention_launch=None,
+           unsplit_wide_steps=False):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -180,7 +182,8 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
     eng = Engine(model, slots=min(slots, len(prompts)), max_len=max_len, use_cuda_graph=graphs,
                  kv_cache_dtype=kv_cache_dtype, fuse=fuse,
                  split_narrow_steps=split_narrow_steps, elementwise=elementwise, live_split=live_split,
-                 overlap_steps=overlap_steps, attention_launch=attention_launch)
+                 overlap_steps=overlap_steps, attention_launch=attention_launch,
+                 unsplit_wide_steps=unsplit_wide_steps)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -303,6 +306,8 @@ def main():
                 made, info = run_engine(model, p, l, args.cap, overlap_steps=True)
             elif name == "overlap-tools":  # and with a tool call per answer (fed text, resumes: dropped queued steps)
                 made, info = run_engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
+            elif name == "unsplit-wide":  # wide steps read each slot's cache in one program: no combine kernel
+                made, info = run_engine(model, p, l, args.cap, unsplit_wide_steps=True)
             elif name == "no-overlap":  # each step waits for the host (the default before 2026-12-03's seventh session)
                 made, info = run_engine(model, p, l, args.cap, overlap_steps=False)
             elif name == "no-overlap-tools":

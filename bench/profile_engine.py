@@ -124,10 +124,15 @@ def main():
         eng.decode_attention = capacity_attention
         eng.split_narrow_steps, eng.graphs = False, {}
         ms["step_greedy_width1"] = bench_ms(lambda: eng._step(1))
+        # wide steps with each slot's cache read by one program (no combine kernel, no empty splits)
+        eng.unsplit_wide_steps, eng.graphs = True, {}
+        for width in (slots, 256):
+            ms[f"step_greedy_width{width}_unsplit"] = bench_ms(lambda: eng._step(width))
+        eng.unsplit_wide_steps, eng.graphs = False, {}
         q = torch.randn(slots, eng.hq, eng.head_dim, device="cuda", dtype=torch.bfloat16)
         lengths = torch.full((slots,), args.live, device="cuda", dtype=torch.int32)
         scales = dict(k_scale=eng.k_scale[0], v_scale=eng.v_scale[0]) if eng.fp8 else {}
-        for nsplit in (2, 4, 8, 16):
+        for nsplit in (1, 2, 4, 8, 16):
             for block_n in (32, 64, 128):
                 for warps in (4, 8):
                     ms[f"attention_1layer_nsplit{nsplit}_n{block_n}_w{warps}"] = bench_ms(
@@ -146,7 +151,7 @@ def main():
         mixed = torch.randint(100, min(8000, args.max_len), (slots,), device="cuda", dtype=torch.int32,
                               generator=torch.Generator("cuda").manual_seed(0))
         res["mixed_lengths_attention"] = {}
-        for nsplit in (4, 8):
+        for nsplit in (1, 4, 8):
             for live in (False, True):
                 t = bench_ms(lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale,
                                                              **scales, nsplit=nsplit, combine="triton",

@@ -173,14 +173,23 @@ def test_triton_decode_kernel_matches_the_reference():
         # other launch choices (the profile sweeps them): blocks of 128 keys, pipeline stages
         kt = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, block_n=128, num_stages=2)
         kt8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4, block_n=128, num_warps=8)
-        gaps = [(kt8 - ref8), (kt - ref), (live - ref), (live8 - ref8), (many - ref), (one - ref), (out8 - ref8),
-                (out - ref)]
+        # one split: each program reads a slot's whole cache and writes the output (no combine), bf16 out included
+        single = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=1)
+        single8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=1, live_split=True)
+        # (the interpreter's bf16 dots are not the GPU's: only the output's dtype is checked in bf16)
+        single16 = decode_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), lengths, D ** -0.5, nsplit=1)
+        print(single.dtype, single16.dtype, tuple(single16.shape) == (S, Hq, D))
+        gaps = [(single - ref), (single8 - ref8), (kt8 - ref8), (kt - ref), (live - ref), (live8 - ref8),
+                (many - ref), (one - ref), (out8 - ref8), (out - ref)]
         print(*[gap.abs().max().item() for gap in gaps])
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})  # Triton's CPU interpreter
     assert proc.returncode == 0, proc.stderr[-2000:]
-    kt8_gap, kt_gap, live_gap, live8_gap, many_gap, combined_gap, fp8_gap, gap = map(float, proc.stdout.split()[-8:])
+    single_gap, single8_gap, kt8_gap, kt_gap, live_gap, live8_gap, many_gap, combined_gap, fp8_gap, gap = map(
+        float, proc.stdout.split()[-10:])
+    assert proc.stdout.split()[:3] == ["torch.float32", "torch.bfloat16", "True"]
+    assert single_gap < 1e-4 and single8_gap < 1e-4
     assert kt_gap < 1e-4 and kt8_gap < 1e-4
     assert gap < 1e-4 and fp8_gap < 1e-4  # the fp8 cache (issue #32) read by the kernel as by the reference
     assert combined_gap < 1e-4 and many_gap < 1e-4
