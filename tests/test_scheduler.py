@@ -35,6 +35,16 @@ def test_eos_and_budget_free_the_slot_and_the_next_prompt_takes_it():
     assert s.schedule_prefill(force=False) == [(0, [4, 4], 0)]  # every live sequence would take part: due
 
 
+def test_a_free_slot_inside_the_width_decodes_at_position_zero():
+    """An ended answer's slot, before a refill: its row is ignored, so its attention should read one cached token,
+    not the ended answer's whole cache (the kernel reads every slot up to its position)."""
+    reqs = [Request([1, 2, 3], 1), Request([4, 5], 5)]
+    s, _ = started(reqs)
+    s.postprocess_decode(s.schedule_decode(), [5, 6])  # request 0 reaches its budget
+    assert 0 not in s.running and s.schedule_decode() == [1]
+    assert s.positions == [0, 3] and s.tokens == [0, 6]
+
+
 def test_a_lone_free_slot_waits_for_a_prefill_worth_its_cost():
     reqs = [Request([1], 100) for _ in range(110)]
     s, _ = started(reqs, slots=100, max_len=200)
