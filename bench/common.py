@@ -123,6 +123,17 @@ def provenance() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def emit_result(result: dict, out: str | None) -> None:
+    """Print a measurement's result as JSON and write it to `out` (its folders made) when given."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+
+
 def finish_check(result: dict, out: str | None, passed: bool, verdict: str) -> None:
     """Print and save a correctness check's result with its provenance, then exit non-zero when its verdict failed:
     a GPU check is read by its exit status, as a test is."""

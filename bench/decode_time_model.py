@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import emit_result, provenance  # noqa: E402
 from eval_engine import workload  # noqa: E402
 
 from llmhelpers.inference.scheduler import Request, Scheduler  # noqa: E402
@@ -119,11 +120,8 @@ def main():
                                                                             1),
                         "attention_s": round(float(attention.sum()), 1), "rest_s": round(float(other.sum()), 1),
                         "rest_s_at_400_or_wider": round(float(other[w >= 400].sum()), 1)}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    res["provenance"] = provenance()
+    emit_result(res, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ sandbox was started before (its limits set in a preexec_fn) and how it is starte
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import provenance  # noqa: E402
+from common import emit_result, provenance  # noqa: E402
 
 
 def stalls(start_one, spawns: int) -> dict:
@@ -78,11 +77,7 @@ def main():
               "process_with_preexec_fn": stalls(lambda: process(True), args.spawns),
               "process_without_preexec_fn": stalls(lambda: process(False), args.spawns),
               "provenance": provenance()}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit_result(result, args.out)
 
 
 if __name__ == "__main__":
