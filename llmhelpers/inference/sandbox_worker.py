@@ -1,5 +1,6 @@
 """The sandbox's worker: the processes `llmhelpers.inference.sandbox.Sandbox` starts, run as a script
-(`python -I -S sandbox_worker.py CPU_SECONDS OUTPUT_CHARS MAX_PROCESSES MEMORY_BYTES FILE_BYTES SYS_PATH...`); standard library only.
+(`python -I -S sandbox_worker.py CPU_SECONDS OUTPUT_CHARS MAX_PROCESSES MEMORY_BYTES FILE_BYTES SYS_PATH...`);
+standard library only.
 
 It runs as two processes. The *keeper* (the process `Sandbox` starts) is a child subreaper and does nothing but reap:
 processes the code starts stay below it even after a double fork or the interpreter's own death, and when the
