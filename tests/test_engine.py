@@ -286,19 +286,22 @@ def test_triton_top_p_sampler_draws_from_the_nucleus_distribution():
         again = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, seeds[:100].flip(0), block=32)
         again = again.flip(0)
         other = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, seeds[:100] + 1, block=32)
+        # nor on the launch's block size (a token's noise is keyed by the token, not by its place in a block)
+        wide = sample_top_p_triton(logits.expand(100, 40).contiguous(), 0.7, 0.8, seeds[:100], block=64)
         ref = sample_top_p_sorted(logits.expand(200000, 40), 0.7, 0.8)
         a = torch.bincount(drawn, minlength=40).float() / rows
         b = torch.bincount(ref, minlength=40).float() / 200000
         print(int(((a > 0) & (b == 0)).sum()), int((b > 0).sum()), float((a - b).abs().max()),
-              bool(torch.equal(drawn[:100], again)), bool(torch.equal(drawn[:100], other)))
+              bool(torch.equal(drawn[:100], again)), bool(torch.equal(drawn[:100], other)),
+              bool(torch.equal(drawn[:100], wide)))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    outside, support, gap, same_seed_same, other_seed_same = proc.stdout.split()
+    outside, support, gap, same_seed_same, other_seed_same, other_block_same = proc.stdout.split()
     assert outside == "0" and int(support) > 3  # never outside the nucleus, which holds several tokens here
     assert float(gap) < 0.06  # 1,000 draws: a frequency's standard error is under 0.016
-    assert same_seed_same == "True" and other_seed_same == "False"
+    assert same_seed_same == "True" and other_seed_same == "False" and other_block_same == "True"
 
 
 @pytest.mark.parametrize("overlap_steps", [False, True])
