@@ -200,10 +200,14 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
     chunk = max(64, math.ceil(T / nsplit / 64) * 64)
     nsplit = nsplit if live_split else math.ceil(T / chunk)
     single = nsplit == 1  # each program reads a slot's whole cache and writes the output itself: no combine
-    acc = torch.empty(0 if single else S, Hq, nsplit, D, device=q.device, dtype=torch.float32)
-    m = torch.empty(0 if single else S, Hq, nsplit, device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
-    out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype) if single else None
+    if single:
+        out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
+        acc = m = l = out  # the one-split kernel writes no partial results
+    else:
+        out = None
+        acc = torch.empty(S, Hq, nsplit, D, device=q.device, dtype=torch.float32)
+        m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
+        l = torch.empty_like(m)
     fp8 = k_scale is not None
     split_kernel, combine_kernel = _build_triton_kernel()
     split_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache, lengths.to(torch.int32), acc, m, l,
@@ -638,14 +642,14 @@ class Engine:
         end = max(start + len(ids) for _, ids, start in items)
         rows, cols = valid.nonzero(as_tuple=True)  # the real (not padding) tokens
         cache_slot, cache_pos = slots[rows], pos_t[rows, cols]
-        # a query sees its own slot's positions up to its own; padding queries see everything (their output is
-        # discarded, and a row with nothing to attend would give NaN)
-        mask = (torch.arange(end, device=self.device)[None, None, :] <= pos_t[:, :, None]) | ~valid[:, :, None]
-
         # whole prompts in a cache of the model's dtype: what the cache holds after the write is exactly this pass's
         # keys and values, and a token sees its own prompt's earlier tokens only, so plain causal attention over the
         # pass's own (right-padded) rows is the same attention, with no mask and no read back (FlashAttention's path)
         causal = self.causal_prefill and not self.fp8 and all(start == 0 for _, _, start in items)
+        # otherwise (appended text, an fp8 cache) a query sees its own slot's positions up to its own; padding
+        # queries see everything (their output is discarded, and a row with nothing to attend would give NaN)
+        mask = None if causal else \
+            (torch.arange(end, device=self.device)[None, None, :] <= pos_t[:, :, None]) | ~valid[:, :, None]
 
         def attend(i, q, k, v, slot_idx, positions):
             self._write_kv(i, cache_slot, cache_pos, k.transpose(1, 2)[rows, cols], v.transpose(1, 2)[rows, cols])
@@ -653,12 +657,10 @@ class Engine:
                 group = self.hq // self.hkv  # keys and values per query head: every SDPA backend takes them so
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=self.scale)
-                return out.transpose(1, 2).reshape(n, width, -1)
-            # appended text (or an fp8 cache): written first and read back, the text attends to what later steps
-            # will read (the slot's earlier tokens; fp8's rounded values)
-            keys, values = self._read_kv(i, slots, end, q.dtype)
-            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
-                                                                   scale=self.scale, enable_gqa=True)
+            else:  # written first and read back: the text attends to what later steps will read (fp8's rounding)
+                keys, values = self._read_kv(i, slots, end, q.dtype)
+                out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
+                                                                       scale=self.scale, enable_gqa=True)
             return out.transpose(1, 2).reshape(n, width, -1)
 
         hidden = self._layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
