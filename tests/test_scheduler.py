@@ -45,6 +45,16 @@ def test_a_free_slot_inside_the_width_decodes_at_position_zero():
     assert s.positions == [0, 3] and s.tokens == [0, 6]
 
 
+def test_a_step_queued_ahead_sets_free_slots_to_position_zero_too():
+    """overlap_steps: a queued step's inputs are last step's tokens at the next positions, except the ones the host
+    knows; an ended answer's slot must be among them, or it goes on reading its whole cache until a refill."""
+    reqs = [Request([1, 2, 3], 1), Request([4, 5], 5), Request([6], 5)]
+    s, _ = started(reqs, slots=3)
+    s.postprocess_decode(s.schedule_decode(), [5, 6, 7])  # request 0 reaches its budget
+    decoding = s.schedule_decode()
+    assert decoding == [1, 2] and s.known_next(decoding) == {0: (0, 0)}
+
+
 def test_a_lone_free_slot_waits_for_a_prefill_worth_its_cost():
     reqs = [Request([1], 100) for _ in range(110)]
     s, _ = started(reqs, slots=100, max_len=200)

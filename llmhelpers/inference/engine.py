@@ -479,7 +479,8 @@ class Engine:
     def _reset_stats(self) -> None:
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
                       "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
-                      "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0}
+                      "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0,
+                      "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
     def _layers(self, hidden, slot_idx, positions, attend):
@@ -791,6 +792,7 @@ class Engine:
         self.stats["decode_s"] += seconds
         self.stats["decode_steps"] += 1
         self.stats["steps_below_full_width"] += width < self.slots
+        self.stats["kv_tokens_read"] += sum(step.positions) + width
         if width == self.slots:  # the bytes a full-width step reads: weights + each slot's cache up to its new token
             self.stats["full_width_s"] += seconds
             self.stats["full_width_bytes"] += self.weight_bytes + (sum(step.positions) + width) * self.kv_bytes_token
