@@ -55,3 +55,62 @@ def test_dequantize_once_on_keeps_the_base_dequantized_and_says_so(tmp_path, tin
     off = choose_checkpointed_layers(trainer, cfg.replace(dequantize_once="off"))
     assert off["dequantized_base_bytes"] == 0 and not any(hasattr(m, DENSE_ATTR) for m in trainer.model.modules())
     assert cfg.replace(dequantize_once="off").run_name == cfg.run_name  # the same numbers: the same run
+
+
+def test_each_run_sets_its_own_memory_cap_so_a_smaller_earlier_one_does_not_hold(monkeypatch):
+    """A notebook cell re-run without memory_limit_gib after a run with one (or the next card of a size sweep in one
+    process) must not be held to the old cap: torch's per-process fraction outlives the run that set it."""
+    import torch
+
+    from llmhelpers.training.memory import cap_memory
+
+    total = 140 * GIB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": total}))
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+    assert cap_memory(make_config("smoke", memory_limit_gib=13.0), "cuda") == 13 * GIB
+    assert cap_memory(make_config("smoke", memory_limit_gib=0.0), "cuda") == total
+    assert cap_memory(make_config("smoke", memory_limit_gib=200.0), "cuda") == total  # never over the card
+    assert fractions == [13 / 140, 1.0, 1.0]
+
+
+def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(monkeypatch):
+    import torch
+
+    from llmhelpers.training import memory
+
+    class Model:
+        def zero_grad(self, set_to_none):
+            self.zeroed = set_to_none
+
+    trainer = type("T", (), {"model": Model()})()
+    monkeypatch.setattr(memory, "set_checkpointed_layers", lambda model, n: n)
+    peaks = iter([10 * GIB, torch.OutOfMemoryError("probe")])
+
+    def step(trainer, batch):
+        peak = next(peaks)
+        if isinstance(peak, Exception):
+            raise peak
+        return peak
+
+    monkeypatch.setattr(memory, "_peak_of_step", step)
+    peak_all, peak_probe = memory._probe(trainer, {}, 28)
+    assert (peak_all, peak_probe) == (10 * GIB, float("inf")) and trainer.model.zeroed
+    assert layers_that_fit(24 * GIB, peak_all, peak_probe, 4, 28) == 28  # no layer known to fit: all recompute
+    peaks = iter([torch.OutOfMemoryError("probe")])
+    assert memory._probe(trainer, {}, 28) is None  # even with all recomputing: the caller drops the dense base or says so
+
+
+def test_the_dense_base_is_counted_before_it_is_made_and_kept_only_where_it_fits(tmp_path, tiny_model_dir,
+                                                                                  tiny_trainer):
+    from llmhelpers.model.fused_lora import dense_base_bytes, keep_dense_base
+    from llmhelpers.training.memory import MARGIN_GIB, dense_fits
+
+    cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), accuracy_callback=False)
+    trainer, *_ = tiny_trainer(cfg)
+    counted = dense_base_bytes(trainer.model)
+    assert counted > 0 and keep_dense_base(trainer.model, True) == counted
+    keep_dense_base(trainer.model, False)
+    # a 7B base in bf16 (~13 GiB) beside its 4-bit model (~5.5 GiB) on a 16 GB card's 13 GiB: not kept
+    assert not dense_fits(5.5 * GIB, 13 * GIB, 13 * GIB) and dense_fits(5.5 * GIB, 13 * GIB, 21 * GIB)
+    assert not dense_fits(0, 11.5 * GIB, 13 * GIB) and dense_fits(0, 11 * GIB, 11 * GIB + MARGIN_GIB * GIB)

@@ -159,6 +159,17 @@ def fuse_lora_layers(model) -> int:
     return count
 
 
+def dense_base_bytes(model, dtype=None) -> int:
+    """The bytes keep_dense_base(model, True, dtype) keeps, counted without dequantizing anything."""
+    total = 0
+    for module in model.modules():
+        if getattr(module, FUSED_FLAG, False):
+            base = module.get_base_layer()
+            want = dtype or getattr(base, "compute_dtype", None) or torch.bfloat16
+            total += base.weight.quant_state.shape.numel() * torch.finfo(want).bits // 8
+    return total
+
+
 def keep_dense_base(model, on: bool, dtype=None) -> int:
     """Keep (or drop) each fused LoRA layer's 4-bit base weight dequantized once, in `dtype` (default: the layer's
     compute dtype), for the training steps: the frozen base never changes, so dequantizing it in every forward and

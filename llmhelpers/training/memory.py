@@ -83,12 +83,34 @@ def choose_checkpointed_layers(trainer, cfg) -> dict:
     return decided
 
 
-def _keep_dense(trainer, cfg, cuda: bool) -> int:
+def _keep_dense(trainer, cfg, cuda: bool, limit: float | None = None) -> int:
     """The frozen base dequantized once (cfg.dequantize_once; llmhelpers.model.fused_lora.keep_dense_base): "auto"
-    keeps it on a GPU, to be dropped again if the worst step does not fit with it. Returns its bytes."""
-    from llmhelpers.model.fused_lora import keep_dense_base
+    keeps it on a GPU where it fits beside what is allocated with the margin (a 7B base in bf16 is ~13 GiB: not on a
+    16 GB card), to be dropped again if the worst step does not fit with it. Returns its bytes."""
+    from llmhelpers.model.fused_lora import dense_base_bytes, keep_dense_base
 
-    return keep_dense_base(trainer.model, cfg.dequantize_once == "on" or (cfg.dequantize_once == "auto" and cuda))
+    on = cfg.dequantize_once == "on" or (cfg.dequantize_once == "auto" and cuda)
+    if on and cfg.dequantize_once == "auto" and limit is not None:
+        import torch
+
+        on = dense_fits(torch.cuda.memory_allocated(trainer.args.device), dense_base_bytes(trainer.model), limit)
+    return keep_dense_base(trainer.model, on)
+
+
+def dense_fits(allocated: float, dense: float, limit: float, margin: float = MARGIN_GIB * 2**30) -> bool:
+    return allocated + dense + margin <= limit
+
+
+def cap_memory(cfg, device) -> float:
+    """The bytes this run may use: cfg.memory_limit_gib, or the whole GPU. Torch's per-process cap is set to it
+    either way, so a run after one with a smaller limit (a notebook cell re-run, the next card of a size sweep) is
+    not held to the old one."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = min(cfg.memory_limit_gib * 2**30, total) if cfg.memory_limit_gib else total
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit
 
 
 def _choose(trainer, cfg) -> dict:
@@ -102,7 +124,8 @@ def _choose(trainer, cfg) -> dict:
     gib = lambda b: round(b / 2**30, 2)
     n_layers = len(decoder_layers(trainer.model))
     cuda = torch.cuda.is_available()
-    dense = _keep_dense(trainer, cfg, cuda)
+    limit = cap_memory(cfg, trainer.args.device) if cuda else None
+    dense = _keep_dense(trainer, cfg, cuda, limit)
     chosen = lambda n, why: {"checkpointed_layers": n, "of": n_layers, "why": why, "dequantized_base_bytes": dense}
     if not cfg.sft.activation_checkpointing:
         return chosen(0, "activation_checkpointing off")
@@ -110,24 +133,25 @@ def _choose(trainer, cfg) -> dict:
         return chosen(set_checkpointed_layers(trainer.model, cfg.checkpoint_layers), "checkpoint_layers set")
     if not cuda:
         return chosen(set_checkpointed_layers(trainer.model, n_layers), "no GPU to measure: all layers recompute")
-    limit = cfg.memory_limit_gib * 2**30 if cfg.memory_limit_gib else torch.cuda.get_device_properties(
-        trainer.args.device).total_memory
-    total = torch.cuda.get_device_properties(trainer.args.device).total_memory
-    if cfg.memory_limit_gib:  # the run itself stays within it too (e.g. to check a smaller card's setting)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), trainer.args.device)
     state = (torch.get_rng_state(), torch.cuda.get_rng_state_all(), trainer._total_train_tokens,
              copy.deepcopy(trainer._metrics))
     batch = worst_batch(trainer, cfg)
     was_training = trainer.model.training
     trainer.model.train()
     try:
-        peak_all, peak_probe = _probe(trainer, batch, n_layers)
-        if dense and cfg.dequantize_once == "auto" and peak_all + MARGIN_GIB * 2**30 > limit:
+        probed = _probe(trainer, batch, n_layers)
+        if dense and cfg.dequantize_once == "auto" and (probed is None or probed[0] + MARGIN_GIB * 2**30 > limit):
             from llmhelpers.model.fused_lora import keep_dense_base
 
             dense = keep_dense_base(trainer.model, False)  # even all layers recomputing do not fit with it
             torch.cuda.empty_cache()
-            peak_all, peak_probe = _probe(trainer, batch, n_layers)
+            probed = _probe(trainer, batch, n_layers)
+        if probed is None:
+            raise RuntimeError(
+                f"one training step on the longest batch this run can meet does not fit in {gib(limit)} GiB even "
+                f"with every layer recomputing{' and the base in 4 bits' if cfg.dequantize_once != 'on' else ''}: "
+                "lower pack_tokens (or max_example_tokens / per_device_train_batch_size), or raise memory_limit_gib")
+        peak_all, peak_probe = probed
     finally:
         torch.set_rng_state(state[0])
         torch.cuda.set_rng_state_all(state[1])
@@ -135,15 +159,29 @@ def _choose(trainer, cfg) -> dict:
         trainer.model.train(was_training)
         torch.cuda.empty_cache()
     n = set_checkpointed_layers(trainer.model, layers_that_fit(limit, peak_all, peak_probe, PROBE_LAYERS, n_layers))
+    per_layer = (peak_probe - peak_all) / PROBE_LAYERS  # infinite where the probe with layers kept did not fit
     return {"checkpointed_layers": n, "of": n_layers, "why": "measured", "limit_gib": gib(limit),
             "dequantized_base_bytes": dense, "peak_all_checkpointed_gib": gib(peak_all),
-            "per_layer_gib": gib((peak_probe - peak_all) / PROBE_LAYERS),
-            "expected_peak_gib": gib(peak_all + (n_layers - n) * (peak_probe - peak_all) / PROBE_LAYERS)}
+            "per_layer_gib": gib(per_layer) if per_layer != float("inf") else None,
+            "expected_peak_gib": gib(peak_all + (n_layers - n) * per_layer if n < n_layers else peak_all)}
 
 
-def _probe(trainer, batch, n_layers: int) -> tuple[float, float]:
-    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not."""
-    set_checkpointed_layers(trainer.model, n_layers)
-    peak_all = _peak_of_step(trainer, batch)
-    set_checkpointed_layers(trainer.model, n_layers - PROBE_LAYERS)
-    return peak_all, _peak_of_step(trainer, batch)
+def _probe(trainer, batch, n_layers: int) -> tuple[float, float] | None:
+    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not.
+    Under the run's cap a probe step can run out of memory (a small card's limit): None where even the first does,
+    an infinite second peak where only the second does (fewer than PROBE_LAYERS layers could keep theirs: all
+    recompute)."""
+    import torch
+
+    peaks = []
+    for n in (n_layers, n_layers - PROBE_LAYERS):
+        set_checkpointed_layers(trainer.model, n)
+        try:
+            peaks.append(_peak_of_step(trainer, batch))
+        except torch.OutOfMemoryError:
+            trainer.model.zero_grad(set_to_none=True)
+            peaks.append(None)
+            break
+    if peaks[0] is None:
+        return None
+    return peaks[0], peaks[1] if peaks[1] is not None else float("inf")
