@@ -216,3 +216,32 @@ def test_the_base_dequantized_once_trains_the_same_numbers_to_the_bit(tiny_model
     assert keep_dense_base(model, False) == 0 and not any(hasattr(b, DENSE_ATTR) for b in bases)
     again = loss_and_grads(model, batch)
     assert torch.equal(again[0], every_forward[0])
+
+
+@pytest.mark.parametrize("scaling", [2.0, 4.0])
+def test_a_power_of_two_scaling_moves_onto_b_with_the_same_numbers_to_the_bit(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              scaling):
+    """alpha = 2r (the default) gives scaling 2: multiplying B (and B's gradient) instead of the layer's whole
+    output (and output gradient) must change nothing, in bf16 under autocast as on a GPU."""
+    from llmhelpers.model import fused_lora
+
+    assert fused_lora.scale_folds(scaling) and not fused_lora.scale_folds(1.5) and not fused_lora.scale_folds(0.5)
+    model, cfg = lora_model(tiny_model_dir, tmp_path, bnb_4bit_compute_dtype="bfloat16")
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    base = layer.get_base_layer()
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, base.in_features, generator=generator).bfloat16().requires_grad_(True)
+    grad_out = torch.randn(3, 5, base.out_features, generator=generator).bfloat16()
+    results = []
+    for folds in (True, False):
+        monkeypatch.setattr(fused_lora, "scale_folds", lambda s, folds=folds: folds)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = LoraOn4bit.apply(x, a, b, base.weight, base.weight.quant_state, base.bias, scaling, 0.0, False)
+        out.backward(grad_out)
+        results.append([out.detach().clone(), x.grad.clone(), a.grad.clone(), b.grad.clone()])
+        for t in (x, a, b):
+            t.grad = None
+    for folded, plain in zip(*results):
+        assert plain.abs().sum() > 0 and torch.equal(folded, plain)
