@@ -51,6 +51,9 @@
 #              into their own target /tmp/usite; the parts stay in /tmp/bench-parts for:
 # train-project: the project's default, fits-24gb, equal-memory (at the peer's measured peak), pack8k; then
 # train-compiled: pack8k-compiled, default-compiled (lever 2). Each writes train-490.json (all parts so far) to OUT.
+# train-profile: bench/profile_train.py on the default recipe (rows of 16,384; PROFILE_SET: extra --set KEY=VALUE
+#              words): torch.profiler's kernel table and the step's phases, then cProfile (where the 73% of the step
+#              that is not the base's matmuls goes: issue #31).
 # grpo-sweep:  GRPO with each learning rate of GRPO_LRS (default "2e-5 1e-4 3e-4"), side by side on the one GPU
 #              (a 135M model leaves it mostly idle), each cut at GRPO_TIMEOUT seconds (default 530); then --select
 #              keeps the one with the highest gain on the validation problems (never the held-out ones) as grpo.json.
@@ -154,6 +157,10 @@ for stage in "$@"; do
       [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
       PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=${WARMUP:-15} bash bench/train_compare.sh 490 "$dest" "$configs"
       tail -n 24 "$dest/log-490.txt" ;;
+    train-profile)
+      python bench/profile_train.py --warmup 3 --steps 3 ${PROFILE_SET:+$PROFILE_SET} --out "$dest/train-profile.txt" \
+        --json "$dest/train-profile.json" > "$dest/train-profile.log" 2>&1 || echo "train profile failed"
+      tail -n 40 "$dest/train-profile.log" | grep -v -E "it/s\]|s/it\]" ;;
     time-to-model|time-to-model-wait)
       # issue #31: one timed run of the CLI (train, evaluate, merge; bench/time_to_model.py). ~15 minutes on an H200
       # with the recipe's 3 epochs: it runs in its own process session (it outlives this call while the machine is

@@ -18,6 +18,7 @@ import cProfile
 import io
 import json
 import pstats
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,9 +80,8 @@ def main():
     cfg = make_config(profile_name, model_id=str(model_dir), output_dir="/tmp/bench-profile/run", report_to="none",
                       max_steps=total, save_steps=10_000, eval_steps=10_000, warmup_steps=0, **overrides)
     trainer = bench_trainer(cfg, synthetic_rows(64 * (total + 2), vocab=vocab))
-    from llmhelpers.training.memory import choose_checkpointed_layers
+    from llmhelpers.training.run import TrainingRun
 
-    decided = choose_checkpointed_layers(trainer, cfg)  # what train() does before step 1
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
@@ -127,7 +127,10 @@ def main():
                 phases.switch("between steps")
 
     trainer.add_callback(Window())
-    trainer.train()
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run each time: an earlier one's records would resume
+    with TrainingRun(trainer, cfg) as run:  # as the notebook trains: the memory policy decides before step 1
+        trainer.train(resume_from_checkpoint=run.checkpoint)
+    decided = run.memory
     averages = prof.key_averages()
     by_gpu = averages.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
     by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=50)

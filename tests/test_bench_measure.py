@@ -3,6 +3,8 @@ and the second half's rate, which shows a peer still compiling in its first meas
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from train_throughput import second_half_rate  # noqa: E402
@@ -34,3 +36,20 @@ def test_the_timed_runs_data_holds_the_target_tokens_per_epoch():
     assert rows_for_tokens(lambda i: lengths[i % 4], 1_500_000, sample=400, cap=2048) == 4000
     with pytest.raises(ValueError, match="fits"):
         rows_for_tokens(lambda i: 5000, 10)
+
+
+@pytest.mark.slow
+def test_the_training_profile_runs_its_steps_inside_a_training_run(tmp_path):
+    """bench/profile_train.py trains as the notebook does (inside a TrainingRun: it refused a bare trainer.train()
+    until 2026-12-03, unnoticed, since only a GPU session ran it): the CPU dry run profiles its window."""
+    import json
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "profile_train.py"),
+                           "--dry-run", "--no-cprofile", "--steps", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 2 and summary["phases"]["forward+backward"]["cpu_s_per_step"] > 0
+    assert summary["checkpointing"]["why"] == "no GPU to measure: all layers recompute"
