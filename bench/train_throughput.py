@@ -61,6 +61,12 @@ CONFIGS = {
     # issue #31: the default's policy under the memory Unsloth's packed run without checkpointing took in the same
     # session (--peer: that run's result file; its peak_reserved_gib becomes memory_limit_gib)
     "equal-memory": dict(memory_limit_gib="peer"),
+    # issue #31, lever 3: the LoRA layers that read one input (q/k/v, gate/up) as one node each: one dropout mask and
+    # one stacked A matmul per group, the input's gradient summed in place (group_lora_inputs)
+    "default-grouped": dict(group_lora_inputs=True),
+    "fits-24gb-grouped": dict(memory_limit_gib=22.0, group_lora_inputs=True),
+    "equal-memory-grouped": dict(memory_limit_gib="peer", group_lora_inputs=True),
+    "pack8k-grouped": dict(packing(8192), group_lora_inputs=True),
 }
 
 

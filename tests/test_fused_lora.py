@@ -245,3 +245,135 @@ def test_a_power_of_two_scaling_moves_onto_b_with_the_same_numbers_to_the_bit(ti
             t.grad = None
     for folded, plain in zip(*results):
         assert plain.abs().sum() > 0 and torch.equal(folded, plain)
+
+
+def grouped_copy(model):
+    from llmhelpers.model.fused_lora import group_lora_layers
+
+    grouped = copy.deepcopy(model)
+    fuse_lora_layers(grouped)
+    assert group_lora_layers(grouped) == 2 * grouped.config.num_hidden_layers  # q/k/v and gate/up of each layer
+    return grouped
+
+
+def test_layers_that_read_one_input_train_as_one_group_with_the_same_numbers(tiny_model_dir, tmp_path):
+    """group_lora_inputs (no dropout): q/k/v and gate/up each run as one node (a stacked A matmul, the input's
+    gradient summed in place) and train the numbers of the layers run one by one, up to summation order."""
+    from llmhelpers.model.fused_lora import LoraGroupOn4bit
+
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    batch = batch_of(model.config.vocab_size)
+    grouped = grouped_copy(model)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, batch)
+    calls = {"group": 0, "single": 0}
+    originals = LoraGroupOn4bit.apply, LoraOn4bit.apply
+    LoraGroupOn4bit.apply = lambda *a: calls.__setitem__("group", calls["group"] + 1) or originals[0](*a)
+    LoraOn4bit.apply = lambda *a: calls.__setitem__("single", calls["single"] + 1) or originals[1](*a)
+    try:
+        logits, loss, grads = loss_and_grads(grouped, batch)
+    finally:
+        LoraGroupOn4bit.apply, LoraOn4bit.apply = originals
+    layers = model.config.num_hidden_layers
+    assert calls == {"group": 2 * layers, "single": 2 * layers}  # o_proj and down_proj run alone
+    torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, reference[1], rtol=1e-6, atol=1e-6)
+    for name, grad in reference[2].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert all(g.pending is None for m in grouped.modules() if (g := getattr(m, "llm_lora_group", None)))
+
+
+def test_grouped_layers_under_bf16_autocast_and_checkpointing(tiny_model_dir, tmp_path):
+    model, cfg = lora_model(tiny_model_dir, tmp_path, bnb_4bit_compute_dtype="bfloat16")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = batch_of(model.config.vocab_size)
+    grouped = grouped_copy(model)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, batch, autocast=True)
+    logits, loss, grads = loss_and_grads(grouped, batch, autocast=True)
+    torch.testing.assert_close(logits, reference[0], rtol=2e-2, atol=2e-2)
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(grads[name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_group_with_dropout_matches_autograd_over_one_shared_mask(tiny_model_dir, tmp_path):
+    """p > 0: one mask for the group's input, every layer's A sees the same dropped input; the written-out backward
+    against autograd over the same ops and draws."""
+    from llmhelpers.model.fused_lora import LoraGroupOn4bit
+
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    attention = next(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj"))
+    layers = [attention.q_proj, attention.k_proj, attention.v_proj]
+    bases = [layer.get_base_layer() for layer in layers]
+    adapters = [t.detach().clone().requires_grad_(True) for layer in layers
+                for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, bases[0].in_features, generator=generator).requires_grad_(True)
+    grads_out = [torch.randn(3, 5, b.out_features, generator=generator) for b in bases]
+    p, scalings = 0.3, (2.0, 1.5, 2.0)  # 1.5: the scaling that does not fold onto B
+    members = tuple((b.weight, b.weight.quant_state, b.bias, s, None) for b, s in zip(bases, scalings))
+
+    def grouped():
+        torch.manual_seed(7)
+        return LoraGroupOn4bit.apply(x, members, p, False, *adapters)
+
+    def reference():
+        torch.manual_seed(7)
+        dropped, _ = torch.native_dropout(x, p, True)
+        outs = []
+        for b, s, a_w, b_w in zip(bases, scalings, adapters[0::2], adapters[1::2]):
+            with torch.no_grad():
+                weight = __import__("bitsandbytes").functional.dequantize_4bit(b.weight.view(-1, 1), b.weight.quant_state)
+            outs.append(torch.nn.functional.linear(x, weight, b.bias) + (dropped @ a_w.t() @ b_w.t()) * s)
+        return outs
+
+    results = []
+    for run in (grouped, reference):
+        outs = run()
+        torch.autograd.backward(outs, grads_out)
+        results.append([torch.cat([o.detach().flatten() for o in outs]), x.grad.clone(),
+                        *(t.grad.clone() for t in adapters)])
+        for t in (x, *adapters):
+            t.grad = None
+    for got, want in zip(*results):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_member_called_on_another_input_runs_alone(tiny_model_dir, tmp_path):
+    model, cfg = lora_model(tiny_model_dir, tmp_path)
+    reference = copy.deepcopy(model)
+    grouped = grouped_copy(model)
+    fuse_lora_layers(reference)
+    pick = lambda m: next(a for a in m.modules() if hasattr(a, "q_proj") and hasattr(a, "k_proj"))
+    generator = torch.Generator().manual_seed(4)
+    x, other = (torch.randn(2, 3, model.config.hidden_size, generator=generator) for _ in range(2))
+    group = pick(grouped).q_proj.llm_lora_group
+    got = [pick(grouped).q_proj(x), pick(grouped).k_proj(other)]
+    assert group.pending is None  # k_proj on `other` dropped the outputs kept for x and ran alone
+    got += [pick(grouped).k_proj(x), pick(grouped).v_proj(x), pick(grouped).q_proj(x)]  # a fresh group on x
+    assert group.pending is None  # q, k and v each took theirs
+    want = [pick(reference).q_proj(x), pick(reference).k_proj(other), pick(reference).k_proj(x),
+            pick(reference).v_proj(x), pick(reference).q_proj(x)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_attach_lora_groups_only_when_asked_and_a_grouped_run_is_its_own_run(tiny_model_dir, tmp_path):
+    from llmhelpers.model.fused_lora import GROUP_ATTR
+    from llmhelpers.model.loading import check_lora_matches
+
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir))
+    assert not cfg.group_lora_inputs
+    assert not any(hasattr(m, GROUP_ATTR) for m in attach_lora(load_base_model(cfg), cfg).modules())
+    grouped_cfg = cfg.replace(group_lora_inputs=True)
+    model = attach_lora(load_base_model(grouped_cfg), grouped_cfg)
+    groups = {id(getattr(m, GROUP_ATTR)) for m in model.modules() if hasattr(m, GROUP_ATTR)}
+    assert len(groups) == 2 * model.config.num_hidden_layers
+    # with lora_dropout > 0 a group shares one mask: other draws, other weights, another run
+    assert grouped_cfg.run_id != cfg.run_id
+    with pytest.raises(ValueError, match="group_lora_inputs"):
+        check_lora_matches(model, cfg)

@@ -56,6 +56,11 @@ class FinetuneConfig(run_identity.RunFolders):
     # (2.4 GiB for the 1.5B). "auto": kept when the worst step still fits memory_limit_gib with it (measured before step 1,
     # with the checkpointed layers chosen after it); "on", "off".
     dequantize_once: str = "auto"
+    # The LoRA layers that read one input (q/k/v of each attention, gate/up of each MLP) as one autograd node: one
+    # dropout mask and one stacked LoRA-A matmul per group (llmhelpers.model.fused_lora.InputGroup). With
+    # lora_dropout > 0 the group shares its mask (peft draws one per layer), so it is part of the run's identity.
+    # Off until measured on a GPU (issue #31, lever 3).
+    group_lora_inputs: bool = False
     # Each decoder layer compiled as one region (torch.compile) for the training steps, to cut the per-step CPU work
     # (llmhelpers.training.compiled). Off: on an H200 +7.5% at rows of 16,384, -22% at 8,192; undone when training stops.
     compile_layers: bool = False

@@ -144,21 +144,35 @@ def _fusable(layer, x, kwargs) -> str | None:
 
 
 def _fused_forward(self, x, *args, **kwargs):
-    name = None if args else _fusable(self, x, kwargs)
-    if name is None:
+    spec = None if args or kwargs else _fused_spec(self, x)
+    if spec is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    dropout = self.lora_dropout[name]
+    group = getattr(self, GROUP_ATTR, None)
+    return group.run(self, x, spec) if group is not None else _single(self, x, spec)
+
+
+def _fused_spec(layer, x):
+    """(adapter name, (weight, quant_state, bias, scaling, dense), dropout p) for a layer that runs fused on x now,
+    else None (peft's forward runs)."""
+    name = _fusable(layer, x, {})
+    if name is None:
+        return None
+    dropout = layer.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     if p > 0 and not x.is_cuda:  # F.dropout draws its mask otherwise off CUDA: keep peft's exact numbers there
-        return type(self).forward(self, x, *args, **kwargs)
+        return None
+    base = layer.get_base_layer()
     bias = base.bias.to(x.dtype) if base.bias is not None else None
     dense = getattr(base, DENSE_ATTR, None)
     if dense is not None and dense.dtype != x.dtype:  # bitsandbytes dequantizes into the input's dtype
         dense = None
-    return LoraOn4bit.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight,
-                            base.weight.quant_state, bias, self.scaling[name], p, not torch.is_autocast_enabled(),
-                            dense)
+    return name, (base.weight, base.weight.quant_state, bias, layer.scaling[name], dense), p
+
+
+def _single(layer, x, spec):
+    name, (weight, quant_state, bias, scaling, dense), p = spec
+    return LoraOn4bit.apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, weight, quant_state, bias,
+                            scaling, p, not torch.is_autocast_enabled(), dense)
 
 
 def fuse_lora_layers(model) -> int:
@@ -211,3 +225,119 @@ def keep_dense_base(model, on: bool, dtype=None) -> int:
             setattr(base, DENSE_ATTR, dense)
         kept += dense.numel() * dense.element_size()
     return kept
+
+
+# --- layers that read one input: q/k/v, gate/up (issue #31, lever 3) -------------------------------------------------
+GROUP_ATTR = "llm_lora_group"  # on each member of an InputGroup
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # in the order the model calls them
+
+
+class LoraGroupOn4bit(torch.autograd.Function):
+    """The LoRA layers that read one input as one node: each base matmul as in LoraOn4bit, then one dropout of the
+    input shared by the group (a mask per group, not per layer: with lora_dropout > 0 the draws differ from peft's),
+    one matmul with the group's A matrices stacked, and each layer's B. The backward sums the input's gradient from
+    every base in place and from the stacked A once, and reads the dropped input once for all A gradients."""
+
+    @staticmethod
+    def forward(ctx, x, members, dropout_p, cast_input, *adapters):
+        # members: (weight, quant_state, bias, scaling, dense) per layer; adapters: lora_A, lora_B of each in turn
+        lora_as, lora_bs = adapters[0::2], adapters[1::2]
+        bases = [torch.nn.functional.linear(x, dense, bias) if dense is not None
+                 else _base_output(x, weight, quant_state, bias) for weight, quant_state, bias, _, dense in members]
+        inner = x.to(lora_as[0].dtype) if cast_input else x
+        if dropout_p > 0:
+            dropped, mask = torch.native_dropout(inner, dropout_p, True)
+        else:
+            dropped, mask = inner, None
+        down = torch.nn.functional.linear(dropped, torch.cat(lora_as))
+        ranks = [a.shape[0] for a in lora_as]
+        outputs = []
+        for base, part, lora_b, (*_, scaling, _) in zip(bases, down.split(ranks, -1), lora_bs, members):
+            fold = scale_folds(scaling)
+            up = torch.nn.functional.linear(part, lora_b * scaling if fold else lora_b)
+            update = up if fold else up * scaling
+            outputs.append(base + (update.to(base.dtype) if cast_input else update))
+        ctx.members, ctx.dropout_p, ctx.ranks = members, dropout_p, ranks
+        ctx.dtypes = (x.dtype, inner.dtype, down.dtype)
+        ctx.save_for_backward(dropped, mask, down, *adapters)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dropped, mask, down, *adapters = ctx.saved_tensors
+        lora_as, lora_bs = adapters[0::2], adapters[1::2]
+        x_dtype, inner_dtype, compute_dtype = ctx.dtypes
+        need_x = ctx.needs_input_grad[0]
+        down_2d = down.reshape(-1, down.shape[-1])
+        grad_downs, grad_bs, grad_x = [], [], None
+        for grad, part, lora_b, (weight, quant_state, _, scaling, dense) in zip(
+                grads, down_2d.split(ctx.ranks, -1), lora_bs, ctx.members):
+            fold = scale_folds(scaling)
+            grad_up = grad.to(compute_dtype) if fold else grad.to(compute_dtype) * scaling
+            grad_up = grad_up.reshape(-1, grad.shape[-1])
+            grad_downs.append(grad_up.mm((lora_b * scaling if fold else lora_b).to(compute_dtype)))
+            grad_b = grad_up.t().mm(part)
+            grad_bs.append((grad_b * scaling if fold else grad_b).to(lora_b.dtype))
+            if need_x:  # each base's share summed into one buffer: no separate gradient per layer to add up
+                base = dense.to(grad.dtype) if dense is not None else dequantized(weight, quant_state, grad.dtype)
+                if grad_x is None:
+                    grad_x = torch.matmul(grad, base)
+                else:
+                    grad_x.view(-1, grad_x.shape[-1]).addmm_(grad.reshape(-1, grad.shape[-1]), base)
+        grad_down = torch.cat(grad_downs, -1)
+        dropped_2d = dropped.reshape(-1, dropped.shape[-1]).to(compute_dtype)
+        grad_as = [g.to(a.dtype) for g, a in zip(grad_down.t().mm(dropped_2d).split(ctx.ranks), lora_as)]
+        if need_x:
+            stacked = torch.cat(lora_as).to(compute_dtype)
+            grad_dropped = grad_down.mm(stacked).to(inner_dtype).view(dropped.shape)
+            if mask is not None:
+                grad_dropped = torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1.0 / (1.0 - ctx.dropout_p))
+            grad_x = grad_x + grad_dropped.to(x_dtype)
+        return (grad_x, None, None, None, *(g for pair in zip(grad_as, grad_bs) for g in pair))
+
+
+class InputGroup:
+    """The fused LoRA layers of one block that the model calls on the same input, in turn. A call with nothing kept
+    runs the whole group (LoraGroupOn4bit) and keeps the others' outputs; their calls with that same tensor take
+    them. A call that does not match what is kept (another input, a member called twice) drops it and runs alone
+    (LoraOn4bit), as does a group whose members cannot all run fused now: the numbers stay right whatever calls the
+    layers, and at most one group's outputs are ever kept."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.pending = None  # (the input, {member index: its output}) until the other members take theirs
+
+    def run(self, layer, x, spec):
+        index = self.members.index(layer)
+        if self.pending is not None and self.pending[0] is x and index in self.pending[1]:
+            out = self.pending[1].pop(index)
+            if not self.pending[1]:
+                self.pending = None
+            return out
+        if self.pending is not None:
+            self.pending = None
+            return _single(layer, x, spec)
+        specs = [spec if member is layer else _fused_spec(member, x) for member in self.members]
+        name, _, p = spec
+        if any(other is None or other[0] != name or other[2] != p for other in specs):
+            return _single(layer, x, spec)
+        members = tuple(other[1] for other in specs)
+        adapters = [t for member in self.members for t in (member.lora_A[name].weight, member.lora_B[name].weight)]
+        outputs = LoraGroupOn4bit.apply(x, members, p, not torch.is_autocast_enabled(), *adapters)
+        self.pending = (x, {i: out for i, out in enumerate(outputs) if i != index})
+        return outputs[index]
+
+
+def group_lora_layers(model) -> int:
+    """Group the fused LoRA layers that read one input (GROUPS: q/k/v of each attention, gate/up of each MLP), so a
+    training step runs each group as one node (InputGroup); returns the number of groups."""
+    count = 0
+    for module in model.modules():
+        for names in GROUPS:
+            members = [getattr(module, name, None) for name in names]
+            if all(getattr(m, FUSED_FLAG, False) for m in members) and not hasattr(members[0], GROUP_ATTR):
+                group = InputGroup(members)
+                for member in members:
+                    setattr(member, GROUP_ATTR, group)
+                count += 1
+    return count

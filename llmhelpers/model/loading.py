@@ -100,6 +100,7 @@ def lora_settings(cfg) -> dict:
     """What attached adapters depend on: the LoraConfig's fields and how the base was prepared for them."""
     settings = {f"lora_config.{k}": v for k, v in library_settings(cfg.lora).items()}
     settings.update({"upcast_to_fp32": cfg.upcast_to_fp32, "liger_kernels": cfg.liger_kernels, "fused_lora": cfg.fused_lora,
+                     "group_lora_inputs": cfg.group_lora_inputs,
                      "sft_config.activation_checkpointing": bool(cfg.sft.activation_checkpointing)})
     return settings
 
@@ -195,9 +196,11 @@ def finish_lora(peft_model, cfg):
         raise ValueError(f"the adapters were attached with {diff}: lora_config changed after cfg was built. Re-run "
                          "the cell that builds cfg (make_config), then the LoRA step.")
     if cfg.fused_lora:
-        from llmhelpers.model.fused_lora import fuse_lora_layers
+        from llmhelpers.model.fused_lora import fuse_lora_layers, group_lora_layers
 
         fuse_lora_layers(peft_model)
+        if cfg.group_lora_inputs:
+            group_lora_layers(peft_model)
     base.llm_lora_settings = lora_settings(cfg)
     return peft_model
 
