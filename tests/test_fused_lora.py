@@ -285,18 +285,30 @@ def test_layers_that_read_one_input_train_as_one_group_with_the_same_numbers(tin
     assert all(g.pending is None for m in grouped.modules() if (g := getattr(m, "llm_lora_group", None)))
 
 
-def test_grouped_layers_under_bf16_autocast_and_checkpointing(tiny_model_dir, tmp_path):
+def test_grouped_layers_under_bf16_autocast_and_checkpointing_stay_within_bf16_noise(tiny_model_dir, tmp_path):
+    """bf16 under autocast, with checkpointing: the group rounds each output once (the update added inside the
+    matmul) where the layer-by-layer path rounds the update and then the sum, and the tiny random model amplifies
+    roundings (its logits reach ~10). So both are measured against the same model in fp32: the group's distance to
+    it must be no more than the layer-by-layer path's own (x1.5), for the logits, the loss and every gradient."""
+    import bitsandbytes as bnb
+
     model, cfg = lora_model(tiny_model_dir, tmp_path, bnb_4bit_compute_dtype="bfloat16")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = batch_of(model.config.vocab_size)
-    grouped = grouped_copy(model)
+    grouped, exact = grouped_copy(model), copy.deepcopy(model)
+    for module in exact.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
     fuse_lora_layers(model)
-    reference = loss_and_grads(model, batch, autocast=True)
-    logits, loss, grads = loss_and_grads(grouped, batch, autocast=True)
-    torch.testing.assert_close(logits, reference[0], rtol=2e-2, atol=2e-2)
-    for name, grad in reference[2].items():
-        torch.testing.assert_close(grads[name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item(),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    fuse_lora_layers(exact)
+    fp32 = loss_and_grads(exact, batch)
+    single = loss_and_grads(model, batch, autocast=True)
+    group = loss_and_grads(grouped, batch, autocast=True)
+    distance = lambda run, i, key=None: ((run[i] if key is None else run[i][key]).float()
+                                         - (fp32[i] if key is None else fp32[i][key])).norm().item()
+    assert distance(group, 0) <= 1.5 * distance(single, 0) and distance(group, 1) <= 1.5 * distance(single, 1) + 1e-4
+    for name in fp32[2]:
+        assert distance(group, 2, name) <= 1.5 * distance(single, 2, name) + 1e-6, name
 
 
 def test_a_group_with_dropout_matches_autograd_over_one_shared_mask(tiny_model_dir, tmp_path):
