@@ -243,8 +243,9 @@ class LoraGroupOn4bit(torch.autograd.Function):
     def forward(ctx, x, members, dropout_p, cast_input, *adapters):
         # members: (weight, quant_state, bias, scaling, dense) per layer; adapters: lora_A, lora_B of each in turn
         lora_as, lora_bs = adapters[0::2], adapters[1::2]
-        bases = [torch.nn.functional.linear(x, dense, bias) if dense is not None
-                 else _base_output(x, weight, quant_state, bias) for weight, quant_state, bias, _, dense in members]
+        bases = [(torch.nn.functional.linear(x, dense, bias) if dense is not None
+                  else _base_output(x, weight, quant_state, bias)).contiguous()  # added to in place below
+                 for weight, quant_state, bias, _, dense in members]
         inner = x.to(lora_as[0].dtype) if cast_input else x
         if dropout_p > 0:
             dropped, mask = torch.native_dropout(inner, dropout_p, True)
