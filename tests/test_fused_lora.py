@@ -365,9 +365,14 @@ def test_a_group_member_called_on_another_input_runs_alone(tiny_model_dir, tmp_p
     x, other = (torch.randn(2, 3, model.config.hidden_size, generator=generator) for _ in range(2))
     group = pick(grouped).q_proj.llm_lora_group
     got = [pick(grouped).q_proj(x), pick(grouped).k_proj(other)]
-    assert group.pending is None  # k_proj on `other` dropped the outputs kept for x and ran alone
+    assert group.pending[0] is other  # k_proj on `other` dropped the outputs kept for x: the group ran on `other`
     got += [pick(grouped).k_proj(x), pick(grouped).v_proj(x), pick(grouped).q_proj(x)]  # a fresh group on x
     assert group.pending is None  # q, k and v each took theirs
+    pick(grouped).q_proj(x)
+    assert group.pending is not None
+    with torch.no_grad():  # peft's forward runs (no groups): only the model's pre-hook can drop what was left
+        grouped(input_ids=torch.tensor([[5, 6, 7]]))
+    assert group.pending is None
     want = [pick(reference).q_proj(x), pick(reference).k_proj(other), pick(reference).k_proj(x),
             pick(reference).v_proj(x), pick(reference).q_proj(x)]
     for g, w in zip(got, want):

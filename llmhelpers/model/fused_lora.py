@@ -303,11 +303,11 @@ class LoraGroupOn4bit(torch.autograd.Function):
 
 
 class InputGroup:
-    """The fused LoRA layers of one block that the model calls on the same input, in turn. A call with nothing kept
-    runs the whole group (LoraGroupOn4bit) and keeps the others' outputs; their calls with that same tensor take
-    them. A call that does not match what is kept (another input, a member called twice) drops it and runs alone
-    (LoraOn4bit), as does a group whose members cannot all run fused now: the numbers stay right whatever calls the
-    layers, and at most one group's outputs are ever kept."""
+    """The fused LoRA layers of one block that the model calls on the same input, in turn. A call runs the whole
+    group (LoraGroupOn4bit) and keeps the others' outputs; their calls with that same tensor take them. A call that
+    does not match what is kept (another input, a member called twice) drops it and runs the group afresh; a group
+    whose members cannot all run fused now runs this member alone (LoraOn4bit). The numbers stay right whatever
+    calls the layers; the model's forward drops whatever an interrupted step left kept (group_lora_layers)."""
 
     def __init__(self, members: list):
         self.members = members
@@ -320,9 +320,10 @@ class InputGroup:
             if not self.pending[1]:
                 self.pending = None
             return out
-        if self.pending is not None:
-            self.pending = None
-            return _single(layer, x, spec)
+        # nothing kept for this call (a new input, a member called twice, what an interrupted step left): the whole
+        # group afresh. Running this member alone instead would leave the others' outputs for a call that never
+        # comes, and the next step would start out of turn again
+        self.pending = None
         specs = [spec if member is layer else _fused_spec(member, x) for member in self.members]
         name, _, p = spec
         if any(other is None or other[0] != name or other[2] != p for other in specs):
@@ -337,13 +338,18 @@ class InputGroup:
 def group_lora_layers(model) -> int:
     """Group the fused LoRA layers that read one input (GROUPS: q/k/v of each attention, gate/up of each MLP), so a
     training step runs each group as one node (InputGroup); returns the number of groups."""
-    count = 0
+    groups = []
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
             if all(getattr(m, FUSED_FLAG, False) for m in members) and not hasattr(members[0], GROUP_ATTR):
-                group = InputGroup(members)
+                groups.append(InputGroup(members))
                 for member in members:
-                    setattr(member, GROUP_ATTR, group)
-                count += 1
-    return count
+                    setattr(member, GROUP_ATTR, groups[-1])
+    def drop_kept(module, args):  # outputs kept by a forward that raised (out of memory in the memory probe,
+        for group in groups:  # an interrupt) go before the next one
+            group.pending = None
+
+    if groups:
+        model.register_forward_pre_hook(drop_kept)
+    return len(groups)
