@@ -51,8 +51,9 @@
 #              into their own target /tmp/usite; the parts stay in /tmp/bench-parts for:
 # train-project: the project's default, fits-24gb, equal-memory (at the peer's measured peak), pack8k; then
 # train-compiled: pack8k-compiled, default-compiled (lever 2); train-grouped: default-grouped, fits-24gb-grouped,
-#              equal-memory-grouped, pack8k-grouped (lever 3: group_lora_inputs). Each writes train-490.json (all
-#              parts so far) to OUT.
+#              equal-memory-grouped, pack8k-grouped (lever 3: group_lora_inputs); train-nodrop: default-nodrop,
+#              equal-memory-nodrop, fits-24gb-nodrop (the recipe's dropout apart from the implementation, where
+#              memory decides). Each writes train-490.json (all parts so far) to OUT.
 # train-profile: bench/profile_train.py on the default recipe (rows of 16,384; PROFILE_SET: extra --set KEY=VALUE
 #              words): torch.profiler's kernel table and the step's phases, then cProfile (where the 73% of the step
 #              that is not the base's matmuls goes: issue #31).
@@ -154,10 +155,11 @@ for stage in "$@"; do
       # second_half_useful_tok_s
       UNSLOTH=1 STEPS=30 WARMUP=${WARMUP:-15} PYTHONPATH=/tmp/usite bash bench/train_compare.sh 490 "$dest" packed,packed-gc
       tail -n 12 "$dest/log-490.txt" ;;
-    train-project|train-compiled|train-grouped)
+    train-project|train-compiled|train-grouped|train-nodrop)
       configs=default,fits-24gb,equal-memory,pack8k
       [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
       [ "$stage" = train-grouped ] && configs=default-grouped,fits-24gb-grouped,equal-memory-grouped,pack8k-grouped
+      [ "$stage" = train-nodrop ] && configs=default-nodrop,equal-memory-nodrop,fits-24gb-nodrop
       PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=${WARMUP:-15} bash bench/train_compare.sh 490 "$dest" "$configs"
       tail -n 24 "$dest/log-490.txt" ;;
     train-profile)
