@@ -333,12 +333,14 @@ def test_a_group_with_dropout_matches_autograd_over_one_shared_mask(tiny_model_d
         return LoraGroupOn4bit.apply(x, members, p, False, *adapters)
 
     def reference():
+        import bitsandbytes.functional as bnb_functional
+
         torch.manual_seed(7)
         dropped, _ = torch.native_dropout(x, p, True)
         outs = []
         for b, s, a_w, b_w in zip(bases, scalings, adapters[0::2], adapters[1::2]):
             with torch.no_grad():
-                weight = __import__("bitsandbytes").functional.dequantize_4bit(b.weight.view(-1, 1), b.weight.quant_state)
+                weight = bnb_functional.dequantize_4bit(b.weight.view(-1, 1), b.weight.quant_state)
             outs.append(torch.nn.functional.linear(x, weight, b.bias) + (dropped @ a_w.t() @ b_w.t()) * s)
         return outs
 

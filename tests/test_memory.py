@@ -98,7 +98,7 @@ def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(
     assert (peak_all, peak_probe) == (10 * GIB, float("inf")) and trainer.model.zeroed
     assert layers_that_fit(24 * GIB, peak_all, peak_probe, 4, 28) == 28  # no layer known to fit: all recompute
     peaks = iter([torch.OutOfMemoryError("probe")])
-    assert memory._probe(trainer, {}, 28) is None  # even with all recomputing: the caller drops the dense base or says so
+    assert memory._probe(trainer, {}, 28) is None  # over even with all recomputing: drop the dense base, or say so
 
 
 def test_the_dense_base_is_counted_before_it_is_made_and_kept_only_where_it_fits(tmp_path, tiny_model_dir,

@@ -13,12 +13,12 @@ bench/profile_train.py). Here the whole layer is one `torch.autograd.Function` w
 
 A scaling that is a power of two of at least 1 (alpha = 2r, the default, gives 2) multiplies the rank-r B and its
 gradient instead of the whole output and output gradient: exactly the same numbers (`scale_folds`), two passes over
-each layer's output fewer. The forward runs the same ops as peft's (bitsandbytes' gemm_4bit for the base, the same dropout kernel and RNG
-draws, the same linears and casts, under whatever autocast is active), so its output is bit-identical; the backward
-computes each gradient with the matmul autograd would use, so gradients differ only where bf16 sums of the branches
-meet in another order (`tests/test_fused_lora.py` measures both on a 4-bit model). Activation checkpointing works as
-before: the saved tensors go through `save_for_backward`, so a checkpointed layer drops and recomputes them, and the
-dropout mask is drawn again from the restored RNG state.
+each layer's output fewer. The forward runs the same ops as peft's (bitsandbytes' gemm_4bit for the base, the same
+dropout kernel and RNG draws, the same linears and casts, under whatever autocast is active), so its output is
+bit-identical; the backward computes each gradient with the matmul autograd would use, so gradients differ only
+where bf16 sums of the branches meet in another order (`tests/test_fused_lora.py` measures both on a 4-bit model).
+Activation checkpointing works as before: the saved tensors go through `save_for_backward`, so a checkpointed layer
+drops and recomputes them, and the dropout mask is drawn again from the restored RNG state.
 
 Only the training path is replaced (grad enabled, one plain LoRA adapter, adapters active and not merged, on CUDA or
 without dropout); anything else (evaluation under no_grad, DoRA and other variants, several adapters, adapters
@@ -206,8 +206,8 @@ def keep_dense_base(model, on: bool, dtype=None) -> int:
     """Keep (or drop) each fused LoRA layer's 4-bit base weight dequantized once, in `dtype` (default: the layer's
     compute dtype), for the training steps: the frozen base never changes, so dequantizing it in every forward and
     backward (and every recomputation) is repeated work. The values are bitsandbytes' own dequantization, so the
-    numbers are the same; the cost is memory: 2 bytes per quantized base parameter in bf16 (2.4 GiB for the 1.5B model's linear layers).
-    Not a parameter or buffer: never saved, never trained. Returns the bytes kept."""
+    numbers are the same; the cost is memory: 2 bytes per quantized base parameter in bf16 (2.4 GiB for the 1.5B
+    model's linear layers). Not a parameter or buffer: never saved, never trained. Returns the bytes kept."""
     kept = 0
     for module in model.modules():
         if not getattr(module, FUSED_FLAG, False):
