@@ -616,18 +616,27 @@ def test_fused_decode_kernels_do_the_modules_arithmetic_and_keep_the_greedy_toke
                 runs.append([engine.k_cache[0], engine.v_cache[0], engine.k_scale[0], engine.v_scale[0]])
             out.append(int(same(runs[0][0], runs[1][0]) and same(runs[0][1], runs[1][1])
                            and torch.equal(runs[0][2], runs[1][2]) and torch.equal(runs[0][3], runs[1][3])))
+            # a prefill through the kernels (norm + add, SiLU * up) writes the last layer's cache as the modules do
+            caches = []
+            for elementwise in ("triton", "model"):
+                engine = Engine(model, slots=3, max_len=40, fuse=True, elementwise=elementwise)
+                engine.run([Request(p, 1) for p in prompts], SamplingParams(temperature=0.0), eos=-1)
+                caches.append(torch.stack([engine.k_cache[-1], engine.v_cache[-1]]))
+            out.append(gap(caches[0], caches[1]))
         print(*out)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    values = list(map(float, proc.stdout.split()[-17:]))
-    fp32, bf16, fp8_writes, tokens = values[:6], values[6:12], values[12], values[13:]
+    values = list(map(float, proc.stdout.split()[-19:]))
+    fp32, bf16, fp8_writes, per_model = values[:6], values[6:12], values[12], values[13:]
+    tokens, prefill_gaps = per_model[0:2] + per_model[3:5], per_model[2::3]
     assert fp32[0] == 0 and fp32[2] == 0 and fp32[3] == 0 and fp32[4] == 1  # add, RoPE, caches: bit-identical
     assert fp32[1] < 1e-6 and fp32[5] < 1e-6  # the norm's and SiLU's fp32 sums in another order
     assert max(bf16[:4] + bf16[5:]) <= 2 * 2**-7 and bf16[4] == 1  # within two bf16 steps; values copied exactly
     assert fp8_writes == 1  # fp8 values and scales bit-identical to quantize_fp8's (but the interpreter's carries)
     assert tokens == [1, 1, 1, 1]  # Qwen2: generate's tokens, the fp8 cache as the modules write it; Llama: the same
+    assert max(prefill_gaps) < 1e-5  # the kernels' prefill: the norm's fp32 sums in another order, nothing more
 
 
 def test_the_fused_decode_kernels_need_fused_projections_silu_and_a_gpu(tiny):

@@ -509,6 +509,35 @@ class Engine:
                 hidden = hidden + layer.mlp(x)
         return self.norm(self.model.model.norm, hidden)
 
+    def _kernel_layers(self, hidden, slot_idx, positions, attend):
+        """_layers through the fused elementwise kernels (elementwise="triton"), for prefill: the residual add with
+        the next RMSNorm in one kernel and SiLU * up in one (the modules' path runs the norm as ~7 fp32 passes over
+        every token); RoPE, the projections and `attend` as in _layers. hidden [B, T, H]."""
+        from llmhelpers.inference import decode_kernels as kernels
+
+        B, T, width = hidden.shape
+        rot = self.model.model.rotary_emb(hidden, positions)
+        layers = self.model.model.layers
+        following = [layer.input_layernorm for layer in layers[1:]] + [self.model.model.norm]
+        first = layers[0].input_layernorm
+        hidden, x = kernels.add_rms_norm(hidden.reshape(B * T, width), None, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(layers):
+            qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
+            q, k, v = F.linear(x, qkv_w, qkv_b).view(B, T, -1).split(
+                [self.hq * self.head_dim, self.hkv * self.head_dim, self.hkv * self.head_dim], -1)
+            q = q.view(B, T, self.hq, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, *rot)
+            a = attend(i, q, k, v, slot_idx, positions)  # [B, T, Hq * D]
+            norm = layer.post_attention_layernorm
+            hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(B * T, -1)), norm.weight,
+                                             norm.variance_epsilon)
+            up = kernels.silu_mul(F.linear(x, gate_up_w, gate_up_b))
+            hidden, x = kernels.add_rms_norm(hidden, layer.mlp.down_proj(up), following[i].weight,
+                                             following[i].variance_epsilon)
+        return x.view(B, T, width)
+
     # the KV cache: every write and every prefill read goes through these two (an fp8 cache keeps a scale per vector)
     def _write_kv(self, i, slots, positions, k, v):
         """Keys and values [N, Hkv, D] into layer i's caches at the (slot, position) pairs."""
@@ -664,7 +693,10 @@ class Engine:
                                                                        scale=self.scale, enable_gqa=True)
             return out.transpose(1, 2).reshape(n, width, -1)
 
-        hidden = self._layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
+        # the fused elementwise kernels where the decode steps use them; an fp8 cache keeps the modules' path (its
+        # quantized values are compared with theirs bit for bit)
+        layers = self._kernel_layers if self.decode_kernels and not self.fp8 else self._layers
+        hidden = layers(self.model.model.embed_tokens(ids_t), None, pos_t, attend)
         last = hidden[torch.arange(n, device=self.device), valid.sum(1) - 1]
         counts = [len(keys) for keys in draws]
         logits = self.model.lm_head(last).repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
