@@ -53,3 +53,21 @@ def test_the_training_profile_runs_its_steps_inside_a_training_run(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["steps"] == 2 and summary["phases"]["forward+backward"]["cpu_s_per_step"] > 0
     assert summary["checkpointing"]["why"] == "no GPU to measure: all layers recompute"
+
+
+@pytest.mark.slow
+def test_the_timed_run_to_a_model_runs_every_phase_on_the_cpu(tmp_path):
+    """bench/time_to_model.py --tiny: the CLI's run (train, grade base and tuned with and without tools, merge, GGUF)
+    end to end, so the GPU session's timed run does not meet a broken script."""
+    import json
+    import subprocess
+
+    out = tmp_path / "ttm.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "time_to_model.py"),
+                           "--tiny", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["seconds"] > 0 and record["run"]["global_step"] > 0
+    assert set(record["run"]["accuracy"]) == {"base", "finetuned", "finetuned-no-tools"}
+    assert Path(record["run"]["merged_dir"]).is_dir()
