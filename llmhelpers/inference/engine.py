@@ -489,25 +489,39 @@ class Engine:
             attn = layer.self_attn
             x = self.norm(layer.input_layernorm, hidden)
             B, T, _ = x.shape
-            if self.fused:
-                qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
-                q, k, v = F.linear(x, qkv_w, qkv_b).split([self.hq * self.head_dim, self.hkv * self.head_dim,
-                                                            self.hkv * self.head_dim], -1)
-            else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q = q.view(B, T, self.hq, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
-            v = v.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, *rot)
+            q, k, v = self._attention_inputs(i, x, B, T, rot)
             a = attend(i, q, k, v, slot_idx, positions)  # [B, T, Hq * D]
             hidden = hidden + attn.o_proj(a)
             x = self.norm(layer.post_attention_layernorm, hidden)
             if self.fused:
+                _, _, gate_up_w, gate_up_b = self.fused[i]
                 gate, up = F.linear(x, gate_up_w, gate_up_b).chunk(2, -1)  # a bias: Llama's mlp_bias=True
                 hidden = hidden + layer.mlp.down_proj(self.act(gate) * up)
             else:
                 hidden = hidden + layer.mlp(x)
         return self.norm(self.model.model.norm, hidden)
+
+    def _attention_inputs(self, i, x, B, T, rot):
+        """Layer i's queries, keys and values [B, heads, T, D] from its normed input (rows [B, T, H] or [B * T, H]):
+        one fused projection (or the modules'), RoPE on the queries and keys."""
+        attn = self.model.model.layers[i].self_attn
+        if self.fused:
+            qkv_w, qkv_b, _, _ = self.fused[i]
+            q, k, v = F.linear(x, qkv_w, qkv_b).split([self.hq * self.head_dim, self.hkv * self.head_dim,
+                                                        self.hkv * self.head_dim], -1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(B, T, self.hq, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, k, *rot)
+        return q, k, v
+
+    def _norms_in_turn(self):
+        """(layer 0's input norm, the norm after each layer's MLP: the next layer's input norm, then the final one)
+        for the kernels that add the residual and norm in one pass."""
+        layers = self.model.model.layers
+        return layers[0].input_layernorm, [layer.input_layernorm for layer in layers[1:]] + [self.model.model.norm]
 
     def _kernel_layers(self, hidden, slot_idx, positions, attend):
         """_layers through the fused elementwise kernels (elementwise="triton"), for prefill: the residual add with
@@ -517,22 +531,15 @@ class Engine:
 
         B, T, width = hidden.shape
         rot = self.model.model.rotary_emb(hidden, positions)
-        layers = self.model.model.layers
-        following = [layer.input_layernorm for layer in layers[1:]] + [self.model.model.norm]
-        first = layers[0].input_layernorm
+        first, following = self._norms_in_turn()
         hidden, x = kernels.add_rms_norm(hidden.reshape(B * T, width), None, first.weight, first.variance_epsilon)
-        for i, layer in enumerate(layers):
-            qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
-            q, k, v = F.linear(x, qkv_w, qkv_b).view(B, T, -1).split(
-                [self.hq * self.head_dim, self.hkv * self.head_dim, self.hkv * self.head_dim], -1)
-            q = q.view(B, T, self.hq, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
-            v = v.view(B, T, self.hkv, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, *rot)
+        for i, layer in enumerate(self.model.model.layers):
+            q, k, v = self._attention_inputs(i, x, B, T, rot)
             a = attend(i, q, k, v, slot_idx, positions)  # [B, T, Hq * D]
             norm = layer.post_attention_layernorm
             hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(B * T, -1)), norm.weight,
                                              norm.variance_epsilon)
+            _, _, gate_up_w, gate_up_b = self.fused[i]
             up = kernels.silu_mul(F.linear(x, gate_up_w, gate_up_b))
             hidden, x = kernels.add_rms_norm(hidden, layer.mlp.down_proj(up), following[i].weight,
                                              following[i].variance_epsilon)
@@ -600,11 +607,9 @@ class Engine:
         pos = self.positions[:n]
         hidden = self.model.model.embed_tokens(self.tokens[:n])
         cos, sin = (t.reshape(n, -1) for t in self.model.model.rotary_emb(hidden[:, None], pos[:, None]))
-        layers = self.model.model.layers
-        following = [layer.input_layernorm for layer in layers[1:]] + [self.model.model.norm]
-        first = layers[0].input_layernorm
+        first, following = self._norms_in_turn()
         hidden, x = kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.model.model.layers):
             qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
             q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
                                       self.hq, self.hkv, self.k_scale[i], self.v_scale[i])
@@ -824,10 +829,11 @@ class Engine:
         self.stats["decode_s"] += seconds
         self.stats["decode_steps"] += 1
         self.stats["steps_below_full_width"] += width < self.slots
-        self.stats["kv_tokens_read"] += sum(step.positions) + width
-        if width == self.slots:  # the bytes a full-width step reads: weights + each slot's cache up to its new token
+        cached = sum(step.positions) + width  # each row's cache up to its new token
+        self.stats["kv_tokens_read"] += cached
+        if width == self.slots:  # the bytes a full-width step reads: the weights and those caches
             self.stats["full_width_s"] += seconds
-            self.stats["full_width_bytes"] += self.weight_bytes + (sum(step.positions) + width) * self.kv_bytes_token
+            self.stats["full_width_bytes"] += self.weight_bytes + cached * self.kv_bytes_token
         return sampled
 
     def _drop(self, step: DecodeStep | None) -> None:

@@ -113,10 +113,12 @@ class Scheduler:
         # position 0: its attention reads one cached token instead of the ended answer's whole cache (14% of a
         # 2,000-answer run's KV reads: bench/decode_time_model.py); its row is ignored, and the next prefill into
         # the slot writes from position 0
-        for slot in range(self.width):
-            if slot not in self.running:
-                self.tokens[slot] = self.positions[slot] = self.indices[slot] = 0
+        for slot in self._free_inside_width():
+            self.tokens[slot] = self.positions[slot] = self.indices[slot] = 0
         return decoding
+
+    def _free_inside_width(self) -> list[int]:
+        return [slot for slot in range(self.width) if slot not in self.running]
 
     def postprocess_decode(self, decoding: list[int], sampled: list[int]) -> None:
         for slot in decoding:
@@ -139,7 +141,7 @@ class Scheduler:
         known = {slot: (self.running[slot].feeding[0], min(self.positions[slot] + 1, self.max_len - 1))
                  for slot in decoding if self.running[slot].feeding}
         known.update({slot: (self.running[slot].token, self.running[slot].position) for slot in self._parked})
-        known.update({slot: (0, 0) for slot in range(self.width) if slot not in self.running})
+        known.update({slot: (0, 0) for slot in self._free_inside_width()})
         return known
 
     def wait_for_tools(self) -> None:

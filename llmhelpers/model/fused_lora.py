@@ -74,15 +74,9 @@ class LoraOn4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, quant_state, bias, scaling, dropout_p, cast_input, dense=None):
-        if dense is not None:
-            base = torch.nn.functional.linear(x, dense, bias)
-        else:
-            base = _base_output(x, weight, quant_state, bias)
+        base = _base_forward(x, weight, quant_state, bias, dense)
         inner = x.to(lora_a.dtype) if cast_input else x  # peft casts the input when no autocast is active
-        if dropout_p > 0:
-            dropped, mask = torch.native_dropout(inner, dropout_p, True)  # the kernel F.dropout runs on CUDA
-        else:
-            dropped, mask = inner, None
+        dropped, mask = _dropout(inner, dropout_p)
         down = torch.nn.functional.linear(dropped, lora_a)  # autocast, if active, casts as it does for peft
         fold = scale_folds(scaling)  # onto B, exactly: no pass over the layer's whole output for the scaling
         up = torch.nn.functional.linear(down, lora_b * scaling if fold else lora_b)
@@ -100,29 +94,54 @@ class LoraOn4bit(torch.autograd.Function):
         dropped, mask, down, lora_a, lora_b = ctx.saved_tensors
         x_dtype, inner_dtype, compute_dtype, a_dtype, b_dtype = ctx.dtypes
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        # the LoRA branch, in the dtype its matmuls ran in (under autocast: the autocast dtype); a scaling that
-        # folds goes onto the rank-r matrices instead of the whole output gradient (the same numbers)
-        fold = scale_folds(ctx.scaling)
-        grad_up = grad.to(compute_dtype) if fold else grad.to(compute_dtype) * ctx.scaling
-        grad_up = grad_up.reshape(-1, grad.shape[-1])
-        down_2d = down.reshape(-1, down.shape[-1])
-        weight_b = (lora_b * ctx.scaling if fold else lora_b).to(compute_dtype)
-        grad_down = grad_up.mm(weight_b)
-        grad_a = grad_b = grad_x = None
-        if need_b:
-            grad_b = grad_up.t().mm(down_2d)
-            grad_b = (grad_b * ctx.scaling if fold else grad_b).to(b_dtype)
+        # the LoRA branch, in the dtype its matmuls ran in (under autocast: the autocast dtype)
+        grad_down, grad_b = _grads_through_b(grad, down.reshape(-1, down.shape[-1]), lora_b, ctx.scaling,
+                                             compute_dtype, need_b)
+        grad_b = grad_b.to(b_dtype) if need_b else None
+        grad_a = grad_x = None
         if need_a:
             dropped_2d = dropped.reshape(-1, dropped.shape[-1]).to(compute_dtype)
             grad_a = grad_down.t().mm(dropped_2d).to(a_dtype)
         if need_x:
             grad_dropped = grad_down.mm(lora_a.to(compute_dtype)).to(inner_dtype).view(dropped.shape)
-            if mask is not None:
-                grad_dropped = torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1.0 / (1.0 - ctx.dropout_p))
-            dense = ctx.dense
-            weight = dense.to(grad.dtype) if dense is not None else dequantized(ctx.weight, ctx.quant_state, grad.dtype)
+            grad_dropped = _dropout_backward(grad_dropped, mask, ctx.dropout_p)
+            weight = _base_weight(ctx.weight, ctx.quant_state, ctx.dense, grad.dtype)
             grad_x = _add_matmul(grad_dropped.to(x_dtype), grad, weight)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
+
+
+def _base_forward(x, weight, quant_state, bias, dense):
+    """The frozen base's output: with its dense copy (keep_dense_base) or through bitsandbytes' own 4-bit op."""
+    return torch.nn.functional.linear(x, dense, bias) if dense is not None else \
+        _base_output(x, weight, quant_state, bias)
+
+
+def _base_weight(weight, quant_state, dense, dtype):
+    """The base weight for the input's gradient: its dense copy, or dequantized as bitsandbytes does."""
+    return dense.to(dtype) if dense is not None else dequantized(weight, quant_state, dtype)
+
+
+def _dropout(inner, p: float):
+    """(dropped input, mask): the kernel F.dropout runs on CUDA, or the input itself and no mask."""
+    return torch.native_dropout(inner, p, True) if p > 0 else (inner, None)
+
+
+def _dropout_backward(grad, mask, p: float):
+    return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p)) if mask is not None else grad
+
+
+def _grads_through_b(grad, down_2d, lora_b, scaling, compute_dtype, need_b: bool = True):
+    """(the gradient of A's output, B's gradient or None) from the layer's output gradient, in the dtype the
+    branch's matmuls ran in; a scaling that folds (scale_folds) goes onto the rank-r matrices instead of the whole
+    output gradient (the same numbers)."""
+    fold = scale_folds(scaling)
+    grad_up = grad.to(compute_dtype) if fold else grad.to(compute_dtype) * scaling
+    grad_up = grad_up.reshape(-1, grad.shape[-1])
+    grad_down = grad_up.mm((lora_b * scaling if fold else lora_b).to(compute_dtype))
+    if not need_b:
+        return grad_down, None
+    grad_b = grad_up.t().mm(down_2d)
+    return grad_down, grad_b * scaling if fold else grad_b
 
 
 def _add_matmul(into, a, b):
@@ -254,14 +273,10 @@ class LoraGroupOn4bit(torch.autograd.Function):
     def forward(ctx, x, members, dropout_p, cast_input, *adapters):
         # members: (weight, quant_state, bias, scaling, dense) per layer; adapters: lora_A, lora_B of each in turn
         lora_as, lora_bs = adapters[0::2], adapters[1::2]
-        bases = [(torch.nn.functional.linear(x, dense, bias) if dense is not None
-                  else _base_output(x, weight, quant_state, bias)).contiguous()  # added to in place below
+        bases = [_base_forward(x, weight, quant_state, bias, dense).contiguous()  # added to in place below
                  for weight, quant_state, bias, _, dense in members]
         inner = x.to(lora_as[0].dtype) if cast_input else x
-        if dropout_p > 0:
-            dropped, mask = torch.native_dropout(inner, dropout_p, True)
-        else:
-            dropped, mask = inner, None
+        dropped, mask = _dropout(inner, dropout_p)
         down = torch.nn.functional.linear(dropped, torch.cat(lora_as))
         ranks = [a.shape[0] for a in lora_as]
         outputs = []
@@ -288,12 +303,9 @@ class LoraGroupOn4bit(torch.autograd.Function):
         down_2d = down.reshape(-1, down.shape[-1])
         grad_downs, grad_bs = [], []
         for grad, part, lora_b, (*_, scaling, _) in zip(grads, down_2d.split(ctx.ranks, -1), lora_bs, ctx.members):
-            fold = scale_folds(scaling)
-            grad_up = grad.to(compute_dtype) if fold else grad.to(compute_dtype) * scaling
-            grad_up = grad_up.reshape(-1, grad.shape[-1])
-            grad_downs.append(grad_up.mm((lora_b * scaling if fold else lora_b).to(compute_dtype)))
-            grad_b = grad_up.t().mm(part)
-            grad_bs.append((grad_b * scaling if fold else grad_b).to(lora_b.dtype))
+            grad_down, grad_b = _grads_through_b(grad, part, lora_b, scaling, compute_dtype)
+            grad_downs.append(grad_down)
+            grad_bs.append(grad_b.to(lora_b.dtype))
         grad_down = torch.cat(grad_downs, -1)
         dropped_2d = dropped.reshape(-1, dropped.shape[-1]).to(compute_dtype)
         grad_as = [g.to(a.dtype) for g, a in zip(grad_down.t().mm(dropped_2d).split(ctx.ranks), lora_as)]
@@ -301,13 +313,10 @@ class LoraGroupOn4bit(torch.autograd.Function):
         if need_x:
             stacked = torch.cat(lora_as).to(compute_dtype)
             grad_dropped = grad_down.mm(stacked).to(inner_dtype).view(dropped.shape)
-            if mask is not None:
-                grad_dropped = torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1.0 / (1.0 - ctx.dropout_p))
-            grad_x = grad_dropped.to(x_dtype)
+            grad_x = _dropout_backward(grad_dropped, mask, ctx.dropout_p).to(x_dtype)
             for grad, (weight, quant_state, _, _, dense) in zip(grads, ctx.members):  # every base's share summed
                 # into the one buffer, inside each matmul
-                base = dense.to(grad.dtype) if dense is not None else dequantized(weight, quant_state, grad.dtype)
-                grad_x = _add_matmul(grad_x, grad, base)
+                grad_x = _add_matmul(grad_x, grad, _base_weight(weight, quant_state, dense, grad.dtype))
         return (grad_x, None, None, None, *(g for pair in zip(grad_as, grad_bs) for g in pair))
 
 
