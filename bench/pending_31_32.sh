@@ -160,7 +160,9 @@ for stage in "$@"; do
       [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
       [ "$stage" = train-grouped ] && configs=default-grouped,fits-24gb-grouped,equal-memory-grouped,pack8k-grouped
       [ "$stage" = train-nodrop ] && configs=default-nodrop,equal-memory-nodrop,fits-24gb-nodrop
-      PEER=/tmp/bench-parts/490-unsloth-packed.json STEPS=30 WARMUP=${WARMUP:-15} bash bench/train_compare.sh 490 "$dest" "$configs"
+      configs=${CONFIGS:-$configs}  # CONFIGS: a shorter list where the call's time is short
+      peer=/tmp/bench-parts/490-unsloth-packed.json; [ -f "$peer" ] || peer=  # equal-memory needs the peer first
+      PEER=$peer STEPS=30 WARMUP=${WARMUP:-15} bash bench/train_compare.sh 490 "$dest" "$configs"
       tail -n 24 "$dest/log-490.txt" ;;
     train-profile)
       python bench/profile_train.py --warmup 3 --steps 3 ${PROFILE_SET:+$PROFILE_SET} --out "$dest/train-profile.txt" \

@@ -10,6 +10,12 @@ The profiled steps are split into phases (profiler ranges opened and closed by c
 (on_step_begin to on_pre_optimizer_step, gradient clipping included), `phase: optimizer` (the optimizer step),
 `phase: scheduler+zero_grad`, `phase: between steps` (logging, the next batch, collation). A phase whose CPU time is
 well above its GPU time is where the CPU holds the GPU back.
+
+With --syncs, a last window of as many steps runs under torch.cuda.set_sync_debug_mode("warn"): every operation
+that makes the CPU wait for the GPU (.item(), a tensor's truth value, nonzero, a blocking copy) is counted with the
+line of Python that asked for it. A wait at the end of a step drains the GPU's queue, and the GPU then idles while
+the CPU prepares the next step (issue #31: a step's kernels took ~295 ms of a 365 ms step). --max-syncs N makes the
+run exit non-zero when a step has more.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ import pstats
 import shutil
 import sys
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,6 +71,8 @@ def main():
                         help="a setting of the project or a library config by its own name, e.g. --set "
                              "activation_checkpointing=False (values read as Python)")
     parser.add_argument("--no-cprofile", action="store_true", help="skip the cProfile window")
+    parser.add_argument("--syncs", action="store_true", help="one more window: count the CPU's waits on the GPU")
+    parser.add_argument("--max-syncs", type=float, default=None, help="exit 1 when a step waits more often (--syncs)")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="write the per-step summary here")
@@ -76,7 +87,7 @@ def main():
     else:
         model_dir, profile_name, vocab = random_r1_model(), "full", 151000
     windows = 1 if args.no_cprofile else 2
-    total = args.warmup + windows * args.steps
+    total = args.warmup + (windows + args.syncs) * args.steps
     cfg = make_config(profile_name, model_id=str(model_dir), output_dir="/tmp/bench-profile/run", report_to="none",
                       max_steps=total, save_steps=10_000, eval_steps=10_000, warmup_steps=0, **overrides)
     trainer = bench_trainer(cfg, synthetic_rows(64 * (total + 2), vocab=vocab))
@@ -88,6 +99,8 @@ def main():
     python_profile = cProfile.Profile()
     window, phases = {}, Phases()
     first, second = args.warmup, args.warmup + args.steps
+    third = second + (windows - 1) * args.steps  # the syncs window starts here
+    waits = SyncSites()
 
     class Window(TrainerCallback):
         def in_profile(self, state):
@@ -119,10 +132,15 @@ def main():
                 if windows == 2:
                     window["py_start"] = time.perf_counter()
                     python_profile.enable()
-            elif step == total and windows == 2:
+            elif step == third and windows == 2:
                 sync()
                 python_profile.disable()
                 window["py_seconds"] = time.perf_counter() - window["py_start"]
+            if args.syncs and step == third:
+                sync()
+                waits.start()
+            elif args.syncs and step == total:
+                waits.stop()
             if first <= step < second:
                 phases.switch("between steps")
 
@@ -148,8 +166,9 @@ def main():
                                                                                      overrides.items()},
         "tokens_per_row": cfg.sft.max_length, "steps": steps, "checkpointing": decided,
         "wall_s_per_step_profiled": round(window["seconds"] / steps, 4),
+        # kernels only: an operator's self GPU time is its kernels' time again
         "gpu_busy_s_per_step": round(sum(e.self_device_time_total for e in averages
-                                         if not e.key.startswith(("phase: ", "Optimizer.step"))) / 1e6 / steps, 4),
+                                         if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1e6 / steps, 4),
         "cpu_self_s_per_step": round(sum(e.self_cpu_time_total for e in averages) / 1e6 / steps, 4),
         "kernel_launches_per_step": sum(e.count for e in averages if e.key in LAUNCHES) // steps,
         "phases": phase_rows,
@@ -162,11 +181,78 @@ def main():
             stream = io.StringIO()
             pstats.Stats(python_profile, stream=stream).sort_stats(key).print_stats(45)
             text += ["", f"== cProfile over {steps} more steps, by {key}", stream.getvalue()]
+    failed = False
+    if args.syncs:
+        summary["syncs"] = waits.summary(steps)
+        text += ["", f"== waits on the GPU over {steps} more steps, by the line that asked", waits.table()]
+        failed = args.max_syncs is not None and summary["syncs"]["per_step"] > args.max_syncs
+        summary["syncs"]["verdict"] = {"max_per_step": args.max_syncs, "passed": not failed}
     print("\n".join(text[:3]))
     if args.out:
         Path(args.out).write_text("\n".join(text) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
+    if failed:
+        sys.exit(f"{summary['syncs']['per_step']} waits on the GPU per step, more than --max-syncs {args.max_syncs}")
+
+
+class SyncSites:
+    """Counts torch's "synchronizing CUDA operation" warnings by the Python line that caused each one: the innermost
+    frame outside torch (and outside this file), with the nearest project, TRL or transformers frame beside it."""
+
+    def __init__(self):
+        self.sites = Counter()
+        self.total = 0
+        self._show = None
+
+    def start(self) -> None:
+        import torch
+
+        self._show, self._filters = warnings.showwarning, warnings.filters[:]
+        warnings.simplefilter("always")  # every wait counted, not the first from each line
+        warnings.showwarning = self._record
+        if torch.cuda.is_available():  # the CPU never waits on a device it does not have
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._show
+        warnings.filters[:] = self._filters
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return self._show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if not _ignored(f.filename)]
+        inner = frames[-1] if frames else None
+        owner = next((f for f in reversed(frames) if _owned(f.filename)), None)
+        key = " <- ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in (inner, owner) if f is not None)
+        self.sites[key] += 1
+        self.total += 1
+
+    def summary(self, steps: int) -> dict:
+        return {"per_step": round(self.total / steps, 2), "total": self.total, "steps": steps,
+                "sites": {k: v for k, v in self.sites.most_common()}}
+
+    def table(self) -> str:
+        return "\n".join(f"{count:6d}  {site}" for site, count in self.sites.most_common()) or "(none)"
+
+
+def _ignored(path: str) -> bool:
+    return "/torch/" in path or path.endswith(("profile_train.py", "warnings.py")) or "/contextlib.py" in path
+
+
+def _owned(path: str) -> bool:
+    return any(part in path for part in ("/llmhelpers/", "/trl/", "/transformers/", "/accelerate/", "/peft/"))
+
+
+def _short(path: str) -> str:
+    for marker in ("/llmhelpers/", "/trl/", "/transformers/", "/accelerate/", "/peft/", "/liger_kernel/", "/site-packages/"):
+        if marker in path:
+            return marker.strip("/") + "/" + path.split(marker, 1)[1]
+    return path
 
 
 if __name__ == "__main__":

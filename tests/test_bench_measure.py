@@ -47,12 +47,36 @@ def test_the_training_profile_runs_its_steps_inside_a_training_run(tmp_path):
 
     out = tmp_path / "profile.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "profile_train.py"),
-                           "--dry-run", "--no-cprofile", "--steps", "2", "--json", str(out)],
+                           "--dry-run", "--no-cprofile", "--syncs", "--max-syncs", "0", "--steps", "2",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(out.read_text())
     assert summary["steps"] == 2 and summary["phases"]["forward+backward"]["cpu_s_per_step"] > 0
     assert summary["checkpointing"]["why"] == "no GPU to measure: all layers recompute"
+    assert summary["syncs"]["steps"] == 2 and summary["syncs"]["verdict"]["passed"]  # the CPU never waits
+
+
+def test_the_sync_count_names_the_line_that_waited():
+    """profile_train's --syncs window: each of torch's "synchronizing CUDA operation" warnings is counted once, at the
+    line of Python that caused it; other warnings pass through."""
+    import warnings
+
+    from profile_train import SyncSites
+
+    sites = SyncSites()
+    sites.start()
+    try:
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")  # torch's text (set_sync_debug_mode("warn"))
+        with pytest.warns(UserWarning, match="unrelated"):
+            warnings.warn("unrelated")
+    finally:
+        sites.stop()
+    summary = sites.summary(steps=2)
+    assert summary["total"] == 3 and summary["per_step"] == 1.5
+    [(site, count)] = summary["sites"].items()
+    assert count == 3 and "test_bench_measure.py" in site and "test_the_sync_count_names_the_line" in site
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ def test_document_ids_masks_and_padding():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0]])  # two sequences, then 3 positions of padding
     assert document_ids(pos).tolist() == [0, 0, 0, 1, 1, 2, 3, 4]
     assert trailing_padding(pos) == 3 and trailing_padding(torch.tensor([[0, 1, 0, 1]])) == 0
+    assert trailing_padding(torch.tensor([[0, 0, 0]])) == 0  # no sequence at all: nothing counted as padding
     mask = dense_document_mask(pos)[0, 0]
     assert mask[2].tolist() == [True, True, True, False, False, False, False, False]
     assert mask[4].tolist() == [False, False, False, True, True, False, False, False]  # not the first sequence
@@ -126,4 +127,8 @@ def test_every_row_once_per_epoch_and_the_schedule_counts_packed_steps(tiny_mode
         "on_step_end": lambda self, a, s, c, **k: seen.append(s.global_step)})())
     out = run_training(trainer, cfg)
     assert out.global_step == 2 * len(packs) == seen[-1]  # the learning-rate schedule ran over the real step count
+    # TRL counts whole rows (3 x 1,024 per epoch); the padding is taken off, added up on the device and read at
+    # each log (bench/profile_train.py --syncs: no wait for it at every step)
+    logged = [r["num_tokens"] for r in trainer.state.log_history if "loss" in r]
+    assert len(logged) >= 2 and logged[-1] == 2 * 2890 and trainer.llm_padding_pending is None
     assert json.loads((Path(trainer.args.output_dir) / "run_complete.json").read_text())["global_step"] == 6

@@ -85,6 +85,21 @@ def test_train_resume_and_save(cfg, tiny_trainer):
     assert not list(path.parent.glob(".final.tmp-*"))
 
 
+def test_the_flop_estimate_counts_the_parameters_once_per_train_call(cfg, tiny_trainer):
+    """transformers counted the model's parameters (a walk over every module) at each step for its FLOP estimate:
+    the trainer counts them once per train() call, and the estimate is the same number."""
+    from transformers import Trainer
+
+    trainer, *_ = tiny_trainer(cfg)
+    count = trainer.model.num_parameters
+    calls = []
+    trainer.model.num_parameters = lambda **kw: calls.append(kw) or count(**kw)
+    run_training(trainer, cfg)
+    assert len(calls) == 1 and cfg.sft.max_steps == 8
+    inputs = {"input_ids": torch.zeros(2, 7, dtype=torch.long)}
+    assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0
+
+
 def test_changed_hyperparameter_gets_its_own_run_and_start_over_moves_aside(cfg):
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "checkpoint-4").mkdir()

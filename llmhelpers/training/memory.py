@@ -134,7 +134,7 @@ def _choose(trainer, cfg) -> dict:
     if not cuda:
         return chosen(set_checkpointed_layers(trainer.model, n_layers), "no GPU to measure: all layers recompute")
     state = (torch.get_rng_state(), torch.cuda.get_rng_state_all(), trainer._total_train_tokens,
-             copy.deepcopy(trainer._metrics))
+             copy.deepcopy(trainer._metrics), getattr(trainer, "llm_padding_pending", None))
     batch = worst_batch(trainer, cfg)
     was_training = trainer.model.training
     trainer.model.train()
@@ -155,7 +155,7 @@ def _choose(trainer, cfg) -> dict:
     finally:
         torch.set_rng_state(state[0])
         torch.cuda.set_rng_state_all(state[1])
-        trainer._total_train_tokens, trainer._metrics = state[2], state[3]
+        trainer._total_train_tokens, trainer._metrics, trainer.llm_padding_pending = state[2], state[3], state[4]
         trainer.model.train(was_training)
         torch.cuda.empty_cache()
     n = set_checkpointed_layers(trainer.model, layers_that_fit(limit, peak_all, peak_probe, PROBE_LAYERS, n_layers))

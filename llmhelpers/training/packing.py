@@ -29,8 +29,18 @@ def document_ids(position_ids):
 def trailing_padding(position_ids) -> int:
     """How many positions at the end of a packed row are padding: the collator gives each a position id of 0, and a
     real sequence is never one token long, so the padding is the final run of zeros after the last sequence."""
-    nonzero = (position_ids.reshape(-1) != 0).nonzero()
-    return int(position_ids.numel() - 1 - nonzero.max()) if nonzero.numel() else 0
+    return int(trailing_padding_count(position_ids))
+
+
+def trailing_padding_count(position_ids):
+    """trailing_padding as a 0-dim tensor on the row's device, computed without the CPU waiting for the GPU (no
+    nonzero, no item): a training step adds it up and the total is read only when it is logged or saved."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    index = torch.arange(flat.numel(), device=flat.device)
+    last = torch.where(flat != 0, index, -1).max()  # -1: no position is nonzero
+    return torch.where(last >= 0, flat.numel() - 1 - last, 0)
 
 
 def dense_document_mask(position_ids):

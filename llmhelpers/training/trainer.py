@@ -17,7 +17,7 @@ from trl import SFTTrainer
 
 from llmhelpers.storage import ensure_free_space
 from llmhelpers.training.checkpoints import RUN_COMPLETE, checkpoint_bytes, mark_complete
-from llmhelpers.training.packing import PackedMask, trailing_padding
+from llmhelpers.training.packing import PackedMask, trailing_padding_count
 
 
 class DiskGuard(TrainerCallback):
@@ -198,6 +198,9 @@ class RunTrainer:
       would step tensors that loading the checkpoint replaced), no leftover gradients, counters or meters;
     - a step whose loss is not finite is counted without a sync, and the run stops at the next log or save
       (StopOnNonFinite);
+    - between steps the CPU does not wait for the GPU where it need not (batches copied from pinned memory without
+      waiting, the parameter count for the FLOP estimate taken once, the packed rows' padding counted on the device):
+      it prepares the next step while the GPU finishes this one;
     - a checkpoint counts as complete only after all its files and its folder are fsynced and a
       `checkpoint_complete.json` marker is written (then fsynced too).
     """
@@ -221,6 +224,13 @@ class RunTrainer:
         self._llm_forward = _forward_owner(self.model).__dict__.get("forward")
         # steps whose loss was not finite (a device tensor: counted without a sync; StopOnNonFinite reads it)
         self.llm_nonfinite_steps = None
+        # tokens TRL counted that were not trained on (packed rows' padding), on the device until _settle_counts
+        self.llm_padding_pending = None
+        self._llm_parameter_count = None  # floating_point_ops' count, taken once per train() call
+        # batches come from pinned memory (dataloader_pin_memory, on with a GPU): accelerate then copies them to the
+        # GPU without first waiting for the GPU's queue to empty (the same values; it waited at every step)
+        if self.args.dataloader_pin_memory:
+            self.accelerator.dataloader_config.non_blocking = True
         self.add_callback(StopOnNonFinite(self))
         # TensorBoard events straight into the run folder: `tensorboard --logdir <output_dir>/runs` lists each run
         # under its name (the default is a runs/<date>_<host> folder inside it)
@@ -267,6 +277,7 @@ class RunTrainer:
         self._loss_sum_before = totals.get("loss_sum", 0.0)
         if hasattr(self, "_total_train_tokens"):  # SFTTrainer's count (GRPOTrainer's lives in the trainer state)
             self._total_train_tokens = totals.get("num_tokens", 0)
+        self.llm_padding_pending = self._llm_parameter_count = None
         out = super().train(resume_from_checkpoint, *args, **kwargs)
         self.llm_last_output = TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss),
                                            out.metrics)
@@ -328,13 +339,29 @@ class RunTrainer:
         pending = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
         return self._total_loss_scalar + pending
 
+    def _settle_counts(self) -> None:
+        """Brings counts kept on the device into the Trainer's numbers before they are read (ResumableSFTTrainer)."""
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's estimate (6 x tokens x parameters), with the parameters counted once per train() call:
+        transformers walks every module for the count at each step, ~20 ms of CPU per step on the 1.5B model (the
+        LoRA wrappers' modules included), time in which the CPU is not feeding the GPU."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._llm_parameter_count is None:
+            self._llm_parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._llm_parameter_count
+
     def log(self, logs, *args, **kwargs):
+        self._settle_counts()
         if "train_loss" in logs:  # the end of train(): the whole run's mean, not this call's
             steps = self.state.global_step - self._initial_global_step
             logs["train_loss"] = (self._loss_sum_before + logs["train_loss"] * steps) / max(self.state.global_step, 1)
         return super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
+        self._settle_counts()
         super()._save_checkpoint(model, trial)
         loss_sum = self._loss_sum_before + self._session_loss_sum()  # a collective: every rank takes part
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
@@ -375,17 +402,26 @@ class ResumableSFTTrainer(RunTrainer, SFTTrainer):
         self.packed_mask = PackedMask(self.model) if self.padding_free else None
 
     def _training_step(self, model, inputs, *args, **kwargs):
-        import torch
-
         if self.packed_mask is None:
             return super()._training_step(model, inputs, *args, **kwargs)
         with self.packed_mask.applied(self.model, inputs):  # forward and backward (checkpoint recomputation too)
             loss = super()._training_step(model, inputs, *args, **kwargs)
-        # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on
-        padding = torch.tensor(trailing_padding(inputs["position_ids"]), device=inputs["position_ids"].device)
-        self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding).sum().item())
-        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        # TRL counted the whole row; the padding that makes every row pack_tokens long is not trained on. Added up
+        # on the device and taken off TRL's count when the count is read (a log, a checkpoint): reading it here
+        # would make the CPU wait for this step's backward, and the GPU then idle while the CPU prepares the next
+        # step (bench/profile_train.py --syncs)
+        padding = trailing_padding_count(inputs["position_ids"])
+        pending = self.llm_padding_pending
+        self.llm_padding_pending = padding if pending is None else pending + padding
         return loss
+
+    def _settle_counts(self) -> None:
+        """TRL's num_tokens without the padding added up since it was last read. A collective: every rank calls it
+        (from log and _save_checkpoint, which every rank runs at the same steps)."""
+        pending, self.llm_padding_pending = self.llm_padding_pending, None
+        if pending is not None:
+            self._total_train_tokens -= int(self.accelerator.gather_for_metrics(pending).sum().item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         if self.packed_mask is None:
