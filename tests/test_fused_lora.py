@@ -381,14 +381,15 @@ def test_a_group_member_called_on_another_input_runs_alone(tiny_model_dir, tmp_p
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_attach_lora_groups_only_when_asked_and_a_grouped_run_is_its_own_run(tiny_model_dir, tmp_path):
+def test_attach_lora_groups_by_default_and_a_grouped_run_is_its_own_run(tiny_model_dir, tmp_path):
     from llmhelpers.model.fused_lora import GROUP_ATTR
     from llmhelpers.model.loading import check_lora_matches
 
-    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir))
-    assert not cfg.group_lora_inputs
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir),
+                      group_lora_inputs=False)
     assert not any(hasattr(m, GROUP_ATTR) for m in attach_lora(load_base_model(cfg), cfg).modules())
     grouped_cfg = cfg.replace(group_lora_inputs=True)
+    assert make_config("smoke").group_lora_inputs  # the default since 2026-12-04 (measured on an H200)
     model = attach_lora(load_base_model(grouped_cfg), grouped_cfg)
     groups = {id(getattr(m, GROUP_ATTR)) for m in model.modules() if hasattr(m, GROUP_ATTR)}
     assert len(groups) == 2 * model.config.num_hidden_layers

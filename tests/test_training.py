@@ -379,7 +379,7 @@ def test_every_private_library_member_the_trainer_uses_is_listed_and_still_there
     listed = {what.split()[-1].removeprefix("self.") for _, what in trainer_module.PRIVATE_MEMBERS}
     used = set(re.findall(r"(?:self|trainer|accelerator)\.(_[a-z][a-z_]*)", inspect.getsource(trainer_module)))
     own = {"_loss_sum_before", "_own_optimizer", "_calls", "_start_afresh", "_session_loss_sum", "_load_finished",
-           "_init_run", "_training_step", "_llm_forward"}
+           "_init_run", "_training_step", "_llm_forward", "_settle_counts", "_llm_parameter_count"}
     assert used - own <= listed, used - own - listed
 
 
