@@ -36,6 +36,8 @@ def random_nf4_loader(arch: dict, seed: int = 0):
 
         from llmhelpers.model.loading import device_map, finish_base_model
 
+        if torch.cuda.is_available():  # the state dict is built whole on the GPU (real loading streams its shards):
+            torch.cuda.set_per_process_memory_fraction(1.0)  # no earlier card's cap here; the run sets its own
         config = Qwen2Config(**arch)
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in Qwen2ForCausalLM(config).state_dict().items()}

@@ -775,3 +775,32 @@ def test_whole_prompts_prefill_causally_the_same_as_through_the_cache(tiny, monk
     engine.prefill([(2, prompts[2][4:], 4), (0, [5, 6], len(prompts[0]))], [2, 0])  # appended text: the cache path
     layers = len(engine.k_cache)
     assert sdpa_calls == [True] * layers + [False] * layers
+
+
+def test_the_engine_sizes_its_slots_within_the_process_memory_cap(monkeypatch):
+    """A training run with memory_limit_gib caps the process (training.memory.cap_memory); the evaluation engine that
+    follows sized its KV cache by the device's free memory alone and could reserve past the cap (out of memory), or
+    take memory the limit kept for something else."""
+    import types
+
+    from llmhelpers.inference import engine
+
+    gib = 2**30
+    config = types.SimpleNamespace(num_hidden_layers=28, num_key_value_heads=2, hidden_size=1536,
+                                   num_attention_heads=12, vocab_size=151936)
+    on_gpu = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    model = types.SimpleNamespace(config=config, dtype=torch.bfloat16, parameters=lambda: iter([on_gpu]))
+    fraction = {"now": 1.0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: fraction["now"])
+    per_slot = engine.kv_bytes_per_token(config, torch.bfloat16) * 4096 + 16 * config.vocab_size
+    slots = lambda: engine.auto_slots(model, 4096, cap=10**6)
+    assert slots() == int(0.85 * 100 * gib // per_slot)  # no cap: the device's free memory decides
+    fraction["now"] = 22 / 140  # memory_limit_gib=22: 12 GiB left under it beside the 10 reserved
+    assert slots() == int(0.85 * 12 * gib // per_slot) < int(0.85 * 100 * gib // per_slot)
+    fraction["now"] = 5 / 140  # a cap below what is already reserved: still one slot, not zero or negative
+    assert slots() == 1

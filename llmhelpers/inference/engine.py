@@ -79,13 +79,23 @@ def kv_bytes_per_token(config, dtype, kv_cache_dtype: str = "auto") -> int:
 def auto_slots(model, max_len: int, share: float = 0.85, cap: int = 512, kv_cache_dtype: str = "auto",
                free_bytes: int | None = None) -> int:
     """As many slots as fit their cache (and a step's logits) in `share` of the free GPU memory (or of `free_bytes`:
-    what a smaller card would have free)."""
+    what a smaller card would have free). Free means free on the device and within this process's memory cap: a
+    training run with memory_limit_gib caps the process (training.memory.cap_memory), and an engine sized by the
+    device alone would run out of memory under it, or take memory the limit kept for something else."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         return 8
     per_slot = kv_bytes_per_token(model.config, model.dtype, kv_cache_dtype) * max_len \
         + 4 * 4 * model.config.vocab_size
-    free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
+    free = min(torch.cuda.mem_get_info()[0], room_under_cap()) if free_bytes is None else free_bytes
     return int(max(1, min(cap, share * free // per_slot)))
+
+
+def room_under_cap() -> int:
+    """Bytes this process may still reserve under torch's per-process cap (set_per_process_memory_fraction; 1.0 when
+    nothing limits it)."""
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(0, int(torch.cuda.get_per_process_memory_fraction(device) * total) - torch.cuda.memory_reserved(device))
 
 
 # --- attention over each slot's live length -------------------------------------------------------------------
