@@ -95,3 +95,28 @@ def test_the_timed_run_to_a_model_runs_every_phase_on_the_cpu(tmp_path):
     assert record["seconds"] > 0 and record["run"]["global_step"] > 0
     assert set(record["run"]["accuracy"]) == {"base", "finetuned", "finetuned-no-tools"}
     assert Path(record["run"]["merged_dir"]).is_dir()
+
+
+def test_the_size_sweep_falls_back_to_the_guides_half_rows_where_a_row_does_not_fit(monkeypatch):
+    """bench/train_sizes.py: where the memory policy refuses rows of 16,384 on a card (the 7B on 16 GB did on
+    2026-12-04), the card is measured with the guide's recipe for it (rows of 8,192, two per step) and says why."""
+    import train_sizes
+
+    calls = []
+
+    def run_config(name, spec, *args, **kwargs):
+        calls.append((name, dict(spec)))
+        if spec.get("max_length") != 8192:
+            raise RuntimeError("one training step on the longest batch this run can meet does not fit in 13.0 GiB")
+        return {"useful_tok_s": 5000, "tokens_per_step": 16384, "mfu": 0.3, "checkpointing": {}, "warmup_seconds": 1,
+                "peak_reserved_gib": 12.0, "worst_case_peak_reserved_gib": 12.5}
+
+    monkeypatch.setattr(train_sizes, "run_config", run_config)
+    monkeypatch.setattr(train_sizes, "random_nf4_loader", lambda arch: None)
+    run = train_sizes.measure_packed("7b", {}, "/nowhere", 16, {}, 1, 1, {})
+    assert [name for name, _ in calls] == ["7b-16gb", "7b-16gb-8k"]
+    assert calls[1][1] == {"memory_limit_gib": 13.0, **train_sizes.HALF_ROWS}
+    assert run["row_tokens"] == 8192 and "does not fit" in run["half_rows_because"] and run["fits"]
+    monkeypatch.setattr(train_sizes, "run_config", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    with pytest.raises(RuntimeError, match="CUDA error"):  # any other failure is the card's error, not a fallback
+        train_sizes.measure_packed("7b", {}, "/nowhere", 16, {}, 1, 1, {})
