@@ -68,11 +68,16 @@ def run(name: str, micro: int, accumulation: int, row: int, checkpointing, model
     elapsed = time.perf_counter() - marks["t0"]
     lengths = [n for batch in counter.batches[marks["n0"]:marks["n0"] + steps * accumulation] for n in batch]
     peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    # the worst micro-batch it can meet: every sequence at max_length (2,048), or a full packed row
+    # the worst micro-batch it can meet: every sequence at the 2,048 cap, padded, or a full packed row of them (as its
+    # padding-free collator gives it: position ids restarting at each sequence, no attention mask; until 2026-12-04
+    # the packed row was measured as one 16,384-token sequence with a mask of ones, a path packed training never
+    # takes, which recorded 28.2 GiB for packed-gc)
     ids = torch.randint(1000, 150000, (micro, max_length), device="cuda")
+    layout = {"position_ids": (torch.arange(max_length, device="cuda") % 2048)[None].expand(micro, -1)} if row \
+        else {"attention_mask": torch.ones_like(ids)}
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
-        trainer.training_step(trainer.model, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+        trainer.training_step(trainer.model, {"input_ids": ids, "labels": ids, **layout})
         trainer.model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return {"config": f"unsloth-{name}", "micro_batch": micro, "accumulation": accumulation, "steps": steps,
