@@ -132,3 +132,19 @@ def test_every_row_once_per_epoch_and_the_schedule_counts_packed_steps(tiny_mode
     logged = [r["num_tokens"] for r in trainer.state.log_history if "loss" in r]
     assert len(logged) >= 2 and logged[-1] == 2 * 2890 and trainer.llm_padding_pending is None
     assert json.loads((Path(trainer.args.output_dir) / "run_complete.json").read_text())["global_step"] == 6
+
+
+def test_a_checkpoint_between_logs_counts_the_tokens_trained_without_the_padding(tiny_model_dir, tmp_path):
+    """The padding of packed rows is added up on the device and taken off TRL's count when the count is read: a
+    checkpoint saved between two logs reads it too (run_totals.json is what a resume continues from)."""
+    from llmhelpers.training.run import run_training
+
+    torch.manual_seed(2)
+    ids = [torch.randint(5, 1000, (n,)).tolist() for n in (700, 600, 500, 400, 300, 200, 100, 90)]
+    rows = {"input_ids": ids, "completion_mask": [[0] * 10 + [1] * (len(r) - 10) for r in ids]}
+    trainer, cfg = trainer_on(rows, tiny_model_dir, tmp_path, **PACKED, gradient_accumulation_steps=1, max_steps=3,
+                              eval_strategy="no", load_best_model_at_end=False, save_steps=1, logging_steps=50)
+    run_training(trainer, cfg)
+    totals = [json.loads((cfg.run_dir / f"checkpoint-{s}" / "run_totals.json").read_text())["num_tokens"]
+              for s in (1, 2, 3)]
+    assert totals[0] < totals[1] < totals[2] == 2890  # the 8 rows once (3 rows of 1,024 tokens padded: 3,072)

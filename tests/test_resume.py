@@ -57,16 +57,18 @@ def per_step(log: Path) -> dict[int, list[str]]:
     return out
 
 
-def run_record(out: Path) -> tuple[dict, float, dict]:
-    """(step -> loss, the recorded train loss, the final adapter weights) of the one run under `out`."""
+def run_record(out: Path) -> tuple[dict, float, dict, dict]:
+    """(step -> loss, the recorded train loss, the final adapter weights, step -> tokens trained so far) of the one
+    run under `out`."""
     from safetensors.torch import load_file
 
     run = next((out / "runs").glob("lr*"))
-    losses = {r["step"]: r["loss"] for r in json.loads((run / "log_history.json").read_text()) if "loss" in r}
+    logs = [r for r in json.loads((run / "log_history.json").read_text()) if "loss" in r]
     recorded = json.loads((run / "run_complete.json").read_text())["train_loss"]
     index = json.loads((out / "runs" / "index.json").read_text())
     assert [r["metrics"]["train_loss"] for r in index.values()] == [recorded]
-    return losses, recorded, load_file(run / "final" / "adapter_model.safetensors")
+    return ({r["step"]: r["loss"] for r in logs}, recorded, load_file(run / "final" / "adapter_model.safetensors"),
+            {r["step"]: r["num_tokens"] for r in logs})
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_a_killed_run_resumes_as_the_uninterrupted_run(tmp_path, tiny_model_dir,
                                                        kill_at, resume_from):
     import torch
 
-    clean_batches, (clean_losses, clean_recorded, clean_weights) = uninterrupted[batches]
+    clean_batches, (clean_losses, clean_recorded, clean_weights, clean_tokens) = uninterrupted[batches]
     steps, per_epoch = STEPS[batches], STEPS_PER_EPOCH_OF[batches]
     assert max(clean_batches) == steps
     killed = driver(tmp_path, tiny_model_dir, batches, mode, kill_at)
@@ -110,8 +112,11 @@ def test_a_killed_run_resumes_as_the_uninterrupted_run(tmp_path, tiny_model_dir,
     epoch = resume_from // per_epoch  # every row seen exactly once in the epoch of the resume, as without the kill
     rows = lambda run: sorted(h for s in range(epoch * per_epoch + 1, (epoch + 1) * per_epoch + 1) for h in run[s])
     assert rows({**clean_batches, **after}) == rows(clean_batches)
-    losses, recorded, weights = run_record(tmp_path / "out")
+    losses, recorded, weights, tokens = run_record(tmp_path / "out")
     assert losses == clean_losses  # every step, the resumed ones included, exactly
+    # the tokens trained so far at every log, the resumed steps' included (packed rows: their padding left out,
+    # added up on the device and read at each log and save)
+    assert tokens == clean_tokens and len(tokens) == len(losses)
     assert recorded == pytest.approx(clean_recorded, rel=1e-9)  # the mean over all steps, not the resumed ones
     assert recorded == pytest.approx(sum(clean_losses.values()) / steps, rel=1e-6)
     assert weights.keys() == clean_weights.keys()
