@@ -114,3 +114,19 @@ def test_the_dense_base_is_counted_before_it_is_made_and_kept_only_where_it_fits
     # a 7B base in bf16 (~13 GiB) beside its 4-bit model (~5.5 GiB) on a 16 GB card's 13 GiB: not kept
     assert not dense_fits(5.5 * GIB, 13 * GIB, 13 * GIB) and dense_fits(5.5 * GIB, 13 * GIB, 21 * GIB)
     assert not dense_fits(0, 11.5 * GIB, 13 * GIB) and dense_fits(0, 11 * GIB, 11 * GIB + MARGIN_GIB * GIB)
+
+
+def test_a_batch_that_does_not_fit_is_answered_with_the_settings_to_change():
+    """The memory policy's error named `pack_tokens`, which no cell sets: it names the SFTConfig's own settings, half
+    the micro-batch with twice the accumulation (the guide's recipe for a 16 GB card)."""
+    from llmhelpers.config.profiles import make_config
+    from llmhelpers.training.memory import smaller_batch_advice
+
+    advice = smaller_batch_advice(make_config("full"))
+    assert "max_length=8192, pad_to_multiple_of=8192, gradient_accumulation_steps=2" in advice
+    assert "16,384 tokens per step" in advice
+    padded = make_config("full", packing=False, max_length=2048, pad_to_multiple_of=None,
+                         per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    assert "per_device_train_batch_size=4, gradient_accumulation_steps=4" in smaller_batch_advice(padded)
+    tight = make_config("full", max_length=2048, pad_to_multiple_of=2048)  # rows already at max_example_tokens
+    assert "max_example_tokens (now 2048)" in smaller_batch_advice(tight)

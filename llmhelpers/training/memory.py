@@ -101,6 +101,25 @@ def dense_fits(allocated: float, dense: float, limit: float, margin: float = MAR
     return allocated + dense + margin <= limit
 
 
+def smaller_batch_advice(cfg) -> str:
+    """What to set when one micro-batch does not fit: half of it, with twice the accumulation, so an optimizer step
+    still holds as many tokens (the guide's recipe for a 16 GB card), by the settings' own names."""
+    sft = cfg.sft
+    accumulation = 2 * sft.gradient_accumulation_steps
+    if cfg.pack_tokens:
+        half = cfg.pack_tokens // 2
+        per_step = cfg.pack_tokens * sft.gradient_accumulation_steps
+        if half >= cfg.max_example_tokens:
+            return (f"halve the packed rows in the SFTConfig: max_length={half}, pad_to_multiple_of={half}, "
+                    f"gradient_accumulation_steps={accumulation} (the same {per_step:,} tokens per step)")
+        return f"lower max_example_tokens (now {cfg.max_example_tokens}) and with it the packed rows (max_length)"
+    if sft.per_device_train_batch_size > 1:
+        return (f"halve the micro-batch in the SFTConfig: per_device_train_batch_size="
+                f"{sft.per_device_train_batch_size // 2}, gradient_accumulation_steps={accumulation} (the same "
+                "sequences per step)")
+    return f"lower max_example_tokens (now {cfg.max_example_tokens})"
+
+
 def cap_memory(cfg, device) -> float:
     """The bytes this run may use: cfg.memory_limit_gib, or the whole GPU. Torch's per-process cap is set to it
     either way, so a run after one with a smaller limit (a notebook cell re-run, the next card of a size sweep) is
@@ -150,7 +169,7 @@ def _choose(trainer, cfg) -> dict:
             raise RuntimeError(
                 f"one training step on the longest batch this run can meet does not fit in {gib(limit)} GiB even "
                 f"with every layer recomputing{' and the base in 4 bits' if cfg.dequantize_once != 'on' else ''}: "
-                "lower pack_tokens (or max_example_tokens / per_device_train_batch_size), or raise memory_limit_gib")
+                f"{smaller_batch_advice(cfg)}, or raise memory_limit_gib")
         peak_all, peak_probe = probed
     finally:
         torch.set_rng_state(state[0])
