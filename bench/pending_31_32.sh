@@ -51,7 +51,8 @@
 #              into their own target /tmp/usite; the parts stay in /tmp/bench-parts for:
 # train-project: the project's default, fits-24gb, equal-memory (at the peer's measured peak), pack8k; then
 # train-compiled: pack8k-compiled, default-compiled (lever 2); train-grouped: default-grouped, fits-24gb-grouped,
-#              equal-memory-grouped, pack8k-grouped (lever 3: group_lora_inputs); train-nodrop: default-nodrop,
+#              equal-memory-grouped, pack8k-grouped (lever 3: group_lora_inputs, the default since 2026-12-04: the
+#              -layerwise configs are the earlier path, e.g. CONFIGS=default-layerwise); train-nodrop: default-nodrop,
 #              equal-memory-nodrop, fits-24gb-nodrop (the recipe's dropout apart from the implementation, where
 #              memory decides). Each writes train-490.json (all parts so far) to OUT.
 # train-profile: bench/profile_train.py on the default recipe (rows of 16,384; PROFILE_SET: extra --set KEY=VALUE

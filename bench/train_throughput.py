@@ -29,11 +29,13 @@ PROMPT_TOKENS = 64  # synthetic_rows' default masked prompt length
 CONFIGS = {
     "seed": dict(profile="seed"),
     "seed+grouped": dict(profile="seed", train_sampling_strategy="group_by_length"),
-    "mb8x2+grouped+liger+fp32": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, upcast_to_fp32=True),
-    "mb16x1+grouped+liger+fp32": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1,
+    # padded micro-batches (the recipe before packing), length-grouped
+    "mb8x2+grouped+liger+fp32": dict(packing(0), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                                     upcast_to_fp32=True),
+    "mb16x1+grouped+liger+fp32": dict(packing(0), per_device_train_batch_size=16, gradient_accumulation_steps=1,
                                       upcast_to_fp32=True),
-    "mb8x2+grouped+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=2),
-    "mb16x1+grouped+liger": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
+    "mb8x2+grouped+liger": dict(packing(0), per_device_train_batch_size=8, gradient_accumulation_steps=2),
+    "mb16x1+grouped+liger": dict(packing(0), per_device_train_batch_size=16, gradient_accumulation_steps=1),
     "default": dict(),  # packed rows of 16,384 tokens, checkpointing chosen by memory
     "pack8k": packing(8192),
     "padded": packing(0),  # the previous default: 16 padded sequences, length-grouped
@@ -62,7 +64,11 @@ CONFIGS = {
     # session (--peer: that run's result file; its peak_reserved_gib becomes memory_limit_gib)
     "equal-memory": dict(memory_limit_gib="peer"),
     # issue #31, lever 3: the LoRA layers that read one input (q/k/v, gate/up) as one node each: one dropout mask and
-    # one stacked A matmul per group, the input's gradient summed in place (group_lora_inputs)
+    # one stacked A matmul per group, the input's gradient summed in place (group_lora_inputs; the default since
+    # 2026-12-04, so the -grouped configs equal their plain ones, and -layerwise is the earlier path)
+    "default-layerwise": dict(group_lora_inputs=False),
+    "fits-24gb-layerwise": dict(memory_limit_gib=22.0, group_lora_inputs=False),
+    "pack8k-layerwise": dict(packing(8192), group_lora_inputs=False),
     "default-grouped": dict(group_lora_inputs=True),
     "fits-24gb-grouped": dict(memory_limit_gib=22.0, group_lora_inputs=True),
     "equal-memory-grouped": dict(memory_limit_gib="peer", group_lora_inputs=True),

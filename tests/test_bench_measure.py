@@ -120,3 +120,16 @@ def test_the_size_sweep_falls_back_to_the_guides_half_rows_where_a_row_does_not_
     monkeypatch.setattr(train_sizes, "run_config", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
     with pytest.raises(RuntimeError, match="CUDA error"):  # any other failure is the card's error, not a fallback
         train_sizes.measure_packed("7b", {}, "/nowhere", 16, {}, 1, 1, {})
+
+
+def test_every_training_bench_configuration_is_a_valid_run():
+    """bench/train_throughput.py's configurations are the GPU session's vocabulary: each one builds a valid config
+    (four padded ones had stopped building when packing became the default, and only a GPU call would have said)."""
+    import train_throughput
+
+    from llmhelpers.config.profiles import make_config
+
+    for name, spec in train_throughput.CONFIGS.items():
+        spec = {k: 29.47 if v == "peer" else v for k, v in spec.items()}  # --peer: the peer's measured peak
+        cfg = make_config(spec.pop("profile", "full"), **spec)
+        assert cfg.run_name, name
