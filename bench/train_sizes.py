@@ -58,14 +58,10 @@ def measure(name, arch, model_dir, micro, rows, worst_rows, warmup, steps, extra
             "epoch_hours_estimate": round(EPOCH_EXAMPLES * mean_len / max(speed["useful_tok_s"], 1) / 3600, 2)}
 
 
-# The guide's recipe for a card where rows of 16,384 do not fit ("Which GPU, and how long"): half the rows, two of them
-# per optimizer step (still 16,384 tokens per step)
-HALF_ROWS = dict(max_length=8192, pad_to_multiple_of=8192, gradient_accumulation_steps=2)
-
-
 def measure_packed(name, arch, model_dir, card_gb, rows, warmup, steps, extra):
     """The default recipe on a card of `card_gb`: the memory policy under that card's limit; where a row of 16,384
-    does not fit even with every layer recomputing (the policy's error), the guide's half rows."""
+    does not fit even with every layer recomputing (the policy's error), the half rows with twice the accumulation
+    that the error names (memory.smaller_batch, the guide's recipe for a 16 GB card)."""
     card_gib = card_gb * 1e9 / 2**30
     limit = int(card_gib - CONTEXT_GIB)
     spec = dict(extra, memory_limit_gib=float(limit))
@@ -75,14 +71,16 @@ def measure_packed(name, arch, model_dir, card_gb, rows, warmup, steps, extra):
     except RuntimeError as err:
         if "does not fit" not in str(err) or "max_length" in extra:
             raise
-        spec.update(HALF_ROWS)
+        from llmhelpers.config.profiles import make_config
+        from llmhelpers.training.memory import smaller_batch
+
+        spec.update(smaller_batch(make_config("full", **spec)))  # what the policy's error tells the user to set
         run = run_config(f"{name}-{card_gb}gb-8k", spec, model_dir, rows, warmup, steps,
                          load_model=random_nf4_loader(arch), arch=arch)
         run["half_rows_because"] = str(err)[:200]
     worst = max(run["peak_reserved_gib"], run["worst_case_peak_reserved_gib"])
-    half = {"half_rows_because": run["half_rows_because"]} if "half_rows_because" in run else {}
     return {"model": name, "card_gb": card_gb, "memory_limit_gib": limit, "row_tokens": spec.get("max_length", 16384),
-            **half, "useful_tok_s": run["useful_tok_s"],
+            **{k: run[k] for k in ("half_rows_because",) if k in run}, "useful_tok_s": run["useful_tok_s"],
             "tokens_per_step": run["tokens_per_step"], "mfu": run["mfu"], "checkpointing": run["checkpointing"],
             "peak_reserved_gib": run["peak_reserved_gib"], "worst_case_peak_reserved_gib": worst,
             "fits": worst + CONTEXT_GIB <= card_gib, "warmup_seconds": run["warmup_seconds"],

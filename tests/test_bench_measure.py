@@ -115,7 +115,8 @@ def test_the_size_sweep_falls_back_to_the_guides_half_rows_where_a_row_does_not_
     monkeypatch.setattr(train_sizes, "random_nf4_loader", lambda arch: None)
     run = train_sizes.measure_packed("7b", {}, "/nowhere", 16, {}, 1, 1, {})
     assert [name for name, _ in calls] == ["7b-16gb", "7b-16gb-8k"]
-    assert calls[1][1] == {"memory_limit_gib": 13.0, **train_sizes.HALF_ROWS}
+    assert calls[1][1] == {"memory_limit_gib": 13.0, "max_length": 8192, "pad_to_multiple_of": 8192,
+                           "gradient_accumulation_steps": 2}
     assert run["row_tokens"] == 8192 and "does not fit" in run["half_rows_because"] and run["fits"]
     monkeypatch.setattr(train_sizes, "run_config", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
     with pytest.raises(RuntimeError, match="CUDA error"):  # any other failure is the card's error, not a fallback

@@ -101,23 +101,33 @@ def dense_fits(allocated: float, dense: float, limit: float, margin: float = MAR
     return allocated + dense + margin <= limit
 
 
-def smaller_batch_advice(cfg) -> str:
-    """What to set when one micro-batch does not fit: half of it, with twice the accumulation, so an optimizer step
-    still holds as many tokens (the guide's recipe for a 16 GB card), by the settings' own names."""
+def smaller_batch(cfg) -> dict | None:
+    """The SFTConfig settings for half the micro-batch with twice the accumulation, so an optimizer step still holds
+    as many tokens (the guide's recipe for a 16 GB card); None where the micro-batch cannot be halved (a packed row
+    already as short as the longest example, or one padded sequence)."""
     sft = cfg.sft
     accumulation = 2 * sft.gradient_accumulation_steps
     if cfg.pack_tokens:
         half = cfg.pack_tokens // 2
-        per_step = cfg.pack_tokens * sft.gradient_accumulation_steps
-        if half >= cfg.max_example_tokens:
-            return (f"halve the packed rows in the SFTConfig: max_length={half}, pad_to_multiple_of={half}, "
-                    f"gradient_accumulation_steps={accumulation} (the same {per_step:,} tokens per step)")
-        return f"lower max_example_tokens (now {cfg.max_example_tokens}) and with it the packed rows (max_length)"
+        if half < cfg.max_example_tokens:
+            return None
+        return {"max_length": half, "pad_to_multiple_of": half, "gradient_accumulation_steps": accumulation}
     if sft.per_device_train_batch_size > 1:
-        return (f"halve the micro-batch in the SFTConfig: per_device_train_batch_size="
-                f"{sft.per_device_train_batch_size // 2}, gradient_accumulation_steps={accumulation} (the same "
-                "sequences per step)")
-    return f"lower max_example_tokens (now {cfg.max_example_tokens})"
+        return {"per_device_train_batch_size": sft.per_device_train_batch_size // 2,
+                "gradient_accumulation_steps": accumulation}
+    return None
+
+
+def smaller_batch_advice(cfg) -> str:
+    """What to set when one micro-batch does not fit (smaller_batch), by the settings' own names."""
+    settings = smaller_batch(cfg)
+    if settings is None:
+        rows = " and with it the packed rows (max_length)" if cfg.pack_tokens else ""
+        return f"lower max_example_tokens (now {cfg.max_example_tokens}){rows}"
+    what = "packed rows" if cfg.pack_tokens else "micro-batch"
+    same = f"{cfg.pack_tokens * cfg.sft.gradient_accumulation_steps:,} tokens" if cfg.pack_tokens else "sequences"
+    written = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return f"halve the {what} in the SFTConfig: {written} (the same {same} per step)"
 
 
 def cap_memory(cfg, device) -> float:
