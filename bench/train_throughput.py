@@ -60,6 +60,8 @@ CONFIGS = {
     # issue #31, lever 2: each decoder layer compiled as one region for the training steps (the CPU floor)
     "default-compiled": dict(compile_layers=True),
     "pack8k-compiled": dict(packing(8192), compile_layers=True),
+    "fits-24gb-compiled": dict(memory_limit_gib=22.0, compile_layers=True),
+    "default-compiled-nodrop": dict(compile_layers=True, lora_dropout=0.0),
     # issue #31: the default's policy under the memory Unsloth's packed run without checkpointing took in the same
     # session (--peer: that run's result file; its peak_reserved_gib becomes memory_limit_gib)
     "equal-memory": dict(memory_limit_gib="peer"),
