@@ -50,7 +50,8 @@
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
 #              into their own target /tmp/usite; the parts stay in /tmp/bench-parts for:
 # train-project: the project's default, fits-24gb, equal-memory (at the peer's measured peak), pack8k; then
-# train-compiled: pack8k-compiled, default-compiled (lever 2); train-grouped: default-grouped, fits-24gb-grouped,
+# train-compiled: default-compiled, fits-24gb-compiled, equal-memory-compiled, pack8k-compiled (lever 2; the memory
+#              policy probes the compiled layers since 2026-12-04); train-grouped: default-grouped, fits-24gb-grouped,
 #              equal-memory-grouped, pack8k-grouped (lever 3: group_lora_inputs, the default since 2026-12-04: the
 #              -layerwise configs are the earlier path, e.g. CONFIGS=default-layerwise); train-nodrop: default-nodrop,
 #              equal-memory-nodrop, fits-24gb-nodrop (the recipe's dropout apart from the implementation, where
@@ -158,7 +159,7 @@ for stage in "$@"; do
       tail -n 12 "$dest/log-490.txt" ;;
     train-project|train-compiled|train-grouped|train-nodrop)
       configs=default,fits-24gb,equal-memory,pack8k
-      [ "$stage" = train-compiled ] && configs=pack8k-compiled,default-compiled
+      [ "$stage" = train-compiled ] && configs=default-compiled,fits-24gb-compiled,equal-memory-compiled,pack8k-compiled
       [ "$stage" = train-grouped ] && configs=default-grouped,fits-24gb-grouped,equal-memory-grouped,pack8k-grouped
       [ "$stage" = train-nodrop ] && configs=default-nodrop,equal-memory-nodrop,fits-24gb-nodrop
       configs=${CONFIGS:-$configs}  # CONFIGS: a shorter list where the call's time is short

@@ -75,8 +75,12 @@ def measure_packed(name, arch, model_dir, card_gb, rows, warmup, steps, extra):
         from llmhelpers.training.memory import smaller_batch
 
         spec.update(smaller_batch(make_config("full", **spec)))  # what the policy's error tells the user to set
-        run = run_config(f"{name}-{card_gb}gb-8k", spec, model_dir, rows, warmup, steps,
-                         load_model=random_nf4_loader(arch), arch=arch)
+        try:
+            run = run_config(f"{name}-{card_gb}gb-8k", spec, model_dir, rows, warmup, steps,
+                             load_model=random_nf4_loader(arch), arch=arch)
+        except RuntimeError as half_err:  # the record says both row lengths were tried
+            raise RuntimeError(f"rows of {spec['max_length']:,} (half rows, after 16,384 did not fit) do not fit "
+                               f"either: {half_err}") from err
         run["half_rows_because"] = str(err)[:200]
     worst = max(run["peak_reserved_gib"], run["worst_case_peak_reserved_gib"])
     return {"model": name, "card_gb": card_gb, "memory_limit_gib": limit, "row_tokens": spec.get("max_length", 16384),
@@ -118,7 +122,8 @@ def main():
     per_run = 16 * (args.warmup + args.steps + 2) * (2 if args.recipe == "padded" else 4)
     rows = synthetic_rows(per_run, vocab=vocab, median=700 if args.recipe == "padded" else 490)
     worst_rows = synthetic_rows(16 * 4 * 2, median=2048, sigma=0.0, vocab=vocab)
-    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "recipe": args.recipe, "cards_gb": CARDS_GB,
+    results = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "recipe": args.recipe,
+               "cards_gb": [int(c) for c in args.cards.split(",")] if args.recipe == "packed" else CARDS_GB,
                "runs": []}
     sizes = args.cards if args.recipe == "packed" else args.micro_batches
     for name, arch in archs.items():

@@ -61,6 +61,7 @@ CONFIGS = {
     "default-compiled": dict(compile_layers=True),
     "pack8k-compiled": dict(packing(8192), compile_layers=True),
     "fits-24gb-compiled": dict(memory_limit_gib=22.0, compile_layers=True),
+    "equal-memory-compiled": dict(memory_limit_gib="peer", compile_layers=True),
     "default-compiled-nodrop": dict(compile_layers=True, lora_dropout=0.0),
     # issue #31: the default's policy under the memory Unsloth's packed run without checkpointing took in the same
     # session (--peer: that run's result file; its peak_reserved_gib becomes memory_limit_gib)
@@ -191,6 +192,9 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=run.checkpoint)  # None: save_strategy="no" leaves no checkpoint
         _cuda("synchronize")
+        timed_peaks = _cuda("max_memory_allocated"), _cuda("max_memory_reserved")
+        # inside the run: the layers as they trained (TrainingRun undoes compile_layers on exit)
+        worst_reserved = worst_case_peak_reserved(trainer, cfg)
     decided = run.memory
     elapsed = time.perf_counter() - marks["t0"]
     # The collator has already been called for the micro-batches after the last step when prefetching; count
@@ -208,13 +212,13 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "warmup_seconds": round(marks["t0"] - started, 1),  # model compile, first steps
         "steps": steps, "seconds": round(elapsed, 2), "tokens_per_step": round(sum(lengths) / steps),
         "useful_tok_s": round(useful / elapsed), "trained_tok_s": round(trained / elapsed),
-        "peak_alloc_gib": round(_cuda("max_memory_allocated") / 2**30, 2),
-        "peak_reserved_gib": round(_cuda("max_memory_reserved") / 2**30, 2),
+        "peak_alloc_gib": round(timed_peaks[0] / 2**30, 2),
+        "peak_reserved_gib": round(timed_peaks[1] / 2**30, 2),
         "mfu": round(model_flops(lengths, arch) / elapsed / peak_bf16_flops(), 4),
         "final_loss": trainer.state.log_history[-2].get("loss") if len(trainer.state.log_history) > 1 else None,
     }
     out.update(second_half_rate(marks, counter.batches, per_step, steps))
-    out["worst_case_peak_reserved_gib"] = worst_case_peak_reserved(trainer, cfg)
+    out["worst_case_peak_reserved_gib"] = worst_reserved
     del trainer
     gc.collect()
     _cuda("empty_cache")

@@ -121,6 +121,12 @@ def test_the_size_sweep_falls_back_to_the_guides_half_rows_where_a_row_does_not_
     monkeypatch.setattr(train_sizes, "run_config", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
     with pytest.raises(RuntimeError, match="CUDA error"):  # any other failure is the card's error, not a fallback
         train_sizes.measure_packed("7b", {}, "/nowhere", 16, {}, 1, 1, {})
+    # where the half rows do not fit either, the card's error says both lengths were tried (2026-12-04's 7B on 16 GB
+    # recorded only the second error, which read as if rows of 16,384 had been refused once)
+    monkeypatch.setattr(train_sizes, "run_config", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("one training step ... does not fit in 13.0 GiB")))
+    with pytest.raises(RuntimeError, match=r"rows of 8,192 \(half rows, after 16,384 did not fit\) do not fit either"):
+        train_sizes.measure_packed("7b", {}, "/nowhere", 16, {}, 1, 1, {})
 
 
 def test_every_training_bench_configuration_is_a_valid_run():

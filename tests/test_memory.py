@@ -42,6 +42,32 @@ def test_without_a_gpu_auto_means_every_layer_recomputes(tmp_path, tiny_model_di
     assert all(layer.gradient_checkpointing for layer in decoder_layers(trainer.model))
 
 
+def test_the_probe_measures_compiled_layers_and_a_failed_policy_leaves_them_eager(tmp_path, tiny_model_dir,
+                                                                                   tiny_trainer, monkeypatch):
+    # compiled layers keep less per layer than eager ones (~0.7 GiB at rows of 16,384 on an H200, 2026-12-04), so the
+    # policy has to probe the layers as they will train; nothing is traced here (compile is lazy, the probe raises)
+    from llmhelpers.training import memory
+    from llmhelpers.training.run import TrainingRun
+
+    seen = []
+
+    def probe(trainer, cfg):
+        seen.append([getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(trainer.model)])
+        raise RuntimeError("does not fit")
+
+    monkeypatch.setattr(memory, "choose_checkpointed_layers", probe)
+    cfg = make_config("smoke", output_dir=str(tmp_path), tiny_model_dir=str(tiny_model_dir), accuracy_callback=False,
+                      compile_layers=True)
+    trainer, *_ = tiny_trainer(cfg)
+    try:
+        with TrainingRun(trainer, cfg):
+            raise AssertionError("the policy's error should stop the run before training")
+    except RuntimeError as err:
+        assert "does not fit" in str(err)
+    assert seen == [[True, True]]
+    assert not any(getattr(layer, "_compiled_call_impl", None) for layer in decoder_layers(trainer.model))
+
+
 def test_dequantize_once_on_keeps_the_base_dequantized_and_says_so(tmp_path, tiny_model_dir, tiny_trainer):
     from llmhelpers.model.fused_lora import DENSE_ATTR
     from llmhelpers.training.memory import choose_checkpointed_layers

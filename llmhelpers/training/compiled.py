@@ -5,9 +5,12 @@ norms, attention, the fused LoRA nodes); on rows of 8,192 tokens the GPU waited 
 each layer in place (`nn.Module.compile`, PyTorch's "regional compilation": every layer shares one compiled graph,
 since parameters are the graph's inputs) replaces those calls with one compiled call per layer. Training only: a
 compiled layer under `model.generate` would compile again for each new cache length, so `TrainingRun` undoes it when
-training stops, however it stops. Off by default (`compile_layers`): on an H200 it gave +7.5% tokens/s on rows of
-16,384 but -22% on rows of 8,192 (BENCHMARKS.md, 2026-12-03); on the CPU it trains the same numbers within float
-rounding (tests/test_compiled.py).
+training stops, however it stops. The layers are compiled before the memory policy's probe steps: compiled, a layer
+keeps about half the activations of the eager one (H200, rows of 16,384: 25.3 against 45.5 GiB with none
+recomputing, 2026-12-04), so the probe has to measure them as they train. Off by default (`compile_layers`): on an
+H200 it gave 1.061x tokens/s on rows of 16,384 and 1.026x on 8,192 (BENCHMARKS.md, 2026-12-04; -22% at 8,192 on the
+path of 2026-12-03), its effect under a memory limit is not measured yet; on the CPU it trains the same numbers
+within float rounding (tests/test_compiled.py).
 """
 from __future__ import annotations
 
