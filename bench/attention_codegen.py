@@ -11,7 +11,9 @@ operand byte by byte from shared memory (64 `ld.shared.b8` per thread per tile) 
 (e4m3 -> f16 -> bf16): its loop over key blocks issues ~5.7x the bf16 kernel's warp instructions per byte read
 (229 against 40 per KiB at 64 keys and 4 warps). At ~1.05e12 warp instructions per second on an H200 that caps it
 near 4.7 TB/s with every issue slot used, ~2 TB/s at a realistic half: what was measured (1.8-2.1 TB/s); bf16's
-cap is far above the memory's.
+cap is far above the memory's. Since 2026-12-04 the kernel runs its dots in fp16 for an fp8 cache under a bf16 query
+(e4m3 -> fp16 is one conversion per two entries): 182 per KiB at 64 keys, 145 at 128 keys with 4 warps
+(`bench/results/2026-12-04-cpu-attention-codegen.json`); the value tile is still read byte by byte.
 (Triton feeds fp8 to Hopper's tensor cores as fp8 only through wgmma, at 64 query rows or more; this kernel's
 query tile has 16, the 6 query heads of a key head padded, so every fp8 entry is converted first.) It also
 compiles a design study, never run: the keys as the 64-row operand with the query and probabilities in e4m3

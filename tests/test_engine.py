@@ -196,6 +196,36 @@ def test_triton_decode_kernel_matches_the_reference():
     assert live_gap < 1e-4 and live8_gap < 1e-4  # each slot's live length split (lengths 1 to 300, 3 or 4 splits)
 
 
+def test_the_fp8_kernel_under_a_bf16_query_runs_its_dots_in_fp16_within_bf16_rounding():
+    """An fp8 cache read by a bf16 query (the engine on a GPU): the kernel's dots run in fp16 (e4m3 -> fp16 is one
+    conversion per two entries; bench/attention_codegen.py counts the instructions). fp16's range is narrower than
+    bf16's: a query of entries near 1e5 (past fp16's 65,504) and values of entries near 1e-4 (p x scale deep in
+    fp16's subnormals) still give the reference's output within bf16's rounding (Triton's interpreter: its fp16 dots are
+    numpy's; its bf16 dots are not the GPU's, so the bf16 path is not checked here)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from llmhelpers.inference.engine import decode_attention_reference, decode_attention_triton, quantize_fp8
+        torch.manual_seed(0)
+        S, Hq, Hkv, T, D = 4, 12, 2, 300, 128
+        k = torch.randn(S, Hkv, T, D)
+        lengths = torch.tensor([1, 64, 65, 300])
+        for q_size, v_size in ((3.0, 1.0), (1e5, 1e-4)):
+            q = (torch.randn(S, Hq, D) * q_size).bfloat16()
+            (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(torch.randn(S, Hkv, T, D) * v_size)
+            ref = decode_attention_reference(q.float(), k8, v8, lengths, D ** -0.5, ks, vs)
+            for nsplit in (1, 4):
+                out = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=nsplit, block_n=64)
+                print(out.dtype, ((out.float() - ref).abs().max() / ref.abs().max()).item())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    words = proc.stdout.split()
+    assert words[0::2] == ["torch.bfloat16"] * 4
+    assert all(float(gap) < 2 ** -7 for gap in words[1::2]), words  # bf16's rounding of the output: 2^-8 relative
+
+
 def test_an_fp8_kv_cache_keeps_each_head_vector_within_e4m3_rounding():
     """kv_cache_dtype="fp8": each cached head vector is float8 e4m3 values times one scale (its largest entry maps to
     448), so an entry is off by at most 2^-4 of itself (3 mantissa bits) or a subnormal step of the scale; attention
