@@ -207,6 +207,9 @@ def run_config(name: str, spec: dict, model_dir: Path, rows, warmup: int, steps:
         "config": name, "pack_tokens": cfg.pack_tokens,
         "micro_batch": trainer.args.per_device_train_batch_size, "accumulation": cfg.sft.gradient_accumulation_steps,
         "grouped": cfg.sft.train_sampling_strategy == "group_by_length", "liger": getattr(trainer.model, "llm_liger", False),
+        # the speed settings a configuration may change ("grouped" above is the padded recipe's length grouping)
+        "group_lora_inputs": cfg.group_lora_inputs, "compile_layers": cfg.compile_layers,
+        "lora_dropout": cfg.lora.lora_dropout,
         "checkpointing": decided, "memory_limit_gib": cfg.memory_limit_gib,
         "sequences_per_step": round(len(lengths) / steps, 1),
         "warmup_seconds": round(marks["t0"] - started, 1),  # model compile, first steps
