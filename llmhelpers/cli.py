@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from llmhelpers.config.arguments import parse
 from llmhelpers.config.project import FinetuneConfig
@@ -48,6 +49,7 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
     from llmhelpers.training.run import run_training
     from llmhelpers.training.trainer import build_trainer, throughput_meter
 
+    started = time.perf_counter()
     loaded = load_examples(cfg)  # bad data fails here, before the tokenizer and model are loaded
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer, loaded)
@@ -59,14 +61,19 @@ def _run(cfg: FinetuneConfig, evaluate_after: bool, allow_fresh_optimizer: bool)
         print(trainable_parameters(model))
     if cfg.accuracy_callback:
         AccuracyCallback(evaluation_set(data, cfg), tokenizer, cfg).attach(trainer)
+    seconds = {"loading": time.perf_counter() - started}  # each phase's wall time: where a run's time went
+    started = time.perf_counter()
     output = run_training(trainer, cfg, allow_fresh_optimizer=allow_fresh_optimizer)
+    seconds["training"] = time.perf_counter() - started
     result = {"rank": trainer.args.process_index, "world_size": trainer.args.world_size,
               "global_step": output.global_step, "train_loss": output.training_loss,
               "micro_batches_seen_by_this_rank": trainer.args.gradient_accumulation_steps * output.global_step,
               "sequences_per_micro_batch": "packed" if cfg.pack_tokens else trainer.args.per_device_train_batch_size,
               "tokens_per_second": throughput_meter(trainer).steady(), "run_dir": str(cfg.run_dir)}
     if main:
-        result.update(finish_run(cfg, trainer, tokenizer, data, evaluate_after))
+        result.update(finish_run(cfg, trainer, tokenizer, data, evaluate_after, seconds))
+        print("time by phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()))
+    result["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
     trainer.accelerator.wait_for_everyone()
     return result
 
@@ -75,7 +82,8 @@ class MergeCheckFailed(RuntimeError):
     pass
 
 
-def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bool) -> dict:
+def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bool,
+               seconds: dict | None = None) -> dict:
     """The notebook's steps after training, as the settings ask: the adapters with the project's model card, the
     evaluation (--evaluate), the merge (merge_after_training), the GGUF and its Modelfile (gguf_outtype), the push
     (hub_repo_id). A run that had already finished keeps every folder and file it has: only what is missing is
@@ -90,6 +98,14 @@ def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bo
 
     finished_before = getattr(trainer, "llm_already_finished", False)
     written, result = set(), {}
+    seconds = {} if seconds is None else seconds  # each phase's wall time, added to the caller's
+    started = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - started
+        started = now
 
     def kept(path) -> bool:
         if finished_before and path.exists():
@@ -102,12 +118,14 @@ def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bo
         adapter_dir = save_adapters(trainer.model, tokenizer, cfg)
         written.add(adapter_dir)
     result["adapter_dir"] = str(adapter_dir)
+    phase("saving")
     results = None
     if evaluate_after:
         results = evaluate_base_and_finetuned(cfg, tokenizer, evaluation_set(data, cfg), model=trainer.model,
                                               adapter_dir=adapter_dir)
         print(comparison_table(results))
         result["accuracy"] = {r.label: r.accuracy for r in results}
+        phase("evaluation")
     if cfg.merge_after_training and not kept(cfg.merged_dir):
         prompts = [render_prompt(e, tokenizer) for e in demo_examples()]
         check = merge_adapters(cfg, tokenizer, prompts, adapter_dir)
@@ -118,18 +136,22 @@ def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bo
                                    f"({check['mean_abs_diff']:.3g} > {check['tolerance']:g}); {cfg.merged_dir} "
                                    "should not be used")
         result["merged_dir"] = check["path"]
+        phase("merge")
     for folder, kind in ((adapter_dir, "adapters"), (cfg.merged_dir, "merged")):
         if folder in written:
             print(write_model_card(folder, cfg, kind, data.report, results))
+    phase("saving")
     gguf_file = cfg.run_dir / "gguf" / "model.gguf"
     if cfg.gguf_outtype and cfg.merged_dir.exists() and (cfg.merged_dir in written or not kept(gguf_file)):
         export_gguf(cfg.merged_dir, gguf_file, cfg.gguf_outtype, overwrite=True)
         print(verify_gguf(gguf_file, cfg.merged_dir), write_modelfile(gguf_file), sep="\n")
         result["gguf"] = str(gguf_file)
+        phase("gguf")
     elif cfg.gguf_outtype and not cfg.merged_dir.exists():
         print("no GGUF: it is exported from the merged model; add --merge_after_training true")
     if cfg.hub_repo_id:
         print(push_to_hub(adapter_dir, cfg.hub_repo_id, private=cfg.hub_private))
+        phase("upload")
     return result
 
 

@@ -231,6 +231,10 @@ def test_evaluate_after_training_reports_every_run_of_the_comparison(tmp_path, t
     (res,) = results(proc.stdout)
     assert set(res["accuracy"]) == {"base", "finetuned", "finetuned-no-tools"}
     assert "tools errors timeouts" in proc.stdout
+    # where the run's time went, phase by phase (bench/time_to_model.py records them)
+    assert list(res["seconds"]) == ["loading", "training", "saving", "evaluation", "merge", "gguf"]  # smoke merges
+    assert min(res["seconds"].values()) >= 0 and res["seconds"]["training"] > 0 and res["seconds"]["evaluation"] > 0
+    assert "time by phase: loading" in proc.stdout
 
 
 def test_the_smoke_model_is_built_under_output_dir_not_the_working_directory(tmp_path, monkeypatch):
