@@ -10,6 +10,9 @@
 #   (equal-memory: the default under the memory Unsloth's packed run took; the parts stay in /tmp/bench-parts while
 #   the machine is warm, so DEST/train-490.json then holds all six)
 # MEDIAN: median row length of the synthetic rows (490 = the real MathCodeInstruct rows, 700 = the old bench's).
+# A configuration named NAME@K runs NAME again as its own part (round K): CONFIGS=pack8k,pack8k-compiled,pack8k@2,
+# pack8k-compiled@2 interleaves two rounds, for host-bound rows whose rate varies between runs of one machine; each
+# merged run carries its part's name ("part").
 # Project runs need the project's wheels on PYTHONPATH (e.g. /tmp/site:/tmp/bsite); Unsloth's need its own set.
 set -uo pipefail
 MEDIAN=${1:?median}; DEST=${2:?destination folder}; CONFIGS=${3:-default,fits-24gb,padded,seed}
@@ -24,7 +27,8 @@ merged = {"median": int(median), "runs": []}
 for path in sorted(glob.glob(f"/tmp/bench-parts/{median}-*.json")):
     part = json.load(open(path))
     merged.update({k: v for k, v in part.items() if k not in ("runs", "loss_equivalence")})
-    merged["runs"] += part["runs"]
+    name = path.rsplit("/", 1)[-1][len(median) + 1:-len(".json")]
+    merged["runs"] += [dict(run, part=name) for run in part["runs"]]
 json.dump(merged, open(f"{dest}/train-{median}.json", "w"), indent=1)
 PY
 }
@@ -38,7 +42,7 @@ if [ "${UNSLOTH:-0}" = 1 ]; then
   exit 0
 fi
 for c in ${CONFIGS//,/ }; do
-  python3 bench/train_throughput.py --configs "$c" --median "$MEDIAN" --steps "$STEPS" --warmup "$WARMUP" \
+  python3 bench/train_throughput.py --configs "${c%@*}" --median "$MEDIAN" --steps "$STEPS" --warmup "$WARMUP" \
     --no-loss-check ${PEER:+--peer "$PEER"} --out "/tmp/bench-parts/$MEDIAN-$c.json" > "/tmp/bench-parts/$MEDIAN-$c.log" 2>&1
   echo "== $c (exit $?)" >> "$DEST/log-$MEDIAN.txt"; tail -5 "/tmp/bench-parts/$MEDIAN-$c.log" >> "$DEST/log-$MEDIAN.txt"
   merge
