@@ -161,32 +161,22 @@ def main():
         # the kernel's launch choices at mixed lengths (the fp8 cache's kernel read half the bytes in bf16's time;
         # bench/attention_codegen.py: it is bound by instructions): block size, warps, Triton's pipeline stages
         res["attention_tuning"] = {}
-        for block_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (None, 2, 4):
-                    name = f"n{block_n}_w{warps}_s{stages or 'default'}"
-                    try:
-                        t = bench_ms(lambda: decode_attention_triton(
-                            q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, combine="triton",
-                            block_n=block_n, num_warps=warps, num_stages=stages), reps=50)
-                    except Exception as err:  # e.g. out of shared memory at 128 x 4 stages
-                        res["attention_tuning"][name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-                        continue
-                    res["attention_tuning"][name] = {
-                        "ms": round(t, 4), "kv_gb_s": round(int(mixed.sum()) * layer_bytes / (t / 1e3) / 1e9)}
-        if eng.fp8:  # the values read as 16-bit pairs through inline PTX (fp8_pairs): checked, then timed
+        if eng.fp8:  # the values read as 16-bit pairs through inline PTX (fp8_pairs): checked first, then swept too
             res["fp8_pairs_check"] = fp8_pairs_check(eng)
-            for block_n, warps, stages in ((64, 4, None), (128, 4, None), (128, 8, None), (128, 4, 2), (64, 2, None)):
-                name = f"n{block_n}_w{warps}_s{stages or 'default'}_pairs"
-                try:
-                    t = bench_ms(lambda: decode_attention_triton(
-                        q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, combine="triton",
-                        block_n=block_n, num_warps=warps, num_stages=stages, fp8_pairs=True), reps=50)
-                except Exception as err:
-                    res["attention_tuning"][name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-                    continue
-                res["attention_tuning"][name] = {
-                    "ms": round(t, 4), "kv_gb_s": round(int(mixed.sum()) * layer_bytes / (t / 1e3) / 1e9)}
+        for pairs in ((False, True) if eng.fp8 else (False,)):
+            for block_n in (32, 64, 128):
+                for warps in (2, 4, 8):
+                    for stages in (None, 2, 4):
+                        name = f"n{block_n}_w{warps}_s{stages or 'default'}{'_pairs' if pairs else ''}"
+                        try:
+                            t = bench_ms(lambda: decode_attention_triton(
+                                q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, combine="triton",
+                                block_n=block_n, num_warps=warps, num_stages=stages, fp8_pairs=pairs), reps=50)
+                        except Exception as err:  # e.g. out of shared memory at 128 x 4 stages
+                            res["attention_tuning"][name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+                            continue
+                        res["attention_tuning"][name] = {
+                            "ms": round(t, 4), "kv_gb_s": round(int(mixed.sum()) * layer_bytes / (t / 1e3) / 1e9)}
         tuned = {k: v for k, v in res["attention_tuning"].items() if "ms" in v}
         res["attention_tuning_best"] = min(tuned.items(), key=lambda kv: kv[1]["ms"]) if tuned else None
         best = min((v, k) for k, v in ms.items() if k.startswith("attention"))

@@ -2,8 +2,8 @@
 profile's recipe (4-bit base, LoRA on every linear layer, packed rows, its epochs), then what a user's command does
 after training: the adapters saved, base and fine-tuned graded with the R1 protocol (200 problems x 4 samples, with
 tools and, for the fine-tuned model, without), the bf16 merge with its logit check. One wall clock from the start of
-`run` to its return; the phases' own wall times are the run's (`seconds` in its result: loading, training, saving,
-evaluation, merge), copied to the record's top level.
+`run` to its return; the phases' own wall times are in the run's result (`run.seconds`: loading, training, saving,
+evaluation, merge).
 
     python bench/time_to_model.py --out /tmp/ttm.json              # on a GPU: ~15 minutes on an H200 (3 epochs)
     python bench/time_to_model.py --epochs 1 --out /tmp/ttm.json   # one epoch: fits a 10-minute device call
@@ -98,8 +98,7 @@ def main():
               "minutes": round(seconds / 60, 1), "synthetic_rows": n_rows, "epoch_tokens_target": epoch_tokens,
               "epochs": cfg.sft.num_train_epochs, "eval_max_new_tokens": cfg.eval_max_new_tokens,
               "eval_limit": cfg.eval_limit, "eval_samples": cfg.eval_samples,
-              "eval_without_tools": cfg.eval_without_tools, "seconds_by_phase": result.get("seconds"), "run": result,
-              "provenance": provenance()}
+              "eval_without_tools": cfg.eval_without_tools, "run": result, "provenance": provenance()}
     print(json.dumps(record, default=str), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

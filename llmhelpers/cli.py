@@ -82,8 +82,7 @@ class MergeCheckFailed(RuntimeError):
     pass
 
 
-def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bool,
-               seconds: dict | None = None) -> dict:
+def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bool, seconds: dict) -> dict:
     """The notebook's steps after training, as the settings ask: the adapters with the project's model card, the
     evaluation (--evaluate), the merge (merge_after_training), the GGUF and its Modelfile (gguf_outtype), the push
     (hub_repo_id). A run that had already finished keeps every folder and file it has: only what is missing is
@@ -98,8 +97,7 @@ def finish_run(cfg: FinetuneConfig, trainer, tokenizer, data, evaluate_after: bo
 
     finished_before = getattr(trainer, "llm_already_finished", False)
     written, result = set(), {}
-    seconds = {} if seconds is None else seconds  # each phase's wall time, added to the caller's
-    started = time.perf_counter()
+    started = time.perf_counter()  # each phase's wall time goes into `seconds`, the caller's
 
     def phase(name: str) -> None:
         nonlocal started
