@@ -46,6 +46,8 @@
 #              and the default with split_narrow_steps; eval-fp8-kv: the default with an fp8 KV cache (the fused
 #              kernels write it; its attention kernel scales scores and probabilities).
 # time-to-model, time-to-model-wait: issue #31's timed run (bench/time_to_model.py), in the background across calls.
+# matmuls:     bench/decode_matmuls.py: each matmul shape of a decode step per width, cuBLAS against the Triton kernel
+#              (llmhelpers/inference/decode_matmul.py) at each of its launch choices.
 # sampling:    python -m bench check sampling (keyed top-p draws on the GPU; graphs reused for new settings).
 # train-peers: issue #31's Unsloth peers (packed, packed-gc) with Unsloth's wheel set carried in UNSLOTH_CARRY
 #              (default /tmp/ucarry: ../shared/tools/gpu-wheels.sh unsloth) plus bitsandbytes from $carry, installed
@@ -113,8 +115,15 @@ for stage in "$@"; do
     eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live|eval-24gb-fp8|eval-unsplit-wide|eval-no-overlap|eval-no-overlap-tools)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}  # eval-24gb-fp8: fits-24gb-fp8
       # REQUESTS (default 2000, the issue's workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
-      # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run
-      python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" ${ATTN:+--attention-launch "$ATTN"} \
+      # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run;
+      # ATTN=profile-fp8 (or profile-default): the best launch of that stage's sweep in this OUT (its fp8_pairs
+      # launches only where its fp8_pairs_check passed)
+      launch=${ATTN:-}
+      if [ "$launch" = profile-fp8 ] || [ "$launch" = profile-default ]; then
+        launch=$(python bench/best_attention_launch.py "$dest/$launch.json") || { echo "no launch in $dest/$ATTN.json"; launch=; }
+        echo "attention launch: $launch"
+      fi
+      python -m bench eval --configs "$config" --requests "${REQUESTS:-2000}" ${launch:+--attention-launch "$launch"} \
         --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1
       tail -n 3 "$dest/$stage.log" ;;
     profile|profile-fused|profile-liger|profile-triton|profile-default|profile-fp8)
@@ -142,6 +151,11 @@ for stage in "$@"; do
       python bench/train_sizes.py --models "${stage#sizes-}" --warmup "${WARMUP:-3}" --steps "${STEPS:-8}" \
         --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 || echo "sizes ${stage#sizes-} failed"
       grep '^{"model"' "$dest/$stage.log" ;;
+    matmuls)
+      # the decode step's matmuls per width: cuBLAS against the Triton kernel's launch choices (issue #32)
+      python bench/decode_matmuls.py --out "$dest/decode-matmuls.json" > "$dest/matmuls.log" 2>&1 \
+        || echo "decode_matmuls FAILED: see $dest/matmuls.log"
+      grep "^width" "$dest/matmuls.log" ;;
     sampling)
       python -m bench check sampling --out "$dest/sampling-check.json" > "$dest/sampling.log" 2>&1 \
         || echo "sampling check FAILED: see $dest/sampling.log"

@@ -616,17 +616,17 @@ class Engine:
         n = q.shape[0]  # the first n slots decode (after compaction, fewer than all)
         pos = positions[:, 0]
         self._write_kv(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
-        return self._attend_cache(i, q[:, :, 0], pos).reshape(n, 1, -1)
+        return self._attend_cache(i, q[:, :, 0], (pos + 1).to(torch.int32)).reshape(n, 1, -1)
 
-    def _attend_cache(self, i, q, pos):
-        """Decode attention of queries [n, Hq, D] over layer i's cache of the first n slots, each up to `pos`
-        (its new key and value already written)."""
+    def _attend_cache(self, i, q, lengths):
+        """Decode attention of queries [n, Hq, D] over layer i's cache of the first n slots, each over its first
+        `lengths` [n] int32 positions (its new key and value already written)."""
         n = q.shape[0]
         scales = (self.k_scale[i][:n], self.v_scale[i][:n]) if self.fp8 else (None, None)
         splits = {"nsplit": decode_splits(n, self.hkv, self.sms)} if self.split_narrow_steps else {}
         if self.unsplit_wide_steps and n * self.hkv >= 4 * self.sms:
             splits = {"nsplit": 1}
-        return self.decode_attention(q, self.k_cache[i][:n], self.v_cache[i][:n], pos + 1, self.scale, *scales,
+        return self.decode_attention(q, self.k_cache[i][:n], self.v_cache[i][:n], lengths, self.scale, *scales,
                                      **splits)
 
     def set_sampling(self, sampling: SamplingParams) -> None:
@@ -657,11 +657,12 @@ class Engine:
         cos, sin = (t.reshape(n, -1) for t in self.model.model.rotary_emb(hidden[:, None], pos[:, None]))
         first, following = self._norms_in_turn()
         hidden, x = kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon)
+        lengths = (pos + 1).to(torch.int32)  # once per step, not per layer: two launches fewer per layer
         for i, layer in enumerate(self.model.model.layers):
             qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
             q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
                                       self.hq, self.hkv, self.k_scale[i], self.v_scale[i])
-            a = self._attend_cache(i, q, pos)
+            a = self._attend_cache(i, q, lengths)
             norm = layer.post_attention_layernorm
             hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(n, -1)), norm.weight,
                                              norm.variance_epsilon)
