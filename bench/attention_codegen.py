@@ -61,9 +61,10 @@ def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | N
                  "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                  "scale": "fp32", "T": "i32", "chunk": "i32",
                  **{name: "constexpr" for name in ("Hkv", "GROUP", "D", "NSPLIT", "BLOCK_G", "BLOCK_N", "FP8_KV",
-                                                   "LIVE_SPLIT", "out_ptr", "V_PAIRS")}}
+                                                   "LIVE_SPLIT")},
+                 "out_ptr": "*bf16", "V_PAIRS": "constexpr"}
     constants = {"Hkv": 2, "GROUP": 6, "D": 128, "NSPLIT": 4, "BLOCK_G": 16, "BLOCK_N": block_n, "FP8_KV": fp8,
-                 "LIVE_SPLIT": False, "out_ptr": None, "V_PAIRS": pairs}  # R1-1.5B's heads; splits combined after
+                 "LIVE_SPLIT": False, "V_PAIRS": pairs}  # R1-1.5B's heads; splits combined after
     return compile_for_sm90(split_kernel, signature, constants, num_warps, num_stages)
 
 

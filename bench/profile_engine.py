@@ -138,13 +138,10 @@ def main():
                     ms[f"attention_1layer_nsplit{nsplit}_n{block_n}_w{warps}"] = bench_ms(
                         lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale,
                                                         **scales, nsplit=nsplit, block_n=block_n, num_warps=warps))
-        ms["attention_1layer_nsplit4_n64_w4_combine_triton"] = bench_ms(
-            lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, **scales,
-                                            combine="triton"))
         for nsplit in (2, 4, 8):  # each slot's live length split (every split works) instead of the capacity
             ms[f"attention_1layer_nsplit{nsplit}_n64_w4_live"] = bench_ms(
                 lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], lengths, eng.scale, **scales,
-                                                nsplit=nsplit, combine="triton", live_split=True))
+                                                nsplit=nsplit, live_split=True))
         layer_bytes = eng.kv_bytes_token // len(model.model.layers)  # one layer's keys and values of one token
         kv_bytes = slots * args.live * layer_bytes
         # slots of mixed live lengths (100 to 8,000, as a run's slots are): capacity splits against live splits
@@ -154,10 +151,19 @@ def main():
         for nsplit in (1, 4, 8):
             for live in (False, True):
                 t = bench_ms(lambda: decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale,
-                                                             **scales, nsplit=nsplit, combine="triton",
+                                                             **scales, nsplit=nsplit,
                                                              live_split=live))
                 res["mixed_lengths_attention"][f"nsplit{nsplit}{'_live' if live else ''}"] = {
                     "ms": round(t, 4), "kv_gb_s": round(int(mixed.sum()) * layer_bytes / (t / 1e3) / 1e9)}
+        # a slot whose live tokens lie in its first split gets its output from that split's program (no combine):
+        # the same loop over the same blocks as one split per slot, so the same bits; the other slots are combined
+        one = decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, nsplit=1)
+        four = decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, nsplit=4)
+        chunk = max(64, -(-eng.k_cache[0].shape[2] // 256) * 64)  # decode_attention_triton's split of 4
+        whole = mixed <= chunk
+        res["whole_slots_check"] = {
+            "whole_slots": int(whole.sum()), "bit_identical_to_one_split": bool(torch.equal(one[whole], four[whole])),
+            "others_largest_gap": round(((one[~whole].float() - four[~whole].float()).abs().max()).item(), 6)}
         # the kernel's launch choices at mixed lengths (the fp8 cache's kernel read half the bytes in bf16's time;
         # bench/attention_codegen.py: it is bound by instructions): block size, warps, Triton's pipeline stages
         res["attention_tuning"] = {}
@@ -170,7 +176,7 @@ def main():
                         name = f"n{block_n}_w{warps}_s{stages or 'default'}{'_pairs' if pairs else ''}"
                         try:
                             t = bench_ms(lambda: decode_attention_triton(
-                                q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, combine="triton",
+                                q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales,
                                 block_n=block_n, num_warps=warps, num_stages=stages, fp8_pairs=pairs), reps=50)
                         except Exception as err:  # e.g. out of shared memory at 128 x 4 stages
                             res["attention_tuning"][name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
@@ -237,6 +243,8 @@ def main():
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
         Path(args.out).with_suffix(".txt").write_text(table)
+    if not res["whole_slots_check"]["bit_identical_to_one_split"]:
+        sys.exit(f"whole slots differ from the one-split kernel: {res['whole_slots_check']}")
     if not res.get("fp8_pairs_check", {}).get("passed", True):
         sys.exit(f"fp8_pairs differs from the plain fp8 kernel: {res['fp8_pairs_check']}")
 
@@ -259,7 +267,7 @@ def fp8_pairs_check(eng, slots: int = 32, rule: float = 2 ** -7) -> dict:
     gaps = {}
     for pairs in (False, True):
         for block_n in (64, 128):
-            out = decode_attention_triton(q, k8, v8, lengths, eng.scale, ks, vs, block_n=block_n, combine="triton",
+            out = decode_attention_triton(q, k8, v8, lengths, eng.scale, ks, vs, block_n=block_n,
                                           fp8_pairs=pairs)
             gaps[f"n{block_n}{'_pairs' if pairs else ''}"] = round(
                 ((out.float() - ref).abs().max() / ref.abs().max()).item(), 6)

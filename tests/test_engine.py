@@ -166,10 +166,14 @@ def test_triton_decode_kernel_matches_the_reference():
         (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
         ref8 = decode_attention_reference(q, k8, v8, lengths, D ** -0.5, ks, vs)
         out8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=4)
-        # the splits combined by one Triton kernel (Engine(fuse=True)) instead of PyTorch's ops
-        one = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, combine="triton")
-        many = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=16, combine="triton")  # narrow steps
-        live = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, combine="triton", live_split=True)
+        # splits of 128 (lengths 1, 64 and 65 lie in the first: it writes their output) and of 64 (65 and 300 need
+        # the combine): with every buffer the kernels did not write full of NaN, nothing unwritten is read
+        real_empty = torch.empty
+        torch.empty = lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan"))
+        one = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4)
+        torch.empty = real_empty
+        many = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=16)  # narrow steps (splits of 64)
+        live = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, live_split=True)
         live8 = decode_attention_triton(q, k8, v8, lengths, D ** -0.5, ks, vs, nsplit=3, live_split=True)
         # other launch choices (the profile sweeps them): blocks of 128 keys, pipeline stages
         kt = decode_attention_triton(q, k, v, lengths, D ** -0.5, nsplit=4, block_n=128, num_stages=2)

@@ -131,7 +131,7 @@ def _build_triton_kernel():
     def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr, scale,
                            T, chunk, Hkv: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                            NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr, out_ptr=None,
+                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr, out_ptr,
                            V_PAIRS: tl.constexpr = False):
         slot, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + slot)
@@ -194,59 +194,66 @@ def _build_triton_kernel():
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         keep = g < GROUP
-        if NSPLIT == 1:  # one program read the slot's whole cache: its softmax is complete, no combine to run
-            row = slot * Hkv * GROUP + heads
-            tl.store(out_ptr + row[:, None] * D + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=keep[:, None])
-        else:
-            row = (slot * Hkv * GROUP + heads) * NSPLIT + split
-            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=keep[:, None])
-            tl.store(m_ptr + row, m_i, mask=keep)
-            tl.store(l_ptr + row, l_i, mask=keep)
+        # a slot whose live tokens all lie in its first split (most slots of a wide step: 1,650 live tokens in
+        # splits of 2,199) has a complete softmax in split 0, which writes the output itself: the combine kernel
+        # skips the slot, and its empty splits write nothing
+        parts = tl.cdiv(length, chunk)
+        row = slot * Hkv * GROUP + heads
+        tl.store(out_ptr + row[:, None] * D + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=tl.where(keep, (parts <= 1) & (split == 0), False)[:, None])
+        if NSPLIT > 1:
+            part = tl.where(keep, (parts > 1) & (start < length), False)
+            row = row * NSPLIT + split
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=part[:, None])
+            tl.store(m_ptr + row, m_i, mask=part)
+            tl.store(l_ptr + row, l_i, mask=part)
 
     @triton.jit
-    def combine_splits(acc_ptr, m_ptr, l_ptr, out_ptr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                       D: tl.constexpr):
-        # one program per (slot, query head): the splits' partial softmaxes rescaled to their common max and summed
+    def combine_splits(acc_ptr, m_ptr, l_ptr, out_ptr, len_ptr, chunk, HQ: tl.constexpr, NSPLIT: tl.constexpr,
+                       BLOCK_S: tl.constexpr, D: tl.constexpr, LIVE_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+        # one program per (slot, query head): the splits' partial softmaxes rescaled to their common max and summed;
+        # only the splits that hold live tokens wrote one, and a slot held whole by its first split is done already
         row = tl.program_id(0)
+        length = tl.load(len_ptr + row // HQ)
+        if LIVE_SPLIT:  # the split kernel's own cut of this slot's live length
+            chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_N) * BLOCK_N
+        parts = tl.cdiv(length, chunk)
         sp = tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
-        live = sp < NSPLIT
+        live = tl.where(sp < parts, parts > 1, False)
         m = tl.load(m_ptr + row * NSPLIT + sp, mask=live, other=float("-inf"))
         l_split = tl.load(l_ptr + row * NSPLIT + sp, mask=live, other=0.0)
-        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)  # a split past the length holds -inf
+        w = tl.where(live, tl.exp(m - tl.max(m, axis=0)), 0.0)
         acc = tl.load(acc_ptr + (row * NSPLIT + sp[:, None]) * D + d[None, :], mask=live[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_split * w, axis=0)
-        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=tl.where(d < D, parts > 1, False))
 
     return split_kv_attention, combine_splits
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
-                            block_n: int = 64, num_warps: int = 4, combine: str = "torch", live_split: bool = False,
+                            block_n: int = 64, num_warps: int = 4, live_split: bool = False,
                             num_stages: int | None = None, fp8_pairs: bool = False):
-    """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions. With
-    k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale. The splits are combined
-    by PyTorch ops (combine="torch", about eight kernels) or by one Triton kernel (combine="triton"). The cache's
-    capacity is cut into `nsplit` parts (a slot of 1,650 live tokens in a cache of 8,793 has one working split of
-    four), or with `live_split` each slot's own live length is (measured on an H200: no faster end to end, off).
-    `num_stages` (Triton's software pipelining; None: its default) is a launch choice `bench/profile_engine.py`
-    sweeps with the block size and warps: the fp8 cache's kernel ran no faster than bf16's on half the bytes
-    (`bench/attention_codegen.py` shows why: it is bound by instructions, not memory). `fp8_pairs` (an fp8 cache under
-    a bf16 query, on a GPU): the values are read as 16-bit pairs and converted by one PTX instruction per pair before
-    the dot (104 instead of 145 warp instructions per KiB for sm_90 at 128 keys); off until a GPU has checked it
-    against the plain path (`bench/profile_engine.py --kv-cache-dtype fp8` does, and exits 1 where they differ)."""
+    """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions
+    (`lengths`, int32). With k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale.
+    The cache's capacity is cut into `nsplit` parts (a slot of 1,650 live tokens in a cache of 8,793 has one working
+    split of four), or with `live_split` each slot's own live length is (measured on an H200: no faster end to end,
+    off). A slot whose live tokens lie in its first split gets its output from that split's program; the others' splits
+    are combined by one Triton kernel, which skips the whole slots. `num_stages` (Triton's software pipelining; None:
+    its default) is a launch choice `bench/profile_engine.py` sweeps with the block size and warps: the fp8 cache's
+    kernel ran no faster than bf16's on half the bytes (`bench/attention_codegen.py` shows why: it is bound by
+    instructions, not memory). `fp8_pairs` (an fp8 cache under a bf16 query, on a GPU): the values are read as 16-bit
+    pairs and converted by one PTX instruction per pair before the dot (104 instead of 145 warp instructions per KiB
+    for sm_90 at 128 keys; on an H200 it matched the plain path's output and ran no faster: off)."""
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     chunk = max(64, math.ceil(T / nsplit / 64) * 64)
     nsplit = nsplit if live_split else math.ceil(T / chunk)
-    single = nsplit == 1  # each program reads a slot's whole cache and writes the output itself: no combine
-    if single:
-        out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
-        acc = m = l = out  # the one-split kernel writes no partial results
+    out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
+    if nsplit == 1:  # each program reads a slot's whole cache and writes the output itself: no partial results
+        acc = m = l = out
     else:
-        out = None
         acc = torch.empty(S, Hq, nsplit, D, device=q.device, dtype=torch.float32)
         m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
@@ -256,24 +263,18 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
         raise ValueError("fp8_pairs converts with inline PTX: it needs a CUDA GPU (Triton's interpreter cannot run "
                          "it)")
     split_kernel, combine_kernel = _build_triton_kernel()
+    lengths = lengths.to(torch.int32)
     split_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache.view(torch.uint16) if pairs else v_cache,
-                                     lengths.to(torch.int32), acc, m, l,
+                                     lengths, acc, m, l,
                                      k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
                                      BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, FP8_KV=fp8,
                                      LIVE_SPLIT=live_split, out_ptr=out, V_PAIRS=pairs,
                                      num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
-    if single:
-        return out
-    if combine == "triton":
-        out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
-        combine_kernel[(S * Hq,)](acc, m, l, out, NSPLIT=nsplit, BLOCK_S=max(2, next_pow2(nsplit)), D=D)
-        return out
-    top = m.amax(-1, keepdim=True)
-    w = torch.exp(m - top).nan_to_num(0.0)  # splits past the live length hold -inf
-    out = (acc * w[..., None]).sum(2) / (l * w).sum(-1, keepdim=True)
-    return out.to(q.dtype)
-
+    if nsplit > 1:
+        combine_kernel[(S * Hq,)](acc, m, l, out, lengths, chunk, HQ=Hq, NSPLIT=nsplit,
+                                  BLOCK_S=max(2, next_pow2(nsplit)), D=D, LIVE_SPLIT=live_split, BLOCK_N=block_n)
+    return out
 
 
 def decode_splits(width: int, kv_heads: int, sms: int, least: int = 4, most: int = 64) -> int:
@@ -445,13 +446,8 @@ class Engine:
         self.fused = [fuse_rows(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
                       + fuse_rows(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.model.layers] \
             if fuse else None
-        if fuse and cuda:
-            self.decode_attention = functools.partial(decode_attention_triton, combine="triton")
         if live_split and cuda:  # each slot's own live length in the splits, not the cache's capacity (off: measured)
             self.decode_attention = functools.partial(self.decode_attention, live_split=True)
-        if attention_launch and cuda:  # the attention kernel's launch choices (block_n, num_warps, num_stages:
-            # decode_attention_triton), to measure end to end what bench/profile_engine.py's sweep found
-            self.decode_attention = functools.partial(self.decode_attention, **attention_launch)
         self.elementwise = elementwise
         # causal_prefill: whole prompts attend through causal SDPA over their own pass (see _extend); False: through
         # the cache with a mask, as appended text always does (the path before; kept to measure against)
@@ -474,6 +470,13 @@ class Engine:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
         self.fp8 = kv_cache_dtype == "fp8"
+        # the attention kernel's launch choices (block_n, num_warps, num_stages: decode_attention_triton), to measure
+        # end to end what bench/profile_engine.py's sweep finds. An fp8 cache reads blocks of 128 keys: on an H200
+        # 0.393 ms for one layer at 487 slots of mixed lengths against 0.435 with 64 (2026-12-04, third session)
+        launch = {"block_n": 128} if self.fp8 else {}
+        launch.update(attention_launch or {})
+        if launch and cuda:
+            self.decode_attention = functools.partial(self.decode_attention, **launch)
         if self.fp8 and cuda and (refusal := fp8_cache_refusal(torch.cuda.get_device_capability(self.device),
                                                               torch.cuda.get_device_name(self.device))):
             raise ValueError(refusal)
