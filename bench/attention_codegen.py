@@ -13,7 +13,10 @@ operand byte by byte from shared memory (64 `ld.shared.b8` per thread per tile) 
 near 4.7 TB/s with every issue slot used, ~2 TB/s at a realistic half: what was measured (1.8-2.1 TB/s); bf16's
 cap is far above the memory's. Since 2026-12-04 the kernel runs its dots in fp16 for an fp8 cache under a bf16 query
 (e4m3 -> fp16 is one conversion per two entries): 182 per KiB at 64 keys, 145 at 128 keys with 4 warps
-(`bench/results/2026-12-04-cpu-attention-codegen.json`); the value tile is still read byte by byte.
+(`bench/results/2026-12-04-cpu-attention-codegen.json`); the value tile is still read byte by byte. Reading the
+values as 16-bit pairs converted by one PTX `cvt.rn.f16x2.e4m3x2` each (104 per KiB at 128 keys, no byte-wise
+reads) matched the plain path on an H200 and ran no faster (0.413 against 0.393 ms per layer at mixed lengths,
+2026-12-04's third session): removed.
 (Triton feeds fp8 to Hopper's tensor cores as fp8 only through wgmma, at 64 query rows or more; this kernel's
 query tile has 16, the 6 query heads of a key head padded, so every fp8 entry is converted first.) It also
 compiles a design study, never run: the keys as the 64-row operand with the query and probabilities in e4m3
@@ -50,21 +53,19 @@ def compile_for_sm90(kernel, signature: dict, constants: dict, num_warps: int, n
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None, pairs: bool = False):
-    """`pairs`: the fp8 values read as 16-bit pairs and converted by inline PTX (decode_attention_triton's
-    fp8_pairs)."""
+def compile_variant(fp8: bool, block_n: int, num_warps: int, num_stages: int | None):
     from llmhelpers.inference.engine import _build_triton_kernel
 
     split_kernel, _ = _build_triton_kernel()
     kv = "*fp8e4nv" if fp8 else "*bf16"
-    signature = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": "*u16" if pairs else kv, "len_ptr": "*i32",
+    signature = {"q_ptr": "*bf16", "k_ptr": kv, "v_ptr": kv, "len_ptr": "*i32",
                  "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
                  "scale": "fp32", "T": "i32", "chunk": "i32",
                  **{name: "constexpr" for name in ("Hkv", "GROUP", "D", "NSPLIT", "BLOCK_G", "BLOCK_N", "FP8_KV",
                                                    "LIVE_SPLIT")},
-                 "out_ptr": "*bf16", "V_PAIRS": "constexpr"}
+                 "out_ptr": "*bf16"}
     constants = {"Hkv": 2, "GROUP": 6, "D": 128, "NSPLIT": 4, "BLOCK_G": 16, "BLOCK_N": block_n, "FP8_KV": fp8,
-                 "LIVE_SPLIT": False, "V_PAIRS": pairs}  # R1-1.5B's heads; splits combined after
+                 "LIVE_SPLIT": False}  # R1-1.5B's heads; splits combined after
     return compile_for_sm90(split_kernel, signature, constants, num_warps, num_stages)
 
 
@@ -187,10 +188,6 @@ def main():
             tile_bytes = 2 * block_n * 128 * (1 if fp8 else 2)  # one block's keys and values
             results["variants"][name] = describe(compile_variant(fp8, block_n, warps, stages), tile_bytes, warps)
             print(name, json.dumps(results["variants"][name]), flush=True)
-            if fp8:  # the values as 16-bit pairs through inline PTX (fp8_pairs)
-                results["variants"][name + "_pairs"] = describe(compile_variant(fp8, block_n, warps, stages, True),
-                                                                tile_bytes, warps)
-                print(name + "_pairs", json.dumps(results["variants"][name + "_pairs"]), flush=True)
     results["design_keys_as_rows_e4m3"] = {}
     for block_n, warps in ((64, 4), (128, 4)):
         name = f"fp8_e4m3_inputs_n{block_n}_w{warps}"

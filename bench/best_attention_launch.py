@@ -1,9 +1,8 @@
 """The fastest attention launch of a `bench/profile_engine.py` record, as the JSON `--attention-launch` takes.
 
-    python bench/best_attention_launch.py profile-fp8.json     # e.g. {"block_n": 128, "num_warps": 4, "fp8_pairs": true}
+    python bench/best_attention_launch.py profile-fp8.json     # e.g. {"block_n": 128, "num_warps": 4}
 
-Launches are named n<block_n>_w<warps>_s<stages|default>[_pairs]; `_pairs` launches count only where the record's
-`fp8_pairs_check` passed. Exits 1 when the record has no timed launch.
+Launches are named n<block_n>_w<warps>_s<stages|default>. Exits 1 when the record has no timed launch.
 """
 from __future__ import annotations
 
@@ -14,18 +13,14 @@ from pathlib import Path
 
 
 def best_launch(record: dict) -> dict | None:
-    pairs_ok = record.get("fp8_pairs_check", {}).get("passed", False)
-    timed = {name: row["ms"] for name, row in record.get("attention_tuning", {}).items()
-             if "ms" in row and (pairs_ok or not name.endswith("_pairs"))}
+    timed = {name: row["ms"] for name, row in record.get("attention_tuning", {}).items() if "ms" in row}
     if not timed:
         return None
     name = min(timed, key=timed.get)
-    block_n, warps, stages, pairs = re.fullmatch(r"n(\d+)_w(\d+)_s(\w+?)(_pairs)?", name).groups()
+    block_n, warps, stages = re.fullmatch(r"n(\d+)_w(\d+)_s(\w+)", name).groups()
     launch = {"block_n": int(block_n), "num_warps": int(warps)}
     if stages != "default":
         launch["num_stages"] = int(stages)
-    if pairs:
-        launch["fp8_pairs"] = True
     return launch
 
 

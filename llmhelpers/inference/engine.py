@@ -121,18 +121,10 @@ def _build_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def e4m3_pairs_to_fp16(pairs):
-        # each 16-bit word holds two e4m3 values (the lower address in the low byte): PTX converts both at once
-        return tl.inline_asm_elementwise(
-            asm="{ .reg .b32 both; cvt.rn.f16x2.e4m3x2 both, $2; mov.b32 {$0, $1}, both; }",
-            constraints="=h,=h,h", args=[pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-
-    @triton.jit
     def split_kv_attention(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr, scale,
                            T, chunk, Hkv: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                            NSPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr, out_ptr,
-                           V_PAIRS: tl.constexpr = False):
+                           FP8_KV: tl.constexpr, LIVE_SPLIT: tl.constexpr, out_ptr):
         slot, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + slot)
         if LIVE_SPLIT:  # the slot's own live length in NSPLIT parts (whole blocks), not the cache's capacity
@@ -173,14 +165,7 @@ def _build_triton_kernel():
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
-            if V_PAIRS:  # an fp8 cache's values as 16-bit pairs (v_ptr a uint16 view), converted before the dot
-                # takes them: Triton otherwise reads this 8-bit operand byte by byte from shared memory
-                pairs = tl.load(v_ptr + base // 2 + n[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
-                                mask=live[:, None], other=0)
-                low, high = e4m3_pairs_to_fp16(pairs)
-                v = tl.join(low, high).reshape(BLOCK_N, D)
-            else:
-                v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
             if FP8_KV:
                 v_s = tl.load(vs_ptr + base // D + n, mask=live, other=0.0)
                 v_unit = 1.0
@@ -243,7 +228,7 @@ def _build_triton_kernel():
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
                             block_n: int = 64, num_warps: int = 4, live_split: bool = False,
-                            num_stages: int | None = None, fp8_pairs: bool = False):
+                            num_stages: int | None = None):
     """Flash-decoding: each (slot, kv head, split) program reads only its part of the slot's live positions
     (`lengths`, int32). With k_scale and v_scale (fp8 caches), each head vector is its fp8 values times its scale.
     The cache's capacity is cut into `nsplit` parts (a slot of 1,650 live tokens in a cache of 8,793 has one working
@@ -252,9 +237,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
     are combined by one Triton kernel, which skips the whole slots. `num_stages` (Triton's software pipelining; None:
     its default) is a launch choice `bench/profile_engine.py` sweeps with the block size and warps: the fp8 cache's
     kernel ran no faster than bf16's on half the bytes (`bench/attention_codegen.py` shows why: it is bound by
-    instructions, not memory). `fp8_pairs` (an fp8 cache under a bf16 query, on a GPU): the values are read as 16-bit
-    pairs and converted by one PTX instruction per pair before the dot (104 instead of 145 warp instructions per KiB
-    for sm_90 at 128 keys; on an H200 it matched the plain path's output and ran no faster: off)."""
+    instructions, not memory)."""
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -268,18 +251,14 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
         m = torch.empty(S, Hq, nsplit, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
     fp8 = k_scale is not None
-    pairs = fp8_pairs and fp8 and q.dtype == torch.bfloat16
-    if pairs and (os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda):
-        raise ValueError("fp8_pairs converts with inline PTX: it needs a CUDA GPU (Triton's interpreter cannot run "
-                         "it)")
     split_kernel, combine_kernel = _build_triton_kernel()
     lengths = lengths.to(torch.int32)
-    split_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache.view(torch.uint16) if pairs else v_cache,
+    split_kernel[(S, Hkv, nsplit)](q.contiguous(), k_cache, v_cache,
                                      lengths, acc, m, l,
                                      k_scale if fp8 else m, v_scale if fp8 else m, scale,
                                      T, chunk, Hkv=Hkv, GROUP=group, D=D, NSPLIT=nsplit,
                                      BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, FP8_KV=fp8,
-                                     LIVE_SPLIT=live_split, out_ptr=out, V_PAIRS=pairs,
+                                     LIVE_SPLIT=live_split, out_ptr=out,
                                      num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if nsplit > 1:
         combine_kernel[(S,)](acc, m, l, out, lengths, chunk, HQ=Hq, NSPLIT=nsplit, BLOCK_H=max(16, next_pow2(Hq)),
