@@ -36,7 +36,9 @@
 #              greedy-overlap: the default engine with overlap_steps against itself without (identical tokens expected).
 # eval-overlap, eval-overlap-tools, eval-tools-on: Engine(overlap_steps=True), without and with a tool call per answer
 #              (overlap is the default on a GPU since 2026-12-03's seventh session: eval-no-overlap, eval-no-overlap-tools
-#              without it); eval-unsplit-wide: Engine(unsplit_wide_steps=True) (no combine kernel on wide steps).
+#              without it); eval-unsplit-wide: Engine(unsplit_wide_steps=True) (no combine kernel on wide steps);
+#              eval-halves, eval-halves-256: Engine(halves_from_width=128 / 256) (wide steps as two halves on two
+#              streams: one half's attention beside the other's matmuls; profile-default times it per width too).
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
 # eval-liger, eval-liger-split, profile-liger (greedy-liger): Engine(elementwise="liger") (Liger's RMSNorm and RoPE
 #              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
@@ -112,7 +114,7 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live|eval-24gb-fp8|eval-unsplit-wide|eval-no-overlap|eval-no-overlap-tools)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live|eval-24gb-fp8|eval-unsplit-wide|eval-no-overlap|eval-no-overlap-tools|eval-halves|eval-halves-256)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}  # eval-24gb-fp8: fits-24gb-fp8
       # REQUESTS (default 2000, the issue's workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run;

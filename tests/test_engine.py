@@ -838,3 +838,41 @@ def test_the_engine_sizes_its_slots_within_the_process_memory_cap(monkeypatch):
     assert slots() == int(0.85 * 12 * gib // per_slot) < int(0.85 * 100 * gib // per_slot)
     fraction["now"] = 5 / 140  # a cap below what is already reserved: still one slot, not zero or negative
     assert slots() == 1
+
+
+def test_decode_steps_in_two_halves_give_the_greedy_tokens_of_one_pass():
+    """halves_from_width: a decode step of that many slots or more runs as two halves (on a GPU on two streams, one
+    half's attention at a time); each half's cache slice, positions and lengths are its own, so the greedy tokens
+    equal model.generate's (Triton's interpreter, fp32, the tiny Qwen2 and Llama, 3 slots: halves of 1 and 2)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import tempfile, torch
+        from transformers import AutoModelForCausalLM
+        from llmhelpers.inference.engine import Engine
+        from llmhelpers.inference.sampling import SamplingParams
+        from llmhelpers.inference.scheduler import Request
+        from llmhelpers.model.tiny import build_tiny_llama, build_tiny_r1
+        torch.manual_seed(0)
+        out = []
+        for build in (build_tiny_r1, build_tiny_llama):
+            folder = tempfile.mkdtemp()
+            build(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            prompts = [torch.randint(5, 1000, (k,)).tolist() for k in (7, 19, 12, 5)]
+            engine = Engine(model, slots=3, max_len=40, fuse=True, elementwise="triton", halves_from_width=2)
+            reqs = [Request(p, 10) for p in prompts]
+            engine.run(reqs, SamplingParams(temperature=0.0), eos=-1)
+            with torch.inference_mode():
+                ref = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+            out.append(int([r.new_ids for r in reqs] == ref))
+        try:
+            Engine(model, slots=3, max_len=40, fuse=True, elementwise="model", halves_from_width=2)
+        except ValueError as err:
+            out.append(int("elementwise='triton'" in str(err)))
+        print(*out)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-3:] == ["1", "1", "1"]
