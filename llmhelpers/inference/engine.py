@@ -180,9 +180,9 @@ def _build_triton_kernel():
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         keep = g < GROUP
-        # a slot whose live tokens all lie in its first split (most slots of a wide step: 1,650 live tokens in
-        # splits of 2,199) has a complete softmax in split 0, which writes the output itself: the combine kernel
-        # skips the slot, and its empty splits write nothing
+        # a slot whose live tokens all lie in its first split (many slots of a wide step: splits of 2,199 tokens, a
+        # mean live length near 1,650) has a complete softmax in split 0, which writes the output itself: the
+        # combine kernel skips the slot, and its empty splits write nothing
         parts = tl.cdiv(length, chunk)
         row = slot * Hkv * GROUP + heads
         tl.store(out_ptr + row[:, None] * D + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
