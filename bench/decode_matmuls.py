@@ -193,10 +193,11 @@ def main():
             cublas_gap = (cublas_out.float() - ref).abs().max().item() / scale
             row = shape_res["widths"][m] = {"flop": 2 * m * n * k * copies, "weight_bytes": 2 * n * k * copies,
                                             "cublas_gap": round(cublas_gap, 6), "ms": {}, "too_far": []}
-            row["ms"]["cublas"] = graph_ms([lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(weights, biases)])
+            calls = [lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(weights, biases)]
+            row["ms"]["cublas"] = graph_ms(calls)
             torch.backends.cuda.preferred_blas_library("cublaslt")
             try:
-                row["ms"]["cublaslt"] = graph_ms([lambda w=w, b=b: F.linear(x, w, b) for w, b in zip(weights, biases)])
+                row["ms"]["cublaslt"] = graph_ms(calls)
             finally:
                 torch.backends.cuda.preferred_blas_library("cublas")
             for c in CANDIDATES:

@@ -40,7 +40,7 @@ def main():
     import torch
 
     from llmhelpers.config.profiles import make_config
-    from llmhelpers.inference.engine import Engine, auto_slots, decode_attention_triton
+    from llmhelpers.inference.engine import Engine, auto_slots, decode_attention_triton, split_length
     from llmhelpers.inference.sampling import SamplingParams, sample_top_p_triton
     from llmhelpers.model.loading import load_base_model
 
@@ -164,8 +164,7 @@ def main():
         # the same loop over the same blocks as one split per slot, so the same bits; the other slots are combined
         one = decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, nsplit=1)
         four = decode_attention_triton(q, eng.k_cache[0], eng.v_cache[0], mixed, eng.scale, **scales, nsplit=4)
-        chunk = max(64, -(-eng.k_cache[0].shape[2] // 256) * 64)  # decode_attention_triton's split of 4
-        whole = mixed <= chunk
+        whole = mixed <= split_length(eng.k_cache[0].shape[2], 4)
         res["whole_slots_check"] = {
             "whole_slots": int(whole.sum()), "bit_identical_to_one_split": bool(torch.equal(one[whole], four[whole])),
             "others_largest_gap": round(((one[~whole].float() - four[~whole].float()).abs().max()).item(), 6)}

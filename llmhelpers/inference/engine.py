@@ -227,6 +227,12 @@ def _build_triton_kernel():
     return split_kv_attention, combine_splits
 
 
+def split_length(capacity: int, nsplit: int) -> int:
+    """Positions per split when a cache of `capacity` positions is cut into `nsplit` (whole blocks of 64): a slot
+    with at most this many live tokens is read whole by its first split."""
+    return max(64, math.ceil(capacity / nsplit / 64) * 64)
+
+
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v_scale=None, nsplit: int = 4,
                             block_n: int = 64, num_warps: int = 4, live_split: bool = False,
                             num_stages: int | None = None):
@@ -242,7 +248,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, k_scale=None, v
     S, Hq, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    chunk = max(64, math.ceil(T / nsplit / 64) * 64)
+    chunk = split_length(T, nsplit)
     nsplit = nsplit if live_split else math.ceil(T / chunk)
     out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
     if nsplit == 1:  # each program reads a slot's whole cache and writes the output itself: no partial results
