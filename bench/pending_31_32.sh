@@ -33,7 +33,8 @@
 #              decode kernels against the engine's module path (same matmuls and attention: isolates the kernels);
 #              greedy-smol-triton: the fused kernels on the real SmolLM2 against model.generate; greedy-smol-fp8:
 #              the default engine with an fp8 KV cache on the real SmolLM2 (how often fp8 changes a greedy token);
-#              greedy-overlap: the default engine with overlap_steps against itself without (identical tokens expected).
+#              greedy-overlap: the default engine with overlap_steps against itself without (identical tokens expected);
+#              greedy-halves: the default engine with every step as two halves (halves_from_width=2) against generate.
 # eval-overlap, eval-overlap-tools, eval-tools-on: Engine(overlap_steps=True), without and with a tool call per answer
 #              (overlap is the default on a GPU since 2026-12-03's seventh session: eval-no-overlap, eval-no-overlap-tools
 #              without it); eval-unsplit-wide: Engine(unsplit_wide_steps=True) (no combine kernel on wide steps);
@@ -136,14 +137,15 @@ for stage in "$@"; do
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1 || echo "profile $stage FAILED: see $dest/$stage.log"
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap)
+    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap|greedy-halves)
       model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2
       elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "${stage%triton*}" != "$stage" ] && elementwise=triton
       reference=generate; [ "$stage" = greedy-triton-vs-engine ] && reference=engine
       overlap=; [ "$stage" = greedy-overlap ] && overlap=--overlap-steps && reference=same-engine && elementwise=default
       kv=auto; [ "$stage" = greedy-smol-fp8 ] && kv=fp8 && elementwise=default
+      halves=0; [ "$stage" = greedy-halves ] && halves=2 && elementwise=default
       python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --reference "$reference" \
-        --kv-cache-dtype "$kv" $overlap \
+        --kv-cache-dtype "$kv" --halves-from-width "$halves" $overlap \
         --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;
