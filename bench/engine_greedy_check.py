@@ -141,9 +141,6 @@ def main():
                              "...); default: the engine's, on a GPU)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                         help="the engine's KV cache (fp8: how often its rounding changes a greedy token)")
-    parser.add_argument("--halves-from-width", type=int, default=0,
-                        help="Engine(halves_from_width=N): decode steps of N+ slots as two halves on two streams "
-                             "(2: every step of the check)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="float32 on a CPU, with TRITON_INTERPRET=1 for --elementwise triton: the kernels' logic "
                              "on real weights, without bf16's roundings")
@@ -165,8 +162,7 @@ def main():
     engine = Engine(model, slots=len(prompts), max_len=max(map(len, prompts)) + args.new_tokens + 1,
                     elementwise=None if args.elementwise == "default" else args.elementwise,
                     fuse=True if args.elementwise == "triton" else None,  # the kernels read the fused outputs
-                    kv_cache_dtype=args.kv_cache_dtype, overlap_steps=args.overlap_steps,
-                    halves_from_width=args.halves_from_width)
+                    kv_cache_dtype=args.kv_cache_dtype, overlap_steps=args.overlap_steps)
     reference_engine = None
     if args.reference in ("engine", "same-engine"):
         # the same matmuls (fused or not) and cache: only the elementwise path (engine) or the overlap differs
@@ -178,8 +174,7 @@ def main():
     identical = sum(r["first_divergence"] is None for r in rows)
     summary = {"model": args.model, "dtype": str(model.dtype), "engine_fused": engine.fused is not None,
                "elementwise": engine.elementwise, "reference": args.reference, "kv_cache_dtype": args.kv_cache_dtype,
-               "overlap_steps": engine.overlap_steps, "halves_from_width": engine.halves_from_width,
-               "overlap_used_steps": engine.stats["overlap_used_steps"],
+               "overlap_steps": engine.overlap_steps, "overlap_used_steps": engine.stats["overlap_used_steps"],
                "prompts": len(rows), "new_tokens": args.new_tokens, "identical": identical,
                "diverged_at_ties": sum(r["first_divergence"] is not None and r["tie"] for r in rows),
                "diverged_not_ties": sum(r["first_divergence"] is not None and not r["tie"] for r in rows),

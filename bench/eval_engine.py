@@ -40,8 +40,6 @@ Configurations:
   `default` and `tools-on` are these too; no-overlap, no-overlap-tools: each step waits for the host (the default
   before); unsplit-wide: Engine(unsplit_wide_steps=True), a step with 4 or more (slot, kv head) pairs per SM reads
   each slot's cache in one program and writes the attention output itself (no combine kernel, no empty splits);
-- halves, halves-256 (issue #32): Engine(halves_from_width=128 or 256): wide decode steps as two halves on two CUDA
-  streams, one half's attention (bound by memory) beside the other half's matmuls (bound by compute);
 - sort-sampler: the engine with top-p by sorting the vocabulary (the reference) instead of the Triton sampler;
 - the engine with fewer slots (what a 16-32 GB card gets), and with graphs off, to show what each lever gives.
 """
@@ -171,7 +169,7 @@ def forced_tools(tokenizer, lengths_by_request):
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
            kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
            live_split=False, slot_cap=512, overlap_steps=None, attention_launch=None,
-           unsplit_wide_steps=False, halves_from_width=0):
+           unsplit_wide_steps=False):
     import torch
 
     from llmhelpers.inference.engine import Engine, Request, auto_slots
@@ -185,7 +183,7 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
                  kv_cache_dtype=kv_cache_dtype, fuse=fuse,
                  split_narrow_steps=split_narrow_steps, elementwise=elementwise, live_split=live_split,
                  overlap_steps=overlap_steps, attention_launch=attention_launch,
-                 unsplit_wide_steps=unsplit_wide_steps, halves_from_width=halves_from_width)
+                 unsplit_wide_steps=unsplit_wide_steps)
     eng.sampler = sampler or eng.sampler
     reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
     # eos=-1: a random model samples R1's eos id now and then (about 1 in 150k tokens); like the logits
@@ -310,8 +308,6 @@ def main():
                 made, info = run_engine(model, p, l, args.cap, tools=True, tokenizer=tokenizer, overlap_steps=True)
             elif name == "unsplit-wide":  # wide steps read each slot's cache in one program: no combine kernel
                 made, info = run_engine(model, p, l, args.cap, unsplit_wide_steps=True)
-            elif name in ("halves", "halves-256"):  # steps of 128 (256) slots or more as two halves on two streams
-                made, info = run_engine(model, p, l, args.cap, halves_from_width=256 if name == "halves-256" else 128)
             elif name == "no-overlap":  # each step waits for the host (the default before 2026-12-03's seventh session)
                 made, info = run_engine(model, p, l, args.cap, overlap_steps=False)
             elif name == "no-overlap-tools":

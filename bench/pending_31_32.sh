@@ -33,13 +33,10 @@
 #              decode kernels against the engine's module path (same matmuls and attention: isolates the kernels);
 #              greedy-smol-triton: the fused kernels on the real SmolLM2 against model.generate; greedy-smol-fp8:
 #              the default engine with an fp8 KV cache on the real SmolLM2 (how often fp8 changes a greedy token);
-#              greedy-overlap: the default engine with overlap_steps against itself without (identical tokens expected);
-#              greedy-halves: the default engine with every step as two halves (halves_from_width=2) against generate.
+#              greedy-overlap: the default engine with overlap_steps against itself without (identical tokens expected).
 # eval-overlap, eval-overlap-tools, eval-tools-on: Engine(overlap_steps=True), without and with a tool call per answer
 #              (overlap is the default on a GPU since 2026-12-03's seventh session: eval-no-overlap, eval-no-overlap-tools
-#              without it); eval-unsplit-wide: Engine(unsplit_wide_steps=True) (no combine kernel on wide steps);
-#              eval-halves, eval-halves-256: Engine(halves_from_width=128 / 256) (wide steps as two halves on two
-#              streams: one half's attention beside the other's matmuls; profile-default times it per width too).
+#              without it); eval-unsplit-wide: Engine(unsplit_wide_steps=True) (no combine kernel on wide steps).
 # sizes-1.5b, sizes-7b, sizes-14b, sizes-32b: bench/train_sizes.py (packed recipe) per card size (16/24/32/80 GB).
 # eval-liger, eval-liger-split, profile-liger (greedy-liger): Engine(elementwise="liger") (Liger's RMSNorm and RoPE
 #              kernels); eval-triton, profile-triton (greedy-triton): Engine(elementwise="triton") (the project's
@@ -115,7 +112,7 @@ for stage in "$@"; do
       python -m bench train --configs fits-24gb,fits-24gb-4bit --no-loss-check --out "$dest/train-24gb.json" \
         > "$dest/train.log" 2>&1
       tail -n 4 "$dest/train.log" ;;
-    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live|eval-24gb-fp8|eval-unsplit-wide|eval-no-overlap|eval-no-overlap-tools|eval-halves|eval-halves-256)
+    eval-default|eval-fused|eval-unfused|eval-fused-split|eval-liger|eval-liger-split|eval-triton|eval-after-training|eval-24gb|eval-modules|eval-split|eval-fp8-kv|eval-fp8-kv-1024|eval-live-split|eval-fp8-kv-live-split|eval-overlap|eval-overlap-tools|eval-tools-on|eval-split-live|eval-24gb-fp8|eval-unsplit-wide|eval-no-overlap|eval-no-overlap-tools)
       config=${stage#eval-}; config=${config/24gb/fits-24gb}  # eval-24gb-fp8: fits-24gb-fp8
       # REQUESTS (default 2000, the issue's workload) fewer for eval-24gb: its ~75 slots take over 400 s for 2,000
       # ATTN: the attention kernel's launch choices as JSON (profile_engine's attention_tuning_best), for every run;
@@ -137,15 +134,14 @@ for stage in "$@"; do
       python bench/profile_engine.py $flags --out "$dest/$stage.json" \
         > "$dest/$stage.log" 2>&1 || echo "profile $stage FAILED: see $dest/$stage.log"
       tail -n 12 "$dest/$stage.log" ;;
-    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap|greedy-halves)
+    greedy|greedy-smol|greedy-liger|greedy-triton|greedy-triton-vs-engine|greedy-smol-triton|greedy-smol-fp8|greedy-overlap)
       model=r1-random; [ "${stage#greedy-smol}" != "$stage" ] && model=smollm2
       elementwise=model; [ "$stage" = greedy-liger ] && elementwise=liger; [ "${stage%triton*}" != "$stage" ] && elementwise=triton
       reference=generate; [ "$stage" = greedy-triton-vs-engine ] && reference=engine
       overlap=; [ "$stage" = greedy-overlap ] && overlap=--overlap-steps && reference=same-engine && elementwise=default
       kv=auto; [ "$stage" = greedy-smol-fp8 ] && kv=fp8 && elementwise=default
-      halves=0; [ "$stage" = greedy-halves ] && halves=2 && elementwise=default
       python -m bench check engine-greedy --model "$model" --elementwise "$elementwise" --reference "$reference" \
-        --kv-cache-dtype "$kv" --halves-from-width "$halves" $overlap \
+        --kv-cache-dtype "$kv" $overlap \
         --out "$dest/$stage.json" > "$dest/$stage.log" 2>&1 \
         || echo "engine-greedy check ($model) FAILED: see $dest/$stage.log"
       grep '^{"model"' "$dest/$stage.log" ;;

@@ -124,15 +124,6 @@ def main():
         eng.decode_attention = capacity_attention
         eng.split_narrow_steps, eng.graphs = False, {}
         ms["step_greedy_width1"] = bench_ms(lambda: eng._step(1))
-        # issue #32: wide steps as two halves on two streams, one half's attention beside the other's matmuls
-        eng.halves_from_width, eng._side_stream, eng.graphs = 2, torch.cuda.Stream(), {}
-        try:
-            for width in (slots, 256, 128):
-                ms[f"step_greedy_width{width}_halves"] = bench_ms(lambda: eng._step(width))
-        except RuntimeError as err:  # first run on a GPU: keep the rest of the profile, report the failure
-            res["halves_error"] = repr(err)[:500]
-            torch.cuda.synchronize()
-        eng.halves_from_width, eng.graphs = 0, {}
         # wide steps with each slot's cache read by one program (no combine kernel, no empty splits)
         eng.unsplit_wide_steps, eng.graphs = True, {}
         for width in (slots, 256):

@@ -37,7 +37,6 @@ device tensors read inside the graphs: new values reuse them.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -397,8 +396,7 @@ class Engine:
     def __init__(self, model, slots: int, max_len: int, use_cuda_graph: bool | None = None,
                  kv_cache_dtype: str = "auto", fuse: bool | None = None, split_narrow_steps: bool = False,
                  elementwise: str | None = None, live_split: bool = False, overlap_steps: bool | None = None,
-                 attention_launch: dict | None = None, causal_prefill: bool = True, unsplit_wide_steps: bool = False,
-                 halves_from_width: int = 0):
+                 attention_launch: dict | None = None, causal_prefill: bool = True, unsplit_wide_steps: bool = False):
         if not supports(model):
             raise ValueError(f"the engine needs a {' or '.join(ARCHITECTURES)} with plain nn.Linear layers "
                              "(bf16/fp32, merged); use model.generate for 4-bit or adapter-wrapped models")
@@ -463,14 +461,6 @@ class Engine:
         # SM has work enough for every SM without splitting caches, so each program reads its slot's whole cache and
         # writes the output: no combine kernel (0.50 of a 10.1 ms full-width step on an H200) and no empty splits
         self.unsplit_wide_steps = unsplit_wide_steps and cuda
-        # halves_from_width (issue #32; off, 0): decode steps of at least this many slots run as two halves on two
-        # streams, one half's attention beside the other's matmuls (_decode_kernel_layers). On an H200 a full-width
-        # step's attention (5.6 ms, bound by memory) and matmuls (2.7 ms, bound by compute at 487 rows) ran one
-        # after the other; not measured yet (bench/profile_engine.py times it, eval config `halves`)
-        if halves_from_width and not self.decode_kernels:
-            raise ValueError("halves_from_width runs the fused decode kernels' step: it needs elementwise='triton'")
-        self.halves_from_width = halves_from_width
-        self._side_stream = torch.cuda.Stream(self.device) if halves_from_width and cuda else None
         self.use_cuda_graph = cuda if use_cuda_graph is None else use_cuda_graph
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: must be one of {KV_CACHE_DTYPES}")
@@ -626,16 +616,15 @@ class Engine:
         self._write_kv(i, slot_idx, pos, k[:, :, 0], v[:, :, 0])
         return self._attend_cache(i, q[:, :, 0], (pos + 1).to(torch.int32)).reshape(n, 1, -1)
 
-    def _attend_cache(self, i, q, lengths, first: int = 0):
-        """Decode attention of queries [n, Hq, D] over layer i's cache of the n slots from `first`, each over its
-        first `lengths` [n] int32 positions (its new key and value already written)."""
+    def _attend_cache(self, i, q, lengths):
+        """Decode attention of queries [n, Hq, D] over layer i's cache of the first n slots, each over its first
+        `lengths` [n] int32 positions (its new key and value already written)."""
         n = q.shape[0]
-        slots = slice(first, first + n)
-        scales = (self.k_scale[i][slots], self.v_scale[i][slots]) if self.fp8 else (None, None)
+        scales = (self.k_scale[i][:n], self.v_scale[i][:n]) if self.fp8 else (None, None)
         splits = {"nsplit": decode_splits(n, self.hkv, self.sms)} if self.split_narrow_steps else {}
         if self.unsplit_wide_steps and n * self.hkv >= 4 * self.sms:
             splits = {"nsplit": 1}
-        return self.decode_attention(q, self.k_cache[i][slots], self.v_cache[i][slots], lengths, self.scale, *scales,
+        return self.decode_attention(q, self.k_cache[i][:n], self.v_cache[i][:n], lengths, self.scale, *scales,
                                      **splits)
 
     def set_sampling(self, sampling: SamplingParams) -> None:
@@ -658,12 +647,7 @@ class Engine:
     def _decode_kernel_layers(self, n: int):
         """The decoder layers of a decode step through the fused kernels (elementwise="triton"): per layer the q/k/v
         matmul, RoPE + cache write, attention, o_proj, add + norm, the gate/up matmul, SiLU * up, down, add + norm
-        (the next layer's input norm, or the final one). Returns the final norm's output [n, H].
-
-        With `halves_from_width` and at least that many slots, the slots run as two halves on two CUDA streams, the
-        attention of one half at a time: a half's attention (bound by memory) runs beside the other half's matmuls
-        (bound by compute at these widths) instead of after them. Each half's rows are computed as they would be
-        alone; only the matmuls' row count differs."""
+        (the next layer's input norm, or the final one). Returns the final norm's output [n, H]."""
         from llmhelpers.inference import decode_kernels as kernels
 
         pos = self.positions[:n]
@@ -672,43 +656,18 @@ class Engine:
         first, following = self._norms_in_turn()
         hidden, x = kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon)
         lengths = (pos + 1).to(torch.int32)  # once per step, not per layer: two launches fewer per layer
-        halves = bool(self.halves_from_width) and n >= self.halves_from_width
-        cuts = [(0, n // 2), (n // 2, n)] if halves else [(0, n)]
-        rows = [(hidden[lo:hi], x[lo:hi]) for lo, hi in cuts]
-        streams = [None] * len(cuts)
-        if halves and self.device.type == "cuda":
-            streams = [torch.cuda.current_stream(self.device), self._side_stream]
-            streams[1].wait_stream(streams[0])
-            for t in (hidden, x, cos, sin, lengths):  # made on the first stream, read on the second
-                t.record_stream(streams[1])
-        attended = None  # the last attention launched (with halves: the next one waits for it)
         for i, layer in enumerate(self.model.model.layers):
             qkv_w, qkv_b, gate_up_w, gate_up_b = self.fused[i]
+            q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos, sin, pos, self.k_cache[i], self.v_cache[i],
+                                      self.hq, self.hkv, self.k_scale[i], self.v_scale[i])
+            a = self._attend_cache(i, q, lengths)
             norm = layer.post_attention_layernorm
-            for c, (lo, hi) in enumerate(cuts):
-                with torch.cuda.stream(streams[c]) if streams[c] is not None else contextlib.nullcontext():
-                    h, x = rows[c]
-                    scales = (self.k_scale[i][lo:hi], self.v_scale[i][lo:hi]) if self.fp8 else (None, None)
-                    q = kernels.rope_write_kv(F.linear(x, qkv_w, qkv_b), cos[lo:hi], sin[lo:hi], pos[lo:hi],
-                                              self.k_cache[i][lo:hi], self.v_cache[i][lo:hi], self.hq, self.hkv,
-                                              *scales)
-                    if attended is not None:
-                        streams[c].wait_event(attended)
-                    a = self._attend_cache(i, q, lengths[lo:hi], lo)
-                    if streams[c] is not None:
-                        attended = torch.cuda.Event()
-                        attended.record(streams[c])
-                    h, x = kernels.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(hi - lo, -1)), norm.weight,
-                                                norm.variance_epsilon)
-                    up = kernels.silu_mul(F.linear(x, gate_up_w, gate_up_b))
-                    rows[c] = kernels.add_rms_norm(h, layer.mlp.down_proj(up), following[i].weight,
-                                                   following[i].variance_epsilon)
-        if len(cuts) == 1:
-            return rows[0][1]
-        if streams[1] is not None:
-            streams[0].wait_stream(streams[1])
-            rows[1][1].record_stream(streams[0])  # made on the second stream, read on the first
-        return torch.cat([x for _, x in rows])
+            hidden, x = kernels.add_rms_norm(hidden, layer.self_attn.o_proj(a.reshape(n, -1)), norm.weight,
+                                             norm.variance_epsilon)
+            up = kernels.silu_mul(F.linear(x, gate_up_w, gate_up_b))
+            hidden, x = kernels.add_rms_norm(hidden, layer.mlp.down_proj(up), following[i].weight,
+                                             following[i].variance_epsilon)
+        return x
 
     def _decode_step(self, n: int):
         if self.decode_kernels:
