@@ -9,8 +9,10 @@ training stops, however it stops. The layers are compiled before the memory poli
 keeps about half the activations of the eager one (H200, rows of 16,384: 25.3 against 45.5 GiB with none
 recomputing, 2026-12-04), so the probe has to measure them as they train. Off by default (`compile_layers`): on an
 H200 it gave 1.061x tokens/s on rows of 16,384 and 1.026x on 8,192 (BENCHMARKS.md, 2026-12-04; -22% at 8,192 on the
-path of 2026-12-03), its effect under a memory limit is not measured yet; on the CPU it trains the same numbers
-within float rounding (tests/test_compiled.py).
+path of 2026-12-03); under a memory limit 0.94x (22 GiB) and 1.06x (29.5 GiB) the eager run, measured while the
+memory policy's probe still counted the compiled graphs' first calls (compile and autotune: 1.25 GiB per layer where
+training held ~0.55; it now measures the step after, not re-measured). On the CPU it trains the same numbers within
+float rounding (tests/test_compiled.py).
 """
 from __future__ import annotations
 
