@@ -166,6 +166,23 @@ def forced_tools(tokenizer, lengths_by_request):
     return Forced(tokenizer)
 
 
+def steps_by_width_buckets(steps_by_width: dict[int, list], slots: int) -> list[dict]:
+    """The engine's decode steps and GPU seconds per width, in buckets: full width, then powers of two downwards
+    (where the tail of narrow steps spends its time)."""
+    buckets = {}
+    for width, (steps, seconds) in steps_by_width.items():
+        low = slots if width == slots else 2 ** int(math.log2(width))
+        label = "full" if width == slots else f"{low}-{min(2 * low - 1, slots - 1)}"
+        bucket = buckets.setdefault(low, {"widths": label, "steps": 0, "seconds": 0.0})
+        bucket["steps"] += steps
+        bucket["seconds"] += seconds
+    out = [buckets[low] for low in sorted(buckets, reverse=True)]
+    for bucket in out:
+        bucket["ms_per_step"] = round(bucket["seconds"] / bucket["steps"] * 1e3, 3)
+        bucket["seconds"] = round(bucket["seconds"], 2)
+    return out
+
+
 def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, tools=False, tokenizer=None,
            kv_cache_dtype="auto", memory_gib=0.0, fuse=None, split_narrow_steps=False, elementwise=None,
            live_split=False, slot_cap=512, overlap_steps=None, attention_launch=None,
@@ -207,7 +224,8 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
             # issue #32: weights + live KV read per full-width step over its time, against the datasheet bandwidth
             "full_width_steps": eng.stats["decode_steps"] - eng.stats["steps_below_full_width"],
             "full_width_gb_s": round(full_bytes / full_s / 1e9, 1) if full_s else None,
-            "hbm_fraction_full_width": round(full_bytes / full_s / peak_memory_bandwidth(), 3) if full_s else None}
+            "hbm_fraction_full_width": round(full_bytes / full_s / peak_memory_bandwidth(), 3) if full_s else None,
+            "decode_by_width": steps_by_width_buckets(eng.steps_by_width, eng.slots)}
     if tools:
         records = [runner.record(id(r)) for r in reqs]
         info.update(tool_calls=sum(r.calls for r in records), tool_errors=sum(r.errors for r in records),

@@ -201,3 +201,13 @@ def test_the_training_window_ends_before_the_worst_case_memory_steps(tmp_path, m
                                       warmup=1, steps=2)
     assert out["steps"] == 2 and len(out["step_seconds"]) == 2
     assert out["seconds"] < 3.0, out  # the sleep is outside the window
+
+
+def test_the_eval_bench_buckets_decode_steps_by_width():
+    from eval_engine import steps_by_width_buckets
+
+    buckets = steps_by_width_buckets({487: [10, 0.09], 300: [2, 0.012], 256: [1, 0.005], 5: [3, 0.006], 1: [1, 0.002]},
+                                     slots=487)
+    assert [b["widths"] for b in buckets] == ["full", "256-486", "4-7", "1-1"]
+    assert [b["steps"] for b in buckets] == [10, 3, 3, 1]
+    assert buckets[1]["seconds"] == 0.02 and buckets[0]["ms_per_step"] == 9.0

@@ -96,6 +96,10 @@ def test_finished_sequences_free_their_slot(tiny):
     static = len(budgets) + sum(max(budgets[i:i + 2]) - 1 for i in range(0, len(budgets), 2))
     passes = engine.stats["decode_steps"] + engine.stats["prefill_passes"]
     assert passes < static  # a static batch of 2 decodes until its longer member stops
+    # the steps per width (with the stats; narrower widths: the compaction test below)
+    assert set(engine.steps_by_width) <= {1, 2}
+    assert sum(n for n, _ in engine.steps_by_width.values()) == engine.stats["decode_steps"]
+    assert sum(t for _, t in engine.steps_by_width.values()) == pytest.approx(engine.stats["decode_s"])
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -367,6 +371,8 @@ def test_pauses_feeding_prefills_and_compaction_together_keep_every_answer_exact
                    on_token=lambda r, t: PAUSE if r.appended == 0 and len(t) == plan[r.key][2] else None,
                    on_pause=lambda r, t: pool.submit(later, plan[r.key][3]))
     assert engine.stats["pauses"] == 20 and engine.stats["steps_below_full_width"] > 0  # compaction happened
+    narrow = sum(n for width, (n, _) in engine.steps_by_width.items() if width < 16)
+    assert narrow == engine.stats["steps_below_full_width"]  # each step counted at its own width
     if overlap_steps:  # most queued steps were the scheduler's; fed text, refills and compaction dropped some
         used, dropped = engine.stats["overlap_used_steps"], engine.stats["overlap_dropped_steps"]
         assert used > dropped > 0 and used < engine.stats["decode_steps"]

@@ -527,6 +527,7 @@ class Engine:
                       "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
                       "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0,
                       "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
+        self.steps_by_width: dict[int, list] = {}  # width -> [decode steps, their seconds]: where the tail's time goes
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
     def _layers(self, hidden, slot_idx, positions, attend):
@@ -876,6 +877,9 @@ class Engine:
         self.stats["decode_s"] += seconds
         self.stats["decode_steps"] += 1
         self.stats["steps_below_full_width"] += width < self.slots
+        at_width = self.steps_by_width.setdefault(width, [0, 0.0])
+        at_width[0] += 1
+        at_width[1] += seconds
         cached = sum(step.positions) + width  # each row's cache up to its new token
         self.stats["kv_tokens_read"] += cached
         if width == self.slots:  # the bytes a full-width step reads: the weights and those caches
