@@ -8,7 +8,8 @@ sigma 0.7, capped at 8,192; each answer ends with eos at its drawn length (a log
 bans eos before it, for model.generate; the engine's per-request budget is set to the drawn length, which
 stops it at the same token). Timing is end to end with the model already loaded: every warm-up, graph
 capture and prefill counts. Each engine run records `hbm_fraction_full_width`: the bytes a full-width decode step
-reads (every weight once, each slot's live keys and values) over its time, against the datasheet bandwidth.
+reads (every weight once, each slot's live keys and values) over its time, against the datasheet bandwidth, and
+`decode_by_width`: the decode steps and their GPU seconds by width (full, then powers of two: where the tail goes).
 Configurations:
 
 - baseline: the path before the engine: model.generate on bf16 weights, prompts sorted by length, batches of

@@ -130,31 +130,55 @@ def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(
     assert memory._probe(trainer, {}, 28) is None  # over even with all recomputing: drop the dense base, or say so
 
 
-def test_with_compiled_layers_the_probe_measures_the_step_after_their_first(monkeypatch):
-    """A compiled layer's first call compiles and autotunes (extra buffers): on an H200 that first step made the probe
-    count 1.25 GiB per layer where training held ~0.55. Compiled, each probe configuration runs twice and the second
-    peak counts; eager layers are measured once."""
+def test_the_probe_measures_each_configuration_after_its_warm_up_steps(monkeypatch):
+    """Compiled layers: a graph's first calls compile and autotune (on an H200 the probe's first calls counted 1.25 GiB
+    per compiled layer where training held ~0.55), and training's second batch compiles a graph for any sizes. The
+    probe runs the warm-up batches before each measured step and counts only the measured one."""
     from llmhelpers.training import memory
 
-    class Layer:
-        _compiled_call_impl = None
-
     class Model:
-        layers = [Layer(), Layer()]
+        def modules(self):
+            return []
 
         def zero_grad(self, set_to_none):
             pass
 
     trainer = type("T", (), {"model": Model()})()
-    monkeypatch.setattr(memory, "decoder_layers", lambda model: model.layers)
-    monkeypatch.setattr(memory, "set_checkpointed_layers", lambda model, n: n)
-    peaks = iter([12 * GIB, 20 * GIB])
-    monkeypatch.setattr(memory, "_peak_of_step", lambda trainer, batch: next(peaks))
-    assert memory._probe(trainer, {}, 28) == (12 * GIB, 20 * GIB)  # eager: one step of each
-    peaks = iter([12 * GIB, 10 * GIB, 20 * GIB, 11 * GIB])
-    for layer in trainer.model.layers:
-        layer._compiled_call_impl = object()
-    assert memory._probe(trainer, {}, 28) == (10 * GIB, 11 * GIB)
+    checkpointed, calls = [], []
+    monkeypatch.setattr(memory, "set_checkpointed_layers", lambda model, n: checkpointed.append(n))
+    peaks = {"worst": iter([10 * GIB, 11 * GIB]), "first": iter([12 * GIB, 20 * GIB]), "half": iter([9 * GIB] * 2)}
+
+    def step(trainer, batch):
+        calls.append((checkpointed[-1], batch["name"]))
+        return next(peaks[batch["name"]])
+
+    monkeypatch.setattr(memory, "_peak_of_step", step)
+    worst = {"name": "worst"}
+    assert memory._probe(trainer, worst, 28, warmup=({"name": "first"}, {"name": "half"})) == (10 * GIB, 11 * GIB)
+    assert calls == [(28, "first"), (28, "half"), (28, "worst"), (24, "first"), (24, "half"), (24, "worst")]
+    calls.clear()
+    peaks["worst"] = iter([10 * GIB, 11 * GIB])
+    assert memory._probe(trainer, worst, 28) == (10 * GIB, 11 * GIB) and len(calls) == 2  # eager: one step each
+
+
+def test_the_worst_packed_batch_is_collated_as_training_batches_are(tiny_trainer):
+    """The probe's worst batch goes through the trainer's collator: it carries what training batches carry (the
+    sequences' boundaries and longest length as well as position ids), every token after a sequence's first trained;
+    the half-length variant (the compiled layers' warm-up) differs in both."""
+    from llmhelpers.training.memory import worst_batch
+
+    trainer, cfg, _, _ = tiny_trainer(packing=True, max_length=2048, pad_to_multiple_of=2048,
+                                      per_device_train_batch_size=1)
+    training = trainer.data_collator([trainer.train_dataset[0]])
+    worst = worst_batch(trainer, cfg)
+    assert set(worst) == set(training) and worst["input_ids"].shape == (1, cfg.pack_tokens)
+    longest = cfg.max_example_tokens
+    starts = list(range(0, cfg.pack_tokens, longest))
+    assert worst["cu_seq_lens_q"].tolist() == starts + [cfg.pack_tokens] and worst["max_length_q"] == longest
+    assert worst["position_ids"][0, :longest + 1].tolist() == list(range(longest)) + [0]
+    assert (worst["labels"] == -100).sum().item() == len(starts)  # each sequence's first token only
+    half = worst_batch(trainer, cfg, longest=longest // 2)
+    assert len(half["cu_seq_lens_q"]) == 2 * len(starts) + 1 and half["max_length_q"] == longest // 2
 
 
 def test_the_dense_base_is_counted_before_it_is_made_and_kept_only_where_it_fits(tmp_path, tiny_model_dir,

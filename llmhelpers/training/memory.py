@@ -6,8 +6,10 @@ activations is the fastest and needs the most memory. In between, the first `n` 
 theirs. `choose_checkpointed_layers` measures, on the GPU, one training step on the worst batch the run can meet
 (a packed row of `pack_tokens` tokens, or `per_device_train_batch_size` sequences of `max_length`) with every layer
 checkpointed and with a few layers not, which gives the memory of one layer's activations, then picks the smallest
-`n` whose peak fits `memory_limit_gib` (default: the GPU's memory) with a margin. The probe steps leave the model,
-its gradients, the RNG streams and the trainer's counters as they were.
+`n` whose peak fits `memory_limit_gib` (default: the GPU's memory) with a margin. The worst batch goes through the
+trainer's collator, so the probe runs the path training runs; with compiled layers (`compile_layers`) each measured
+step comes after the steps that compile the graphs training will run (`probe_batches`). The probe steps leave the
+model, its gradients, the RNG streams and the trainer's counters as they were.
 """
 from __future__ import annotations
 
@@ -46,22 +48,39 @@ def layers_that_fit(limit: float, peak_all: float, peak_probe: float, probe_laye
     return n_layers - keep
 
 
-def worst_batch(trainer, cfg) -> dict:
+def worst_batch(trainer, cfg, longest: int | None = None) -> dict:
     """The largest micro-batch the run can meet, every token trained on: a packed row of pack_tokens tokens made of
-    max_example_tokens sequences, or per_device_train_batch_size padded sequences of max_example_tokens."""
+    sequences of max_example_tokens (or `longest`), collated by the trainer's own collator so that it carries what
+    training batches carry (position ids, the sequences' boundaries and longest length), or
+    per_device_train_batch_size padded sequences of max_example_tokens (or `longest`)."""
     import torch
 
     device = trainer.args.device
     vocab = trainer.model.config.vocab_size
+    longest = longest or cfg.max_example_tokens
+    generator = torch.Generator().manual_seed(0)
     if cfg.pack_tokens:
         n = cfg.pack_tokens
-        positions = torch.arange(n) % cfg.max_example_tokens
-        ids = torch.randint(10, vocab - 10, (1, n), generator=torch.Generator().manual_seed(0))
-        return {"input_ids": ids.to(device), "labels": ids.to(device), "position_ids": positions[None].to(device)}
-    shape = (cfg.sft.per_device_train_batch_size, cfg.max_example_tokens)
-    ids = torch.randint(10, vocab - 10, shape, generator=torch.Generator().manual_seed(0))
+        lengths = [longest] * (n // longest) + ([n % longest] if n % longest else [])
+        ids = torch.randint(10, vocab - 10, (n,), generator=generator).tolist()
+        batch = trainer.data_collator([{"input_ids": ids, "labels": ids, "seq_lengths": lengths}])
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    shape = (cfg.sft.per_device_train_batch_size, longest)
+    ids = torch.randint(10, vocab - 10, shape, generator=generator)
     return {"input_ids": ids.to(device), "labels": ids.to(device),
             "attention_mask": torch.ones(shape, dtype=torch.long, device=device)}
+
+
+def probe_batches(trainer, cfg) -> tuple[dict, tuple]:
+    """The worst batch the probe measures, and the batches it runs before (compiled layers: training's first batch
+    compiles a graph for that batch's sizes and its second one a graph for any sizes, which every later step runs;
+    the probe's steps compile those two first, so that it measures the graph training runs and training's own steps
+    compile nothing)."""
+    batch = worst_batch(trainer, cfg)
+    compiled = any(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(trainer.model))
+    if not compiled:
+        return batch, ()
+    return batch, (batch, worst_batch(trainer, cfg, longest=max(1, cfg.max_example_tokens // 2)))
 
 
 def _peak_of_step(trainer, batch) -> float:
@@ -164,17 +183,17 @@ def _choose(trainer, cfg) -> dict:
         return chosen(set_checkpointed_layers(trainer.model, n_layers), "no GPU to measure: all layers recompute")
     state = (torch.get_rng_state(), torch.cuda.get_rng_state_all(), trainer._total_train_tokens,
              copy.deepcopy(trainer._metrics), getattr(trainer, "llm_padding_pending", None))
-    batch = worst_batch(trainer, cfg)
+    batch, warmup = probe_batches(trainer, cfg)
     was_training = trainer.model.training
     trainer.model.train()
     try:
-        probed = _probe(trainer, batch, n_layers)
+        probed = _probe(trainer, batch, n_layers, warmup)
         if dense and cfg.dequantize_once == "auto" and (probed is None or probed[0] + MARGIN_GIB * 2**30 > limit):
             from llmhelpers.model.fused_lora import keep_dense_base
 
             dense = keep_dense_base(trainer.model, False)  # even all layers recomputing do not fit with it
             torch.cuda.empty_cache()
-            probed = _probe(trainer, batch, n_layers)
+            probed = _probe(trainer, batch, n_layers, warmup)
         if probed is None:
             raise RuntimeError(
                 f"one training step on the longest batch this run can meet does not fit in {gib(limit)} GiB even "
@@ -195,23 +214,21 @@ def _choose(trainer, cfg) -> dict:
             "expected_peak_gib": gib(peak_all + (n_layers - n) * per_layer if n < n_layers else peak_all)}
 
 
-def _probe(trainer, batch, n_layers: int) -> tuple[float, float] | None:
-    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not (with
-    compiled layers, of the second step of each).
-    Under the run's cap a probe step can run out of memory (a small card's limit): None where even the first does,
-    an infinite second peak where only the second does (fewer than PROBE_LAYERS layers could keep theirs: all
-    recompute)."""
+def _probe(trainer, batch, n_layers: int, warmup=()) -> tuple[float, float] | None:
+    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not, each
+    after a step on each `warmup` batch (compiled layers: a graph's first calls compile and autotune, and the sizes
+    of training's batches vary; on an H200 the probe's first calls counted 1.25 GiB per compiled layer where training
+    then held ~0.55, 2026-12-04). Under the run's cap a probe step can run out of memory (a small card's limit): None
+    where even the first configuration does, an infinite second peak where only the second does (fewer than
+    PROBE_LAYERS layers could keep theirs: all recompute)."""
     import torch
 
-    # a compiled layer's first call of a graph compiles and autotunes its kernels (on an H200 the probe counted
-    # 1.25 GiB per compiled layer where training then held ~0.55, 2026-12-04): measure the step after
-    warm = any(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(trainer.model))
     peaks = []
     for n in (n_layers, n_layers - PROBE_LAYERS):
         set_checkpointed_layers(trainer.model, n)
         try:
-            if warm:
-                _peak_of_step(trainer, batch)
+            for before in warmup:
+                _peak_of_step(trainer, before)
             peaks.append(_peak_of_step(trainer, batch))
         except torch.OutOfMemoryError:
             trainer.model.zero_grad(set_to_none=True)
