@@ -106,9 +106,6 @@ def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(
     from llmhelpers.training import memory
 
     class Model:
-        def modules(self):
-            return []
-
         def zero_grad(self, set_to_none):
             self.zeroed = set_to_none
 
@@ -137,9 +134,6 @@ def test_the_probe_measures_each_configuration_after_its_warm_up_steps(monkeypat
     from llmhelpers.training import memory
 
     class Model:
-        def modules(self):
-            return []
-
         def zero_grad(self, set_to_none):
             pass
 

@@ -77,8 +77,7 @@ def probe_batches(trainer, cfg) -> tuple[dict, tuple]:
     the probe's steps compile those two first, so that it measures the graph training runs and training's own steps
     compile nothing)."""
     batch = worst_batch(trainer, cfg)
-    compiled = any(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(trainer.model))
-    if not compiled:
+    if not cfg.compile_layers:  # TrainingRun compiles the layers before the policy runs
         return batch, ()
     return batch, (batch, worst_batch(trainer, cfg, longest=max(1, cfg.max_example_tokens // 2)))
 
