@@ -1,7 +1,8 @@
 """Activation checkpointing chosen by memory: the arithmetic that picks the layers, the per-layer switch, and the same
 losses whatever number of layers recompute (checkpointing changes memory, never the numbers)."""
 
-from llmhelpers.training.memory import decoder_layers, layers_that_fit, set_checkpointed_layers
+from llmhelpers.training.memory import (decoder_layers, layers_that_fit, refine_checkpointed_layers,
+                                        set_checkpointed_layers)
 from llmhelpers.config.profiles import make_config
 
 GIB = 2**30
@@ -13,6 +14,40 @@ def test_as_few_layers_recompute_as_fit_the_limit():
     assert layers_that_fit(24 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 16  # 12 GiB of room: 12 layers keep theirs
     assert layers_that_fit(12 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 28  # no room: all recompute
     assert layers_that_fit(8 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 28  # over even with all: all (the run will say)
+
+
+def test_the_estimate_is_measured_and_corrected_by_a_point_many_layers_apart():
+    """A step that holds 4 GiB once whenever any layer keeps its activations (as compiled layers did on an H200: the
+    probe's four layers counted 1.24 GiB each where 15 held ~0.52) makes the four-layer estimate twice the truth; the
+    configuration it picks is measured, and the slope through it, 10 layers apart, is closer."""
+    peak = lambda n: (8 + (28 - n) + (4 if n < 28 else 0)) * GIB  # 1 GiB per layer kept, 4 once
+    measured = []
+
+    def measure(n):
+        measured.append(n)
+        return peak(n)
+
+    peaks = {28: peak(28), 24: peak(24)}
+    assert layers_that_fit(30 * GIB, peaks[28], peaks[24], 4, 28) == 18  # 2 GiB per layer estimated: 10 kept
+    assert refine_checkpointed_layers(measure, 30 * GIB, 28, peaks) == 14  # 22 GiB at 18: 1.4 per layer, 26 at 14
+    assert measured == [18, 14] and peaks[14] == 26 * GIB
+    assert peaks[14] + 2 * GIB <= 30 * GIB  # what is chosen was measured to fit with the margin
+
+
+def test_an_estimate_that_does_not_fit_goes_back_halfway_and_only_a_measured_fit_is_chosen():
+    peak = lambda n: (8 + 0.1 * (28 - n) ** 2) * GIB  # each layer kept costs more than the one before
+    measured = []
+
+    def measure(n):
+        measured.append(n)
+        return peak(n) if n else float("inf")  # all kept: out of memory
+
+    peaks = {28: peak(28), 24: peak(24)}
+    assert refine_checkpointed_layers(measure, 30 * GIB, 28, peaks) == 24
+    assert measured == [0, 12]  # 0 ran out of memory, 12 (33.6 GiB) is over: the probe's 24 is the fewest that fit
+    assert refine_checkpointed_layers(lambda n: 1 / 0, 30 * GIB, 28, {28: 8 * GIB, 24: float("inf")}) == 28
+    assert refine_checkpointed_layers(lambda n: 1 / 0, 30 * GIB, 28, {28: 29 * GIB, 24: 31 * GIB}) == 28  # nothing
+    # fits even with all recomputing: all (the run's first step says so)
 
 
 def test_the_per_layer_switch_and_unchanged_losses(tmp_path, tiny_model_dir, tiny_trainer):
@@ -125,6 +160,9 @@ def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(
     assert layers_that_fit(24 * GIB, peak_all, peak_probe, 4, 28) == 28  # no layer known to fit: all recompute
     peaks = iter([torch.OutOfMemoryError("probe")])
     assert memory._probe(trainer, {}, 28) is None  # over even with all recomputing: drop the dense base, or say so
+    trainer.model.zeroed = None
+    peaks = iter([torch.OutOfMemoryError("refine")])
+    assert memory._peak_with(trainer, {}, 10) == float("inf") and trainer.model.zeroed  # refine: does not fit
 
 
 def test_the_probe_measures_each_configuration_after_its_warm_up_steps(monkeypatch):
