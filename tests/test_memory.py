@@ -1,8 +1,9 @@
 """Activation checkpointing chosen by memory: the arithmetic that picks the layers, the per-layer switch, and the same
 losses whatever number of layers recompute (checkpointing changes memory, never the numbers)."""
 
-from llmhelpers.training.memory import (decoder_layers, layers_that_fit, refine_checkpointed_layers,
-                                        set_checkpointed_layers)
+import pytest
+
+from llmhelpers.training.memory import decoder_layers, layers_that_fit, set_checkpointed_layers
 from llmhelpers.config.profiles import make_config
 
 GIB = 2**30
@@ -14,40 +15,6 @@ def test_as_few_layers_recompute_as_fit_the_limit():
     assert layers_that_fit(24 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 16  # 12 GiB of room: 12 layers keep theirs
     assert layers_that_fit(12 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 28  # no room: all recompute
     assert layers_that_fit(8 * GIB, 10 * GIB, 14 * GIB, 4, 28) == 28  # over even with all: all (the run will say)
-
-
-def test_the_estimate_is_measured_and_corrected_by_a_point_many_layers_apart():
-    """A step that holds 4 GiB once whenever any layer keeps its activations (as compiled layers did on an H200: the
-    probe's four layers counted 1.24 GiB each where 15 held ~0.52) makes the four-layer estimate twice the truth; the
-    configuration it picks is measured, and the slope through it, 10 layers apart, is closer."""
-    peak = lambda n: (8 + (28 - n) + (4 if n < 28 else 0)) * GIB  # 1 GiB per layer kept, 4 once
-    measured = []
-
-    def measure(n):
-        measured.append(n)
-        return peak(n)
-
-    peaks = {28: peak(28), 24: peak(24)}
-    assert layers_that_fit(30 * GIB, peaks[28], peaks[24], 4, 28) == 18  # 2 GiB per layer estimated: 10 kept
-    assert refine_checkpointed_layers(measure, 30 * GIB, 28, peaks) == 14  # 22 GiB at 18: 1.4 per layer, 26 at 14
-    assert measured == [18, 14] and peaks[14] == 26 * GIB
-    assert peaks[14] + 2 * GIB <= 30 * GIB  # what is chosen was measured to fit with the margin
-
-
-def test_an_estimate_that_does_not_fit_goes_back_halfway_and_only_a_measured_fit_is_chosen():
-    peak = lambda n: (8 + 0.1 * (28 - n) ** 2) * GIB  # each layer kept costs more than the one before
-    measured = []
-
-    def measure(n):
-        measured.append(n)
-        return peak(n) if n else float("inf")  # all kept: out of memory
-
-    peaks = {28: peak(28), 24: peak(24)}
-    assert refine_checkpointed_layers(measure, 30 * GIB, 28, peaks) == 24
-    assert measured == [0, 12]  # 0 ran out of memory, 12 (33.6 GiB) is over: the probe's 24 is the fewest that fit
-    assert refine_checkpointed_layers(lambda n: 1 / 0, 30 * GIB, 28, {28: 8 * GIB, 24: float("inf")}) == 28
-    assert refine_checkpointed_layers(lambda n: 1 / 0, 30 * GIB, 28, {28: 29 * GIB, 24: 31 * GIB}) == 28  # nothing
-    # fits even with all recomputing: all (the run's first step says so)
 
 
 def test_the_per_layer_switch_and_unchanged_losses(tmp_path, tiny_model_dir, tiny_trainer):
@@ -160,9 +127,6 @@ def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(
     assert layers_that_fit(24 * GIB, peak_all, peak_probe, 4, 28) == 28  # no layer known to fit: all recompute
     peaks = iter([torch.OutOfMemoryError("probe")])
     assert memory._probe(trainer, {}, 28) is None  # over even with all recomputing: drop the dense base, or say so
-    trainer.model.zeroed = None
-    peaks = iter([torch.OutOfMemoryError("refine")])
-    assert memory._peak_with(trainer, {}, 10) == float("inf") and trainer.model.zeroed  # refine: does not fit
 
 
 def test_the_probe_measures_each_configuration_after_its_warm_up_steps(monkeypatch):
@@ -242,3 +206,92 @@ def test_a_batch_that_does_not_fit_is_answered_with_the_settings_to_change():
     assert "per_device_train_batch_size=4, gradient_accumulation_steps=4" in smaller_batch_advice(padded)
     tight = make_config("full", max_length=2048, pad_to_multiple_of=2048)  # rows already at max_example_tokens
     assert "max_example_tokens (now 2048)" in smaller_batch_advice(tight)
+
+
+def test_the_probe_steps_run_the_forward_under_the_autocast_training_runs_under():
+    """accelerate wraps the model's forward in autocast when training starts, after the probe; without the same
+    wrapping the probe's fused LoRA nodes saved fp32 copies of their inputs (the adapters' dtype), and compiled
+    layers compiled for the wrong autocast state. The wrapping is undone after the probe, and left out where the
+    model is prepared already or the run has no mixed precision."""
+    import contextlib
+
+    import torch
+
+    from llmhelpers.training.memory import forward_as_training_runs_it
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x)
+
+    class Accelerator:
+        native_amp = True
+
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    trainer = type("T", (), {"model": Model(), "accelerator": Accelerator()})()
+    x = torch.ones(2, 4)
+    with forward_as_training_runs_it(trainer):
+        out = trainer.model(x)
+    assert seen == [True] and out.dtype == torch.float32  # autocast inside, outputs in fp32 as accelerate gives them
+    assert "forward" not in vars(trainer.model) and trainer.model(x).dtype == torch.float32 and seen[-1] is False
+    trainer.accelerator.native_amp = False
+    with forward_as_training_runs_it(trainer):
+        trainer.model(x)
+    assert seen[-1] is False  # no mixed precision: the forward as it is
+    trainer.accelerator.native_amp, trainer.model._is_accelerate_prepared = True, True
+    trainer.model.forward = wrapped = contextlib.nullcontext  # a prepared model's own wrapper stays
+    with forward_as_training_runs_it(trainer):
+        assert trainer.model.forward is wrapped
+    assert trainer.model.forward is wrapped
+
+
+def test_the_policy_runs_its_probe_under_that_autocast_and_undoes_it(monkeypatch):
+    """`_choose` itself (its CUDA calls replaced): the probe's model calls run under training's autocast, and the model
+    has its own forward again afterwards, also where the probe fails."""
+    import torch
+
+    from llmhelpers.training import memory
+
+    seen = []
+
+    class Accelerator:
+        native_amp = True
+
+        def autocast(self):
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    class Model(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x)
+
+    model = Model(4, 4)
+    trainer = type("T", (), {"model": model, "accelerator": Accelerator(), "_total_train_tokens": 0, "_metrics": {},
+                             "args": type("A", (), {"device": "cpu"})()})()
+    cfg = make_config("smoke", checkpoint_layers=-1)
+    for name, value in {"is_available": lambda: True, "get_rng_state_all": lambda: [],
+                        "set_rng_state_all": lambda states: None, "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(memory, "cap_memory", lambda cfg, device: 30 * GIB)
+    monkeypatch.setattr(memory, "_keep_dense", lambda *a: 0)
+    monkeypatch.setattr(memory, "probe_batches", lambda trainer, cfg: ({}, ()))
+
+    def probe(trainer, batch, n_layers, warmup):
+        seen.append(trainer.model(torch.ones(1, 4)).dtype)
+        return 10 * GIB, 11 * GIB
+
+    monkeypatch.setattr(memory, "_probe", probe)
+    assert memory._choose(trainer, cfg)["why"] == "measured"
+    assert seen == [True, torch.float32] and "forward" not in vars(model)  # autocast inside, fp32 out
+    monkeypatch.setattr(memory, "_probe", lambda *a: None)  # nothing fits: the policy says so
+    with pytest.raises(RuntimeError, match="does not fit"):
+        memory._choose(trainer, cfg)
+    assert "forward" not in vars(model) and not torch.is_autocast_enabled("cpu")

@@ -5,15 +5,16 @@ Recomputing every layer (full checkpointing) costs about a third of a training s
 activations is the fastest and needs the most memory. In between, the first `n` layers recompute and the rest keep
 theirs. `choose_checkpointed_layers` measures, on the GPU, one training step on the worst batch the run can meet
 (a packed row of `pack_tokens` tokens, or `per_device_train_batch_size` sequences of `max_length`) with every layer
-checkpointed and with a few layers not, which gives the memory of one layer's activations, estimates the smallest
-`n` whose peak fits `memory_limit_gib` (default: the GPU's memory) with a margin, then measures that configuration
-itself and corrects the estimate with it (`refine_checkpointed_layers`): the run gets a configuration whose worst step
-was measured to fit. The worst batch goes through the
-trainer's collator, so the probe runs the path training runs; with compiled layers (`compile_layers`) each measured
-step comes after the steps that compile the graphs training will run (`probe_batches`). The probe steps leave the
-model, its gradients, the RNG streams and the trainer's counters as they were.
+checkpointed and with a few layers not, which gives the memory of one layer's activations, then picks the smallest
+`n` whose peak fits `memory_limit_gib` (default: the GPU's memory) with a margin. The worst batch goes through the
+trainer's collator and its forward runs under training's autocast (`forward_as_training_runs_it`), so the probe
+runs the path training runs; with compiled layers (`compile_layers`) each measured step comes after the steps that
+compile the graphs training will run (`probe_batches`). The probe steps leave the model, its gradients, the RNG
+streams and the trainer's counters as they were.
 """
 from __future__ import annotations
+
+import contextlib
 
 MARGIN_GIB = 2.0  # allocator fragmentation (reserved over allocated), the optimizer's states, CUDA graphs of others
 PROBE_LAYERS = 4  # layers left uncheckpointed in the second probe step
@@ -50,38 +51,6 @@ def layers_that_fit(limit: float, peak_all: float, peak_probe: float, probe_laye
     return n_layers - keep
 
 
-def probe_checkpointed(n_layers: int) -> int:
-    """The checkpointed layers of the probe's second step: all but PROBE_LAYERS (or none, in a smaller model)."""
-    return max(0, n_layers - PROBE_LAYERS)
-
-
-def refine_checkpointed_layers(measure, limit: float, n_layers: int, peaks: dict, rounds: int = 2,
-                               margin: float = MARGIN_GIB * 2**30) -> int:
-    """The fewest checkpointed layers whose measured peak fits `limit - margin`. `peaks` holds the probe's two
-    measured configurations (checkpointed layers -> peak bytes; infinite: out of memory) and gains each one measured
-    here; `measure(n)` runs the worst step with `n` layers checkpointed. The four layers of the probe's second step
-    give the first estimate (a layer's activations plus, spread over four, whatever a step holds once whenever some
-    layer keeps its activations: on an H200 compiled layers counted 1.24 GiB each where 15 of them held ~0.52,
-    2026-12-04); each round measures the estimate and draws the next through the all-checkpointed peak and that
-    measured point, many layers apart, or goes halfway back toward a configuration that fit where it did not."""
-    fits = lambda n: peaks[n] + margin <= limit
-    second = probe_checkpointed(n_layers)
-    n = layers_that_fit(limit, peaks[n_layers], peaks[second], n_layers - second, n_layers, margin)
-    for _ in range(rounds):
-        if n in peaks:
-            break
-        peaks[n] = measure(n)
-        if fits(n):
-            following = layers_that_fit(limit, peaks[n_layers], peaks[n], n_layers - n, n_layers, margin)
-            if following >= n:
-                break
-            n = following
-        else:
-            safe = min((k for k in peaks if fits(k)), default=n_layers)
-            n = (n + safe + 1) // 2
-    return min((k for k in peaks if fits(k)), default=n_layers)  # none: all recompute (the first step will say)
-
-
 def worst_batch(trainer, cfg, longest: int | None = None) -> dict:
     """The largest micro-batch the run can meet, every token trained on: a packed row of pack_tokens tokens made of
     sequences of max_example_tokens (or `longest`), collated by the trainer's own collator so that it carries what
@@ -114,6 +83,37 @@ def probe_batches(trainer, cfg) -> tuple[dict, tuple]:
     if not cfg.compile_layers:  # TrainingRun compiles the layers before the policy runs
         return batch, ()
     return batch, (batch, worst_batch(trainer, cfg, longest=max(1, cfg.max_example_tokens // 2)))
+
+
+@contextlib.contextmanager
+def forward_as_training_runs_it(trainer):
+    """The model's forward wrapped as accelerate's `prepare` wraps it when training starts (autocast to the run's
+    mixed precision, outputs in fp32), for the steps the memory probe runs before that. Without it the probe's
+    forward ran without autocast, so the fused LoRA nodes saved their inputs cast to the fp32 adapters' dtype, and
+    compiled layers compiled graphs for another autocast state, which training then compiled again (on an H200 a
+    probe step counted 21.1 GiB with 8 layers keeping their activations where training held 17.4 with the same 8,
+    and 1.24 GiB per compiled layer where training held ~0.52; training's warm-up compiled for 24 s, 2026-12-04)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model, accelerator = trainer.model, trainer.accelerator
+    if getattr(model, "_is_accelerate_prepared", False) or not accelerator.native_amp:
+        yield  # prepared already (a second run of the same trainer), or no mixed precision: as training runs it
+        return
+    own = "forward" in vars(model)  # an instance attribute (another wrapper) to put back, or the class's method
+    original = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with accelerator.autocast():
+            return original(*args, **kwargs)
+
+    model.forward = convert_outputs_to_fp32(autocast_forward)
+    try:
+        yield
+    finally:
+        if own:
+            model.forward = original
+        else:
+            del model.forward
 
 
 def _peak_of_step(trainer, batch) -> float:
@@ -219,61 +219,57 @@ def _choose(trainer, cfg) -> dict:
     batch, warmup = probe_batches(trainer, cfg)
     was_training = trainer.model.training
     trainer.model.train()
-    try:
-        probed = _probe(trainer, batch, n_layers, warmup)
-        if dense and cfg.dequantize_once == "auto" and (probed is None or probed[0] + MARGIN_GIB * 2**30 > limit):
-            from llmhelpers.model.fused_lora import keep_dense_base
-
-            dense = keep_dense_base(trainer.model, False)  # even all layers recomputing do not fit with it
-            torch.cuda.empty_cache()
+    with forward_as_training_runs_it(trainer):  # the autocast training's steps run under
+        try:
             probed = _probe(trainer, batch, n_layers, warmup)
-        if probed is None:
-            raise RuntimeError(
-                f"one training step on the longest batch this run can meet does not fit in {gib(limit)} GiB even "
-                f"with every layer recomputing{' and the base in 4 bits' if cfg.dequantize_once != 'on' else ''}: "
-                f"{smaller_batch_advice(cfg)}, or raise memory_limit_gib")
-        peaks = {n_layers: probed[0], probe_checkpointed(n_layers): probed[1]}
-        n = refine_checkpointed_layers(lambda k: _peak_with(trainer, batch, k, warmup), limit, n_layers, peaks)
-    finally:
-        torch.set_rng_state(state[0])
-        torch.cuda.set_rng_state_all(state[1])
-        trainer._total_train_tokens, trainer._metrics, trainer.llm_padding_pending = state[2], state[3], state[4]
-        trainer.model.train(was_training)
-        torch.cuda.empty_cache()
-    n = set_checkpointed_layers(trainer.model, n)
-    # a layer's activations as measured across the most layers kept (the slope the choice was drawn with)
-    kept = min((k for k in peaks if peaks[k] != float("inf")), default=n_layers)
-    per_layer = (peaks[kept] - peaks[n_layers]) / (n_layers - kept) if kept < n_layers else None
+            over = probed is None or probed[0] + MARGIN_GIB * 2**30 > limit
+            if dense and cfg.dequantize_once == "auto" and over:
+                from llmhelpers.model.fused_lora import keep_dense_base
+
+                dense = keep_dense_base(trainer.model, False)  # even all layers recomputing do not fit with it
+                torch.cuda.empty_cache()
+                probed = _probe(trainer, batch, n_layers, warmup)
+            if probed is None:
+                raise RuntimeError(
+                    f"one training step on the longest batch this run can meet does not fit in {gib(limit)} GiB "
+                    f"even with every layer recomputing"
+                    f"{' and the base in 4 bits' if cfg.dequantize_once != 'on' else ''}: "
+                    f"{smaller_batch_advice(cfg)}, or raise memory_limit_gib")
+            peak_all, peak_probe = probed
+        finally:
+            torch.set_rng_state(state[0])
+            torch.cuda.set_rng_state_all(state[1])
+            trainer._total_train_tokens, trainer._metrics, trainer.llm_padding_pending = state[2], state[3], state[4]
+            trainer.model.train(was_training)
+            torch.cuda.empty_cache()
+    n = set_checkpointed_layers(trainer.model, layers_that_fit(limit, peak_all, peak_probe, PROBE_LAYERS, n_layers))
+    per_layer = (peak_probe - peak_all) / PROBE_LAYERS  # infinite where the probe with layers kept did not fit
     return {"checkpointed_layers": n, "of": n_layers, "why": "measured", "limit_gib": gib(limit),
-            "dequantized_base_bytes": dense, "peak_all_checkpointed_gib": gib(peaks[n_layers]),
-            "per_layer_gib": gib(per_layer) if per_layer is not None else None, "measured_peak_gib": gib(peaks[n]),
-            "probed_gib": {k: gib(v) if v != float("inf") else None for k, v in sorted(peaks.items())}}
+            "dequantized_base_bytes": dense, "peak_all_checkpointed_gib": gib(peak_all),
+            "per_layer_gib": gib(per_layer) if per_layer != float("inf") else None,
+            "expected_peak_gib": gib(peak_all + (n_layers - n) * per_layer if n < n_layers else peak_all)}
 
 
 def _probe(trainer, batch, n_layers: int, warmup=()) -> tuple[float, float] | None:
-    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not
-    (`_peak_with`). None where even the first configuration runs out of memory under the run's cap (a small card's
-    limit), an infinite second peak where only the second does (fewer than PROBE_LAYERS layers could keep theirs:
-    all recompute)."""
-    peak_all = _peak_with(trainer, batch, n_layers, warmup)
-    if peak_all == float("inf"):
-        return None
-    return peak_all, _peak_with(trainer, batch, probe_checkpointed(n_layers), warmup)
-
-
-def _peak_with(trainer, batch, n: int, warmup=()) -> float:
-    """The peak of one step on the worst batch with the first `n` layers checkpointed, after a step on each `warmup`
-    batch (compiled layers: a graph's first calls compile and autotune, and the sizes of training's batches vary;
-    on an H200 the probe's first calls counted 1.25 GiB per compiled layer where training then held ~0.55,
-    2026-12-04); infinite where a step runs out of memory under the run's cap."""
+    """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not, each
+    after a step on each `warmup` batch (compiled layers: a graph's first calls compile and autotune, and the sizes
+    of training's batches vary; on an H200 the probe's first calls counted 1.25 GiB per compiled layer where training
+    then held ~0.55, 2026-12-04). Under the run's cap a probe step can run out of memory (a small card's limit): None
+    where even the first configuration does, an infinite second peak where only the second does (fewer than
+    PROBE_LAYERS layers could keep theirs: all recompute)."""
     import torch
 
-    set_checkpointed_layers(trainer.model, n)
-    try:
-        for before in warmup:
-            _peak_of_step(trainer, before)
-        return _peak_of_step(trainer, batch)
-    except torch.OutOfMemoryError:
-        trainer.model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return float("inf")
+    peaks = []
+    for n in (n_layers, n_layers - PROBE_LAYERS):
+        set_checkpointed_layers(trainer.model, n)
+        try:
+            for before in warmup:
+                _peak_of_step(trainer, before)
+            peaks.append(_peak_of_step(trainer, batch))
+        except torch.OutOfMemoryError:
+            trainer.model.zero_grad(set_to_none=True)
+            peaks.append(None)
+            break
+    if peaks[0] is None:
+        return None
+    return peaks[0], peaks[1] if peaks[1] is not None else float("inf")

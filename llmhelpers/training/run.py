@@ -95,8 +95,8 @@ class TrainingRun:
         self.memory = decided = choose_checkpointed_layers(trainer, cfg)
         if self.main:
             print(f"activation checkpointing: {decided['checkpointed_layers']} of {decided['of']} layers recompute "
-                  f"({decided['why']}" + (f": {decided['per_layer_gib'] or 'no'} GiB per layer kept, worst step "
-                                          f"{decided['measured_peak_gib']} of {decided['limit_gib']} GiB)"
+                  f"({decided['why']}" + (f": {decided['per_layer_gib'] or 'no'} GiB per layer kept, expected peak "
+                                          f"{decided['expected_peak_gib']} of {decided['limit_gib']} GiB)"
                                           if decided["why"] == "measured" else ")")
                   + (f"; the 4-bit base kept dequantized ({decided['dequantized_base_bytes'] / 2**30:.2f} GiB, "
                      "dequantize_once)" if decided.get("dequantized_base_bytes") else ""))
