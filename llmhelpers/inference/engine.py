@@ -451,9 +451,9 @@ class Engine:
         self.decode_kernels = elementwise == "triton"
         if self.decode_kernels and refusal:
             raise ValueError(f"elementwise='triton' {refusal}; use 'model'")
-        # split_narrow_steps (issue #32, lever 1; off: 5-14% shorter narrow steps in the profile, not measured end to
-        # end): a narrow step (the tail) has too few (slot, kv head) pairs to occupy the GPU with 4 splits each; give
-        # each pair more splits, shorter ones
+        # split_narrow_steps (issue #32, lever 1; off: 5-14% shorter narrow steps in the profile, no gain end to end on
+        # an H200, 33,841 against 33,994 tok/s, 2026-12-04): a narrow step (the tail) has too few (slot, kv head) pairs
+        # to occupy the GPU with 4 splits each; give each pair more splits, shorter ones
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.split_narrow_steps = split_narrow_steps and cuda
         # unsplit_wide_steps (issue #32; off: on an H200 2,000 answers took 29,650 tok/s with it against 29,901 without,

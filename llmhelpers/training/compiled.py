@@ -9,11 +9,13 @@ training stops, however it stops. The layers are compiled before the memory poli
 keeps about half the activations of the eager one (H200, rows of 16,384: 25.3 against 45.5 GiB with none
 recomputing, 2026-12-04), so the probe has to measure them as they train. Off by default (`compile_layers`): on an
 H200 it gave 1.061x tokens/s on rows of 16,384 and 1.026x on 8,192 (BENCHMARKS.md, 2026-12-04; -22% at 8,192 on the
-path of 2026-12-03); under a memory limit 0.94x (22 GiB) and 1.06x (29.5 GiB) the eager run, measured while the
-memory policy's probe ran other graphs than training (its worst batch lacked the collator's keys, and its steps were
-the graphs' first calls: 1.25 GiB per layer counted where training held ~0.55). The probe now compiles training's
-graphs first and measures them; training's steps then compile nothing (test); not re-measured on a GPU. On the CPU it
-trains the same numbers within float rounding (tests/test_compiled.py).
+path of 2026-12-03); under a memory limit 0.94-0.96x (22 GiB) and 1.02-1.06x (29.5 GiB) the eager run, measured
+while the memory policy's probe ran other graphs than training (1.24-1.25 GiB per layer counted where training held
+~0.52): its worst batch lacked the collator's keys (fixed, no change on the GPU), and its forward ran without the
+autocast accelerate puts on training's forward (fixed after the last GPU session: `forward_as_training_runs_it`). The
+probe now compiles training's graphs first and measures them; training's steps then compile nothing (test on the CPU,
+where no autocast is involved); not re-measured on a GPU. On the CPU it trains the same numbers within float rounding
+(tests/test_compiled.py).
 """
 from __future__ import annotations
 
