@@ -10,6 +10,8 @@ stops it at the same token). Timing is end to end with the model already loaded:
 capture and prefill counts. Each engine run records `hbm_fraction_full_width`: the bytes a full-width decode step
 reads (every weight once, each slot's live keys and values) over its time, against the datasheet bandwidth, and
 `decode_by_width`: the decode steps and their GPU seconds by width (full, then powers of two: where the tail goes).
+`prefill_gpu_s`, `prefill_tokens`, `prefill_tok_s_gpu`: the prefills on the GPU's clock (their wall time, `prefill_s`,
+also waits for the decode step queued before each refill).
 Configurations:
 
 - baseline: the path before the engine: model.generate on bf16 weights, prompts sorted by length, batches of
@@ -226,7 +228,10 @@ def engine(model, prompts, lengths, cap, slots=0, graphs=True, sampler=None, too
             "full_width_steps": eng.stats["decode_steps"] - eng.stats["steps_below_full_width"],
             "full_width_gb_s": round(full_bytes / full_s / 1e9, 1) if full_s else None,
             "hbm_fraction_full_width": round(full_bytes / full_s / peak_memory_bandwidth(), 3) if full_s else None,
-            "decode_by_width": steps_by_width_buckets(eng.steps_by_width, eng.slots)}
+            "decode_by_width": steps_by_width_buckets(eng.steps_by_width, eng.slots),
+            # the prefills' own rate on the GPU's clock (a refill's wall time also waits for the queued decode step)
+            "prefill_tok_s_gpu": round(stats["prefill_tokens"] / stats["prefill_gpu_s"]) if stats["prefill_gpu_s"]
+            else None}
     if tools:
         records = [runner.record(id(r)) for r in reqs]
         info.update(tool_calls=sum(r.calls for r in records), tool_errors=sum(r.errors for r in records),

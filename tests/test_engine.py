@@ -71,6 +71,8 @@ def test_a_prompt_answered_several_times_is_prefilled_once_and_its_copies_draw_a
     engine = Engine(model, slots=5, max_len=max(map(len, prompts)) + 13)
     engine.run(reqs, GREEDY, eos=tok.eos_token_id)
     assert engine.stats["prefills"] == 5 and engine.stats["shared_prefills"] == 3
+    assert engine.stats["prefill_tokens"] == len(prompts[0]) + len(prompts[1])  # each shared prompt computed once
+    assert 0 < engine.stats["prefill_gpu_s"] <= engine.stats["prefill_s"]
     assert all(r.new_ids == hf_greedy(model, tok, p, 12) for r, p in zip(reqs, order))
     n = len(prompts[0])
     for layer in range(len(engine.k_cache)):  # the copies' prompt keys and values are the first one's

@@ -523,8 +523,10 @@ class Engine:
         self._reset_stats()  # of the last run: steps, prefills and where the time went
 
     def _reset_stats(self) -> None:
+        # prefill_gpu_s: each prefill on the GPU's clock, from the end of the decode step queued before it (which its
+        # wall time, prefill_s, also waits for) to its last kernel; prefill_tokens: the ids its passes computed
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
-                      "prefill_s": 0.0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
+                      "prefill_s": 0.0, "prefill_gpu_s": 0.0, "prefill_tokens": 0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
                       "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0,
                       "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
         self.steps_by_width: dict[int, list] = {}  # width -> [decode steps, their seconds]: where the tail's time goes
@@ -791,6 +793,9 @@ class Engine:
         A prompt that several items of one prefill share (the R1 protocol's answers per problem, a GRPO group) is
         computed once: the others get its keys and values (`_move`) and draw their own first token from its logits."""
         t0 = time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True) if self.device.type == "cuda" else None
+        if start is not None:  # queued behind the decode step queued before this prefill (overlap_steps)
+            start.record()
         self._host_cache_writes += 1
         # the draw after an item's last id is keyed by that position, as a resume fed through decode steps would be
         key_of = {id(item): (index, item[2] + len(item[1]) - 1) for item, index in zip(items, indices)}
@@ -813,7 +818,15 @@ class Engine:
                 out.append((copy, token))
         self.stats["prefills"] += len(items)
         self.stats["shared_prefills"] += len(items) - len(unique)
+        self.stats["prefill_tokens"] += sum(len(ids) for _, ids, _ in unique)
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            self.stats["prefill_gpu_s"] += start.elapsed_time(end) / 1e3
         self.stats["prefill_s"] += time.perf_counter() - t0
+        if start is None:  # a CPU runs each kernel as it is called
+            self.stats["prefill_gpu_s"] = self.stats["prefill_s"]
         return out
 
     def _launch(self, width: int, tokens: list[int], positions: list[int], indices: list[int]) -> DecodeStep:
