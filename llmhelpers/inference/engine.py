@@ -526,9 +526,9 @@ class Engine:
         # prefill_gpu_s: each prefill on the GPU's clock, from the end of the decode step queued before it (which its
         # wall time, prefill_s, also waits for) to its last kernel; prefill_tokens: the ids its passes computed
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
-                      "prefill_s": 0.0, "prefill_gpu_s": 0.0, "prefill_tokens": 0, "steps_below_full_width": 0, "pauses": 0, "full_width_s": 0.0,
-                      "full_width_bytes": 0, "overlap_used_steps": 0, "overlap_dropped_steps": 0,
-                      "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
+                      "prefill_s": 0.0, "prefill_gpu_s": 0.0, "prefill_tokens": 0, "steps_below_full_width": 0,
+                      "pauses": 0, "full_width_s": 0.0, "full_width_bytes": 0, "overlap_used_steps": 0,
+                      "overlap_dropped_steps": 0, "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
         self.steps_by_width: dict[int, list] = {}  # width -> [decode steps, their seconds]: where the tail's time goes
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
@@ -823,10 +823,9 @@ class Engine:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             end.synchronize()
-            self.stats["prefill_gpu_s"] += start.elapsed_time(end) / 1e3
-        self.stats["prefill_s"] += time.perf_counter() - t0
-        if start is None:  # a CPU runs each kernel as it is called
-            self.stats["prefill_gpu_s"] = self.stats["prefill_s"]
+        seconds = time.perf_counter() - t0
+        self.stats["prefill_s"] += seconds
+        self.stats["prefill_gpu_s"] += start.elapsed_time(end) / 1e3 if start is not None else seconds  # CPU: as run
         return out
 
     def _launch(self, width: int, tokens: list[int], positions: list[int], indices: list[int]) -> DecodeStep:
