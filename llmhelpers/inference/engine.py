@@ -528,7 +528,8 @@ class Engine:
         self.stats = {"decode_steps": 0, "decode_s": 0.0, "prefills": 0, "shared_prefills": 0, "prefill_passes": 0,
                       "prefill_s": 0.0, "prefill_gpu_s": 0.0, "prefill_tokens": 0, "steps_below_full_width": 0,
                       "pauses": 0, "full_width_s": 0.0, "full_width_bytes": 0, "overlap_used_steps": 0,
-                      "overlap_dropped_steps": 0, "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
+                      "overlap_dropped_steps": 0,
+                      "kv_tokens_read": 0}  # cached tokens the decode steps' attention read, every row counted
         self.steps_by_width: dict[int, list] = {}  # width -> [decode steps, their seconds]: where the tail's time goes
 
     # one decoder pass over new tokens at given positions, writing their k/v into the slot caches
