@@ -295,3 +295,31 @@ def test_the_policy_runs_its_probe_under_that_autocast_and_undoes_it(monkeypatch
     with pytest.raises(RuntimeError, match="does not fit"):
         memory._choose(trainer, cfg)
     assert "forward" not in vars(model) and not torch.is_autocast_enabled("cpu")
+
+
+def test_on_the_real_trainer_the_probe_step_runs_the_layers_as_training_does(tmp_path, tiny_model_dir, tiny_trainer):
+    """The tiny PeftModel trainer with bf16 (CPU autocast): a probe step under the wrapping runs its decoder layers
+    under autocast as training's steps do (accelerate wraps the forward in `prepare`), and one without it does not
+    (the probe before the fix)."""
+    import torch
+
+    from llmhelpers.training import memory
+    from llmhelpers.training.run import run_training
+
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir), max_steps=1,
+                      eval_steps=100, save_steps=100, accuracy_callback=False, bf16=True)
+    trainer, *_ = tiny_trainer(cfg)
+    assert trainer.accelerator.native_amp  # the run has mixed precision: accelerate will autocast training's forward
+    seen = []
+    memory.decoder_layers(trainer.model)[0].register_forward_pre_hook(
+        lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    batch = memory.worst_batch(trainer, cfg)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(trainer.model, dict(batch))  # the probe's step as it was
+    with memory.forward_as_training_runs_it(trainer):
+        trainer.training_step(trainer.model, dict(batch))
+    trainer.model.zero_grad(set_to_none=True)
+    assert "forward" not in vars(trainer.model)
+    run_training(trainer, cfg)
+    assert seen[:2] == [False, True] and seen[2:] and all(seen[2:])  # training's steps (and its evaluation) autocast
