@@ -323,3 +323,39 @@ def test_on_the_real_trainer_the_probe_step_runs_the_layers_as_training_does(tmp
     assert "forward" not in vars(trainer.model)
     run_training(trainer, cfg)
     assert seen[:2] == [False, True] and seen[2:] and all(seen[2:])  # training's steps (and its evaluation) autocast
+
+
+def test_under_training_autocast_the_probe_step_saves_fewer_bytes_for_the_backward(tmp_path, tiny_model_dir,
+                                                                                   tiny_trainer):
+    """What the probe measures: the bytes a step keeps for its backward (every layer keeping its activations). Without
+    training's autocast they included fp32 copies of the adapted layers' inputs (the adapters' dtype); on the tiny
+    bf16 run on the CPU the wrapped step keeps ~20% fewer bytes, some of them in bf16."""
+    import contextlib
+
+    import torch
+
+    from llmhelpers.training import memory
+
+    cfg = make_config("smoke", output_dir=str(tmp_path / "out"), tiny_model_dir=str(tiny_model_dir),
+                      accuracy_callback=False, bf16=True, checkpoint_layers=0)
+    trainer, *_ = tiny_trainer(cfg)
+    memory.set_checkpointed_layers(trainer.model, 0)
+    batch = memory.worst_batch(trainer, cfg)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+
+    def saved_bytes(wrapping):
+        kept = {}
+
+        def pack(tensor):
+            kept[tensor.dtype] = kept.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), wrapping:
+            trainer.training_step(trainer.model, dict(batch))
+        trainer.model.zero_grad(set_to_none=True)
+        return kept
+
+    before, wrapped = saved_bytes(contextlib.nullcontext()), saved_bytes(memory.forward_as_training_runs_it(trainer))
+    assert torch.bfloat16 not in before and wrapped.get(torch.bfloat16, 0) > 0
+    assert sum(wrapped.values()) < 0.9 * sum(before.values())
