@@ -237,8 +237,10 @@ def worst_case_peak_reserved(trainer, cfg, steps: int = 2) -> float:
 
     counting, trainer.data_collator = trainer.data_collator, getattr(trainer.data_collator, "inner",
                                                                      trainer.data_collator)
-    batch = worst_batch(trainer, cfg)  # collated by the trainer's collator, not counted as a measured step's
-    trainer.data_collator = counting
+    try:
+        batch = worst_batch(trainer, cfg)  # collated by the trainer's collator, not counted as a measured step's
+    finally:
+        trainer.data_collator = counting
     _cuda("reset_peak_memory_stats")
     trainer.model.train()
     for _ in range(steps):

@@ -252,9 +252,9 @@ def _choose(trainer, cfg) -> dict:
 
 def _probe(trainer, batch, n_layers: int, warmup=()) -> tuple[float, float] | None:
     """The peak of one step on the worst batch with every layer checkpointed, and with PROBE_LAYERS layers not, each
-    after a step on each `warmup` batch (compiled layers: a graph's first calls compile and autotune, and the sizes
-    of training's batches vary; on an H200 the probe's first calls counted 1.25 GiB per compiled layer where training
-    then held ~0.55, 2026-12-04). Under the run's cap a probe step can run out of memory (a small card's limit): None
+    after a step on each `warmup` batch (compiled layers: the graphs training will run are compiled by those steps,
+    not by the measured one; the probe's overcount of compiled layers on an H200, 1.24 GiB each where training held
+    ~0.52, came from its missing autocast: `forward_as_training_runs_it`). Under the run's cap a probe step can run out of memory (a small card's limit): None
     where even the first configuration does, an infinite second peak where only the second does (fewer than
     PROBE_LAYERS layers could keep theirs: all recompute)."""
     import torch
