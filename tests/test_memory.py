@@ -130,8 +130,8 @@ def test_a_probe_step_over_the_cap_means_every_layer_recomputes_or_nothing_fits(
 
 
 def test_the_probe_measures_each_configuration_after_its_warm_up_steps(monkeypatch):
-    """Compiled layers: a graph's first calls compile and autotune (on an H200 the probe's first calls counted 1.25 GiB
-    per compiled layer where training held ~0.55), and training's second batch compiles a graph for any sizes. The
+    """Compiled layers: a graph's first calls compile and autotune, and training's second batch compiles a graph for
+    any sizes (so training's steps compile nothing after the probe; the overcount on an H200 was autocast's). The
     probe runs the warm-up batches before each measured step and counts only the measured one."""
     from llmhelpers.training import memory
 
